@@ -8,6 +8,8 @@
 - Every mechanism use is an immutable event in an append-only ``Ledger``; accountants
   (``epsilon``, ``sample_level_epsilons``), a ``PrivacyBudget``, noise calibration, and a
   ``PrivacyReport`` (JSON + self-contained HTML) read the ledger.
+- ``dp.audit``: a one-run canary audit giving an empirical lower bound on epsilon, shown in the
+  report beside the accountant's figure and flagged (``PrivacyAuditWarning``) when above it.
 """
 
 from ._accounting import ACCOUNTANTS, RDP_ORDERS, epsilon, epsilon_by_accountant, sample_level_epsilons
@@ -20,6 +22,7 @@ from ._errors import (
     DPError,
     DPTypeError,
     DPValueError,
+    PrivacyAuditWarning,
     UnsupportedModelError,
 )
 from ._events import (
@@ -83,4 +86,5 @@ __all__ = [
     "AccountingError",
     "BudgetExceededError",
     "UnsupportedModelError",
+    "PrivacyAuditWarning",
 ]

@@ -84,6 +84,7 @@ def float_vector(name: str, value: object) -> np.ndarray:
         raise DPValueError(f"{name} must be a non-empty 1-D vector, got shape {value.shape}")
     if not np.issubdtype(value.dtype, np.floating):
         raise DPTypeError(f"{name} must have a float dtype, got {value.dtype}")
-    if not np.all(np.isfinite(value)):
-        raise DPValueError(f"{name} must be finite, got NaN or Inf in {value.size} coordinates")
+    bad = np.count_nonzero(~np.isfinite(value))
+    if bad:
+        raise DPValueError(f"{name} must be finite, got NaN or Inf in {bad} coordinates")
     return value

@@ -13,6 +13,7 @@ __all__ = [
     "BudgetExceededError",
     "AccountingError",
     "UnsupportedModelError",
+    "PrivacyAuditWarning",
 ]
 
 
@@ -74,3 +75,7 @@ class BudgetExceededError(DPError):
             f"{self.next_cost:.6g} more (total {self.would_be:.6g}, over budget by "
             f"{self.would_be - self.budget_epsilon:.6g}; accountant {accountant!r})"
         )
+
+
+class PrivacyAuditWarning(UserWarning):
+    """An audited lower bound on epsilon exceeds the epsilon the accountant claims."""

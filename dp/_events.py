@@ -319,11 +319,11 @@ def event_to_dict(event: Event) -> dict[str, Any]:
 
 
 def event_from_dict(data: Mapping[str, Any]) -> Event:
-    """Inverse of ``event_to_dict``; refuses unknown mechanisms and unknown fields."""
+    """Inverse of ``event_to_dict``; refuses unknown mechanisms and unknown or missing fields."""
     if not isinstance(data, Mapping):
         raise DPTypeError(f"an event record must be a mapping, got {type(data).__name__}")
     kind = data.get("mechanism")
-    if kind not in EVENT_TYPES:
+    if not isinstance(kind, str) or kind not in EVENT_TYPES:
         raise DPValueError(f"event mechanism must be one of {sorted(EVENT_TYPES)}, got {kind!r}")
     cls = EVENT_TYPES[kind]
     names = {f.name for f in dataclasses.fields(cls)}
@@ -331,4 +331,11 @@ def event_from_dict(data: Mapping[str, Any]) -> Event:
     unknown = sorted(set(fields) - names)
     if unknown:
         raise DPValueError(f"{kind} event record has unknown fields {unknown}; allowed: {sorted(names)}")
+    required = {
+        f.name for f in dataclasses.fields(cls)
+        if f.init and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    }
+    missing = sorted(required - set(fields))
+    if missing:
+        raise DPValueError(f"{kind} event record lacks the required fields {missing}")
     return cls(**fields)

@@ -17,13 +17,14 @@ import json
 import math
 import numbers
 import pathlib
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 from . import _checks as chk
 from ._accounting import ACCOUNTANTS, _epsilon_groups, _events_of, _groups
 from ._budget import PrivacyBudget
-from ._errors import AccountingError, DPTypeError, DPValueError
+from ._errors import AccountingError, DPTypeError, DPValueError, PrivacyAuditWarning
 from ._events import (
     DiscreteGaussianEvent,
     Event,
@@ -220,7 +221,8 @@ class PrivacyReport:
         dropouts: observed dropouts per round: ``{round: ids}`` or ``{round: count}``.
         reveals: individual model reveals (``Reveal`` or mappings with round/what/why).
         utility: ``{round: {metric: value}}``.
-        audited_epsilon_lower_bound: an empirical lower bound from a privacy audit, if any.
+        audited_epsilon_lower_bound: an empirical lower bound from a privacy audit (``dp.audit``), if
+            any; one above the claimed epsilon issues a ``PrivacyAuditWarning`` and a red banner.
         budget: the run's ``PrivacyBudget``, shown with spend and remainder.
         title: page title.
         generated_at: ISO timestamp to print (default: now, UTC).
@@ -347,6 +349,18 @@ class PrivacyReport:
                 raise DPTypeError(f"utility[{r!r}] must be a mapping metric -> value, got {type(metrics).__name__}")
             util.append({"round": int(r), "metrics": {str(k): chk.real(f"utility[{r}][{k!r}]", v) for k, v in metrics.items()}})
 
+        audit = None
+        if audited is not None:
+            claimed = client["epsilon"] if client else sample["max_epsilon"] if sample else 0.0
+            audit = {"lower_bound": audited, "claimed_epsilon": claimed, "exceeds_claim": audited > claimed}
+            if audit["exceeds_claim"]:
+                warnings.warn(
+                    f"PRIVACY AUDIT FAILED: audited epsilon lower bound {audited:.4g} exceeds the claimed epsilon "
+                    f"{claimed:.4g}; the noise or the accounting of this run is broken",
+                    PrivacyAuditWarning,
+                    stacklevel=2,
+                )
+
         budget_info = None
         if budget is not None:
             spent = budget.spent(events)
@@ -378,7 +392,7 @@ class PrivacyReport:
             },
             "reveals": rev,
             "utility": util,
-            "audited_epsilon_lower_bound": audited,
+            "audit": audit,
             "assumptions": self._assumptions(events, client_events, sample_events, under),
             "events": [event_to_dict(e) for e in events],
         }
@@ -502,8 +516,18 @@ class PrivacyReport:
             )
         if not lines:
             lines.append("No differential-privacy mechanism was recorded in the ledger.")
-        if d["audited_epsilon_lower_bound"] is not None:
-            lines.append(f"Audited lower bound on epsilon: {e(_fmt(d['audited_epsilon_lower_bound']))}.")
+        audit = d["audit"]
+        if audit is not None and audit["exceeds_claim"]:
+            lines.append(
+                f'<span class="warn"><b>PRIVACY AUDIT FAILED: the audited lower bound on epsilon, '
+                f"{e(_fmt(audit['lower_bound']))}, exceeds the claimed epsilon {e(_fmt(audit['claimed_epsilon']))}. "
+                "The noise or the accounting of this run is broken; do not rely on the figures above.</b></span>"
+            )
+        elif audit is not None:
+            lines.append(
+                f"Audited lower bound on epsilon: {e(_fmt(audit['lower_bound']))} "
+                f"(consistent with the claimed {e(_fmt(audit['claimed_epsilon']))})."
+            )
         if d["budget"]:
             b = d["budget"]
             lines.append(

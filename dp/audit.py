@@ -38,7 +38,7 @@ from scipy import fft, optimize, special, stats
 
 from . import _checks as chk
 from ._accounting import epsilon as _accounted_epsilon
-from ._errors import DPTypeError, DPValueError
+from ._errors import DPTypeError, DPValueError, PrivacyAuditWarning
 from ._ledger import Ledger
 from ._noise import CentralGaussian
 
@@ -54,10 +54,6 @@ __all__ = [
     "run_canary_audit",
     "audit_dp_fedavg",
 ]
-
-
-class PrivacyAuditWarning(UserWarning):
-    """An audited lower bound on epsilon exceeds the epsilon the accountant claims."""
 
 
 @dataclass(frozen=True)

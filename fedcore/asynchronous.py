@@ -45,7 +45,7 @@ import torch
 import dp
 from secagg import SecAggError
 
-from .client import ClientResult, round_seed
+from .client import ClientResult, check_results, round_seed
 from .errors import ConfigError, RoundFailedError
 from .server import Federation
 from .strategies import FedAvg
@@ -535,6 +535,8 @@ class AsyncFederation:
                 after = [c.local_state for c in clients]
                 for c, state in zip(clients, before):
                     c.local_state = state  # the new local state takes effect when the job finishes
+            check_results(results, participants=[j.client_id for j in group], dimension=self._snapshots[version].size,
+                          round_index=version + 1)  # fmt: skip
             for job, result, state in zip(group, results, after):
                 job.result, job.local_after = result, state
 

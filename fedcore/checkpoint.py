@@ -15,9 +15,10 @@ import json
 import os
 import shutil
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -76,11 +77,24 @@ def save_checkpoint(folder: str | Path, checkpoint: Checkpoint) -> Path:
     return folder
 
 
+def _arrays(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+def _read(path: Path, reader: Callable[[Path], Any]) -> Any:
+    """Read one checkpoint file; a missing, truncated or damaged file becomes a ConfigError naming it."""
+    try:
+        return reader(path)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise ConfigError(f"checkpoint file {str(path)!r} is missing or damaged: {type(exc).__name__}: {exc}") from None
+
+
 def load_checkpoint(folder: str | Path) -> Checkpoint:
     """Read a checkpoint written by :func:`save_checkpoint`.
 
     Raises:
-        ConfigError: the folder holds no checkpoint, or one of another format.
+        ConfigError: the folder holds no checkpoint, one of another format, or a damaged file.
     """
     folder = Path(folder)
     state_path = folder / "state.json"
@@ -90,17 +104,19 @@ def load_checkpoint(folder: str | Path) -> Checkpoint:
             folder, state_path = old, old / "state.json"
         else:
             raise ConfigError(f"no checkpoint at {str(folder)!r} (state.json missing)")
-    state = json.loads(state_path.read_text(encoding="utf-8"))
-    if state.get("format") != FORMAT:
-        raise ConfigError(f"checkpoint format {state.get('format')!r} is not {FORMAT!r}")
-    global_vector = np.load(folder / "global.npy", allow_pickle=False)
-    with np.load(folder / "strategy.npz", allow_pickle=False) as npz:
-        strategy_state = {k: npz[k] for k in npz.files}
+    state = _read(state_path, lambda p: json.loads(p.read_text(encoding="utf-8")))
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise ConfigError(f"checkpoint format {found!r} is not {FORMAT!r}")
+    missing = [k for k in ("round", "seed", "history") if k not in state]
+    if missing:
+        raise ConfigError(f"checkpoint file {str(state_path)!r} lacks the fields {missing}")
+    global_vector = _read(folder / "global.npy", lambda p: np.load(p, allow_pickle=False))
+    strategy_state = _read(folder / "strategy.npz", _arrays)
     client_states: dict[str, dict[str, np.ndarray]] = {}
-    with np.load(folder / "clients.npz", allow_pickle=False) as npz:
-        for key in npz.files:
-            cid, name = key.split(_SEP, 1)
-            client_states.setdefault(cid, {})[name] = npz[key]
+    for key, value in _read(folder / "clients.npz", _arrays).items():
+        cid, name = key.split(_SEP, 1)
+        client_states.setdefault(cid, {})[name] = value
     return Checkpoint(
         round_index=int(state["round"]),
         seed=int(state["seed"]),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,12 +14,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .errors import ConfigError
+from .errors import ConfigError, RoundFailedError
 from .layout import ParameterLayout
 from .task import ClientData, Task, move_to
 from .training import SampleLevelPrivacy, TrainConfig, TrainResult, train_local
 
-__all__ = ["Workspace", "Client", "ClientResult", "round_seed"]
+__all__ = ["Workspace", "Client", "ClientResult", "check_results", "round_seed"]
 
 
 def round_seed(seed: int, round_index: int, client_id: str) -> int:
@@ -72,6 +74,48 @@ class ClientResult:
     def failed(cls, client_id: str, error: BaseException) -> "ClientResult":
         """A client whose local work raised: it sends nothing and counts as a dropout."""
         return cls(client_id, np.zeros(0, dtype=np.float32), 0, error=f"{type(error).__name__}: {error}")
+
+
+def check_results(results: object, *, participants: list[str], dimension: int, round_index: int) -> None:
+    """Refuse a round's results unless each participant sent exactly one well-formed result.
+
+    The server cannot trust what an executor (or a remote client) hands back: an unknown or
+    repeated id would add an input nobody sampled, a negative example count would subtract a
+    client's update, a NaN would poison the model. Failed results (``error`` set) carry nothing.
+
+    Raises:
+        RoundFailedError: naming the round, the client and what is wrong.
+    """
+    where = f"round {round_index}"
+    if not isinstance(results, list) or not all(isinstance(r, ClientResult) for r in results):
+        raise RoundFailedError(f"{where}: the executor must return a list of ClientResult, got {results!r:.80}")
+    expected, seen = set(participants), set()
+    for r in results:
+        cid = r.client_id
+        if cid not in expected:
+            raise RoundFailedError(f"{where}: a result names client {cid!r}, not among the round's participants")
+        if cid in seen:
+            raise RoundFailedError(f"{where}: client {cid!r} sent a result more than once")
+        seen.add(cid)
+        if r.error is not None:
+            continue
+        n = r.num_examples
+        if isinstance(n, bool) or not isinstance(n, numbers.Real) or not (math.isfinite(n) and n >= 0):
+            raise RoundFailedError(f"{where}: client {cid!r} claims num_examples={n!r}; a finite number >= 0 is allowed")
+        vec = r.update
+        if not isinstance(vec, np.ndarray) or vec.dtype == np.bool_ or vec.dtype.kind not in "iuf":
+            kind = vec.dtype.name if isinstance(vec, np.ndarray) else type(vec).__name__
+            raise RoundFailedError(f"{where}: update of client {cid!r} must be a real numpy vector, got {kind}")
+        if vec.shape != (dimension,):
+            raise RoundFailedError(
+                f"{where}: update of client {cid!r} has length {vec.size} (shape {vec.shape}); "
+                f"the model has {dimension} shared parameters"
+            )
+        if not np.all(np.isfinite(vec)):
+            raise RoundFailedError(f"{where}: update of client {cid!r} holds NaN or Inf")
+    missing = sorted(expected - seen)
+    if missing:
+        raise RoundFailedError(f"{where}: no result from participants {missing[:5]}{' ...' if len(missing) > 5 else ''}")
 
 
 class Client:

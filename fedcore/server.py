@@ -16,7 +16,7 @@ import dp
 from secagg import SecAggError, Stage
 
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from .client import Client, ClientResult, round_seed
+from .client import Client, ClientResult, check_results, round_seed
 from .errors import ConfigError, RoundFailedError
 from .executors import Executor, InProcessExecutor
 from .layout import ParameterLayout
@@ -217,6 +217,7 @@ class Federation:
         try:
             if participants:
                 results = self._fit(t, participants, global_tensor)
+                check_results(results, participants=participants, dimension=self.global_vector.size, round_index=t)
                 new_vector, extra = self._combine(t, results)
                 record.update(extra)
                 record["train_examples"] = float(sum(r.num_examples for r in results))

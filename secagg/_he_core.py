@@ -234,7 +234,14 @@ class ContextInfo:
 
 def build_engine(info: ContextInfo, envelope: wire.Envelope, *, what: str):
     """The engine for a parsed context: SEAL via sealapi, or TenSEAL for the compatibility preset."""
-    names = envelope.header["blobs"]
+    names = envelope.header.get("blobs")
+    if (
+        not isinstance(names, list)
+        or not all(isinstance(n, str) for n in names)
+        or len(set(names)) != len(names)
+        or len(names) != len(envelope.blobs)
+    ):
+        raise ProtocolError(f"{what}: the header's blob names must be {len(envelope.blobs)} distinct strings, got {names!r:.80}")
     blobs = dict(zip(names, envelope.blobs))
     if info.engine == "tenseal":
         return TensealEngine.from_blobs(

@@ -155,6 +155,17 @@ def new_identity_key() -> Ed25519PrivateKey:
     return Ed25519PrivateKey.generate()
 
 
+def check_identity_private(key: object, who: str) -> Ed25519PrivateKey:
+    """Validate the Ed25519 signing key given for ``who``.
+
+    Raises:
+        KeyMaterialError: any other kind of key or object (an X25519 key, raw bytes).
+    """
+    if not isinstance(key, Ed25519PrivateKey):
+        raise KeyMaterialError(f"identity key of {who!r} must be an Ed25519PrivateKey, got {type(key).__name__}")
+    return key
+
+
 def identity_public_raw(key: Ed25519PrivateKey) -> bytes:
     return key.public_key().public_bytes_raw()
 

@@ -102,7 +102,7 @@ def check_updates(
     Raises:
         ValueError: no updates, a non-1-D or empty vector, lengths that differ, NaN or Inf,
             or a coordinate outside ``[-value_bound, value_bound]``.
-        TypeError: an id that is not a str, or a vector that is not a numpy array.
+        TypeError: an id that is not a str, or a vector that is not a real numpy array.
     """
     if not updates:
         raise ValueError("updates must hold at least one client's vector, got none")
@@ -114,6 +114,8 @@ def check_updates(
         vec = updates[cid]
         if not isinstance(vec, np.ndarray):
             raise TypeError(f"update of client {cid!r} must be a numpy array, got {type(vec).__name__}")
+        if vec.dtype == np.bool_ or not np.issubdtype(vec.dtype, np.number) or np.issubdtype(vec.dtype, np.complexfloating):
+            raise TypeError(f"update of client {cid!r} must hold real numbers, got dtype {vec.dtype.name}")
         if vec.ndim != 1 or vec.size == 0:
             raise ValueError(f"update of client {cid!r} must be a non-empty 1-D vector, got shape {vec.shape}")
         if length is None:

@@ -133,7 +133,7 @@ class SecAggClient:
             raise TypeError(f"client_id must be str, got {type(client_id).__name__}")
         self.client_id = client_id
         self.round_index = _check_round_index(round_index)
-        self._identity_key = identity_key
+        self._identity_key = None if identity_key is None else prim.check_identity_private(identity_key, client_id)
         self._pki = (
             {cid: prim.check_identity_public(pk, cid) for cid, pk in identity_keys.items()}
             if identity_keys is not None
@@ -810,7 +810,7 @@ def secure_sum_integers(
         missing = [cid for cid in ids if cid not in identity_keys]
         if missing:
             raise KeyMaterialError(f"signed round needs an identity key for every client; missing {missing!r}")
-        pki = {cid: prim.identity_public_raw(identity_keys[cid]) for cid in ids}
+        pki = {cid: prim.identity_public_raw(prim.check_identity_private(identity_keys[cid], cid)) for cid in ids}
     cpu: Counter[str] = Counter()
 
     def timed(name: str, fn, *args, **kw):

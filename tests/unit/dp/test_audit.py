@@ -200,6 +200,18 @@ def test_audit_figure_goes_into_the_privacy_report():
         audited_epsilon_lower_bound=result.epsilon_lower_bound,
     )  # fmt: skip
     data = json.loads(report.to_json())
-    assert data["audited_epsilon_lower_bound"] == pytest.approx(result.epsilon_lower_bound)
-    assert data["client_level"]["epsilon"] >= result.epsilon_lower_bound
+    assert data["audit"]["lower_bound"] == pytest.approx(result.epsilon_lower_bound)
+    assert data["audit"]["claimed_epsilon"] == data["client_level"]["epsilon"] >= result.epsilon_lower_bound
+    assert data["audit"]["exceeds_claim"] is False
+    assert "consistent with the claimed" in report.to_html()
     assert isinstance(result, AuditResult)
+
+
+def test_report_of_a_run_whose_audit_exceeds_its_claim_flags_it_loudly():
+    broken = audit_dp_fedavg(noise_multiplier=3.0, rounds=2, rng=np.random.default_rng(1), num_canaries=200,
+                             dimension=1000, add_noise=False)  # fmt: skip
+    with pytest.warns(PrivacyAuditWarning, match=r"^PRIVACY AUDIT FAILED"):
+        report = dp.PrivacyReport(broken.extra["ledger"], delta=1e-5, mode="plaintext", trust_model="the server sees every update",
+                                  audited_epsilon_lower_bound=broken.epsilon_lower_bound)  # fmt: skip
+    assert json.loads(report.to_json())["audit"]["exceeds_claim"] is True
+    assert "PRIVACY AUDIT FAILED" in report.to_html()

@@ -69,7 +69,7 @@ def test_json_report_is_computed_from_the_ledger():
     assert data["secure_aggregation"]["dropouts"] == [{"round": 1, "dropped": 1, "ids": ["c5"]}]
     assert data["reveals"] == [{"round": 3, "what": "model of c2 (selected)", "why": "covered by sample-level DP"}]
     assert data["utility"][2] == {"round": 2, "metrics": {"accuracy": pytest.approx(0.7)}}
-    assert data["audited_epsilon_lower_bound"] == 0.2
+    assert data["audit"]["lower_bound"] == 0.2
     assert data["mode"] == {"name": "masked", "trust_model": TRUST}
     assert any("Adaptive clipping" in a for a in data["assumptions"])
     restored = dp.Ledger(dp.event_from_dict(e) for e in data["events"])
