@@ -38,12 +38,16 @@ class Workload:
 
     Attributes:
         description: the partition rule and evaluation protocol, stated for every table.
+        baseline: the trivial predictor's test metrics on the same held-out data, the floor any
+            model must clear (MovieLens: popularity ranking, ``hr@10``/``ndcg@10``; clothing: the
+            majority class, ``accuracy`` and ``auc`` 0.5).
     """
 
     task: Task
     clients: dict[str, ClientData]
     central: ClientData
     description: str
+    baseline: dict[str, float]
 
 
 def build_workload(config: ExperimentConfig) -> Workload:
@@ -62,7 +66,11 @@ def build_workload(config: ExperimentConfig) -> Workload:
             negative_seed=0,
             sampling_seed=config.seed,
         )
-        return Workload(fed.task, fed.clients, fed.central, f"{fed.partition_rule}. Protocol: {fed.protocol}")
+        users = np.sort(np.concatenate(list(fed.client_users.values())))
+        hr, ndcg = recsys.hit_rate_ndcg(recsys.popularity_scores(fed.split)[fed.split.candidates(users)], k=10)
+        return Workload(
+            fed.task, fed.clients, fed.central, f"{fed.partition_rule}. Protocol: {fed.protocol}", {"hr@10": hr, "ndcg@10": ndcg}
+        )
     frozen = w.model == "frozen"
     fed = recsys.clothing_federation(
         datasets.load_clothing_reviews(),
@@ -73,7 +81,8 @@ def build_workload(config: ExperimentConfig) -> Workload:
         max_reviews=w.max_reviews,
         validation_fraction=0.1 if (config.train.early_stopping_metric or config.strategy.name == "selection") else 0.0,
     )
-    return Workload(fed.task, fed.clients, fed.central, fed.partition_rule)
+    positive = float(np.mean(fed.central.test.labels, dtype=np.float64))
+    return Workload(fed.task, fed.clients, fed.central, fed.partition_rule, {"accuracy": max(positive, 1.0 - positive), "auc": 0.5})
 
 
 def _train_config(config: ExperimentConfig, task: Task) -> TrainConfig:

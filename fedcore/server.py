@@ -255,6 +255,29 @@ class Federation:
             self.save(self.checkpoint_dir)
         return record
 
+    def client_updates(self, client_ids: Sequence[str] | None = None) -> list[ClientResult]:
+        """What the given clients (default: all) would hand to the protection pipeline next round.
+
+        Runs their local training from the current global model with the next round's seeds and
+        returns the raw results (update before clipping, example count, metrics), for inspection
+        in a notebook or a test. Changes nothing: local states are put back and no round,
+        ledger event or checkpoint is recorded. Only a simulation can do this: the updates are
+        exactly what masking or encryption exist to hide from the server.
+
+        Raises:
+            ConfigError: an id that is not one of the federation's clients.
+        """
+        ids = list(self.client_ids if client_ids is None else client_ids)
+        unknown = [c for c in ids if c not in self.clients]
+        if unknown or not ids:
+            raise ConfigError(f"client_ids must name clients of this federation, got unknown {unknown[:5]} of {len(ids)}")
+        before = {c: self.clients[c].local_state for c in ids}
+        try:
+            return self._fit(self.round_index + 1, ids, torch.from_numpy(self.global_vector))
+        finally:
+            for c, state in before.items():
+                self.clients[c].local_state = state
+
     def _fit(self, t: int, participants: list[str], global_tensor: torch.Tensor) -> list[ClientResult]:
         seeds = [round_seed(self.seed, t, c) for c in participants]
         clients = [self.clients[c] for c in participants]

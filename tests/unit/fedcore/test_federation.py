@@ -1,4 +1,5 @@
 import json
+import re
 
 import numpy as np
 import pytest
@@ -236,3 +237,25 @@ def test_clients_past_the_deadline_are_dropped():
         fed.run_round()  # everyone is late
     with pytest.raises(ConfigError, match="client_deadline must be > 0 seconds or None, got 0"):
         _federation(client_deadline=0)
+
+
+def test_client_updates_show_the_next_rounds_raw_updates_and_change_nothing():
+    fed, twin = _federation(), _federation()
+    fed.run(1)
+    twin.run(1)
+    states = {c: {k: v.clone() for k, v in fed.clients[c].local_state.items()} for c in fed.client_ids}
+    assert [r.client_id for r in fed.client_updates(["client-2", "client-0"])] == ["client-2", "client-0"]
+    results = fed.client_updates()
+    assert fed.round_index == 1 and len(fed.history) == 1
+    for c in fed.client_ids:
+        assert all(torch.equal(v, states[c][k]) for k, v in fed.clients[c].local_state.items())
+    # the next round runs exactly as if nobody had looked, and averages these very updates
+    before = fed.global_vector.copy()
+    fed.run_round()
+    twin.run_round()
+    assert np.array_equal(fed.global_vector, twin.global_vector)
+    weights = np.array([r.num_examples for r in results], dtype=np.float64)
+    mean = np.sum([w * r.update for w, r in zip(weights, results)], axis=0) / weights.sum()
+    assert np.allclose(fed.global_vector, before + mean, atol=1e-6)
+    with pytest.raises(ConfigError, match=re.escape("client_ids must name clients of this federation, got unknown ['nobody']")):
+        fed.client_updates(["nobody"])
