@@ -41,14 +41,22 @@ ANCHORS = {
 }
 
 
-def _row(name: str, values: str, anchor: str, seconds: float, note: str = "") -> None:
-    print(f"| {name:<48} | {values:<22} | {anchor:<15} | {seconds:>7.0f} | {note}", flush=True)
+#: One printed row: model name, the two metrics, seconds, setting.
+Row = tuple[str, float, float, float, str]
 
 
-def movielens(args: argparse.Namespace) -> dict[str, float]:
+def _row(rows: list[Row], name: str, values: tuple[float, float], anchor: str, seconds: float, note: str = "") -> None:
+    """Print one table row and keep its figures in ``rows`` (for benchmarks/utility.py)."""
+    shown = f"{values[0]:.3f} / {values[1]:.3f}"
+    print(f"| {name:<48} | {shown:<22} | {anchor:<15} | {seconds:>7.0f} | {note}", flush=True)
+    rows.append((name, float(values[0]), float(values[1]), seconds, note))
+
+
+def movielens(args: argparse.Namespace, rows: list[Row] | None = None) -> dict[str, float]:
     data = load_movielens100k(args.cache_dir)
     features = movielens_item_features(data, cache_dir=args.cache_dir)
     out: dict[str, float] = {}
+    rows = [] if rows is None else rows
     fed = movielens_federation(data)
     print(f"\nMovieLens-100K, centralized. Protocol: {fed.protocol}.")
     print(f"Training: all interactions but each user's last, {fed.central.num_train} examples; "
@@ -57,7 +65,7 @@ def movielens(args: argparse.Namespace) -> dict[str, float]:
     print("|---|---|---|---|---|")
     start = time.perf_counter()
     hr, ndcg = hit_rate_ndcg(popularity_scores(fed.split)[fed.split.candidates()], k=10)
-    _row("popularity (training counts)", f"{hr:.3f} / {ndcg:.3f}", "0.409 / 0.228", time.perf_counter() - start)
+    _row(rows, "popularity (training counts)", (hr, ndcg), "0.409 / 0.228", time.perf_counter() - start)
     out["ml100k_pop_hr10"] = hr
 
     runs = [
@@ -83,15 +91,16 @@ def movielens(args: argparse.Namespace) -> dict[str, float]:
         spread = f" +-{arr[:, 0].std():.3f} over {seeds} seeds" if seeds > 1 else ""
         anchor = ANCHORS[key]
         shown = f"{anchor[0]:.3f} / {anchor[1]:.3f}" if anchor[0] is not None else "-"
-        _row(label, f"{arr[:, 0].mean():.3f} / {arr[:, 1].mean():.3f}", shown, time.perf_counter() - start,
+        _row(rows, label, (arr[:, 0].mean(), arr[:, 1].mean()), shown, time.perf_counter() - start,
              f"Adam lr {lr}, batch 256, {epochs} epochs{spread}")  # fmt: skip
         out[f"ml100k_{key}_hr10"] = float(arr[:, 0].mean())
     return out
 
 
-def clothing(args: argparse.Namespace) -> dict[str, float]:
+def clothing(args: argparse.Namespace, rows: list[Row] | None = None) -> dict[str, float]:
     data = load_clothing_reviews(args.cache_dir)
     out: dict[str, float] = {}
+    rows = [] if rows is None else rows
     start = time.perf_counter()
     frozen = clothing_federation(data, config=ClothingConfig(trainable_layers=0, cached_features=True, max_length=args.frozen_length),
                                  max_reviews=args.max_reviews, cache_dir=args.cache_dir)  # fmt: skip
@@ -103,14 +112,14 @@ def clothing(args: argparse.Namespace) -> dict[str, float]:
     print(f"| {'model':<48} | accuracy / ROC AUC     | anchor          | seconds | setting")
     print("|---|---|---|---|---|")
     majority = float(np.mean(test.labels))
-    _row("majority class", f"{max(majority, 1 - majority):.3f} / 0.500", "0.819 / -", 0.0)
+    _row(rows, "majority class", (max(majority, 1 - majority), 0.5), "0.819 / -", 0.0)
     start = time.perf_counter()
     torch.manual_seed(0)
     head = frozen.task.build_model()
     train_local(head, task=frozen.task, data=frozen.central, config=TrainConfig(lr=1e-3, epochs=args.head_epochs, batch_size=64),
                 generator=torch.Generator().manual_seed(0))  # fmt: skip
     m = frozen.task.evaluate(head, test)
-    _row("frozen MiniLM + logistic head", f"{m['accuracy']:.3f} / {m['auc']:.3f}", "- / 0.892", time.perf_counter() - start,
+    _row(rows, "frozen MiniLM + logistic head", (m["accuracy"], m["auc"]), "- / 0.892", time.perf_counter() - start,
          f"embeddings (max {args.frozen_length} tokens) encoded once ({encode_s:.0f} s, cached on disk), "
          f"Adam lr 1e-3, {args.head_epochs} epochs")  # fmt: skip
     out["clothing_frozen_auc"] = m["auc"]
@@ -128,7 +137,7 @@ def clothing(args: argparse.Namespace) -> dict[str, float]:
                 config=TrainConfig(optimizer="adamw", lr=args.ft_lr, epochs=args.ft_epochs, batch_size=32),
                 generator=torch.Generator().manual_seed(0))  # fmt: skip
     m = tuned.task.evaluate(model, tuned.central.test)
-    _row("MiniLM top layer + head fine-tuned", f"{m['accuracy']:.3f} / {m['auc']:.3f}", "- / 0.935", time.perf_counter() - start,
+    _row(rows, "MiniLM top layer + head fine-tuned", (m["accuracy"], m["auc"]), "- / 0.935", time.perf_counter() - start,
          f"max {args.ft_length} tokens, {len(train)} training reviews, AdamW lr {args.ft_lr}, {args.ft_epochs} epochs")  # fmt: skip
     out["clothing_top1_auc"] = m["auc"]
     return out

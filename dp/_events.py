@@ -182,52 +182,26 @@ class SampleLevelEvent:
         _f(self, "level", chk.one_of, ("sample",))
 
 
-def _integer_mechanism_checks(ev: Any) -> None:
-    _common(ev)
-    _participants(ev)
-    _f(ev, "scale", chk.positive)
-    _f(ev, "clip_bound", chk.positive)
-    _f(ev, "dim", chk.integer, minimum=1)
-    _f(ev, "l2_sensitivity", chk.positive)
-    _f(ev, "l1_sensitivity", chk.positive)
-    _f(ev, "min_clients", chk.integer, minimum=1)
-    _f(ev, "target_noise_multiplier", chk.positive)
-    _f(ev, "count", chk.integer, minimum=1)
-    _f(ev, "level", chk.one_of, ("client",))
-    if ev.survivors < 1:
-        raise DPValueError(f"survivors must be >= 1 for distributed noise, got {ev.survivors!r}")
-
-
 @dataclass(frozen=True, kw_only=True)
-class SkellamEvent:
-    """Distributed Skellam noise in a masked sum (Agarwal, Kairouz, Liu NeurIPS 2021).
-
-    Every surviving client added ``Sk(per_client_variance)`` in integer units; Skellam is
-    closed under sums, so the sum carries exactly ``Sk(variance)`` with
-    ``variance = survivors * per_client_variance`` (the noise actually present, which the
-    accountant uses). Sensitivities are in integer units after scaling by ``scale`` and
-    rounding (inflation bound of Kairouz, Liu, Steinke ICML 2021, Thm. 1 / Prop. 22).
+class _DistributedNoiseEvent:
+    """What the Skellam and discrete Gaussian events share: a masked sum noised by its clients.
 
     Attributes:
         scale: the encoder's scale (one integer unit is ``1/scale``).
         clip_bound: L2 sensitivity in float units before scaling and rounding.
         dim: number of coordinates noised.
         l2_sensitivity, l1_sensitivity: integer-domain sensitivities used for accounting.
-        per_client_variance: Skellam variance each client added.
-        variance: variance of the summed noise (``survivors * per_client_variance``).
         min_clients: survivors the noise was sized for.
         target_noise_multiplier: the noise multiplier requested for ``min_clients`` survivors.
         noise_multiplier: the one actually present, ``sqrt(variance) / l2_sensitivity``.
     """
 
-    mechanism: ClassVar[str] = "skellam"
     round_index: int
     scale: float
     clip_bound: float
     dim: int
     l2_sensitivity: float
     l1_sensitivity: float
-    per_client_variance: float
     min_clients: int
     target_noise_multiplier: float
     sample_rate: float = 1.0
@@ -239,20 +213,63 @@ class SkellamEvent:
     client_id: str | None = None
 
     def __post_init__(self) -> None:
-        _integer_mechanism_checks(self)
-        _f(self, "per_client_variance", chk.positive)
+        _common(self)
+        _participants(self)
+        _f(self, "scale", chk.positive)
+        _f(self, "clip_bound", chk.positive)
+        _f(self, "dim", chk.integer, minimum=1)
+        _f(self, "l2_sensitivity", chk.positive)
+        _f(self, "l1_sensitivity", chk.positive)
+        _f(self, "min_clients", chk.integer, minimum=1)
+        _f(self, "target_noise_multiplier", chk.positive)
+        _f(self, "count", chk.integer, minimum=1)
+        _f(self, "level", chk.one_of, ("client",))
+        if self.survivors < 1:
+            raise DPValueError(f"survivors must be >= 1 for distributed noise, got {self.survivors!r}")
 
     @property
     def variance(self) -> float:
-        return self.survivors * self.per_client_variance
+        """Variance of the summed noise, in integer units squared."""
+        raise NotImplementedError
 
     @property
     def noise_multiplier(self) -> float:
+        """The noise actually present over the integer-domain L2 sensitivity."""
         return math.sqrt(self.variance) / self.l2_sensitivity
 
 
 @dataclass(frozen=True, kw_only=True)
-class DiscreteGaussianEvent:
+class SkellamEvent(_DistributedNoiseEvent):
+    """Distributed Skellam noise in a masked sum (Agarwal, Kairouz, Liu NeurIPS 2021).
+
+    Every surviving client added ``Sk(per_client_variance)`` in integer units; Skellam is
+    closed under sums, so the sum carries exactly ``Sk(variance)`` with
+    ``variance = survivors * per_client_variance`` (the noise actually present, which the
+    accountant uses). Sensitivities are in integer units after scaling by ``scale`` and
+    rounding (inflation bound of Kairouz, Liu, Steinke ICML 2021, Thm. 1 / Prop. 22).
+
+    Attributes:
+        per_client_variance: Skellam variance each client added.
+        variance: variance of the summed noise (``survivors * per_client_variance``).
+        Other attributes as in the shared base: scale, clip_bound, dim, sensitivities,
+        min_clients, target_noise_multiplier, noise_multiplier.
+    """
+
+    mechanism: ClassVar[str] = "skellam"
+    per_client_variance: float
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _f(self, "per_client_variance", chk.positive)
+
+    @property
+    def variance(self) -> float:
+        """``survivors * per_client_variance``."""
+        return self.survivors * self.per_client_variance
+
+
+@dataclass(frozen=True, kw_only=True)
+class DiscreteGaussianEvent(_DistributedNoiseEvent):
     """Distributed discrete Gaussian noise in a masked sum (Kairouz, Liu, Steinke ICML 2021).
 
     Every surviving client added ``N_Z(0, local_stddev^2)`` in integer units. A sum of
@@ -266,34 +283,16 @@ class DiscreteGaussianEvent:
     """
 
     mechanism: ClassVar[str] = "discrete_gaussian"
-    round_index: int
-    scale: float
-    clip_bound: float
-    dim: int
-    l2_sensitivity: float
-    l1_sensitivity: float
     local_stddev: float
-    min_clients: int
-    target_noise_multiplier: float
-    sample_rate: float = 1.0
-    participants: int
-    survivors: int
-    count: int = 1
-    sampling: str = "poisson"
-    level: str = "client"
-    client_id: str | None = None
 
     def __post_init__(self) -> None:
-        _integer_mechanism_checks(self)
+        super().__post_init__()
         _f(self, "local_stddev", chk.positive)
 
     @property
     def variance(self) -> float:
+        """``survivors * local_stddev**2``."""
         return self.survivors * self.local_stddev**2
-
-    @property
-    def noise_multiplier(self) -> float:
-        return math.sqrt(self.variance) / self.l2_sensitivity
 
 
 Event = Union[GaussianEvent, QuantileEvent, SampleLevelEvent, SkellamEvent, DiscreteGaussianEvent]
@@ -313,7 +312,7 @@ def event_to_dict(event: Event) -> dict[str, Any]:
         raise DPTypeError(f"event must be one of {sorted(EVENT_TYPES)} events, got {type(event).__name__}")
     out: dict[str, Any] = {"mechanism": event.mechanism}
     out.update(dataclasses.asdict(event))
-    if isinstance(event, (SkellamEvent, DiscreteGaussianEvent)):
+    if isinstance(event, _DistributedNoiseEvent):
         out["derived"] = {"variance": event.variance, "noise_multiplier": event.noise_multiplier}
     return out
 

@@ -56,28 +56,44 @@ class WorkloadSection:
     case: ``movielens`` or ``clothing``. model: movielens ``mf`` | ``mf_text`` | ``transformer``;
     clothing ``frozen`` (cached MiniLM features + head) | ``finetune`` (top ``trainable_layers``
     layers + head). partition: movielens ``regions`` (silos by ZIP region) or ``users`` (one
-    client per user); clothing ``silos`` (by department/class). num_silos: silo count. max_users / max_reviews: slice for fast runs.
+    client per user); clothing ``silos`` (by department/class). Model and partition default to
+    the first listed for the case. num_silos: silo count. max_users / max_reviews: slice for fast runs.
     trainable_layers: MiniLM layers fine-tuned for ``finetune``. max_length: tokens per review.
+    MovieLens models: dim (embedding size), loss (``bce`` | ``softmax``: sampled softmax),
+    num_train_negatives (items drawn per training positive), history_length (items the
+    transformer's user tower reads).
     """
 
     case: str = "movielens"
-    model: str = "mf"
-    partition: str = "regions"
+    model: str | None = None
+    partition: str | None = None
     num_silos: int = 5
     max_users: int | None = None
     max_reviews: int | None = None
     trainable_layers: int = 1
     max_length: int = 64
+    dim: int = 32
+    loss: str = "bce"
+    num_train_negatives: int = 8
+    history_length: int = 20
 
     def __post_init__(self) -> None:
         _choice("workload.case", self.case, ("movielens", "clothing"))
         movielens = self.case == "movielens"
+        if self.model is None:
+            object.__setattr__(self, "model", "mf" if movielens else "frozen")
         _choice("workload.model", self.model, ("mf", "mf_text", "transformer") if movielens else ("frozen", "finetune"))
+        if self.partition is None:  # the case's natural partition
+            object.__setattr__(self, "partition", "regions" if movielens else "silos")
         _choice("workload.partition", self.partition, ("regions", "users") if movielens else ("silos",))
         _positive("workload.num_silos", self.num_silos, integer=True)
         _positive("workload.max_users", self.max_users, allow_none=True, integer=True)
         _positive("workload.max_reviews", self.max_reviews, allow_none=True, integer=True)
         _positive("workload.max_length", self.max_length, integer=True)
+        _positive("workload.dim", self.dim, integer=True)
+        _choice("workload.loss", self.loss, ("bce", "softmax"))
+        _positive("workload.num_train_negatives", self.num_train_negatives, integer=True)
+        _positive("workload.history_length", self.history_length, integer=True)
         if isinstance(self.trainable_layers, bool) or not isinstance(self.trainable_layers, int) or not 0 <= self.trainable_layers <= 6:
             raise ConfigError(f"workload.trainable_layers must be an integer in [0, 6], got {self.trainable_layers!r}")
 

@@ -58,7 +58,9 @@ def build_workload(config: ExperimentConfig) -> Workload:
     if w.case == "movielens":
         fed = recsys.movielens_federation(
             datasets.load_movielens100k(),
-            config=recsys.RecommenderConfig(model=w.model),
+            config=recsys.RecommenderConfig(
+                model=w.model, dim=w.dim, loss=w.loss, num_train_negatives=w.num_train_negatives, history_length=w.history_length
+            ),
             partition=w.partition,
             num_silos=w.num_silos,
             max_users=w.max_users,
@@ -169,6 +171,7 @@ class Experiment:
         return dp.PrivacyReport(
             fed.ledger,
             delta=self.config.privacy.delta,
+            accountant=self.config.privacy.accountant,
             mode=backend.mode,
             trust_model=backend.trust_model,
             secure_aggregation={**fed.pipeline.describe(), "workload": self.workload.description},

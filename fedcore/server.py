@@ -396,7 +396,12 @@ class Federation:
 
     # ------------------------------------------------------------ evaluation
     def evaluate(self, split: str = "test") -> dict[str, float]:
-        """Federated evaluation: each client scores the global model, means weighted by examples."""
+        """Federated evaluation: each client scores the global model, means weighted by examples.
+
+        A client whose metric is undefined (NaN: ROC AUC on a test split of one class) is left out
+        of that metric's mean. A mean of per-client AUCs is not the AUC of the pooled predictions:
+        for a model without local-only parameters, score ``self.model()`` on pooled data instead.
+        """
         scores = self.executor.evaluate(
             [self.clients[c] for c in self.client_ids], global_vector=torch.from_numpy(self.global_vector), split=split
         )
@@ -404,6 +409,8 @@ class Federation:
         counts: dict[str, int] = {}
         for metrics, n in scores:
             for k, v in metrics.items():
+                if not math.isfinite(float(v)):
+                    continue
                 totals[k] = totals.get(k, 0.0) + float(v) * n
                 counts[k] = counts.get(k, 0) + n
         return {k: totals[k] / counts[k] for k in sorted(totals) if counts[k]}

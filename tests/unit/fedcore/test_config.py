@@ -13,9 +13,11 @@ def test_example_config_parses():
 
 def test_yaml_and_overrides(tmp_path):
     path = tmp_path / "exp.yaml"
-    path.write_text("rounds: 3\nworkload:\n  case: clothing\n  model: frozen\n  partition: silos\n")
+    path.write_text("rounds: 3\nworkload:\n  case: clothing\n")
     config = load_config(path, overrides={"rounds": 7, "privacy.level": "client", "privacy.noise_multiplier": 1.0})
     assert config.rounds == 7 and config.workload.case == "clothing" and config.privacy.level == "client"
+    assert (config.workload.model, config.workload.partition) == ("frozen", "silos")  # the case's defaults
+    assert (parse_config({}).workload.model, parse_config({}).workload.partition) == ("mf", "regions")
 
 
 @pytest.mark.parametrize(
@@ -29,6 +31,9 @@ def test_yaml_and_overrides(tmp_path):
         ({"workload": {"case": "netflix"}}, r"workload.case must be one of \['movielens', 'clothing'\], got 'netflix'"),
         ({"workload": {"model": "bert"}}, r"workload.model must be one of \['mf', 'mf_text', 'transformer'\], got 'bert'"),
         ({"workload": {"trainable_layers": 9}}, r"workload.trainable_layers must be an integer in \[0, 6\], got 9"),
+        ({"workload": {"loss": "hinge"}}, r"workload.loss must be one of \['bce', 'softmax'\], got 'hinge'"),
+        ({"workload": {"dim": 0}}, "workload.dim must be an integer > 0, got 0"),
+        ({"workload": {"case": "clothing", "model": "frozen", "partition": "users"}}, r"workload.partition must be one of \['silos'\], got 'users'"),
         ({"sampling": {"kind": "poisson"}}, r"sampling.q must be in \(0, 1\] for poisson sampling, got None"),
         ({"sampling": {"kind": "fixed", "count": 0}}, "sampling.count must be an integer > 0, got 0"),
         ({"aggregation": {"mode": "tee"}}, r"aggregation.mode must be one of \['plaintext', 'masked', 'ckks'\], got 'tee'"),
