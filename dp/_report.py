@@ -351,8 +351,9 @@ class PrivacyReport:
 
         audit = None
         if audited is not None:
-            claimed = client["epsilon"] if client else sample["max_epsilon"] if sample else 0.0
-            audit = {"lower_bound": audited, "claimed_epsilon": claimed, "exceeds_claim": audited > claimed}
+            # without a DP event nothing is claimed (epsilon is unbounded), so nothing can be exceeded
+            claimed = client["epsilon"] if client else sample["max_epsilon"] if sample else None
+            audit = {"lower_bound": audited, "claimed_epsilon": claimed, "exceeds_claim": claimed is not None and audited > claimed}
             if audit["exceeds_claim"]:
                 warnings.warn(
                     f"PRIVACY AUDIT FAILED: audited epsilon lower bound {audited:.4g} exceeds the claimed epsilon "
@@ -523,11 +524,13 @@ class PrivacyReport:
                 f"{e(_fmt(audit['lower_bound']))}, exceeds the claimed epsilon {e(_fmt(audit['claimed_epsilon']))}. "
                 "The noise or the accounting of this run is broken; do not rely on the figures above.</b></span>"
             )
-        elif audit is not None:
+        elif audit is not None and audit["claimed_epsilon"] is not None:
             lines.append(
                 f"Audited lower bound on epsilon: {e(_fmt(audit['lower_bound']))} "
                 f"(consistent with the claimed {e(_fmt(audit['claimed_epsilon']))})."
             )
+        elif audit is not None:
+            lines.append(f"Audited lower bound on epsilon: {e(_fmt(audit['lower_bound']))} (no DP claim to compare with).")
         if d["budget"]:
             b = d["budget"]
             lines.append(

@@ -208,10 +208,20 @@ def test_audit_figure_goes_into_the_privacy_report():
 
 
 def test_report_of_a_run_whose_audit_exceeds_its_claim_flags_it_loudly():
-    broken = audit_dp_fedavg(noise_multiplier=3.0, rounds=2, rng=np.random.default_rng(1), num_canaries=200,
-                             dimension=1000, add_noise=False)  # fmt: skip
+    with pytest.warns(PrivacyAuditWarning):
+        broken = audit_dp_fedavg(noise_multiplier=3.0, rounds=2, rng=np.random.default_rng(1), num_canaries=200,
+                                 dimension=1000, add_noise=False)  # fmt: skip
     with pytest.warns(PrivacyAuditWarning, match=r"^PRIVACY AUDIT FAILED"):
         report = dp.PrivacyReport(broken.extra["ledger"], delta=1e-5, mode="plaintext", trust_model="the server sees every update",
                                   audited_epsilon_lower_bound=broken.epsilon_lower_bound)  # fmt: skip
     assert json.loads(report.to_json())["audit"]["exceeds_claim"] is True
     assert "PRIVACY AUDIT FAILED" in report.to_html()
+
+
+def test_an_audit_of_a_run_without_dp_has_no_claim_to_exceed():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = dp.PrivacyReport(dp.Ledger(), delta=1e-5, mode="plaintext", trust_model="the server sees every update",
+                                  audited_epsilon_lower_bound=0.5)  # fmt: skip
+    assert json.loads(report.to_json())["audit"] == {"lower_bound": 0.5, "claimed_epsilon": None, "exceeds_claim": False}
+    assert "no DP claim to compare with" in report.to_html()

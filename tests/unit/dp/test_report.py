@@ -33,7 +33,7 @@ def build(ledger, **kw):
     args = dict(
         delta=1e-5, mode="masked", trust_model=TRUST, secure_aggregation={"threshold": 3, "clients": 5, "bits": 32},
         dropouts={1: ["c5"]}, reveals=[dp.Reveal(round_index=3, what="model of c2 (selected)", why="covered by sample-level DP")],
-        utility={r: {"accuracy": 0.5 + 0.1 * r} for r in range(4)}, audited_epsilon_lower_bound=0.2,
+        utility={r: {"accuracy": 0.5 + 0.1 * r} for r in range(4)},
         budget=dp.PrivacyBudget(epsilon=10.0, delta=1e-5), generated_at="2026-01-01T00:00:00+00:00",
     )
     args.update(kw)
@@ -42,7 +42,7 @@ def build(ledger, **kw):
 
 def test_json_report_is_computed_from_the_ledger():
     ledger = central_ledger()
-    report = build(ledger, accountant="rdp")
+    report = build(ledger, accountant="rdp", audited_epsilon_lower_bound=0.2)
     data = json.loads(report.to_json())
     assert data["schema"] == dp.REPORT_SCHEMA == "privfl.dp.report/1"
     assert data["generated_at"] == "2026-01-01T00:00:00+00:00"
