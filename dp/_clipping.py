@@ -47,6 +47,7 @@ class L2Clip:
 
     @property
     def bound(self) -> float:
+        """The L2 bound every clipped vector respects (the sensitivity noise is calibrated to)."""
         return self._bound
 
     def clip(self, vec: np.ndarray) -> tuple[np.ndarray, float]:

@@ -106,6 +106,7 @@ class CentralGaussian:
 
     @property
     def stddev(self) -> float:
+        """Standard deviation of the noise added to each coordinate of the sum: ``noise_multiplier * clip_bound``."""
         return self.noise_multiplier * self.clip_bound
 
     def add(self, total: np.ndarray, *, rng: np.random.Generator) -> np.ndarray:
@@ -194,6 +195,7 @@ class SkellamNoise(_DistributedNoise):
     """
 
     def per_client_variance(self, *, scale: float) -> float:
+        """Skellam variance each client adds, in integer units, so that ``min_clients`` survivors reach the noise multiplier."""
         return (self.noise_multiplier * self.l2_sensitivity(scale=scale)) ** 2 / self.min_clients
 
     def sample(self, size: int, *, scale: float, rng: np.random.Generator) -> np.ndarray:
@@ -249,6 +251,7 @@ class DiscreteGaussianNoise(_DistributedNoise):
     """
 
     def local_stddev(self, *, scale: float) -> float:
+        """Scale of each client's discrete Gaussian, in integer units, sized for ``min_clients`` survivors."""
         return self.noise_multiplier * self.l2_sensitivity(scale=scale) / math.sqrt(self.min_clients)
 
     def sample(self, size: int, *, scale: float, rng: np.random.Generator) -> np.ndarray:

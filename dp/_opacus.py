@@ -299,6 +299,7 @@ class PrivateTraining:
 
     @property
     def steps(self) -> int:
+        """Optimizer steps taken so far (each one a use of the subsampled Gaussian mechanism)."""
         return self._steps
 
     def _alive(self) -> None:

@@ -93,7 +93,8 @@ def _count(name: str, value: Any, *, minimum: int) -> int:
 class Distribution(Protocol):
     """A non-negative random quantity (seconds, or a speed factor); draws from the passed generator."""
 
-    def sample(self, rng: np.random.Generator) -> float: ...
+    def sample(self, rng: np.random.Generator) -> float:
+        """One draw, in virtual seconds, from ``rng``."""
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,7 @@ class Constant:
         _finite("value", self.value)
 
     def sample(self, rng: np.random.Generator) -> float:
+        """Always ``value``: a client of fixed speed."""
         return float(self.value)
 
 
@@ -121,6 +123,7 @@ class LogNormal:
         _finite("sigma", self.sigma)
 
     def sample(self, rng: np.random.Generator) -> float:
+        """``median * exp(sigma * N(0, 1))``: heavy-tailed client speeds."""
         return float(self.median * math.exp(self.sigma * rng.standard_normal()))
 
 
@@ -134,6 +137,7 @@ class Exponential:
         _finite("mean", self.mean)
 
     def sample(self, rng: np.random.Generator) -> float:
+        """An exponential draw with mean ``mean`` (0 when the mean is 0)."""
         return float(rng.exponential(self.mean)) if self.mean > 0 else 0.0
 
 
@@ -309,6 +313,7 @@ class FedAsync:
 
     @property
     def buffer_size(self) -> int:
+        """FedAsync mixes every result into the model as it arrives: a buffer of one."""
         return 1
 
 
@@ -412,6 +417,7 @@ class AsyncFederation:
     # ------------------------------------------------------------------ running
     @property
     def global_vector(self) -> np.ndarray:
+        """The current global shared parameters (the wrapped federation's)."""
         return self.federation.global_vector
 
     def run(self, updates: int, *, on_budget: str = "stop") -> list[dict[str, Any]]:

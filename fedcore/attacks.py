@@ -72,7 +72,8 @@ class ModelPoisoning(Protocol):
 
     name: str
 
-    def poison(self, update: np.ndarray, *, rng: np.random.Generator) -> np.ndarray: ...
+    def poison(self, update: np.ndarray, *, rng: np.random.Generator) -> np.ndarray:
+        """The update the attacker sends instead of ``update``."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,7 @@ class SignFlip:
         _finite("scale", self.scale, positive=True)
 
     def poison(self, update: np.ndarray, *, rng: np.random.Generator) -> np.ndarray:
+        """``-scale * update``."""
         return (-self.scale * update.astype(np.float64)).astype(np.float32)
 
 
@@ -105,6 +107,7 @@ class Scaling:
             raise ConfigError("factor must be non-zero (0 would be a dropout, not a scaling attack), got 0")
 
     def poison(self, update: np.ndarray, *, rng: np.random.Generator) -> np.ndarray:
+        """``factor * update``."""
         return (self.factor * update.astype(np.float64)).astype(np.float32)
 
 
@@ -119,6 +122,7 @@ class GaussianAttack:
         _finite("std", self.std, positive=True)
 
     def poison(self, update: np.ndarray, *, rng: np.random.Generator) -> np.ndarray:
+        """Fresh ``N(0, std^2)`` noise of the update's shape; the update itself is ignored."""
         return rng.normal(0.0, self.std, size=update.shape).astype(np.float32)
 
 
@@ -192,6 +196,7 @@ class PoisonedExecutor(_Wrapper):
         self.poisoned: list[tuple[int, str]] = []
 
     def fit(self, clients: Sequence[Client], *, round_index: int, **kwargs: Any) -> list[ClientResult]:
+        """Train like the wrapped executor, then replace each attacker's update by its poisoned one."""
         results = self.inner.fit(clients, round_index=round_index, **kwargs)
         out = []
         for r in results:
@@ -227,6 +232,7 @@ class InjectedUpdates(_Wrapper):
         self.num_examples = int(num_examples)
 
     def fit(self, clients: Sequence[Client], *, round_index: int, seeds: Sequence[int], **kwargs: Any) -> list[ClientResult]:
+        """Train like the wrapped executor; the injected clients send their fixed updates instead."""
         train = [(c, s) for c, s in zip(clients, seeds) if c.client_id not in self.updates]
         trained = iter(self.inner.fit([c for c, _ in train], round_index=round_index, seeds=[s for _, s in train], **kwargs) if train else [])
         out = []

@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fedcore`` command; returns the exit status (0 on success, 2 on a refused config)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

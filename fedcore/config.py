@@ -251,6 +251,7 @@ class ExperimentConfig:
             raise ConfigError(f"seed must be an integer >= 0, got {self.seed!r}")
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as plain data (sections as dicts), as written to ``summary.json``."""
         return dataclasses.asdict(self)
 
 

@@ -318,6 +318,7 @@ class CudaSum:
         )
 
     def describe(self) -> dict[str, object]:
+        """The backend's parameters for the report: mode, device and chunking."""
         props = torch.cuda.get_device_properties(self.device)
         return {
             "mode": self.mode,

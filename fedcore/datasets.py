@@ -95,6 +95,7 @@ class MovieLens100K:
 
     @property
     def genres(self) -> tuple[str, ...]:
+        """The 19 genre names, in the order of the items' genre flag columns."""
         return GENRES
 
 

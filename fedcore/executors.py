@@ -32,11 +32,18 @@ class Executor(Protocol):
         round_index: int,
         update_kind: str,
         privacy: SampleLevelPrivacy | None,
-    ) -> list[ClientResult]: ...
+    ) -> list[ClientResult]:
+        """Train ``clients`` from ``global_vector`` with one seed each; one result per client, in order.
 
-    def evaluate(self, clients: Sequence[Client], *, global_vector: torch.Tensor, split: str) -> list[tuple[dict[str, float], int]]: ...
+        A client whose local work raises is returned as ``ClientResult.failed`` (a dropout),
+        not raised.
+        """
 
-    def predict(self, client: Client, *, vector: torch.Tensor, batch: Any) -> torch.Tensor: ...
+    def evaluate(self, clients: Sequence[Client], *, global_vector: torch.Tensor, split: str) -> list[tuple[dict[str, float], int]]:
+        """Each client's metrics of the global model on its ``split`` and the number of examples scored."""
+
+    def predict(self, client: Client, *, vector: torch.Tensor, batch: Any) -> torch.Tensor:
+        """The client's model output for ``batch``, with its local-only parameters and ``vector``."""
 
 
 class InProcessExecutor:
@@ -59,6 +66,7 @@ class InProcessExecutor:
         privacy: SampleLevelPrivacy | None,
         progress: Any = None,
     ) -> list[ClientResult]:
+        """Train clients one after another in this process (deterministic under the seeds)."""
         results = []
         for client, seed in zip(clients, seeds):
             try:
@@ -79,7 +87,9 @@ class InProcessExecutor:
         return results
 
     def evaluate(self, clients: Sequence[Client], *, global_vector: torch.Tensor, split: str) -> list[tuple[dict[str, float], int]]:
+        """Evaluate clients one after another in this process."""
         return [c.evaluate(self.workspace, global_vector=global_vector, split=split) for c in clients]
 
     def predict(self, client: Client, *, vector: torch.Tensor, batch: Any) -> torch.Tensor:
+        """Predict in this process with the shared workspace model."""
         return client.predict(self.workspace, vector=vector, batch=batch)

@@ -162,6 +162,7 @@ class Experiment:
 
     @property
     def ledger(self) -> dp.Ledger:
+        """The federation's privacy ledger (every mechanism use of the run)."""
         return self.federation.ledger
 
     def report(self, *, audited_epsilon_lower_bound: float | None = None) -> dp.PrivacyReport:
@@ -306,6 +307,7 @@ class ExperimentOutcome:
     stop_reason: str | None
 
     def summary(self) -> str:
+        """What the CLI prints at the end: where the outputs are, final metrics and epsilon spent."""
         lines = [f"finished: outputs in {self.output_dir}"]
         if self.stop_reason:
             lines.append(f"stopped early: {self.stop_reason}")

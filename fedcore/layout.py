@@ -58,6 +58,7 @@ class ParameterLayout:
 
     @property
     def names(self) -> tuple[str, ...]:
+        """Names of the shared parameters, in the order they appear in the flat vector."""
         return tuple(s.name for s in self.slots)
 
     def is_local(self, name: str) -> bool:

@@ -16,9 +16,11 @@ __all__ = ["MetricsLogger", "ConsoleLogger", "JsonlLogger", "TensorBoardLogger",
 class MetricsLogger(Protocol):
     """Receives the scalar metrics of each round."""
 
-    def log(self, round_index: int, metrics: Mapping[str, float]) -> None: ...
+    def log(self, round_index: int, metrics: Mapping[str, float]) -> None:
+        """Record the metrics of round ``round_index`` (non-numeric values are skipped)."""
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Flush and release the logger's resources."""
 
 
 def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -34,12 +36,14 @@ class JsonlLogger:
         self._file = self.path.open("a", encoding="utf-8")
 
     def log(self, round_index: int, metrics: Mapping[str, float]) -> None:
+        """Append one JSON line ``{"round": t, metric: value, ...}`` (NaN and Inf as null) and flush it."""
         row = {"round": round_index}
         row.update({k: (v if math.isfinite(v) else None) for k, v in _scalars(metrics).items()})
         self._file.write(json.dumps(row, sort_keys=True) + "\n")
         self._file.flush()
 
     def close(self) -> None:
+        """Close the file."""
         self._file.close()
 
 
@@ -52,11 +56,13 @@ class TensorBoardLogger:
         self._writer = SummaryWriter(log_dir=str(logdir))
 
     def log(self, round_index: int, metrics: Mapping[str, float]) -> None:
+        """Write each numeric metric as a scalar at step ``round_index``."""
         for key, value in _scalars(metrics).items():
             self._writer.add_scalar(key, value, global_step=round_index)
         self._writer.flush()
 
     def close(self) -> None:
+        """Flush and close the event file."""
         self._writer.close()
 
 
@@ -75,9 +81,11 @@ class WandbLogger:
         self._run = wandb.init(project=project, mode=mode, config=dict(config or {}), dir=dir)
 
     def log(self, round_index: int, metrics: Mapping[str, float]) -> None:
+        """Log the numeric metrics to the run at step ``round_index``."""
         self._run.log(_scalars(metrics), step=round_index)
 
     def close(self) -> None:
+        """Finish the run."""
         self._run.finish()
 
 
@@ -88,10 +96,12 @@ class MultiLogger:
         self.loggers = list(loggers)
 
     def log(self, round_index: int, metrics: Mapping[str, float]) -> None:
+        """Pass the metrics to every logger."""
         for logger in self.loggers:
             logger.log(round_index, metrics)
 
     def close(self) -> None:
+        """Close every logger."""
         for logger in self.loggers:
             logger.close()
 
@@ -110,6 +120,7 @@ class ConsoleLogger:
         self.keys = keys
 
     def log(self, round_index: int, metrics: Mapping[str, float]) -> None:
+        """Print ``round t/T (seconds)`` and the metrics whose names start with ``keys``."""
         shown = {k: v for k, v in _scalars(metrics).items() if k.startswith(self.keys)}
         text = "  ".join(f"{k}={v:.4f}" for k, v in sorted(shown.items()))
         seconds = metrics.get("round_seconds")
@@ -117,4 +128,5 @@ class ConsoleLogger:
         print(f"round {round_index}/{self.total_rounds}{took}  {text}", flush=True)
 
     def close(self) -> None:
+        """Nothing to release."""
         pass

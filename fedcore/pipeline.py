@@ -28,7 +28,8 @@ class Clipper(Protocol):
 
     bound: float
 
-    def clip(self, vector: np.ndarray) -> tuple[np.ndarray, float]: ...
+    def clip(self, vector: np.ndarray) -> tuple[np.ndarray, float]:
+        """The vector scaled into the L2 ball of radius ``bound``, and its norm before clipping."""
 
 
 class CentralNoise(Protocol):
@@ -36,7 +37,8 @@ class CentralNoise(Protocol):
 
     noise_multiplier: float
 
-    def add(self, total: np.ndarray, *, rng: np.random.Generator) -> np.ndarray: ...
+    def add(self, total: np.ndarray, *, rng: np.random.Generator) -> np.ndarray:
+        """``total`` plus Gaussian noise calibrated to the clip bound."""
 
 
 @dataclass(frozen=True)
@@ -187,6 +189,7 @@ class UpdatePipeline:
         return RoundAggregate(Aggregate(mean=mean, contributors=contributors), summed, norms, clipped)
 
     def describe(self) -> dict[str, Any]:
+        """The stages' parameters (backend, clip, weighting, noise) for reports and summaries."""
         return {
             "backend": self.backend.describe(),
             "clip_bound": None if self.clip is None else self.clip.bound,

@@ -302,12 +302,14 @@ class RayExecutor:
         return results
 
     def evaluate(self, clients: Sequence[Client], *, global_vector: torch.Tensor, split: str) -> list[tuple[dict[str, float], int]]:
+        """Evaluate clients in parallel on the Ray actors; one entry per client, in order."""
         if not clients:
             return []
         vector_ref = _import_ray().put(global_vector.detach().cpu().numpy())
         return self._map("evaluate", clients, None, vector_ref, split)
 
     def predict(self, client: Client, *, vector: torch.Tensor, batch: Any) -> torch.Tensor:
+        """Predict on a Ray actor with the client's local-only parameters and ``vector``."""
         return self._map("predict", [client], None, vector.detach().cpu().numpy(), batch)[0]
 
     # ------------------------------------------------------------------ lifecycle

@@ -22,7 +22,8 @@ class ClientSampler(Protocol):
 
     poisson: bool
 
-    def sample(self, client_ids: Sequence[str], rng: np.random.Generator) -> list[str]: ...
+    def sample(self, client_ids: Sequence[str], rng: np.random.Generator) -> list[str]:
+        """The clients taking part in one round, drawn with ``rng``."""
 
     def rate(self, num_clients: int) -> float:
         """The probability that a given client takes part in a round."""
@@ -41,10 +42,12 @@ class PoissonSampler:
             raise ConfigError(f"q must be in (0, 1], got {self.q!r}")
 
     def sample(self, client_ids: Sequence[str], rng: np.random.Generator) -> list[str]:
+        """Each client independently with probability ``q`` (the round may be empty)."""
         chosen = rng.random(len(client_ids)) < self.q
         return [c for c, keep in zip(client_ids, chosen) if keep]
 
     def rate(self, num_clients: int) -> float:
+        """``q``."""
         return self.q
 
 
@@ -60,12 +63,14 @@ class FixedCountSampler:
             raise ConfigError(f"count must be >= 1, got {self.count!r}")
 
     def sample(self, client_ids: Sequence[str], rng: np.random.Generator) -> list[str]:
+        """``count`` clients drawn without replacement; refuses a count above the clients available (ConfigError)."""
         if self.count > len(client_ids):
             raise ConfigError(f"count={self.count} exceeds the {len(client_ids)} available clients")
         picked = rng.choice(len(client_ids), size=self.count, replace=False)
         return [client_ids[i] for i in sorted(picked)]
 
     def rate(self, num_clients: int) -> float:
+        """``count / num_clients``, capped at 1."""
         return min(1.0, self.count / num_clients)
 
 
@@ -76,7 +81,9 @@ class AllClients:
     poisson: bool = True  # inclusion with probability 1 is trivially Poisson
 
     def sample(self, client_ids: Sequence[str], rng: np.random.Generator) -> list[str]:
+        """Every client."""
         return list(client_ids)
 
     def rate(self, num_clients: int) -> float:
+        """1: every client takes part in every round."""
         return 1.0

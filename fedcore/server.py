@@ -46,6 +46,7 @@ class DropoutSimulator:
             raise ConfigError("dropout stages must name at least one Stage")
 
     def draw(self, participants: Sequence[str], rng: np.random.Generator) -> dict[str, Stage]:
+        """Which participants drop, and at which protocol stage, for one round."""
         drops = rng.random(len(participants)) < self.rate
         stages = rng.integers(0, len(self.stages), size=len(participants))
         return {c: self.stages[s] for c, d, s in zip(participants, drops, stages) if d}

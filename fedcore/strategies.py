@@ -63,11 +63,14 @@ class Strategy(Protocol):
     name: str
     update_kind: str
 
-    def apply(self, global_vector: np.ndarray, aggregate: Aggregate) -> np.ndarray: ...
+    def apply(self, global_vector: np.ndarray, aggregate: Aggregate) -> np.ndarray:
+        """The new global vector from the old one and the round's aggregate (the only input it sees)."""
 
-    def state_dict(self) -> dict[str, np.ndarray]: ...
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The server optimizer's state as arrays, for checkpoints."""
 
-    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None: ...
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        """Restore the state written by ``state_dict``."""
 
 
 class RevealingStrategy(Protocol):
@@ -77,11 +80,14 @@ class RevealingStrategy(Protocol):
     update_kind: str
     reveal_reason: str
 
-    def combine(self, global_vector: np.ndarray, local_models: list[LocalModel]) -> np.ndarray: ...
+    def combine(self, global_vector: np.ndarray, local_models: list[LocalModel]) -> np.ndarray:
+        """The new global vector from the clients' local models (which the server therefore sees)."""
 
-    def state_dict(self) -> dict[str, np.ndarray]: ...
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The strategy's state as arrays, for checkpoints."""
 
-    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None: ...
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        """Restore the state written by ``state_dict``."""
 
 
 def _positive(name: str, value: float) -> float:
@@ -109,6 +115,7 @@ class FedAvg(_Stateless):
         self.server_lr = _positive("server_lr", server_lr)
 
     def apply(self, global_vector: np.ndarray, aggregate: Aggregate) -> np.ndarray:
+        """``global + server_lr * mean update`` (``server_lr = 1``: the weighted mean of the local models)."""
         return (global_vector + self.server_lr * aggregate.mean).astype(np.float32)
 
 
@@ -125,6 +132,7 @@ class FedSGD(_Stateless):
         self.lr = _positive("lr", lr)
 
     def apply(self, global_vector: np.ndarray, aggregate: Aggregate) -> np.ndarray:
+        """``global - lr * mean gradient``."""
         return (global_vector - self.lr * aggregate.mean).astype(np.float32)
 
 
@@ -178,6 +186,7 @@ class _AdaptiveServer:
 
 
 class FedAdam(_AdaptiveServer):
+    """Adam on the server: the mean update is the pseudo-gradient, ``v`` its squares' EMA (Reddi et al., ICLR 2021)."""
     name = "fedadam"
 
     def _second_moment(self, v: np.ndarray, delta_sq: np.ndarray) -> np.ndarray:
@@ -185,6 +194,7 @@ class FedAdam(_AdaptiveServer):
 
 
 class FedYogi(_AdaptiveServer):
+    """Yogi on the server: like FedAdam with a sign-controlled, additive second moment (Reddi et al., ICLR 2021)."""
     name = "fedyogi"
 
     def _second_moment(self, v: np.ndarray, delta_sq: np.ndarray) -> np.ndarray:
@@ -192,6 +202,7 @@ class FedYogi(_AdaptiveServer):
 
 
 class FedAdagrad(_AdaptiveServer):
+    """Adagrad on the server: ``v`` accumulates the squared mean updates (Reddi et al., ICLR 2021)."""
     name = "fedadagrad"
 
     def _second_moment(self, v: np.ndarray, delta_sq: np.ndarray) -> np.ndarray:
@@ -224,6 +235,7 @@ class ModelSelection(_Stateless):
         self.last_selected: str | None = None
 
     def combine(self, global_vector: np.ndarray, local_models: list[LocalModel]) -> np.ndarray:
+        """The local model with the best validation metric becomes the global model."""
         best = local_models[_best_index(local_models, self.metric, self.higher_is_better)]
         self.last_selected = best.client_id
         return best.vector.astype(np.float32)
@@ -244,6 +256,7 @@ class OutputEnsemble(_Stateless):
         self._members: list[LocalModel] = []
 
     def combine(self, global_vector: np.ndarray, local_models: list[LocalModel]) -> np.ndarray:
+        """Keep the local models as the ensemble's members; the next global model is their weighted average."""
         self._members = list(local_models)
         weights = np.array([m.weight for m in local_models], dtype=np.float64)
         stacked = np.stack([m.vector.astype(np.float64) for m in local_models])

@@ -67,6 +67,7 @@ class ClientData:
 
     @property
     def num_train(self) -> int:
+        """Training examples the client holds."""
         return len(self.train)  # type: ignore[arg-type]
 
 

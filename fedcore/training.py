@@ -42,6 +42,7 @@ class EarlyStopping:
             raise ConfigError(f"patience must be >= 1, got {self.patience!r}")
 
     def improved(self, value: float, best: float | None) -> bool:
+        """Whether ``value`` beats ``best`` by more than ``min_delta`` in the metric's direction."""
         if best is None:
             return True
         gain = value - best if self.higher_is_better else best - value
@@ -93,6 +94,7 @@ class TrainConfig:
             raise ConfigError(f"device must name a torch device such as 'cpu' or 'cuda:0', got {self.device!r}") from exc
 
     def make_optimizer(self, params) -> torch.optim.Optimizer:
+        """A fresh optimizer of the configured kind over ``params``."""
         cls = _OPTIMIZERS[self.optimizer]
         kwargs: dict[str, Any] = {"lr": self.lr, "weight_decay": self.weight_decay}
         if self.optimizer == "sgd":
@@ -107,11 +109,14 @@ class PrivateTraining(Protocol):
     data_loader: DataLoader
     steps: int
 
-    def step(self, per_sample_loss: torch.Tensor) -> None: ...
+    def step(self, per_sample_loss: torch.Tensor) -> None:
+        """One DP-SGD step: per-sample clipping, noise, and the optimizer's update."""
 
-    def event(self, *, client_id: str, round_index: int) -> Any: ...
+    def event(self, *, client_id: str, round_index: int) -> Any:
+        """The ledger event for the steps taken so far."""
 
-    def detach(self) -> nn.Module: ...
+    def detach(self) -> nn.Module:
+        """The plain module again, without the per-sample gradient hooks."""
 
 
 class SampleLevelPrivacy(Protocol):
@@ -119,7 +124,8 @@ class SampleLevelPrivacy(Protocol):
 
     def attach(
         self, module: nn.Module, optimizer: torch.optim.Optimizer, data_loader: DataLoader, *, generator: torch.Generator | None = None
-    ) -> PrivateTraining: ...
+    ) -> PrivateTraining:
+        """Wrap module, optimizer and loader for DP-SGD (Poisson batches drawn with ``generator``)."""
 
 
 @dataclass(frozen=True)

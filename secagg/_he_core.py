@@ -535,14 +535,17 @@ class HEServer:
 
     @property
     def info(self) -> ContextInfo:
+        """The public parameters of the context the server adds under."""
         return self._info
 
     @property
     def contributors(self) -> tuple[str, ...]:
+        """Clients whose ciphertexts are in the aggregate, in the order they arrived."""
         return tuple(self._contributors)
 
     @property
     def weight_sum(self) -> float:
+        """The sum of the contributors' declared weights (plaintext metadata, not encrypted)."""
         return self._weight_sum
 
     def add(self, client_id: str, message: bytes) -> None:
@@ -602,6 +605,7 @@ class HEServer:
         return wire.pack(wire.AGGREGATE, head, blobs)
 
     def describe(self) -> dict[str, object]:
+        """Parameters and sizes of the aggregate so far, for reports."""
         return describe_info(self._info)
 
 

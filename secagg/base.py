@@ -65,9 +65,11 @@ class IntegerNoise(Protocol):
     the same integer units) with overwhelming probability; the encoder reserves that headroom.
     """
 
-    def sample(self, size: int, *, scale: float, rng: np.random.Generator) -> np.ndarray: ...
+    def sample(self, size: int, *, scale: float, rng: np.random.Generator) -> np.ndarray:
+        """One client's integer noise vector of ``size`` coordinates."""
 
-    def sum_bound(self, *, scale: float, num_clients: int) -> float: ...
+    def sum_bound(self, *, scale: float, num_clients: int) -> float:
+        """A bound on ``|coordinate|`` of the noise summed over ``num_clients`` clients."""
 
 
 @runtime_checkable
@@ -89,9 +91,16 @@ class SecureSum(Protocol):
         round_index: int,
         rng: np.random.Generator,
         dropouts: Mapping[str, Stage] | None = None,
-    ) -> SumResult: ...
+    ) -> SumResult:
+        """The sum of the surviving clients' vectors, and what the server saw doing it.
 
-    def describe(self) -> dict[str, object]: ...
+        Raises:
+            ValueError / TypeError: malformed updates (see ``check_updates``).
+            DropoutError: too few clients survived; nothing is revealed.
+        """
+
+    def describe(self) -> dict[str, object]:
+        """The backend's parameters (bounds, thresholds, presets), JSON data for reports."""
 
 
 def check_updates(
@@ -152,6 +161,7 @@ class PlaintextSum:
         rng: np.random.Generator,
         dropouts: Mapping[str, Stage] | None = None,
     ) -> SumResult:
+        """The exact float64 sum of the updates that were not dropped; the server sees each one."""
         ids, length = check_updates(updates)
         dropouts = dict(dropouts or {})
         contributors = [c for c in ids if dropouts.get(c, Stage.UNMASK) >= Stage.UNMASK]
@@ -171,4 +181,5 @@ class PlaintextSum:
         )
 
     def describe(self) -> dict[str, object]:
+        """``{"mode": "plaintext"}``: nothing to configure."""
         return {"mode": self.mode}

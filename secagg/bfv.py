@@ -62,6 +62,7 @@ class BFVPreset:
 
     @property
     def slots(self) -> int:
+        """Integers per ciphertext (batching slots: the polynomial degree)."""
         return self.poly_modulus_degree
 
     @property
@@ -307,6 +308,7 @@ class BFVSum:
         )
 
     def describe(self) -> dict[str, object]:
+        """Preset, parameters, encoder scale and bytes per parameter, for reports."""
         return {
             "mode": self.mode,
             "preset": self.preset.name,

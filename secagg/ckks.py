@@ -88,18 +88,22 @@ class CKKSPreset:
 
     @property
     def slots(self) -> int:
+        """Complex slots per ciphertext (half the polynomial degree)."""
         return self.poly_modulus_degree // 2
 
     @property
     def values_per_ciphertext(self) -> int:
+        """Real values packed into one ciphertext."""
         return self.slots * self.reals_per_slot
 
     @property
     def modulus_bits(self) -> int:
+        """Total bits of the coefficient modulus (bounded by the security level)."""
         return sum(self.coeff_mod_bit_sizes)
 
     @property
     def clients_hold_secret_key(self) -> bool:
+        """Whether clients encrypt with the secret key (so one colluding with the server reads updates)."""
         return self.encryption == "symmetric"
 
     def scale_for(self, *, value_bound: float, max_clients: int) -> float:
@@ -327,6 +331,7 @@ class CKKSSum:
         return self.preset.max_abs_error(scale=self.scale, num_clients=num_clients, value_bound=self.value_bound)
 
     def describe(self) -> dict[str, object]:
+        """Preset, parameters, stated error and bytes per parameter, for reports."""
         return {
             "mode": self.mode,
             "preset": self.preset.name,

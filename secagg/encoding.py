@@ -131,6 +131,7 @@ class FixedPointEncoder:
     # -- read-only description -------------------------------------------------------
     @property
     def bits(self) -> int:
+        """Ring size: vectors live in Z_2^bits."""
         return self._bits
 
     @property
@@ -145,6 +146,7 @@ class FixedPointEncoder:
 
     @property
     def step(self) -> float:
+        """Value of one integer step, ``1 / scale``: the encoder's resolution."""
         return 1.0 / self._scale
 
     @property
@@ -154,6 +156,7 @@ class FixedPointEncoder:
 
     @property
     def max_clients(self) -> int:
+        """The most inputs whose sum cannot wrap around the ring."""
         return self._max_clients
 
     @property
@@ -178,6 +181,7 @@ class FixedPointEncoder:
         return m * (1.0 + ulp_int) / self._scale + 2.0**-52 * m * (self._value_bound + 1.0 / self._scale)
 
     def describe(self) -> dict[str, object]:
+        """Ring, scale, bounds and noise headroom, JSON data for reports."""
         return {
             "bits": self._bits,
             "scale": self._scale,

@@ -97,6 +97,7 @@ class SecAggPlan:
         return self.degree + 1
 
     def as_dict(self) -> dict[str, object]:
+        """The plan as JSON data for reports (graph, n, degree, threshold, failure bounds)."""
         return {
             "graph": self.graph,
             "n": self.n,

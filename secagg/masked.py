@@ -100,6 +100,7 @@ class MaskedSum:
     # ---------------------------------------------------------------- planning
     @property
     def encoder(self) -> FixedPointEncoder:
+        """The fixed-point encoder sized for this backend's bound and client count."""
         return self._encoder
 
     @property

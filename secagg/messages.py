@@ -78,6 +78,7 @@ class MessageKind(enum.IntEnum):
 
     @property
     def stage(self) -> Stage:
+        """The protocol stage in which this kind of message travels."""
         return {
             1: Stage.ADVERTISE_KEYS,
             2: Stage.ADVERTISE_KEYS,
@@ -91,6 +92,7 @@ class MessageKind(enum.IntEnum):
 
     @property
     def label(self) -> str:
+        """Lower-case name, used to count bytes per message kind."""
         return self.name.lower()
 
 
@@ -244,6 +246,7 @@ class RoundSetup:
     kind = MessageKind.ROUND_SETUP
 
     def to_bytes(self) -> bytes:
+        """The wire format (see the module docstring)."""
         return (
             _Writer(self.kind, self.round_index)
             .strs(self.participants)
@@ -258,6 +261,7 @@ class RoundSetup:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "RoundSetup":
+        """Parse the wire format; raises ProtocolError on malformed bytes."""
         r = _Reader(data, cls.kind)
         participants = r.strs()
         threshold, degree = r.u32(), r.u32()
@@ -288,6 +292,7 @@ class KeyAdvertisement:
     kind = MessageKind.KEY_ADVERTISEMENT
 
     def signed_bytes(self) -> bytes:
+        """What the identity key signs: kind, round, sender and both public keys."""
         return prim.label(
             prim.LABEL_ADVERTISEMENT, self.round_index, self.sender, self.enc_public, self.mask_public, self.commitment
         )
@@ -314,10 +319,12 @@ class KeyAdvertisement:
         return cls(round_index, sender, enc, mask, commit, r.fixed(n))
 
     def to_bytes(self) -> bytes:
+        """The wire format (see the module docstring)."""
         return self._write_body(_Writer(self.kind, self.round_index)).done()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "KeyAdvertisement":
+        """Parse the wire format; raises ProtocolError on malformed bytes."""
         r = _Reader(data, cls.kind)
         out = cls._read_body(r, r.round_index)
         r.end()
@@ -335,6 +342,7 @@ class KeyList:
     kind = MessageKind.KEY_LIST
 
     def to_bytes(self) -> bytes:
+        """The wire format (see the module docstring)."""
         w = _Writer(self.kind, self.round_index).str(self.recipient).u32(len(self.advertisements))
         for ad in self.advertisements:
             if ad.round_index != self.round_index:
@@ -344,6 +352,7 @@ class KeyList:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "KeyList":
+        """Parse the wire format; raises ProtocolError on malformed bytes."""
         r = _Reader(data, cls.kind)
         recipient = r.str()
         ads = tuple(KeyAdvertisement._read_body(r, r.round_index) for _ in range(r.count(99)))
@@ -381,10 +390,12 @@ class ShareBundle:
     kind = MessageKind.SHARE_BUNDLE
 
     def to_bytes(self) -> bytes:
+        """The wire format (see the module docstring)."""
         return _write_sealed(_Writer(self.kind, self.round_index).str(self.sender), self.shares).done()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "ShareBundle":
+        """Parse the wire format; raises ProtocolError on malformed bytes."""
         r = _Reader(data, cls.kind)
         sender = r.str()
         shares = _read_sealed(r)
@@ -403,10 +414,12 @@ class ShareDelivery:
     kind = MessageKind.SHARE_DELIVERY
 
     def to_bytes(self) -> bytes:
+        """The wire format (see the module docstring)."""
         return _write_sealed(_Writer(self.kind, self.round_index).str(self.recipient), self.shares).done()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "ShareDelivery":
+        """Parse the wire format; raises ProtocolError on malformed bytes."""
         r = _Reader(data, cls.kind)
         recipient = r.str()
         shares = _read_sealed(r)
@@ -436,6 +449,7 @@ class MaskedInput:
         return head + bytes([pad]) + bytes(pad)
 
     def to_bytes(self) -> bytes:
+        """The wire format: the masked vector packed at ``bits`` per coordinate."""
         if len(self.payload) * 8 != self.length * self.bits:
             raise ValueError(f"payload of {len(self.payload)} bytes does not hold {self.length} x {self.bits} bits")
         return self._head(self.round_index, self.sender, self.bits, self.length) + bytes(self.payload)
@@ -459,6 +473,7 @@ class MaskedInput:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "MaskedInput":
+        """Parse the wire format; raises ProtocolError on malformed bytes."""
         r = _Reader(data, cls.kind)
         sender = r.str()
         bits, length = r.u8(), r.u64()
@@ -486,10 +501,12 @@ class UnmaskRequest:
     kind = MessageKind.UNMASK_REQUEST
 
     def to_bytes(self) -> bytes:
+        """The wire format (see the module docstring)."""
         return _Writer(self.kind, self.round_index).str(self.recipient).strs(self.alive).strs(self.dropped).done()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "UnmaskRequest":
+        """Parse the wire format; raises ProtocolError on malformed bytes."""
         r = _Reader(data, cls.kind)
         recipient = r.str()
         alive, dropped = r.strs(), r.strs()
@@ -509,6 +526,7 @@ class UnmaskResponse:
     kind = MessageKind.UNMASK_RESPONSE
 
     def to_bytes(self) -> bytes:
+        """The wire format (see the module docstring)."""
         w = _Writer(self.kind, self.round_index).str(self.sender)
         for group in (self.self_mask_shares, self.mask_key_shares):
             w.u32(len(group))
@@ -518,6 +536,7 @@ class UnmaskResponse:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "UnmaskResponse":
+        """Parse the wire format; raises ProtocolError on malformed bytes."""
         r = _Reader(data, cls.kind)
         sender = r.str()
         groups = [tuple((r.str(), r.bytes()) for _ in range(r.count(6))) for _ in range(2)]

@@ -435,17 +435,21 @@ class SecAggServer:
     # -- helpers -------------------------------------------------------------------
     @property
     def setup(self) -> RoundSetup:
+        """The round's setup: participants, threshold, neighbour graph seed, ring size, length."""
         return self._setup
 
     @property
     def threshold(self) -> int:
+        """Survivors needed at every stage for the round to complete."""
         return self._t
 
     @property
     def degree(self) -> int:
+        """Neighbours per client in the masking graph (n - 1 for the complete graph)."""
         return self._setup.degree
 
     def neighbours_of(self, client_id: str) -> tuple[str, ...]:
+        """The clients ``client_id`` shares masks and key shares with."""
         return tuple(self._ids[j] for j in self._nbrs[self._index[client_id]])
 
     def _expect(self, stage: Stage, what: str) -> None:
@@ -488,6 +492,11 @@ class SecAggServer:
         return {cid: self._send(MessageKind.ROUND_SETUP, data) for cid in self._ids}
 
     def receive_advertisement(self, data: bytes) -> None:
+        """Stage 0: take one client's public keys.
+
+        Raises:
+            ProtocolError: wrong stage or round, unknown or repeated sender, bad signature.
+        """
         self._expect(Stage.ADVERTISE_KEYS, "a key advertisement")
         ad = KeyAdvertisement.from_bytes(data)
         idx = self._sender(ad, None, self._ads, "key advertisement")
@@ -524,6 +533,11 @@ class SecAggServer:
 
     # -- stage 1 -------------------------------------------------------------------
     def receive_shares(self, data: bytes) -> None:
+        """Stage 1: take one client's encrypted key shares for its neighbours (the server cannot read them).
+
+        Raises:
+            ProtocolError: wrong stage or round, unknown or repeated sender, shares for non-neighbours.
+        """
         self._expect(Stage.SHARE_KEYS, "a share bundle")
         bundle = ShareBundle.from_bytes(data)
         idx = self._sender(bundle, self._u1, self._bundles, "share bundle")
@@ -622,6 +636,11 @@ class SecAggServer:
 
     # -- stage 3 -------------------------------------------------------------------
     def receive_unmask(self, data: bytes) -> None:
+        """Stage 3: take one client's shares of survivors' self-mask seeds and dropouts' keys.
+
+        Raises:
+            ProtocolError: wrong stage or round, unknown or repeated sender, malformed response.
+        """
         self._expect(Stage.UNMASK, "an unmask response")
         resp = UnmaskResponse.from_bytes(data)
         idx = self._sender(resp, self._u3, self._responses, "unmask response")
@@ -695,6 +714,7 @@ class SecAggServer:
 
     @property
     def contributors(self) -> tuple[str, ...]:
+        """Clients whose masked inputs are in the sum."""
         return tuple(self._ids[i] for i in sorted(self._u3))
 
 

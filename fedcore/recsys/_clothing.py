@@ -183,9 +183,11 @@ class ClothingTask:
 
     @property
     def tokenizer(self) -> Any:
+        """The MiniLM tokenizer, loaded once from the offline model package."""
         return load_minilm_tokenizer()
 
     def build_model(self) -> nn.Module:
+        """A fresh classifier: frozen MiniLM features + head, or MiniLM with its top layers trainable."""
         if self.config.cached_features:
             return _Head(self.config.dropout)
         _, encoder = load_minilm()
@@ -198,13 +200,16 @@ class ClothingTask:
         return model(batch["input_ids"], batch["attention_mask"])
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-review binary cross-entropy on the logits (one value per example, for DP-SGD)."""
         logits = self._logits(model, batch)
         return nn.functional.binary_cross_entropy_with_logits(logits, batch["label"].to(logits.dtype), reduction="none")
 
     def predict(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The probability that each review's author recommends the item."""
         return torch.sigmoid(self._logits(model, batch))
 
     def evaluate(self, model: nn.Module, data: Dataset) -> dict[str, float]:
+        """``accuracy``, ``auc`` (NaN on one class) and ``bce`` of ``model`` on ``data``."""
         from sklearn.metrics import roc_auc_score
 
         if len(data) == 0:  # type: ignore[arg-type]
@@ -227,6 +232,7 @@ class ClothingTask:
         return {"accuracy": accuracy, "auc": auc, "bce": bce}
 
     def collate(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Stack examples into a batch (padded token ids or cached embeddings, and labels)."""
         if isinstance(items, PreBatched):  # tokenized and padded at once by TokenizedReviews
             return items.batch
         if not items:

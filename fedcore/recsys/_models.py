@@ -46,6 +46,7 @@ class MatrixFactorization(nn.Module):
             nn.init.normal_(self.item_projection.weight, std=init_std / math.sqrt(feats.shape[1]))
 
     def item_vectors(self, items: torch.Tensor) -> torch.Tensor:
+        """Every item's vector (its embedding, plus the projected text features for ``mf_text``)."""
         vectors = self.item_embedding(items)
         if self.item_projection is not None:
             vectors = vectors + self.item_projection(self.item_features[items])
@@ -132,12 +133,14 @@ class SequenceRecommender(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def item_vectors(self, items: torch.Tensor) -> torch.Tensor:
+        """Every item's vector from the item tower (MiniLM features through the adapter, plus item ids)."""
         vectors = self.adapter_out(torch.nn.functional.gelu(self.adapter_in(self.item_features[items])))
         if self.item_embedding is not None:
             vectors = vectors + self.item_embedding(items)
         return vectors
 
     def user_vectors(self, history: torch.Tensor) -> torch.Tensor:
+        """User vectors from the attention user tower over each user's recent items."""
         b, t = history.shape
         if t != self.history_length:
             raise ValueError(f"history must have {self.history_length} columns, got {t}")

@@ -81,6 +81,7 @@ class RecommenderConfig:
 
     @property
     def needs_text(self) -> bool:
+        """Whether the model reads the MiniLM title+genre features."""
         return self.model in ("mf_text", "transformer")
 
     @property
@@ -239,6 +240,7 @@ class MovieLensTask:
         self.local_only: tuple[str, ...] = ("user_embedding.*",) if config.model in ("mf", "mf_text") else ()
 
     def build_model(self) -> nn.Module:
+        """A fresh recommender of the configured kind."""
         cfg = self.config
         if cfg.model == "transformer":
             return SequenceRecommender(
@@ -254,6 +256,7 @@ class MovieLensTask:
         return MatrixFactorization(self.num_users, self.num_items, dim=cfg.dim, item_features=features)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-positive loss against its sampled negatives (BCE or sampled softmax), one value per example."""
         items = torch.cat([batch["item"].reshape(-1, 1), batch["negatives"]], dim=1)
         scores = model(batch["user"], batch["history"], items)
         if self.config.loss == "softmax":
@@ -261,6 +264,7 @@ class MovieLensTask:
         return nn.functional.softplus(-scores[:, 0]) + nn.functional.softplus(scores[:, 1:]).sum(dim=1)
 
     def predict(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Scores of the batch's candidate items for its users."""
         if "candidates" in batch:
             items = batch["candidates"]
         else:
@@ -268,6 +272,7 @@ class MovieLensTask:
         return model(batch["user"], batch["history"], items)
 
     def evaluate(self, model: nn.Module, data: Dataset) -> dict[str, float]:
+        """HR@10 and NDCG@10 of ``model`` on ``data`` (held-out item against its 99 negatives)."""
         if len(data) == 0:  # type: ignore[arg-type]
             raise ValueError("evaluate needs at least one user, got an empty dataset")
         device = next(model.parameters()).device
@@ -285,6 +290,7 @@ class MovieLensTask:
         return {"hr@10": float(np.concatenate(hits).mean()), "ndcg@10": float(np.concatenate(gains).mean())}
 
     def collate(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Stack examples into a batch of index tensors."""
         if isinstance(items, PreBatched):  # a batch drawn at once by InteractionDataset.__getitems__
             return items.batch
         if not items:
@@ -315,6 +321,7 @@ class MovieLensFederation:
 
     @property
     def protocol(self) -> str:
+        """The evaluation protocol in words, for every table."""
         return self.split.protocol
 
 

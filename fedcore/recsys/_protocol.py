@@ -47,10 +47,12 @@ class LeaveOneOut:
 
     @property
     def num_users(self) -> int:
+        """Users in the split."""
         return int(self.user_ids.shape[0])
 
     @property
     def num_items(self) -> int:
+        """Items in the catalogue (indices run from 0 to ``num_items - 1``)."""
         return int(self.item_ids.shape[0])
 
     @property
@@ -76,6 +78,7 @@ class LeaveOneOut:
 
     @property
     def protocol(self) -> str:
+        """The split and metric protocol in words, stated in every table."""
         return PROTOCOL.format(seed=self.seed)
 
 
