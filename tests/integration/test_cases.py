@@ -12,7 +12,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 import dp
 from fedcore.config import parse_config
@@ -21,15 +20,6 @@ from fedcore.experiment import build_experiment, build_workload
 pytestmark = pytest.mark.integration
 
 CHANCE_HR10 = 10 / 100  # the held-out item ranked among 100 candidates at random
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one torch thread avoids oversubscribing a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _config(tmp_path, workload, **overrides):

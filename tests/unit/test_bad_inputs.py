@@ -15,7 +15,6 @@ import struct
 
 import numpy as np
 import pytest
-import torch
 
 import dp
 from fedcore import (
@@ -60,14 +59,6 @@ from .fedcore.toy import ToyTask, toy_clients
 
 TRAIN = TrainConfig(lr=0.05, epochs=1, batch_size=8)
 RNG = np.random.default_rng(0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------- helpers

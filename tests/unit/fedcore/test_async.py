@@ -4,7 +4,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -38,15 +37,6 @@ from .toy import ToyTask, toy_clients
 TRAIN = TrainConfig(lr=0.05, epochs=1, batch_size=16)
 # durations equal the client's example count (toy clients hold 40, 45, 50, 55 training examples)
 EXACT_CLOCK = VirtualClock(speed=Constant(1.0), latency=Constant(0.0), seconds_per_example=1.0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run faster on one thread (and much faster on a shared, loaded machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _federation(num_clients=4, **kwargs):

@@ -35,14 +35,6 @@ from .toy import ToyTask, toy_clients
 TRAIN = TrainConfig(lr=0.05, epochs=1, batch_size=8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class _FixedExecutor:
     """Returns a known update per client (and counts who it was asked to train)."""
 

@@ -29,14 +29,11 @@ class RandomLocalToyTask(ToyTask):
 @pytest.fixture(scope="module")
 def ray_executor():
     """One local Ray instance (2 CPUs) and one pool of 2 actors for the whole module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # the actors use one thread each; match them, and keep the loaded machine responsive
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     executor = RayExecutor(RandomLocalToyTask(), num_workers=2, torch_threads=1)
     yield executor
     executor.shutdown()
     ray.shutdown()
-    torch.set_num_threads(before)
 
 
 def _federation(executor=None, **kwargs):

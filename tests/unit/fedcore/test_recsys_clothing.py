@@ -27,15 +27,6 @@ GOOD = ["love it, fits perfectly", "gorgeous and comfortable", "great quality, f
 BAD = ["cheap fabric, returned it", "runs tiny and itchy", "poor quality, fell apart", "awful fit, sent it back"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one torch thread avoids oversubscribing a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def synthetic_reviews(n: int = 120) -> ClothingReviews:
     rng = np.random.default_rng(0)
     label = (np.arange(n) % 5 != 0).astype(np.int64)  # 80% recommended

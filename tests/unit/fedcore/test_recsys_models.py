@@ -24,15 +24,6 @@ from fedcore.training import TrainConfig, train_local
 N_USERS, N_ITEMS = 40, 150
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one torch thread avoids oversubscribing a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def synthetic_movielens(seed: int = 0) -> MovieLens100K:
     """Two taste clusters: even users watch 25 of the 30 even movies below 61, odd users odd ones."""
     rng = np.random.default_rng(seed)

@@ -6,7 +6,6 @@ import re
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,15 +18,6 @@ from secagg import MaskedSum
 from .toy import ToyTask, toy_clients
 
 TRAIN = TrainConfig(lr=0.05, epochs=1, batch_size=8)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models train far faster on one thread than on two contended ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 RULES = [CoordinateMedian(), TrimmedMean(trim_fraction=0.2), Krum(num_byzantine=1), MultiKrum(num_byzantine=1)]
