@@ -169,7 +169,7 @@ class Client:
         train_seconds = time.perf_counter() - started
         local_vector = workspace.layout.flatten(workspace.model)
         self.local_state = workspace.layout.local_state(workspace.model)
-        update = (local_vector - global_vector.cpu()).numpy()
+        update = local_vector.sub_(global_vector.cpu()).numpy()  # flatten made a fresh vector
         return ClientResult(
             self.client_id,
             update,
