@@ -108,6 +108,7 @@ class TrainSection:
     max_steps: int | None = None
     batch_size: int = 64
     weight_decay: float = 0.0
+    momentum: float = 0.0
     device: str = "cpu"
     early_stopping_metric: str | None = None
     early_stopping_min_delta: float = 0.0
@@ -179,7 +180,8 @@ class AggregationSection:
 class PrivacySection:
     """``[privacy]``: ``level`` = none | sample | client.
 
-    sample: DP-SGD on every client (noise_multiplier, max_grad_norm, clipping mode).
+    sample: DP-SGD on every client (noise_multiplier, max_grad_norm, clipping mode; lazy_noise:
+    embedding rows get their noise when next read, for plain SGD with clipping 'embedding').
     client: DP-FedAvg (clip, noise_multiplier, noise = central | skellam | discrete_gaussian).
     target_epsilon: calibrate noise_multiplier to it instead. budget_epsilon: stop before it.
     """
@@ -194,9 +196,14 @@ class PrivacySection:
     noise: str = "central"
     accountant: str = "rdp"
     budget_epsilon: float | None = None
+    lazy_noise: bool = False
 
     def __post_init__(self) -> None:
         _choice("privacy.level", self.level, ("none", "sample", "client"))
+        if not isinstance(self.lazy_noise, bool):
+            raise ConfigError(f"privacy.lazy_noise must be true or false, got {self.lazy_noise!r}")
+        if self.lazy_noise and self.level != "sample":
+            raise ConfigError(f"privacy.lazy_noise applies to level 'sample' (DP-SGD), got level {self.level!r}")
         _choice("privacy.noise", self.noise, ("central", "skellam", "discrete_gaussian"))
         _choice("privacy.accountant", self.accountant, ("rdp", "prv"))
         if not (isinstance(self.delta, float) and 0 < self.delta < 1):

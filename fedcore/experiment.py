@@ -99,7 +99,7 @@ def _train_config(config: ExperimentConfig, task: Task) -> TrainConfig:
         )
     return TrainConfig(
         optimizer=t.optimizer, lr=t.lr, epochs=t.epochs, max_steps=t.max_steps, batch_size=t.batch_size,
-        weight_decay=t.weight_decay, device=t.device, early_stopping=stopping,
+        weight_decay=t.weight_decay, momentum=t.momentum, device=t.device, early_stopping=stopping,
     )  # fmt: skip
 
 
@@ -209,7 +209,9 @@ def build_experiment(config: ExperimentConfig, *, workload: Workload | None = No
     client_level = p.level == "client"
     if p.level == "sample":
         noise_multiplier = _sample_noise_multiplier(config, clients)
-        sample_privacy = dp.SampleLevelDP(noise_multiplier=noise_multiplier, max_grad_norm=p.max_grad_norm, clipping=p.clipping)
+        sample_privacy = dp.SampleLevelDP(
+            noise_multiplier=noise_multiplier, max_grad_norm=p.max_grad_norm, clipping=p.clipping, lazy_noise=p.lazy_noise
+        )
         limit = p.budget_epsilon or p.target_epsilon
         if limit is not None:
             budget = dp.PrivacyBudget(epsilon=limit, delta=p.delta, accountant=p.accountant, level="sample")

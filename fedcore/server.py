@@ -167,6 +167,23 @@ class Federation:
             )
         expected = self.sampler.rate(len(self.clients)) * len(self.clients)
         pipeline.build(dimension=self.layout.size, num_clients=len(self.clients), expected_clients=expected)
+        if sample_privacy is not None:
+            self._check_sample_privacy(initial_model)
+
+    def _check_sample_privacy(self, model: torch.nn.Module) -> None:
+        """Attach DP-SGD once to a fresh model, so that a setting it refuses fails here.
+
+        Otherwise every client would raise the same error in round 1 and count as a dropout.
+        """
+        assert self.sample_privacy is not None
+        data = self.clients[self.client_ids[0]].data.train
+        optimizer = self.train.make_optimizer([p for p in model.parameters() if p.requires_grad])
+        loader = torch.utils.data.DataLoader(data, batch_size=self.train.batch_size, collate_fn=self.task.collate)
+        with torch.random.fork_rng():
+            try:
+                self.sample_privacy.attach(model, optimizer, loader).detach()
+            except dp.DPError as exc:
+                raise ConfigError(f"sample-level DP cannot train this model with these settings: {exc}") from exc
 
     # ------------------------------------------------------------------ rounds
     def run(self, rounds: int, *, on_budget: str = "stop") -> list[dict[str, Any]]:

@@ -88,6 +88,10 @@ class TrainConfig:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size!r}")
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if isinstance(self.momentum, bool) or not isinstance(self.momentum, (int, float)) or not 0 <= self.momentum < 1:
+            raise ConfigError(f"momentum must be a number in [0, 1), got {self.momentum!r}")
+        if self.momentum and self.optimizer != "sgd":
+            raise ConfigError(f"momentum applies to optimizer 'sgd' only, got optimizer {self.optimizer!r} with momentum {self.momentum!r}")
         try:
             torch.device(self.device)
         except RuntimeError as exc:

@@ -9,6 +9,7 @@ import pytest
 
 from fedcore.cli import main
 from fedcore.config import parse_config
+from fedcore.errors import ConfigError
 from fedcore.experiment import build_experiment, build_workload, run_experiment
 
 pytestmark = pytest.mark.integration
@@ -95,3 +96,26 @@ tensorboard = false
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds_run"] == 2 and "would be exceeded" in summary["stop_reason"]
     assert "stopped early: sample-level privacy budget (epsilon=8" in capsys.readouterr().out
+
+
+def test_lazy_noise_from_the_config_spends_what_eager_noise_spends(tmp_path, workload):
+    """[privacy] lazy_noise: the same calibration and ledger as eager DP-SGD, another noise schedule."""
+    over = {"rounds": 1, "train.optimizer": "sgd", "train.lr": 50.0, "train.batch_size": 1024,
+            "privacy.level": "sample", "privacy.target_epsilon": 8.0, "privacy.max_grad_norm": 0.3}  # fmt: skip
+    eager = build_experiment(_config(tmp_path / "e", **over), workload=workload)
+    lazy = build_experiment(_config(tmp_path / "l", **over, **{"privacy.lazy_noise": True}), workload=workload)
+    assert lazy.federation.sample_privacy.lazy_noise and not eager.federation.sample_privacy.lazy_noise
+    for experiment in (eager, lazy):
+        assert experiment.federation.run_round()["contributors"] == 5
+    assert lazy.noise_multiplier == eager.noise_multiplier
+    spent = eager.budget.spent(eager.ledger)
+    assert 0 < spent <= 8.0 and lazy.budget.spent(lazy.ledger) == pytest.approx(spent, rel=1e-12)
+    assert np.all(np.isfinite(lazy.federation.global_vector))
+    assert not np.array_equal(lazy.federation.global_vector, eager.federation.global_vector)
+
+
+def test_lazy_noise_with_momentum_is_refused_when_the_experiment_is_built(tmp_path, workload):
+    over = {"train.optimizer": "sgd", "train.momentum": 0.9, "privacy.level": "sample",
+            "privacy.noise_multiplier": 1.0, "privacy.lazy_noise": True}  # fmt: skip
+    with pytest.raises(ConfigError, match="lazy_noise=True needs plain SGD for embedding tables: momentum must be 0, got 0.9"):
+        build_experiment(_config(tmp_path, **over), workload=workload)

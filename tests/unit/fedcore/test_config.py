@@ -45,6 +45,9 @@ def test_yaml_and_overrides(tmp_path):
         ({"privacy": {"noise": "laplace"}}, r"privacy.noise must be one of \['central', 'skellam', 'discrete_gaussian'\]"),
         ({"strategy": {"name": "fedprox"}}, "strategy.name must be one of"),
         ({"train": 3}, r"\[train\] must be a table of settings, got 3"),
+        ({"privacy": {"lazy_noise": "yes"}}, "privacy.lazy_noise must be true or false, got 'yes'"),
+        ({"privacy": {"level": "client", "noise_multiplier": 1.0, "lazy_noise": True}},
+         "privacy.lazy_noise applies to level 'sample' \\(DP-SGD\\), got level 'client'"),
     ],
 )
 def test_bad_settings_are_refused_naming_key_and_value(raw, match):

@@ -202,6 +202,16 @@ def test_bad_federation_settings():
         DropoutSimulator(rate=1.0)
 
 
+def test_sample_level_dp_that_cannot_attach_is_refused_before_any_round():
+    import dp
+
+    lazy = dp.SampleLevelDP(noise_multiplier=1.0, max_grad_norm=1.0, lazy_noise=True)
+    with pytest.raises(ConfigError, match="sample-level DP cannot train this model with these settings: lazy_noise=True needs"):
+        _federation(sample_privacy=lazy, train=TrainConfig(optimizer="adam", lr=0.05, batch_size=8))
+    fed = _federation(sample_privacy=dp.SampleLevelDP(noise_multiplier=1.0, max_grad_norm=1.0))
+    assert fed.run_round()["contributors"] == 4  # the check left the model and its hooks as they were
+
+
 class _Flaky(ToyTask):
     """A task whose loss raises for the named clients' data (a client crashing mid-round)."""
 
