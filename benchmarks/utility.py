@@ -85,6 +85,7 @@ QUICK = Settings(central_mf_epochs=3, central_tr_epochs=1, ft_max_train=300, max
 ML_TRAIN = {"optimizer": "adam", "lr": 0.01, "batch_size": 256, "epochs": 1}
 ML_DP_TRAIN = {"optimizer": "sgd", "lr": 300.0, "batch_size": 4096, "epochs": 4}
 ML_DP_GRAD_NORM = 0.3
+ML_DP_DIM = 8  # the DP rows' MF dimension (examples/main.toml's): fewer coordinates to noise per item
 ML_CLIP = 100.0  # client-level L2 clip (= value bound) of the protected modes; not binding for MF
 CLOTHING_TRAIN = {"optimizer": "adam", "lr": 0.01, "batch_size": 64, "epochs": 2}
 CLOTHING_DP_TRAIN = {"optimizer": "sgd", "lr": 3.0, "batch_size": 512, "epochs": 2}
@@ -259,11 +260,19 @@ def movielens_case(s: Settings, args: argparse.Namespace, ns: argparse.Namespace
     ckks = run(ml(train=ML_TRAIN, rounds=s.ml_rounds, aggregation={"mode": "ckks"}, privacy={"clip": ML_CLIP}), workload, federated_eval)
     rows.append(fed_row("federated CKKS, MF", ckks, keys,
                         f"as plaintext; preset 'compact', clip = value bound {ML_CLIP:g}; {max_diff(ckks, plain)}"))  # fmt: skip
+    small_regions = {**regions, "dim": ML_DP_DIM}
+    small_base = experiment_config(workload=small_regions, train=ML_TRAIN, rounds=s.ml_rounds, seed=seed)
+    small_workload = build_workload(small_base)
+    small = run(small_base, small_workload, federated_eval)
+    rows.append(fed_row(f"federated plaintext, MF dim {ML_DP_DIM}", small, keys,
+                        f"as plaintext MF with dim {ML_DP_DIM}: the DP rows' model without DP"))  # fmt: skip
     dp8 = math.nan
     for eps in EPSILONS:
         privacy = {"level": "sample", "target_epsilon": eps, "delta": DELTA, "max_grad_norm": ML_DP_GRAD_NORM, "clip": ML_CLIP}
-        out = run(ml(train=ML_DP_TRAIN, rounds=s.ml_dp_rounds, aggregation={"mode": "masked"}, privacy=privacy), workload, federated_eval)
-        rows.append(fed_row(f"federated DP-SGD eps={eps:g} + masked, MF", out, keys,
+        dp_cfg = experiment_config(workload=small_regions, seed=seed, train=ML_DP_TRAIN, rounds=s.ml_dp_rounds,
+                                   aggregation={"mode": "masked"}, privacy=privacy)  # fmt: skip
+        out = run(dp_cfg, small_workload, federated_eval)
+        rows.append(fed_row(f"federated DP-SGD eps={eps:g} + masked, MF dim {ML_DP_DIM}", out, keys,
                             f"{s.ml_dp_rounds} rounds, {_train_text(ML_DP_TRAIN)}, max_grad_norm {ML_DP_GRAD_NORM:g}"))  # fmt: skip
         if eps == 8.0:
             dp8 = out.metrics["hr@10"]
@@ -271,9 +280,9 @@ def movielens_case(s: Settings, args: argparse.Namespace, ns: argparse.Namespace
     if s.main_job_rounds is not None:
         main_over["rounds"] = s.main_job_rounds
     main_job = load_config(ROOT / "examples" / "main.toml", overrides=main_over)
-    out = run(main_job, workload, federated_eval)
+    out = run(main_job, small_workload, federated_eval)
     t, p = main_job.train, main_job.privacy
-    rows.append(fed_row(f"main job: DP-SGD eps={p.target_epsilon:g} + masked, MF", out, keys,
+    rows.append(fed_row(f"main job: DP-SGD eps={p.target_epsilon:g} + masked, MF dim {main_job.workload.dim}", out, keys,
                         f"examples/main.toml as is: {main_job.rounds} rounds, {t.optimizer.capitalize()} lr {t.lr:g}, batch "
                         f"{t.batch_size}, {t.epochs} epoch(s), max_grad_norm {p.max_grad_norm:g}, clip {p.clip:g}"))  # fmt: skip
 
@@ -310,7 +319,9 @@ def movielens_case(s: Settings, args: argparse.Namespace, ns: argparse.Namespace
           f"max_grad_norm {ML_DP_GRAD_NORM:g} do better: Adam's per-coordinate scaling turns the noise on the many embedding rows "
           "a batch does not touch into full-size steps, SGD does not; larger batches raise signal over noise faster than the "
           "calibrated noise multiplier grows. With Adam, max_grad_norm changes nothing (Adam is scale-invariant when every "
-          "per-sample gradient is clipped).")  # fmt: skip
+          f"per-sample gradient is clipped). A smaller embedding helps most: at epsilon 8, seed 0, HR@10 0.465 / 0.523 / 0.556 / "
+          f"0.576 / 0.546 with dim 64 / 32 / 16 / 8 / 4 (seed 1, dim 8: 0.571); the noise is spread over fewer coordinates "
+          f"while dim {ML_DP_DIM} still holds most of the plaintext model's quality (see the plaintext dim {ML_DP_DIM} row).")  # fmt: skip
     _, central_hr, central_ndcg, _, _ = central.find("MF dim 32 (BCE")
     return {
         "ml100k_central_hr10": central_hr,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import torch
 import dp
 import secagg
 
-from .config import ExperimentConfig
+from .config import ExperimentConfig, WorkloadSection
 from .errors import ConfigError
 from .layout import ParameterLayout
 from .observability import ConsoleLogger, JsonlLogger, MetricsLogger, MultiLogger, TensorBoardLogger, WandbLogger
@@ -41,6 +41,7 @@ class Workload:
         baseline: the trivial predictor's test metrics on the same held-out data, the floor any
             model must clear (MovieLens: popularity ranking, ``hr@10``/``ndcg@10``; clothing: the
             majority class, ``accuracy`` and ``auc`` 0.5).
+        section: the ``[workload]`` settings it was built from.
     """
 
     task: Task
@@ -48,6 +49,7 @@ class Workload:
     central: ClientData
     description: str
     baseline: dict[str, float]
+    section: WorkloadSection
 
 
 def build_workload(config: ExperimentConfig) -> Workload:
@@ -71,7 +73,7 @@ def build_workload(config: ExperimentConfig) -> Workload:
         users = np.sort(np.concatenate(list(fed.client_users.values())))
         hr, ndcg = recsys.hit_rate_ndcg(recsys.popularity_scores(fed.split)[fed.split.candidates(users)], k=10)
         return Workload(
-            fed.task, fed.clients, fed.central, f"{fed.partition_rule}. Protocol: {fed.protocol}", {"hr@10": hr, "ndcg@10": ndcg}
+            fed.task, fed.clients, fed.central, f"{fed.partition_rule}. Protocol: {fed.protocol}", {"hr@10": hr, "ndcg@10": ndcg}, w
         )
     frozen = w.model == "frozen"
     fed = recsys.clothing_federation(
@@ -84,7 +86,8 @@ def build_workload(config: ExperimentConfig) -> Workload:
         validation_fraction=0.1 if (config.train.early_stopping_metric or config.strategy.name == "selection") else 0.0,
     )
     positive = float(np.mean(fed.central.test.labels, dtype=np.float64))
-    return Workload(fed.task, fed.clients, fed.central, fed.partition_rule, {"accuracy": max(positive, 1.0 - positive), "auc": 0.5})
+    baseline = {"accuracy": max(positive, 1.0 - positive), "auc": 0.5}
+    return Workload(fed.task, fed.clients, fed.central, fed.partition_rule, baseline, w)
 
 
 def _train_config(config: ExperimentConfig, task: Task) -> TrainConfig:
@@ -191,7 +194,15 @@ def build_experiment(config: ExperimentConfig, *, workload: Workload | None = No
     Raises:
         ConfigError: settings that cannot work together, with what to change.
     """
-    workload = workload or build_workload(config)
+    if workload is None:
+        workload = build_workload(config)
+    elif workload.section != config.workload:
+        differ = [
+            f"workload.{f.name}={getattr(workload.section, f.name)!r} (the config says {getattr(config.workload, f.name)!r})"
+            for f in fields(WorkloadSection)
+            if getattr(workload.section, f.name) != getattr(config.workload, f.name)
+        ]
+        raise ConfigError(f"the workload passed in was built with {', '.join(differ)}; build it from this config")
     task, clients = workload.task, workload.clients
     p, a = config.privacy, config.aggregation
     torch.manual_seed(config.seed)

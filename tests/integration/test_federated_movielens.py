@@ -119,3 +119,8 @@ def test_lazy_noise_with_momentum_is_refused_when_the_experiment_is_built(tmp_pa
             "privacy.noise_multiplier": 1.0, "privacy.lazy_noise": True}  # fmt: skip
     with pytest.raises(ConfigError, match="lazy_noise=True needs plain SGD for embedding tables: momentum must be 0, got 0.9"):
         build_experiment(_config(tmp_path, **over), workload=workload)
+
+
+def test_a_workload_built_from_other_settings_is_refused(tmp_path, workload):
+    with pytest.raises(ConfigError, match=r"built with workload.dim=32 \(the config says 8\); build it from this config"):
+        build_experiment(_config(tmp_path, **{"workload.dim": 8}), workload=workload)
