@@ -319,8 +319,8 @@ def movielens_case(s: Settings, args: argparse.Namespace, ns: argparse.Namespace
           f"max_grad_norm {ML_DP_GRAD_NORM:g} do better: Adam's per-coordinate scaling turns the noise on the many embedding rows "
           "a batch does not touch into full-size steps, SGD does not; larger batches raise signal over noise faster than the "
           "calibrated noise multiplier grows. With Adam, max_grad_norm changes nothing (Adam is scale-invariant when every "
-          f"per-sample gradient is clipped). A smaller embedding helps most: at epsilon 8, seed 0, HR@10 0.465 / 0.523 / 0.556 / "
-          f"0.576 / 0.546 with dim 64 / 32 / 16 / 8 / 4 (seed 1, dim 8: 0.571); the noise is spread over fewer coordinates "
+          "per-sample gradient is clipped). A smaller embedding helps most: at epsilon 8, seed 0, HR@10 0.465 / 0.523 / 0.556 / "
+          "0.576 / 0.546 with dim 64 / 32 / 16 / 8 / 4 (seed 1, dim 8: 0.571); the noise is spread over fewer coordinates "
           f"while dim {ML_DP_DIM} still holds most of the plaintext model's quality (see the plaintext dim {ML_DP_DIM} row).")  # fmt: skip
     _, central_hr, central_ndcg, _, _ = central.find("MF dim 32 (BCE")
     return {
