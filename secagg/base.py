@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Mapping, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .session import ClientSession, ServerSession
 
 __all__ = ["Stage", "SumResult", "SecureSum", "IntegerNoise", "PlaintextSum", "check_updates"]
 
@@ -153,6 +156,20 @@ class PlaintextSum:
         "update in the clear."
     )
 
+    def client_session(
+        self, client_id: str, *, round_index: int, participants: Sequence[str], rng: np.random.Generator, keys: object = None
+    ) -> "ClientSession":
+        """A client's half: it sends its vector as it is (``rng`` and ``keys`` are not needed)."""
+        from .session import PlaintextClientSession
+
+        return PlaintextClientSession(client_id, round_index=round_index)
+
+    def server_session(self, *, round_index: int, participants: Sequence[str], length: int) -> "ServerSession":
+        """The server's half: the float64 sum of the vectors it receives."""
+        from .session import PlaintextServerSession
+
+        return PlaintextServerSession(round_index=round_index, participants=participants, length=length)
+
     def aggregate(
         self,
         updates: Mapping[str, np.ndarray],
@@ -161,24 +178,20 @@ class PlaintextSum:
         rng: np.random.Generator,
         dropouts: Mapping[str, Stage] | None = None,
     ) -> SumResult:
-        """The exact float64 sum of the updates that were not dropped; the server sees each one."""
+        """The exact float64 sum of the updates that were not dropped; the server sees each one.
+
+        Runs the client and server sessions in this process through :func:`secagg.drive_round`.
+        """
+        from .session import drive_round
+
         ids, length = check_updates(updates)
-        dropouts = dict(dropouts or {})
-        contributors = [c for c in ids if dropouts.get(c, Stage.UNMASK) >= Stage.UNMASK]
-        dropped = sorted(c for c in ids if c in dropouts)
-        total = np.zeros(length, dtype=np.float64)
-        for cid in contributors:
-            total += updates[cid]
-        per_vector = 4 * length
-        return SumResult(
-            total=total,
-            contributors=tuple(contributors),
-            dropped=tuple(dropped),
-            bytes_up={"update": per_vector * len(contributors)},
-            bytes_down={},
-            max_abs_error=0.0,
-            mode=self.mode,
-        )
+        server = self.server_session(round_index=round_index, participants=ids, length=length)
+        parties = {}
+        for cid in ids:
+            session = self.client_session(cid, round_index=round_index, participants=ids, rng=rng)
+            session.set_input(updates[cid])
+            parties[cid] = session.handle
+        return drive_round(server, parties, dropouts=dropouts)
 
     def describe(self) -> dict[str, object]:
         """``{"mode": "plaintext"}``: nothing to configure."""

@@ -70,7 +70,7 @@ def test_by_name_encrypts_exactly_those_parameters_and_records_them():
     rest = ~selection.mask(1808)
     assert np.array_equal(result.total[rest], exact[rest])
     assert set(result.bytes_up) == {"encrypted/public_context", "encrypted/ciphertext", "rest/update"}
-    assert result.bytes_up["rest/update"] == 4 * 4 * (1808 - 408)
+    assert result.bytes_up["rest/update"] == 4 * (27 + 8 * (1808 - 408))  # per client: 27-byte header (id "cN"), float64 payload
     record = backend.describe()["selection"]
     assert record["encrypted_ranges"] == [[1400, 1808]]
     assert record["names"] == ["attn.k", "head.bias"] and record["criterion"] == "by parameter name"
