@@ -6,7 +6,7 @@ A leaf library: it imports neither :mod:`fedcore` nor :mod:`dp`. Every backend i
 
 from .base import IntegerNoise, PlaintextSum, SecureSum, Stage, SumResult, check_updates
 from .errors import DropoutError, KeyMaterialError, OverflowRiskError, ProtocolError, SecAggError
-from .session import ClientKeys, ClientSession, Respond, ServerSession, drive_round
+from .session import KEY_HOLDER, ClientKeys, ClientSession, Respond, ServerSession, drive_round
 
 # masked (SecAgg / SecAgg+) exports: begin
 from .encoding import FixedPointEncoder
@@ -35,6 +35,7 @@ from .selective import Selection, SelectiveSum, select_by_name, select_indices, 
 # homomorphic exports: end
 
 __all__ = [
+    "KEY_HOLDER",
     "ClientKeys",
     "ClientSession",
     "Respond",

@@ -164,7 +164,9 @@ class PlaintextSum:
 
         return PlaintextClientSession(client_id, round_index=round_index)
 
-    def server_session(self, *, round_index: int, participants: Sequence[str], length: int) -> "ServerSession":
+    def server_session(
+        self, *, round_index: int, participants: Sequence[str], length: int, public_context: bytes | None = None
+    ) -> "ServerSession":
         """The server's half: the float64 sum of the vectors it receives."""
         from .session import PlaintextServerSession
 

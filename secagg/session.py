@@ -8,7 +8,15 @@ party may hold. From it each party builds its own half of one round:
   vector with :meth:`ClientSession.set_input`, and answers the server's messages with bytes;
 * a :class:`ServerSession` inside the server party: it only ever receives bytes, and returns
   the decoded sum of the contributors when the round is over;
-* for HE modes, a key holder party answering the server's decryption request.
+* for HE modes, a key holder party (recipient id :data:`KEY_HOLDER`) that made the keys, gives
+  each client its client context out of the server's reach, and answers the server's request to
+  decrypt the aggregate.
+
+Backend methods every mode provides (the server's half gets the mode's public material, the HE
+public context, as ``public_context``; other modes take None)::
+
+    backend.client_session(client_id, *, round_index, participants, rng, keys: ClientKeys | None)
+    backend.server_session(*, round_index, participants, length, public_context=None)
 
 Between them pass only versioned byte messages: the formats of :mod:`secagg.messages` (masked),
 :mod:`secagg._he_wire` (HE) and :data:`PLAIN_FORMAT` below (plaintext). :func:`drive_round` is
@@ -37,10 +45,14 @@ __all__ = [
     "ServerSession",
     "Respond",
     "drive_round",
+    "KEY_HOLDER",
     "PlaintextClientSession",
     "PlaintextServerSession",
     "PLAIN_FORMAT",
 ]
+
+KEY_HOLDER = "key-holder"
+"""The recipient id of the HE key holder party in a server session's batches."""
 
 Respond = Callable[[bytes], "bytes | None"]
 """A party's answer to one message: its reply's bytes, or None when it says nothing (dropped)."""
