@@ -43,9 +43,7 @@ import numpy as np
 import torch
 
 import dp
-from secagg import SecAggError
-
-from .client import ClientResult, check_results, round_seed
+from . import messages as msg
 from .errors import ConfigError, RoundFailedError
 from .server import Federation
 from .strategies import FedAvg
@@ -67,7 +65,7 @@ __all__ = [
     "AsyncFederation",
 ]
 
-_STREAM_SPEED, _STREAM_LATENCY, _STREAM_DISPATCH, _STREAM_PIPELINE, _STREAM_DROPOUT = 11, 12, 13, 14, 15
+_STREAM_SPEED, _STREAM_LATENCY, _STREAM_DISPATCH = 11, 12, 13
 _ASYNC_DOMAIN = 0xA5
 
 
@@ -327,9 +325,7 @@ class _Job:
     version: int
     start: float
     finish: float
-    seed: int
-    result: ClientResult | None = None
-    local_after: dict[str, torch.Tensor] | None = None
+    report: dict[str, Any] | None = None
 
     def __lt__(self, other: "_Job") -> bool:  # heap tie-break: dispatch order
         return self.index < other.index
@@ -453,14 +449,16 @@ class AsyncFederation:
         while True:
             _, job = heapq.heappop(self._jobs)
             self.now = job.finish
-            if job.result is None:
+            if job.report is None:
                 self._train_pending(job)
-            client = self.federation.clients[job.client_id]
-            client.local_state = job.local_after if job.local_after is not None else client.local_state
+            assert job.report is not None
+            fed = self.federation
+            done = msg.encode(msg.Kind.FINISH, {"round": job.version + 1})
+            msg.decode(fed.channel.send(job.client_id, done) or b"", expect=msg.Kind.ACK)
             self.received += 1
             tau = self.version - job.version
             limit = self.schedule.max_staleness
-            if limit is not None and tau > limit:
+            if (limit is not None and tau > limit) or not job.report["ok"]:
                 self.discarded += 1
             else:
                 self._buffer.append((job, tau))
@@ -510,7 +508,7 @@ class AsyncFederation:
         fed = self.federation
         examples = examples_per_job(fed.clients[cid].data.num_train, fed.train)
         duration = self.clock.job_duration(examples=examples, speed=self._speed(cid), rng=self._rng(_STREAM_LATENCY, index))
-        job = _Job(index, cid, self.version, self.now, self.now + duration, round_seed(fed.seed, index + 1, cid))
+        job = _Job(index, cid, self.version, self.now, self.now + duration)
         self._snapshots.setdefault(self.version, np.array(fed.global_vector, dtype=np.float32))
         heapq.heappush(self._jobs, (job.finish, job))
         return True
@@ -522,29 +520,22 @@ class AsyncFederation:
         computing them early changes nothing; it lets a parallel executor run them together.
         """
         fed = self.federation
-        pending = sorted([due] + [job for _, job in self._jobs if job.result is None], key=lambda j: j.index)
+        pending = sorted([due] + [job for _, job in self._jobs if job.report is None], key=lambda j: j.index)
         for version in sorted({j.version for j in pending}):
             group = [j for j in pending if j.version == version]
-            clients = [fed.clients[j.client_id] for j in group]
-            before = [c.local_state for c in clients]
-            try:
-                results = fed.executor.fit(
-                    clients,
-                    global_vector=torch.from_numpy(self._snapshots[version]),
-                    config=fed.train,
-                    seeds=[j.seed for j in group],
-                    round_index=version + 1,
-                    update_kind=fed.strategy.update_kind,
-                    privacy=fed.sample_privacy,
+            model = self._snapshots[version]
+            batch = {
+                j.client_id: msg.encode(
+                    msg.Kind.TRAIN, {"round": version + 1, "version": version, "job": j.index + 1, "defer_local": True}, model
                 )
-            finally:
-                after = [c.local_state for c in clients]
-                for c, state in zip(clients, before):
-                    c.local_state = state  # the new local state takes effect when the job finishes
-            check_results(results, participants=[j.client_id for j in group], dimension=self._snapshots[version].size,
-                          round_index=version + 1)  # fmt: skip
-            for job, result, state in zip(group, results, after):
-                job.result, job.local_after = result, state
+                for j in group
+            }
+            replies = fed.channel.exchange(batch)
+            for job in group:
+                report = msg.decode(replies.get(job.client_id) or b"", expect=msg.Kind.TRAIN_REPORT).header
+                if report.get("client") != job.client_id:
+                    raise RoundFailedError(f"job {job.index}: {job.client_id!r} answered with a report of {report.get('client')!r}")
+                job.report = report
 
     def _release(self) -> None:
         keep = {job.version for _, job in self._jobs} | {self.version}
@@ -564,37 +555,6 @@ class AsyncFederation:
             weights.append(s)
         return weights
 
-    def _prepare(self, jobs: list[_Job], scales: list[float]) -> tuple[list[ClientResult], dict[str, float], int]:
-        """Client side: clip (the pipeline's clipper), then scale by the staleness weight."""
-        clip = self.federation.pipeline.clip
-        prepared, norms, clipped = [], {}, 0
-        for job, scale in zip(jobs, scales):
-            result = job.result
-            assert result is not None
-            vec = result.update.astype(np.float32, copy=False)
-            if clip is not None:
-                vec, norm = clip.clip(vec)
-                norms[result.client_id] = float(norm)
-                clipped += int(norm > clip.bound)
-            if scale != 1.0:
-                vec = vec * np.float32(scale)  # |fl(s x)| <= |x| for s <= 1: still within the clip bound
-            prepared.append(dataclasses.replace(result, update=np.ascontiguousarray(vec, dtype=np.float32)))
-        return prepared, norms, clipped
-
-    def _client_level_events(self, t: int, *, participants: int, survivors: int) -> list[Any]:
-        pipeline = self.federation.pipeline
-        if pipeline.central_noise is not None:
-            return [pipeline.central_noise.event(
-                round_index=t, participants=participants, survivors=survivors, sample_rate=1.0, sampling="full"
-            )]  # fmt: skip
-        noise = getattr(pipeline.backend, "integer_noise", None)
-        if noise is not None:
-            return [noise.event(
-                round_index=t, scale=pipeline.backend.encoder.scale, participants=participants,
-                survivors=survivors, sample_rate=1.0, sampling="full",
-            )]  # fmt: skip
-        return []
-
     def _apply(self) -> dict[str, Any]:
         fed = self.federation
         started = time.perf_counter()
@@ -603,17 +563,17 @@ class AsyncFederation:
         taus = [tau for _, tau in self._buffer]
         weights = self._weights(taus)
         mixing = isinstance(self.schedule, FedAsync)
-        results, norms, clipped = self._prepare(jobs, [1.0] * len(jobs) if mixing else weights)
-        sample_events = [r.privacy_event for r in results if r.privacy_event is not None]
-        if fed.budget is not None and fed.ledger is not None:
-            planned = sample_events + self._client_level_events(t, participants=len(results), survivors=len(results))
-            fed.budget.check(fed.ledger, planned)
+        ids = [job.client_id for job in jobs]
+        reports = [job.report for job in jobs if job.report is not None]
+        sample_events = [dp.event_from_dict(r["privacy_event"]) for r in reports if r["privacy_event"]]
+        n = len(ids)
+        planned = sample_events + fed._client_level_events(
+            t, 1.0, participants=n, survivors=fed.min_survivors(n), sampling="full"
+        )
 
-        ids = [r.client_id for r in results]
-        dropouts = fed.dropouts.draw(ids, self._rng(_STREAM_DROPOUT, t)) if (fed.dropouts and not mixing) else {}
-        strategy_before = fed.strategy.state_dict()
-        try:
-            out = fed.pipeline.run(results, round_index=t, rng=self._rng(_STREAM_PIPELINE, t), dropouts=dropouts)
+        def body() -> tuple[np.ndarray, list[Any], dict[str, Any]]:
+            staleness = {cid: 1.0 if mixing else w for cid, w in zip(ids, weights)}
+            out = fed.protected_sum(t, ids, staleness=staleness)
             if mixing:
                 base = self._snapshots[jobs[0].version].astype(np.float64)
                 local_model = base + out.aggregate.mean
@@ -621,53 +581,34 @@ class AsyncFederation:
                 new_vector = (1.0 - a_t) * fed.global_vector.astype(np.float64) + a_t * local_model
             else:
                 new_vector = fed.strategy.apply(fed.global_vector, out.aggregate)
-            events = sample_events + self._client_level_events(
-                t, participants=len(results), survivors=int(out.aggregate.contributors)
+            events = sample_events + fed._client_level_events(
+                t, 1.0, participants=n, survivors=int(out.aggregate.contributors), sampling="full"
             )
-        except SecAggError as exc:
-            fed.strategy.load_state_dict(strategy_before)
-            self._buffer.clear()
-            raise RoundFailedError(
-                f"asynchronous update {t} failed; its {len(results)} results were discarded and the model is unchanged: {exc}"
-            ) from exc
-        except BaseException:
-            fed.strategy.load_state_dict(strategy_before)
-            raise
+            record: dict[str, Any] = {
+                "update": t,
+                "virtual_time": self.now,
+                "participants": n,
+                "contributors": int(out.aggregate.contributors),
+                "dropped": len(out.sum_result.dropped),
+                "clients": tuple(ids),
+                "staleness": tuple(taus),
+                "staleness_weights": tuple(weights),
+                "staleness_mean": float(np.mean(taus)),
+                "staleness_max": int(max(taus)),
+                "bytes_up": float(sum(out.sum_result.bytes_up.values())),
+            }
+            return new_vector, events, record
 
-        # commit
-        fed.global_vector = np.ascontiguousarray(new_vector, dtype=np.float32)
-        if fed.ledger is not None:
-            for event in events:
-                fed.ledger.record(event)
+        try:
+            record = fed.transact(f"asynchronous update {t}", planned, body)
+        except RoundFailedError as exc:
+            self._buffer.clear()
+            raise RoundFailedError(f"{exc}; its {n} results were discarded") from exc
         self.version = t
         self._snapshots[t] = fed.global_vector.copy()
         self._buffer.clear()
-        self.applied += len(results)
-        record: dict[str, Any] = {
-            "update": t,
-            "virtual_time": self.now,
-            "participants": len(results),
-            "contributors": int(out.aggregate.contributors),
-            "dropped": len(out.sum_result.dropped),
-            "clients": tuple(ids),
-            "staleness": tuple(taus),
-            "staleness_weights": tuple(weights),
-            "staleness_mean": float(np.mean(taus)),
-            "staleness_max": int(max(taus)),
-            "client_updates": self.applied,
-            "received": self.received,
-            "discarded": self.discarded,
-            "bytes_up": float(sum(out.sum_result.bytes_up.values())),
-            "train_examples": float(sum(r.num_examples for r in results)),
-        }
-        if fed.pipeline.clip is not None:
-            record["clipped_fraction"] = clipped / max(len(results), 1)
-        if norms:
-            record["update_norm_median"] = float(np.median(list(norms.values())))
-        if fed.evaluate_every and t % fed.evaluate_every == 0:
-            record.update({f"test_{k}": v for k, v in fed.evaluate("test").items()})
-        record["wall_seconds"] = time.perf_counter() - started
+        self.applied += n
+        record.update(client_updates=self.applied, received=self.received, discarded=self.discarded)
+        fed._finish_record(t, record, started, key="wall_seconds")
         self.history.append(record)
-        if fed.logger is not None:
-            fed.logger.log(t, record)
         return record

@@ -7,14 +7,13 @@ round's client results into the :class:`~fedcore.strategies.Aggregate` a strateg
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 
-from secagg import PlaintextSum, SecureSum, Stage, SumResult
+from secagg import PlaintextSum, SecureSum, SumResult
 
-from .client import ClientResult
 from .errors import ConfigError, RoundFailedError
 from .strategies import Aggregate
 
@@ -47,8 +46,6 @@ class RoundAggregate:
 
     aggregate: Aggregate
     sum_result: SumResult
-    norms: dict[str, float] = field(default_factory=dict)
-    clipped: int = 0
 
 
 class UpdatePipeline:
@@ -89,7 +86,6 @@ class UpdatePipeline:
         self.central_noise = central_noise
         self.expected_clients: float | None = None
         self._built = False
-        self._rows = np.empty((0, 0), dtype=np.float32)
 
     @property
     def client_level_dp(self) -> bool:
@@ -139,53 +135,49 @@ class UpdatePipeline:
         self.expected_clients = float(expected_clients)
         self._built = True
 
-    def run(
-        self,
-        results: Sequence[ClientResult],
-        *,
-        round_index: int,
-        rng: np.random.Generator,
-        dropouts: dict[str, Stage] | None = None,
-    ) -> RoundAggregate:
-        """Protect, sum and average one round's client results.
+    def vector_length(self, dimension: int) -> int:
+        """Coordinates a client sends for a model of ``dimension`` shared parameters."""
+        return dimension + (1 if self.weighting == "examples" else 0)
+
+    def prepare(self, update: np.ndarray, *, num_examples: float, staleness_weight: float = 1.0) -> np.ndarray:
+        """The client half: clip, scale by the staleness weight, then weight by examples.
+
+        Runs in the client party; the result goes only into the client's protection session.
 
         Raises:
-            ConfigError: :meth:`build` was not called.
-            secagg.DropoutError: too few clients survived (nothing is revealed).
+            ConfigError: :meth:`build` was not called, or a staleness weight outside (0, 1].
         """
         if not self._built:
             raise ConfigError("call UpdatePipeline.build(...) before running rounds")
-        vectors: dict[str, np.ndarray] = {}
-        norms: dict[str, float] = {}
-        clipped = 0
-        if self.weighting == "examples" and results:
-            rows = self._weighted_rows(len(results), results[0].update.size + 1)
-        for i, r in enumerate(results):
-            vec = r.update.astype(np.float32, copy=False)
-            if self.clip is not None:
-                vec, norm = self.clip.clip(vec)
-                norms[r.client_id] = float(norm)
-                clipped += int(norm > self.clip.bound)
-            if self.weighting == "examples":
-                assert self.max_examples is not None
-                weight = np.float32(min(r.num_examples, self.max_examples) / self.max_examples)
-                weighted = rows[i]
-                if vec.shape != (weighted.size - 1,):
-                    raise ValueError(
-                        f"update of client {r.client_id!r} has shape {vec.shape}, expected ({weighted.size - 1},) "
-                        "like the first client's"
-                    )
-                np.multiply(vec, weight, out=weighted[:-1])
-                weighted[-1] = weight
-                vec = weighted
-            vectors[r.client_id] = vec.astype(np.float32, copy=False)
-        summed = self.backend.aggregate(vectors, round_index=round_index, rng=rng, dropouts=dropouts)
+        if not 0.0 < staleness_weight <= 1.0:
+            raise ConfigError(f"staleness_weight must lie in (0, 1], got {staleness_weight!r}")
+        vec = np.asarray(update, dtype=np.float32)
+        if self.clip is not None:
+            vec, _norm = self.clip.clip(vec)
+        if staleness_weight != 1.0:
+            vec = vec * np.float32(staleness_weight)  # |fl(s x)| <= |x| for s <= 1: still within the clip bound
+        if self.weighting == "uniform":
+            return np.ascontiguousarray(vec, dtype=np.float32)
+        assert self.max_examples is not None
+        weight = np.float32(min(num_examples, self.max_examples) / self.max_examples)
+        out = np.empty(vec.size + 1, dtype=np.float32)
+        np.multiply(vec, weight, out=out[:-1])
+        out[-1] = weight
+        return out
+
+    def finish(self, summed: SumResult, *, round_index: int, rng: np.random.Generator) -> RoundAggregate:
+        """The server half: central noise on the unprotected sum, then the average.
+
+        Raises:
+            RoundFailedError: no client's input reached the server.
+            ConfigError: the contributors' weights sum to zero or less.
+        """
         total = summed.total
         if self.central_noise is not None:
             total = self.central_noise.add(total, rng=rng)
         contributors = len(summed.contributors)
         if contributors == 0:
-            raise RoundFailedError(f"round {round_index}: no client's input reached the server ({len(results)} dropped)")
+            raise RoundFailedError(f"round {round_index}: no client's input reached the server")
         if self.weighting == "examples":
             weight_sum = float(total[-1])
             if weight_sum <= 0:
@@ -194,18 +186,7 @@ class UpdatePipeline:
         else:
             denominator = self.expected_clients if self.client_level_dp else contributors
             mean = total / max(float(denominator or 1), 1.0)
-        return RoundAggregate(Aggregate(mean=mean, contributors=contributors), summed, norms, clipped)
-
-    def _weighted_rows(self, count: int, length: int) -> np.ndarray:
-        """``count`` float32 rows of ``length`` for the weighted vectors, reused from round to round.
-
-        Fresh memory for every round costs a page fault per 4 KiB on first touch, which on a
-        100-client MF round took longer than the weighting itself. The rows are only read
-        inside :meth:`run`: backends return new arrays, never views of their inputs.
-        """
-        if self._rows.shape[0] < count or self._rows.shape[1] != length:
-            self._rows = np.empty((count, length), dtype=np.float32)
-        return self._rows[:count]
+        return RoundAggregate(Aggregate(mean=mean, contributors=contributors), summed)
 
     def describe(self) -> dict[str, Any]:
         """The stages' parameters (backend, clip, weighting, noise) for reports and summaries."""

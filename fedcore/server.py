@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -13,15 +15,17 @@ import numpy as np
 import torch
 
 import dp
-from secagg import SecAggError, Stage
+from secagg import KEY_HOLDER, Respond, SecAggError, Stage, drive_round
 
+from . import messages as msg
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from .client import Client, ClientResult, check_results, round_seed
+from .client import Client, ClientResult
 from .errors import ConfigError, RoundFailedError
 from .executors import Executor, InProcessExecutor
 from .layout import ParameterLayout
 from .observability import MetricsLogger, progress
-from .pipeline import UpdatePipeline
+from .parties import ClientSide, InProcessChannel, Randomness
+from .pipeline import RoundAggregate, UpdatePipeline
 from .sampling import AllClients, ClientSampler
 from .strategies import LocalModel
 from .task import ClientData, Task
@@ -29,7 +33,7 @@ from .training import SampleLevelPrivacy, TrainConfig
 
 __all__ = ["Federation", "DropoutSimulator", "Reveal"]
 
-_STREAM_SAMPLE, _STREAM_PIPELINE, _STREAM_DROPOUT = 1, 2, 3
+_STREAM_DROPOUT = 3
 
 
 @dataclass(frozen=True)
@@ -63,17 +67,24 @@ class Reveal:
 
 
 class Federation:
-    """A federated experiment: clients, the update pipeline, a strategy, and their history.
+    """The server party of a federated experiment, and the simulated client parties it talks to.
 
-    The server holds the global vector, the strategy's state, the privacy ledger and the
-    history; clients hold their data and local-only parameters. Every random choice derives
-    from ``seed`` and the round index, so a run is deterministic and a resumed run reaches the
-    same model bit for bit. With ``seed=None`` the seed is drawn from the OS (as a real
-    deployment should, so that noise is unpredictable).
+    The server party holds the global vector, the strategy, the sampler, the privacy ledger and
+    budget, the clients' public keys and the public HE context. It reaches the client parties
+    only through :attr:`channel`, as bytes (:mod:`fedcore.messages` and the secagg formats): it
+    never holds a client's update in masked or HE modes, nor a client's secret or noise seed.
+    Each client party (see :mod:`fedcore.parties`) holds its data, local-only parameters, keys and
+    randomness, and runs the client half of the pipeline.
+
+    Randomness: with ``reproducible=False`` (the default) every seed a client uses, and the
+    server's sampling and central noise, come from the OS CSPRNG; ``seed`` then fixes only the
+    initial model and the simulated dropouts. ``reproducible=True`` is a simulation setting:
+    everything derives from ``seed``, a run reaches the same model bit for bit (also after a
+    resume, and on Ray), and the privacy report says that the noise is derivable from the seed.
 
     Args:
         task: the workload.
-        clients: client id -> its data.
+        clients: client id -> its data (each becomes a client party).
         strategy: a ``Strategy`` (FedAvg, FedAdam...) or a revealing one (ModelSelection...).
         train: local training settings.
         pipeline: clip, weighting, protection backend, central noise (default: plaintext,
@@ -81,8 +92,8 @@ class Federation:
         sampler: which clients take part each round (default: all).
         sample_privacy: sample-level DP-SGD for local training (``dp.SampleLevelDP``).
         ledger: privacy ledger receiving every mechanism use (``dp.Ledger``).
-        budget: optional ``dp.PrivacyBudget`` checked before each round.
-        executor: where client work runs (default: in process).
+        budget: optional ``dp.PrivacyBudget`` checked before each round (needs ``ledger``).
+        executor: where client parties' local training runs (default: in process).
         dropouts: optional dropout simulation.
         allow_reveal: the user's explicit consent to revealing individual models, needed by
             model selection and output ensembles unless sample-level DP covers them.
@@ -91,6 +102,9 @@ class Federation:
             the client counts as dropped (a client that raises counts as dropped too).
         checkpoint_dir: if set, a checkpoint is written after every round.
         evaluate_every: rounds between federated evaluations on the clients' test splits.
+        seed: the simulation seed (None: drawn from the OS).
+        reproducible: derive all randomness from ``seed`` (see above).
+        record_inbox: keep every byte the server receives in ``channel.inbox``.
         quiet: no progress bars.
     """
 
@@ -114,15 +128,20 @@ class Federation:
         checkpoint_dir: str | Path | None = None,
         evaluate_every: int = 1,
         seed: int | None = 0,
+        reproducible: bool = False,
+        record_inbox: bool = False,
         quiet: bool = False,
     ) -> None:
         if not clients:
             raise ConfigError("clients must hold at least one client, got none")
         if evaluate_every < 0:
             raise ConfigError(f"evaluate_every must be >= 0 (0 = never), got {evaluate_every!r}")
+        if budget is not None and ledger is None:
+            raise ConfigError("budget needs a ledger to read what was spent: pass ledger=dp.Ledger() as well")
+        if not isinstance(reproducible, bool):
+            raise ConfigError(f"reproducible must be True or False, got {reproducible!r}")
         self.task = task
-        self.clients = {cid: Client(cid, data) for cid, data in clients.items()}
-        self.client_ids = sorted(self.clients)
+        self.client_ids = sorted(clients)
         self.strategy = strategy
         self.train = train
         self.sampler: ClientSampler = sampler or AllClients()
@@ -138,16 +157,19 @@ class Federation:
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.evaluate_every = evaluate_every
         self.seed = int.from_bytes(os.urandom(7), "little") if seed is None else int(seed)
+        self.randomness = Randomness(self.seed if reproducible else None)
         self.quiet = quiet
         torch.manual_seed(self.seed)
         initial_model = task.build_model()
         self.layout = ParameterLayout(initial_model, local_only=task.local_only)
         self.global_vector = self.layout.flatten(initial_model).numpy()
-        self.executor: Executor = executor or InProcessExecutor(task, device=train.device)
-        getattr(self.executor, "workspace", None)  # build a lazy workspace now, at a fixed point of torch's RNG
+        executor = executor or InProcessExecutor(task, device=train.device)
+        getattr(executor, "workspace", None)  # build a lazy workspace now, at a fixed point of torch's RNG
+        parties = {cid: Client(cid, data) for cid, data in clients.items()}
+        # what each client declares when it enrols: its training-set size (its DP-SGD events reveal it too)
+        self.declared_sizes = {cid: c.data.num_train for cid, c in parties.items()}
         if pipeline is None:
-            largest = max(c.data.num_train for c in self.clients.values())
-            pipeline = UpdatePipeline(max_examples=largest)
+            pipeline = UpdatePipeline(max_examples=max(self.declared_sizes.values()))
         self.pipeline = pipeline
         self.reveals: list[Reveal] = []
         self.history: list[dict[str, Any]] = []
@@ -165,20 +187,44 @@ class Federation:
                 f"strategy {strategy.name!r} needs individual local models, which {pipeline.backend.mode!r} "
                 "aggregation exists to hide; use aggregation 'plaintext' with it"
             )
-        expected = self.sampler.rate(len(self.clients)) * len(self.clients)
-        pipeline.build(dimension=self.layout.size, num_clients=len(self.clients), expected_clients=expected)
+        expected = self.sampler.rate(len(self.client_ids)) * len(self.client_ids)
+        pipeline.build(dimension=self.layout.size, num_clients=len(self.client_ids), expected_clients=expected)
         if sample_privacy is not None:
-            self._check_sample_privacy(initial_model)
+            self._check_sample_privacy(initial_model, parties[self.client_ids[0]])
+        self.client_side = ClientSide(
+            clients=parties,
+            executor=executor,
+            layout=self.layout,
+            pipeline=pipeline,
+            train=train,
+            update_kind=strategy.update_kind,
+            privacy=sample_privacy,
+            randomness=self.randomness,
+            client_deadline=client_deadline,
+        )
+        self.channel = InProcessChannel(self.client_side, record=record_inbox)
+        # the server party's public material: identity public keys and the public HE context
+        self.public_keys = dict(self.client_side.directory)
+        self.public_context = self.client_side.public_context
 
-    def _check_sample_privacy(self, model: torch.nn.Module) -> None:
+    @property
+    def clients(self) -> dict[str, Client]:
+        """The simulated client parties (for inspection; the server party never reads them)."""
+        return self.client_side.clients
+
+    @property
+    def executor(self) -> Executor:
+        """Where the client parties' local training runs."""
+        return self.client_side.executor
+
+    def _check_sample_privacy(self, model: torch.nn.Module, client: Client) -> None:
         """Attach DP-SGD once to a fresh model, so that a setting it refuses fails here.
 
         Otherwise every client would raise the same error in round 1 and count as a dropout.
         """
         assert self.sample_privacy is not None
-        data = self.clients[self.client_ids[0]].data.train
         optimizer = self.train.make_optimizer([p for p in model.parameters() if p.requires_grad])
-        loader = torch.utils.data.DataLoader(data, batch_size=self.train.batch_size, collate_fn=self.task.collate)
+        loader = torch.utils.data.DataLoader(client.data.train, batch_size=self.train.batch_size, collate_fn=self.task.collate)
         with torch.random.fork_rng():
             try:
                 self.sample_privacy.attach(model, optimizer, loader).detach()
@@ -192,7 +238,8 @@ class Federation:
         Args:
             rounds: total number of rounds.
             on_budget: ``"stop"`` ends training cleanly when the next round would exceed the
-                privacy budget (the reason is kept in ``stop_reason``); ``"raise"`` re-raises.
+                privacy budget (the reason is kept in ``stop_reason`` and warned about);
+                ``"raise"`` re-raises.
         """
         if on_budget not in ("stop", "raise"):
             raise ConfigError(f"on_budget must be 'stop' or 'raise', got {on_budget!r}")
@@ -203,8 +250,9 @@ class Federation:
                 try:
                     self.run_round()
                 except dp.BudgetExceededError as exc:
-                    if on_budget == "stop" and isinstance(exc, dp.BudgetExceededError):
+                    if on_budget == "stop":
                         self.stop_reason = str(exc)
+                        warnings.warn(f"training stopped before round {self.round_index + 1}: {exc}", stacklevel=2)
                         break
                     raise
                 bar.update(1)
@@ -213,6 +261,36 @@ class Federation:
         finally:
             bar.close()
         return self.history
+
+    def transact(
+        self, where: str, planned: Sequence[Any], body: Callable[[], tuple[np.ndarray, list[Any], dict[str, Any]]]
+    ) -> dict[str, Any]:
+        """The round transaction shared by synchronous and asynchronous rounds.
+
+        Checks the budget against the ``planned`` events (nothing runs if they do not fit), runs
+        ``body`` (which returns the new global vector, the events to record and the round's
+        record), then commits the model and ledger together, or rolls the strategy back.
+
+        Raises:
+            dp.BudgetExceededError: the planned events would exceed the budget (nothing ran).
+            RoundFailedError: the protected sum failed; nothing changed.
+        """
+        if self.budget is not None:
+            self.budget.check(self.ledger, list(planned))
+        strategy_before = self.strategy.state_dict()
+        try:
+            new_vector, events, record = body()
+        except SecAggError as exc:
+            self.strategy.load_state_dict(strategy_before)
+            raise RoundFailedError(f"{where} failed and changed nothing: {exc}") from exc
+        except BaseException:
+            self.strategy.load_state_dict(strategy_before)
+            raise
+        self.global_vector = np.ascontiguousarray(new_vector, dtype=np.float32)
+        if self.ledger is not None:
+            for event in events:
+                self.ledger.record(event)
+        return record
 
     def run_round(self) -> dict[str, Any]:
         """Run one synchronous round; on failure the server state is left as it was.
@@ -223,64 +301,113 @@ class Federation:
         """
         t = self.round_index + 1
         started = time.perf_counter()
-        participants = self.sampler.sample(self.client_ids, self._rng(t, _STREAM_SAMPLE))
-        rate = self.sampler.rate(len(self.clients))
-        planned = self._planned_events(t, participants, rate)
-        if self.budget is not None and self.ledger is not None:
-            self.budget.check(self.ledger, planned)
+        participants = self.sampler.sample(self.client_ids, self.randomness.generator(round_index=t, party="server", purpose="sampling"))
+        rate = self.sampler.rate(len(self.client_ids))
 
-        record: dict[str, Any] = {"round": t, "participants": len(participants)}
-        global_tensor = torch.from_numpy(self.global_vector)
-        strategy_before = self.strategy.state_dict()
-        try:
-            if participants:
-                results = self._fit(t, participants, global_tensor)
-                check_results(results, participants=participants, dimension=self.global_vector.size, round_index=t)
-                new_vector, extra = self._combine(t, results)
-                record.update(extra)
-                record["train_examples"] = float(sum(r.num_examples for r in results))
-                record["client_train_seconds"] = float(sum(r.train_seconds for r in results))
-                events = [r.privacy_event for r in results if r.privacy_event is not None]
-            else:
-                new_vector, events = self.global_vector, []
+        def body() -> tuple[np.ndarray, list[Any], dict[str, Any]]:
+            record: dict[str, Any] = {"round": t, "participants": len(participants)}
+            if not participants:
                 record.update(contributors=0, dropped=0)
-            if participants:
-                events += self._client_level_events(
-                    t, rate, participants=len(participants), survivors=int(record["contributors"])
+                return self.global_vector, [], record
+            reports = self.train_clients(t, participants, version=self.round_index)
+            ok = [c for c in participants if reports[c]["ok"]]
+            failures = [f"{c}: {reports[c]['error']}" for c in participants if not reports[c]["ok"]]
+            if not ok:
+                raise RoundFailedError(f"round {t}: every participant failed or dropped; first failure: {failures[0]}")
+            if self._revealing:
+                new_vector, contributors, dropped = self._reveal_round(t, ok)
+                record.update(contributors=contributors, dropped=dropped + len(failures))
+            else:
+                out = self.protected_sum(t, ok)
+                new_vector = self.strategy.apply(self.global_vector, out.aggregate)
+                record.update(
+                    contributors=out.aggregate.contributors,
+                    dropped=len(out.sum_result.dropped) + len(failures),
+                    bytes_up=float(sum(out.sum_result.bytes_up.values())),
                 )
-        except SecAggError as exc:
-            self.strategy.load_state_dict(strategy_before)
-            raise RoundFailedError(f"round {t} failed and changed nothing: {exc}") from exc
-        except BaseException:
-            self.strategy.load_state_dict(strategy_before)
-            raise
+            record["failed"] = len(failures)
+            record["client_train_seconds"] = float(sum(reports[c]["train_seconds"] for c in participants))
+            events = [dp.event_from_dict(reports[c]["privacy_event"]) for c in ok if reports[c]["privacy_event"]]
+            events += self._client_level_events(
+                t, rate, participants=len(participants), survivors=int(record["contributors"]), sampling=self._sampling()
+            )
+            return new_vector, events, record
 
-        # commit: nothing below can leave a half-applied round
-        self.global_vector = np.ascontiguousarray(new_vector, dtype=np.float32)
-        if self.ledger is not None:
-            for event in events:
-                self.ledger.record(event)
+        record = self.transact(f"round {t}", self._planned_events(t, participants, rate), body)
         self.round_index = t
-        if self.budget is not None and self.ledger is not None:
-            record["epsilon"] = float(self.budget.spent(self.ledger))
-        if self.evaluate_every and (t % self.evaluate_every == 0):
-            record.update({f"test_{k}": v for k, v in self.evaluate("test").items()})
-        record["round_seconds"] = time.perf_counter() - started
+        self._finish_record(t, record, started, key="round_seconds")
         self.history.append(record)
-        if self.logger is not None:
-            self.logger.log(t, record)
         if self.checkpoint_dir is not None:
             self.save(self.checkpoint_dir)
         return record
 
+    def _finish_record(self, t: int, record: dict[str, Any], started: float, *, key: str) -> None:
+        """Epsilon so far, the federated evaluation and timing; then log the record."""
+        if self.budget is not None:
+            record["epsilon"] = float(self.budget.spent(self.ledger))
+        if self.evaluate_every and (t % self.evaluate_every == 0):
+            record.update({f"test_{k}": v for k, v in self.evaluate("test").items()})
+        record[key] = time.perf_counter() - started
+        if self.logger is not None:
+            self.logger.log(t, record)
+
+    def train_clients(self, t: int, participants: Sequence[str], *, version: int) -> dict[str, dict[str, Any]]:
+        """Send the global model to ``participants``; return each one's training report.
+
+        Raises:
+            RoundFailedError: a missing or malformed report.
+        """
+        model = msg.encode(msg.Kind.TRAIN, {"round": t, "version": version}, self.global_vector)
+        replies = self.channel.exchange({cid: model for cid in participants})
+        reports: dict[str, dict[str, Any]] = {}
+        for cid in participants:
+            reply = replies.get(cid)
+            if reply is None:
+                raise RoundFailedError(f"round {t}: no training report from {cid!r}")
+            header = msg.decode(reply, expect=msg.Kind.TRAIN_REPORT).header
+            if header.get("client") != cid or header.get("round") != t:
+                raise RoundFailedError(f"round {t}: {cid!r} answered with a report of {header.get('client')!r} for round {header.get('round')}")
+            reports[cid] = header
+        return reports
+
+    def protected_sum(self, t: int, ids: Sequence[str], *, staleness: Mapping[str, float] | None = None) -> RoundAggregate:
+        """Run one protection session with clients ``ids`` (who hold trained updates) and average.
+
+        Each client prepares its own input (clip, staleness weight, example weight) and answers
+        the session's messages; the server receives protocol bytes only.
+
+        Raises:
+            secagg.DropoutError: too few clients survived (nothing is revealed).
+            secagg.ProtocolError: a message broke the protocol.
+        """
+        ids = sorted(ids)
+        weights = dict(staleness or {})
+        dropouts = self.dropouts.draw(ids, self._rng(t, _STREAM_DROPOUT)) if self.dropouts else {}
+        requests = {
+            cid: msg.encode(msg.Kind.PROTECT, {"round": t, "participants": ids, "staleness_weight": weights.get(cid, 1.0)})
+            for cid in ids
+        }
+        for cid, reply in self.channel.exchange(requests).items():
+            msg.decode(reply if reply is not None else b"", expect=msg.Kind.ACK)
+        session = self.pipeline.backend.server_session(
+            round_index=t, participants=ids, length=self.pipeline.vector_length(self.layout.size),
+            public_context=self.public_context,
+        )  # fmt: skip
+        parties: dict[str, Respond] = {cid: functools.partial(self.channel.send, cid) for cid in ids}
+        if self.public_context is not None:
+            parties[KEY_HOLDER] = functools.partial(self.channel.send, KEY_HOLDER)
+        summed = drive_round(session, parties, dropouts=dropouts)
+        noise_rng = self.randomness.generator(round_index=t, party="server", purpose="central-noise")
+        return self.pipeline.finish(summed, round_index=t, rng=noise_rng)
+
     def client_updates(self, client_ids: Sequence[str] | None = None) -> list[ClientResult]:
         """What the given clients (default: all) would hand to the protection pipeline next round.
 
-        Runs their local training from the current global model with the next round's seeds and
-        returns the raw results (update before clipping, example count, metrics), for inspection
-        in a notebook or a test. Changes nothing: local states are put back and no round,
-        ledger event or checkpoint is recorded. Only a simulation can do this: the updates are
-        exactly what masking or encryption exist to hide from the server.
+        A simulation-only window into the client parties, for notebooks and tests: it runs their
+        local training from the current global model and returns the raw results (update before
+        clipping, example count, metrics). Changes nothing: local states are put back and no round,
+        ledger event or checkpoint is recorded. No server-side code path calls it: the updates
+        are exactly what masking or encryption exist to hide from the server.
 
         Raises:
             ConfigError: an id that is not one of the federation's clients.
@@ -289,88 +416,55 @@ class Federation:
         unknown = [c for c in ids if c not in self.clients]
         if unknown or not ids:
             raise ConfigError(f"client_ids must name clients of this federation, got unknown {unknown[:5]} of {len(ids)}")
-        before = {c: self.clients[c].local_state for c in ids}
-        try:
-            return self._fit(self.round_index + 1, ids, torch.from_numpy(self.global_vector))
-        finally:
-            for c, state in before.items():
-                self.clients[c].local_state = state
+        return self.client_side.inspect(self.round_index + 1, ids, self.global_vector)
 
-    def _fit(self, t: int, participants: list[str], global_tensor: torch.Tensor) -> list[ClientResult]:
-        seeds = [round_seed(self.seed, t, c) for c in participants]
-        clients = [self.clients[c] for c in participants]
-        bar = progress(total=len(clients), desc=f"round {t} clients", quiet=self.quiet or len(clients) < 20, leave=False)
-        try:
-            kwargs: dict[str, Any] = {}
-            if isinstance(self.executor, InProcessExecutor):
-                kwargs["progress"] = bar
-            return self.executor.fit(
-                clients,
-                global_vector=global_tensor,
-                config=self.train,
-                seeds=seeds,
-                round_index=t,
-                update_kind=self.strategy.update_kind,
-                privacy=self.sample_privacy,
-                **kwargs,
-            )
-        finally:
-            bar.close()
-
-    def _combine(self, t: int, results: list[ClientResult]) -> tuple[np.ndarray, dict[str, Any]]:
-        dropouts = self.dropouts.draw([r.client_id for r in results], self._rng(t, _STREAM_DROPOUT)) if self.dropouts else {}
-        late = {r.client_id for r in results if self.client_deadline is not None and r.train_seconds > self.client_deadline}
-        for r in results:  # raised or missed the deadline: it never sent its input
-            if r.error is not None or r.client_id in late:
-                dropouts[r.client_id] = Stage.MASKED_INPUT
-        failures = [f"{r.client_id}: {r.error}" for r in results if r.error is not None]
-        if len(dropouts) == len(results) and failures:
-            raise RoundFailedError(f"round {t}: every participant failed or dropped; first failure: {failures[0]}")
-        # a failed client has no vector; give the protocol a placeholder it will never count
-        dimension = next(r.update.size for r in results if r.error is None)
-        results = [
-            r if r.error is None else ClientResult(r.client_id, np.zeros(dimension, np.float32), 1) for r in results
-        ]
-        if self._revealing:
-            alive = [r for r in results if dropouts.get(r.client_id, Stage.UNMASK) >= Stage.UNMASK]
-            if not alive:
-                raise RoundFailedError(f"round {t}: every participant dropped out; nothing to select from")
-            local_models = [
-                LocalModel(r.client_id, self.global_vector + r.update, float(r.num_examples), r.metrics) for r in alive
-            ]
-            new_vector = self.strategy.combine(self.global_vector, local_models)
-            self.reveals.append(
-                Reveal(t, tuple(r.client_id for r in alive), what=f"local models ({self.strategy.name})", why_allowed=self._reveal_basis())
-            )
-            return new_vector, {"contributors": len(alive), "dropped": len(dropouts), "failed": len(failures)}
-        out = self.pipeline.run(results, round_index=t, rng=self._rng(t, _STREAM_PIPELINE), dropouts=dropouts)
-        new_vector = self.strategy.apply(self.global_vector, out.aggregate)
-        summary = {
-            "contributors": out.aggregate.contributors,
-            "dropped": len(out.sum_result.dropped),
-            "failed": len(failures),
-            "bytes_up": float(sum(out.sum_result.bytes_up.values())),
-            "clipped_fraction": out.clipped / max(len(results), 1) if self.pipeline.clip is not None else 0.0,
-        }
-        if out.norms:
-            summary["update_norm_median"] = float(np.median(list(out.norms.values())))
-        return new_vector, summary
+    def _reveal_round(self, t: int, ids: list[str]) -> tuple[np.ndarray, int, int]:
+        """Model selection or ensembles: the alive clients send their local models in the clear."""
+        dropouts = self.dropouts.draw(ids, self._rng(t, _STREAM_DROPOUT)) if self.dropouts else {}
+        alive = [c for c in ids if dropouts.get(c, Stage.UNMASK) >= Stage.UNMASK]
+        if not alive:
+            raise RoundFailedError(f"round {t}: every participant dropped out; nothing to select from")
+        replies = self.channel.exchange({cid: msg.encode(msg.Kind.REVEAL, {"round": t}) for cid in alive})
+        local_models = []
+        for cid in alive:
+            revealed = msg.decode(replies.get(cid) or b"", expect=msg.Kind.REVEALED)
+            if revealed.payload.size != self.layout.size:
+                raise RoundFailedError(f"round {t}: {cid!r} revealed {revealed.payload.size} coordinates, the model has {self.layout.size}")
+            local_models.append(LocalModel(
+                cid, self.global_vector + revealed.payload, float(revealed.header["num_examples"]), revealed.header["metrics"]
+            ))  # fmt: skip
+        new_vector = self.strategy.combine(self.global_vector, local_models)
+        self.reveals.append(Reveal(t, tuple(alive), what=f"local models ({self.strategy.name})", why_allowed=self._reveal_basis()))
+        return new_vector, len(alive), len(ids) - len(alive)
 
     def _reveal_basis(self) -> str:
         if self.sample_privacy is not None:
             return "each revealed model is covered by sample-level DP-SGD"
         return "the user opted out of protection for this strategy (allow_reveal=True)"
 
+    def _sampling(self) -> str:
+        return "poisson" if self.sampler.poisson else "fixed_size"
+
+    def min_survivors(self, participants: int) -> int:
+        """The fewest clients whose inputs the protection mode lets a round be completed with.
+
+        Budgets are checked against it: the noise a round adds is planned for the worst case the
+        protocol allows, not for every participant surviving.
+        """
+        plan = getattr(self.pipeline.backend, "plan", None)
+        return int(plan(participants).threshold) if plan is not None else participants
+
     def _planned_events(self, t: int, participants: list[str], rate: float) -> list[Any]:
         """The ledger events the round would record, for the budget check before it runs.
 
-        Sample-level events assume every planned step is taken (early stopping only spends less).
+        Sample-level events assume every planned step is taken (early stopping only spends less);
+        client-level events assume the fewest survivors the protocol allows.
         """
         events: list[Any] = []
         if isinstance(self.sample_privacy, dp.SampleLevelDP):
             clipping = dp.resolve_clipping(self.executor_model(), self.sample_privacy.clipping)
             for cid in participants:
-                batches = math.ceil(self.clients[cid].data.num_train / self.train.batch_size)
+                batches = math.ceil(self.declared_sizes[cid] / self.train.batch_size)
                 steps = self.train.epochs * batches
                 if self.train.max_steps is not None:
                     steps = min(steps, self.train.max_steps)
@@ -387,11 +481,12 @@ class Federation:
                     )
                 )
         if participants:
-            events += self._client_level_events(t, rate, participants=len(participants), survivors=len(participants))
+            n = len(participants)
+            events += self._client_level_events(t, rate, participants=n, survivors=self.min_survivors(n), sampling=self._sampling())
         return events
 
-    def _client_level_events(self, t: int, rate: float, *, participants: int, survivors: int) -> list[Any]:
-        sampling = "poisson" if self.sampler.poisson else "fixed_size"
+    def _client_level_events(self, t: int, rate: float, *, participants: int, survivors: int, sampling: str) -> list[Any]:
+        """The client-level mechanism's ledger event for one protected sum (none without one)."""
         if self.pipeline.central_noise is not None:
             return [self.pipeline.central_noise.event(
                 round_index=t, participants=participants, survivors=survivors, sample_rate=rate, sampling=sampling
@@ -410,25 +505,29 @@ class Federation:
         return workspace.model if workspace is not None else self.model()
 
     def _rng(self, t: int, stream: int) -> np.random.Generator:
+        """The simulation's own randomness (dropouts): from ``seed``, never a privacy mechanism's."""
         return np.random.default_rng(np.random.SeedSequence([self.seed, t, stream]))
 
     # ------------------------------------------------------------ evaluation
     def evaluate(self, split: str = "test") -> dict[str, float]:
         """Federated evaluation: each client scores the global model, means weighted by examples.
 
-        A client whose metric is undefined (NaN: ROC AUC on a test split of one class) is left out
-        of that metric's mean. A mean of per-client AUCs is not the AUC of the pooled predictions:
-        for a model without local-only parameters, score ``self.model()`` on pooled data instead.
+        Each client's scores are a release to the server that no DP mechanism covers (the
+        report lists them). A client whose metric is undefined (NaN: ROC AUC on a test split of
+        one class) is left out of that metric's mean. A mean of per-client AUCs is not the AUC of
+        the pooled predictions: for a model without local-only parameters, score ``self.model()``
+        on pooled data instead.
         """
-        scores = self.executor.evaluate(
-            [self.clients[c] for c in self.client_ids], global_vector=torch.from_numpy(self.global_vector), split=split
-        )
+        if split not in ("train", "validation", "test"):
+            raise ConfigError(f"split must be 'train', 'validation' or 'test', got {split!r}")
+        request = msg.encode(msg.Kind.EVALUATE, {"split": split}, self.global_vector)
+        replies = self.channel.exchange({cid: request for cid in self.client_ids})
         totals: dict[str, float] = {}
         counts: dict[str, int] = {}
-        for metrics, n in scores:
-            for k, v in metrics.items():
-                if not math.isfinite(float(v)):
-                    continue
+        for cid in self.client_ids:
+            scores = msg.decode(replies.get(cid) or b"", expect=msg.Kind.SCORES).header
+            n = int(scores["count"])
+            for k, v in scores["metrics"].items():
                 totals[k] = totals.get(k, 0.0) + float(v) * n
                 counts[k] = counts.get(k, 0) + n
         return {k: totals[k] / counts[k] for k in sorted(totals) if counts[k]}

@@ -94,7 +94,7 @@ def _replace(results, index, **fields):
 def _federation(edit, tmp_path, **kwargs):
     task = ToyTask()
     defaults = dict(
-        task=task, clients=toy_clients(4), strategy=FedAvg(), train=TRAIN, executor=_Tamper(task, edit), seed=7,
+        task=task, clients=toy_clients(4), strategy=FedAvg(), train=TRAIN, executor=_Tamper(task, edit), seed=7, reproducible=True,
         quiet=True, evaluate_every=0, ledger=dp.Ledger(), checkpoint_dir=tmp_path / "ckpt",
     )  # fmt: skip
     defaults.update(kwargs)
@@ -382,7 +382,7 @@ def test_damaged_ledger_record_is_refused(edit):
 
 @pytest.mark.parametrize("name", ["state.json", "global.npy"])
 def test_truncated_checkpoint_file_is_refused_clearly(name, tmp_path):
-    fed = Federation(task=ToyTask(), clients=toy_clients(3), strategy=FedAvg(), train=TRAIN, seed=1, quiet=True,
+    fed = Federation(task=ToyTask(), clients=toy_clients(3), strategy=FedAvg(), train=TRAIN, seed=1, reproducible=True, quiet=True,
                      evaluate_every=0, checkpoint_dir=tmp_path / "ckpt")  # fmt: skip
     fed.run(1)
     path = tmp_path / "ckpt" / name
@@ -407,7 +407,7 @@ def test_wrong_protocol_or_format_version_is_refused(ckks, tmp_path):
         HEServer(holder.public_context()).add("c1", bytes(edited))
     with pytest.raises(dp.DPValueError, match=re.escape("ledger schema must be 'privfl.dp.ledger/1', got 'privfl.dp.ledger/2'")):
         dp.Ledger.from_json(json.dumps({"schema": "privfl.dp.ledger/2", "events": []}))
-    fed = Federation(task=ToyTask(), clients=toy_clients(3), strategy=FedAvg(), train=TRAIN, seed=1, quiet=True,
+    fed = Federation(task=ToyTask(), clients=toy_clients(3), strategy=FedAvg(), train=TRAIN, seed=1, reproducible=True, quiet=True,
                      evaluate_every=0, checkpoint_dir=tmp_path / "ckpt")  # fmt: skip
     fed.run(1)
     state = json.loads((tmp_path / "ckpt" / "state.json").read_text())

@@ -40,7 +40,7 @@ EXACT_CLOCK = VirtualClock(speed=Constant(1.0), latency=Constant(0.0), seconds_p
 
 
 def _federation(num_clients=4, **kwargs):
-    defaults = dict(task=ToyTask(), clients=toy_clients(num_clients), strategy=FedAvg(), train=TRAIN, seed=7, quiet=True, evaluate_every=0)
+    defaults = dict(task=ToyTask(), clients=toy_clients(num_clients), strategy=FedAvg(), train=TRAIN, seed=7, reproducible=True, quiet=True, evaluate_every=0)
     defaults.update(kwargs)
     return Federation(**defaults)
 

@@ -151,7 +151,7 @@ def test_attacked_run_resumes_bit_for_bit(tmp_path):
     def federation(**kwargs):
         task = ToyTask()
         executor = PoisonedExecutor(InProcessExecutor(task), attackers={"client-2"}, attack=GaussianAttack(std=0.5), rng=np.random.default_rng(5))
-        return Federation(task=task, clients=toy_clients(4), strategy=FedAvg(), train=TRAIN, executor=executor, seed=3, quiet=True, evaluate_every=0, **kwargs)
+        return Federation(task=task, clients=toy_clients(4), strategy=FedAvg(), train=TRAIN, executor=executor, seed=3, reproducible=True, quiet=True, evaluate_every=0, **kwargs)
 
     full = federation()
     full.run(4)
@@ -169,7 +169,7 @@ def test_sign_flip_moves_fedavg_as_computed():
     updates = {cid: np.linspace(-0.1, 0.1, 7).astype(np.float32) * (i + 1) for i, cid in enumerate(ids)}
     executor = PoisonedExecutor(_FixedExecutor(updates), attackers={"client-1"}, attack=SignFlip(), rng=np.random.default_rng(0))
     fed = Federation(task=ToyTask(), clients=toy_clients(4), strategy=FedAvg(), train=TRAIN, executor=executor,
-                     pipeline=UpdatePipeline(weighting="uniform"), seed=3, quiet=True, evaluate_every=0)  # fmt: skip
+                     pipeline=UpdatePipeline(weighting="uniform"), seed=3, reproducible=True, quiet=True, evaluate_every=0)  # fmt: skip
     start = fed.global_vector.copy()
     fed.run_round()
     sent = [-updates[c] if c == "client-1" else updates[c] for c in ids]
@@ -195,9 +195,9 @@ def test_binary_label_flip_poisons_training_only():
 
 def test_label_flipping_every_client_teaches_the_opposite():
     clients = toy_clients(4)
-    clean = Federation(task=ToyTask(), clients=clients, strategy=FedAvg(), train=TRAIN, seed=3, quiet=True, evaluate_every=0)
+    clean = Federation(task=ToyTask(), clients=clients, strategy=FedAvg(), train=TRAIN, seed=3, reproducible=True, quiet=True, evaluate_every=0)
     flipped = Federation(task=ToyTask(), clients=label_flip(clients, attackers=set(clients), flip=flip_binary_labels),
-                         strategy=FedAvg(), train=TRAIN, seed=3, quiet=True, evaluate_every=0)  # fmt: skip
+                         strategy=FedAvg(), train=TRAIN, seed=3, reproducible=True, quiet=True, evaluate_every=0)  # fmt: skip
     clean.run(4)
     flipped.run(4)
     assert clean.evaluate()["accuracy"] > 0.8 and flipped.evaluate()["accuracy"] < 0.3
@@ -278,7 +278,7 @@ def test_canary_audit_of_a_federation(noise_on):
         fed = Federation(
             task=task, clients=dict(clients) | {cid: dummy for cid in canary_updates}, strategy=FedAvg(), train=TRAIN,
             pipeline=pipeline, ledger=ledger, executor=InjectedUpdates(InProcessExecutor(task), updates=canary_updates),
-            seed=3, quiet=True, evaluate_every=0,
+            seed=3, reproducible=True, quiet=True, evaluate_every=0,
         )  # fmt: skip
         start = fed.global_vector.astype(np.float64)
         fed.run(3)

@@ -24,13 +24,13 @@ from fedcore import (
 from fedcore.client import ClientResult
 from secagg import DropoutError, PlaintextSum
 
-from .toy import ToyTask, toy_clients
+from .toy import ToyTask, run_pipeline, toy_clients
 
 TRAIN = TrainConfig(lr=0.05, epochs=1, batch_size=8)
 
 
 def _federation(**kwargs):
-    defaults = dict(task=ToyTask(), clients=toy_clients(4), strategy=FedAvg(), train=TRAIN, seed=7, quiet=True)
+    defaults = dict(task=ToyTask(), clients=toy_clients(4), strategy=FedAvg(), train=TRAIN, seed=7, reproducible=True, quiet=True)
     defaults.update(kwargs)
     return Federation(**defaults)
 
@@ -51,6 +51,15 @@ def test_same_seed_same_model_different_seed_different_model():
         fed.run(3)
     assert np.array_equal(a.global_vector, b.global_vector)
     assert not np.array_equal(a.global_vector, c.global_vector)
+
+
+def test_by_default_client_randomness_is_fresh_on_every_run_whatever_the_seed():
+    """Not a simulation: the seed (written to summary.json) does not determine what clients drew."""
+    a, b = _federation(reproducible=False), _federation(reproducible=False)
+    assert not a.randomness.reproducible
+    for fed in (a, b):
+        fed.run(2)
+    assert not np.array_equal(a.global_vector, b.global_vector)
 
 
 def test_resume_after_kill_is_bit_for_bit(tmp_path):
@@ -78,17 +87,12 @@ def test_restore_refuses_another_seed(tmp_path):
 
 
 def test_local_only_parameters_never_leave_the_client():
-    fed = _federation()
-    seen = []
-    original = fed.pipeline.run
-
-    def spy(results, **kw):
-        seen.extend(results)
-        return original(results, **kw)
-
-    fed.pipeline.run = spy
+    fed = _federation(record_inbox=True)
     fed.run(2)
-    assert all(r.update.shape == (fed.layout.size,) for r in seen)
+    updates = [r for r in fed.channel.inbox if r.data[:4] == b"PFPT"]  # plaintext update messages
+    assert len(updates) == 8
+    # 27-byte header for a 6-character id, then the shared parameters and the weight, float32
+    assert all(len(r.data) == 16 + len(r.sender) + 9 + 4 * (fed.layout.size + 1) for r in updates)
     assert "private_offset" not in fed.layout.names
     offsets = {cid: float(c.local_state["private_offset"]) for cid, c in fed.clients.items()}
     assert len(set(offsets.values())) == 4  # each client kept its own
@@ -101,7 +105,7 @@ def test_examples_weighting_matches_manual_weighted_mean():
         ClientResult("a", np.array([1.0, 0.0], np.float32), 30),
         ClientResult("b", np.array([0.0, 1.0], np.float32), 90),
     ]
-    out = pipe.run(results, round_index=1, rng=np.random.default_rng(0))
+    out = run_pipeline(pipe, results, round_index=1, rng=np.random.default_rng(0))
     np.testing.assert_allclose(out.aggregate.mean, [0.25, 0.75], rtol=1e-6)
 
 
@@ -109,7 +113,7 @@ def test_claimed_examples_are_capped_at_the_weight_bound():
     pipe = UpdatePipeline(max_examples=10)
     pipe.build(dimension=1, num_clients=2, expected_clients=2)
     results = [ClientResult("a", np.array([1.0], np.float32), 10), ClientResult("liar", np.array([0.0], np.float32), 10**9)]
-    out = pipe.run(results, round_index=1, rng=np.random.default_rng(0))
+    out = run_pipeline(pipe, results, round_index=1, rng=np.random.default_rng(0))
     np.testing.assert_allclose(out.aggregate.mean, [0.5])
 
 
@@ -126,13 +130,19 @@ def test_pipeline_must_be_built_and_weighting_known():
     with pytest.raises(ConfigError, match="weighting must be one of"):
         UpdatePipeline(weighting="size")
     with pytest.raises(ConfigError, match="call UpdatePipeline.build"):
-        UpdatePipeline(max_examples=1).run([], round_index=1, rng=np.random.default_rng(0))
+        UpdatePipeline(max_examples=1).prepare(np.zeros(1, np.float32), num_examples=1)
 
 
 def test_failed_round_changes_nothing(tmp_path):
     class Failing(PlaintextSum):
-        def aggregate(self, updates, **kw):
-            raise DropoutError("only 1 of 4 clients survived; threshold is 3")
+        def server_session(self, **kw):
+            session = super().server_session(**kw)
+
+            def finish():
+                raise DropoutError("only 1 of 4 clients survived; threshold is 3")
+
+            session.finish = finish
+            return session
 
     fed = _federation(strategy=FedAdam(lr=0.05), checkpoint_dir=tmp_path / "ck")
     fed.run(2)
@@ -243,7 +253,7 @@ def test_a_round_where_every_client_fails_changes_nothing():
 
 def test_clients_past_the_deadline_are_dropped():
     fed = _federation(client_deadline=1e-9)
-    with pytest.raises(RoundFailedError, match=r"round 1: no client's input reached the server \(4 dropped\)"):
+    with pytest.raises(RoundFailedError, match=r"round 1: every participant failed or dropped; first failure: client-0: missed the deadline"):
         fed.run_round()  # everyone is late
     with pytest.raises(ConfigError, match="client_deadline must be > 0 seconds or None, got 0"):
         _federation(client_deadline=0)

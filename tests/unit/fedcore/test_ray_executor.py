@@ -40,7 +40,7 @@ def _federation(executor=None, **kwargs):
     if executor is not None:
         executor.reset()  # a new federation reuses the actors: rebuild the template
     defaults = dict(
-        task=RandomLocalToyTask(), clients=toy_clients(5), strategy=FedAdam(lr=0.05), train=TRAIN, seed=11, quiet=True,
+        task=RandomLocalToyTask(), clients=toy_clients(5), strategy=FedAdam(lr=0.05), train=TRAIN, seed=11, reproducible=True, quiet=True,
         evaluate_every=0, sampler=PoissonSampler(q=0.7), executor=executor,
     )
     defaults.update(kwargs)

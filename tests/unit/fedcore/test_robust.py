@@ -199,7 +199,7 @@ def test_rules_keep_no_state():
 
 
 def _federation(strategy, *, clients=None, **kwargs):
-    defaults = dict(task=ToyTask(), clients=clients or toy_clients(7), strategy=strategy, train=TRAIN, seed=7, quiet=True, evaluate_every=0)
+    defaults = dict(task=ToyTask(), clients=clients or toy_clients(7), strategy=strategy, train=TRAIN, seed=7, reproducible=True, quiet=True, evaluate_every=0)
     defaults.update(kwargs)
     return Federation(**defaults)
 

@@ -1,0 +1,385 @@
+"""Client parties, and the channel that is the server party's only way to reach them.
+
+A client party holds its data, its local-only parameters, its identity key, its HE client context
+(where the mode gives it one) and its own randomness; after local training it keeps the update,
+runs the client half of the pipeline on it (clip, staleness and example weights) and gives the
+result only to its own protection session (:mod:`secagg.session`), which turns it into protocol
+bytes. The server party (:class:`~fedcore.server.Federation`) holds no reference to any client
+party: it builds messages (:mod:`fedcore.messages`, secagg formats) and hands them to a
+:class:`Channel`, which returns the replies as bytes. What the server received is in its
+``inbox`` when the channel records it (tests and notebook 02 read it).
+
+The HE key holder (``secagg.KEY_HOLDER``) is a party of its own on the client side: it makes the
+keys, gives each client its context directly (never through the server) and answers only the
+server's request to decrypt the aggregate.
+
+Randomness (:class:`Randomness`): by default every seed a client uses (training shuffles,
+DP-SGD noise, stochastic rounding, distributed noise) is drawn fresh from the operating system
+(``secrets``), so neither the server nor anyone who reads the run's config can recompute it.
+A reproducible simulation derives them from the simulation seed instead; the privacy report then
+says that the noise is derivable from that seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Protocol, Sequence
+
+import numpy as np
+import torch
+
+import dp
+from secagg import KEY_HOLDER, ClientKeys, ClientSession, ProtocolError
+
+from . import messages as msg
+from .client import Client, ClientResult, check_results
+from .errors import ConfigError
+from .executors import Executor
+from .layout import ParameterLayout
+from .pipeline import UpdatePipeline
+from .training import SampleLevelPrivacy, TrainConfig
+
+__all__ = ["Randomness", "ClientSide", "Channel", "InProcessChannel", "Received"]
+
+
+class Randomness:
+    """Where client parties (and the server's own noise) draw their seeds from.
+
+    Args:
+        simulation_seed: None (default): every seed comes fresh from the OS CSPRNG. An int: a
+            reproducible simulation; every seed is derived from it, the round, the party and
+            the purpose, and whoever knows it can recompute all noise.
+    """
+
+    def __init__(self, simulation_seed: int | None = None) -> None:
+        if simulation_seed is not None and (isinstance(simulation_seed, bool) or not isinstance(simulation_seed, int)):
+            raise ConfigError(f"simulation_seed must be an int or None, got {simulation_seed!r}")
+        self.simulation_seed = simulation_seed
+
+    @property
+    def reproducible(self) -> bool:
+        """Whether every seed is derivable from the simulation seed."""
+        return self.simulation_seed is not None
+
+    def seed(self, *, round_index: int, party: str, purpose: str) -> int:
+        """A 63-bit seed for one party's work of one kind in one round."""
+        if self.simulation_seed is None:
+            return secrets.randbits(63)
+        label = f"{self.simulation_seed}/{round_index}/{party}/{purpose}".encode()
+        return int.from_bytes(hashlib.sha256(label).digest()[:8], "little") >> 1
+
+    def generator(self, *, round_index: int, party: str, purpose: str) -> np.random.Generator:
+        """A numpy generator: 128 bits from the OS, or derived from the simulation seed."""
+        if self.simulation_seed is None:
+            return np.random.default_rng(secrets.randbits(128))
+        return np.random.default_rng(self.seed(round_index=round_index, party=party, purpose=purpose))
+
+
+@dataclass
+class _Pending:
+    """A client's trained update, waiting for the server's PROTECT or REVEAL."""
+
+    round_index: int
+    result: ClientResult
+    local_after: dict[str, torch.Tensor] | None = None
+    session: ClientSession | None = None
+
+
+class ClientSide:
+    """Every client party of a simulation (and the HE key holder), answering the server's bytes.
+
+    Local training of a batch of TRAIN messages runs through one executor call, so a parallel
+    executor (Ray) trains the batch together; everything else a client does happens here, in the
+    client parties, out of the server's reach.
+    """
+
+    def __init__(
+        self,
+        *,
+        clients: Mapping[str, Client],
+        executor: Executor,
+        layout: ParameterLayout,
+        pipeline: UpdatePipeline,
+        train: TrainConfig,
+        update_kind: str,
+        privacy: SampleLevelPrivacy | None,
+        randomness: Randomness,
+        client_deadline: float | None = None,
+    ) -> None:
+        self.clients = dict(clients)
+        self.executor = executor
+        self.layout = layout
+        self.pipeline = pipeline
+        self.train = train
+        self.update_kind = update_kind
+        self.privacy = privacy
+        self.randomness = randomness
+        self.client_deadline = client_deadline
+        self._pending: dict[str, _Pending] = {}
+        self._keys: dict[str, ClientKeys] = {}
+        self.key_holder: Any = None
+        self.public_context: bytes | None = None
+        self.directory: dict[str, bytes] = {}
+        self._provision()
+
+    # ------------------------------------------------------------------ set-up
+    def _provision(self) -> None:
+        """Each client makes its own identity key; the HE key holder makes the HE keys.
+
+        The server gets the public halves only: :attr:`directory` (Ed25519 public keys) and
+        :attr:`public_context` (the HE public context).
+        """
+        backend = self.pipeline.backend
+        signed = bool(getattr(backend, "signed_keys", False))
+        private: dict[str, Any] = {}
+        if signed:
+            from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+            from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+            for cid in self.clients:
+                private[cid] = Ed25519PrivateKey.generate()
+                self.directory[cid] = private[cid].public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        make_key_holder = getattr(backend, "key_holder", None)
+        if make_key_holder is not None:
+            self.key_holder = make_key_holder()
+            self.public_context = self.key_holder.server_context()
+        for cid in self.clients:
+            self._keys[cid] = ClientKeys(
+                identity_key=private.get(cid),
+                peer_identities=dict(self.directory) if signed else None,
+                he_context=self.key_holder.client_context(cid) if self.key_holder is not None else None,
+            )
+
+    # ------------------------------------------------------------------ messages
+    def handle_batch(self, batch: Mapping[str, bytes]) -> dict[str, bytes | None]:
+        """Deliver a batch of messages by recipient; return each recipient's reply."""
+        replies: dict[str, bytes | None] = {}
+        kinds = {r: msg.decode(m).kind if msg.is_fedcore_message(m) else None for r, m in batch.items()}
+        train = {r: m for r, m in batch.items() if kinds[r] == msg.Kind.TRAIN}
+        if train:
+            replies.update(self._train(train))
+        scoring = {r: m for r, m in batch.items() if kinds[r] == msg.Kind.EVALUATE}
+        if scoring:
+            replies.update(self._evaluate(scoring))
+        for recipient, message in batch.items():
+            if recipient not in train and recipient not in scoring:
+                replies[recipient] = self.handle(recipient, message)
+        return replies
+
+    def handle(self, recipient: str, message: bytes) -> bytes | None:
+        """One message to one party (not TRAIN, which goes through :meth:`handle_batch`)."""
+        if recipient == KEY_HOLDER:
+            if self.key_holder is None:
+                raise ProtocolError("a message for the key holder, but this mode has none")
+            return self.key_holder.handle(message)
+        if recipient not in self.clients:
+            raise ProtocolError(f"a message for {recipient!r}, which is no client of this federation")
+        if not msg.is_fedcore_message(message):
+            pending = self._pending.get(recipient)
+            if pending is None or pending.session is None:
+                raise ProtocolError(f"client {recipient!r} got a protocol message outside a protection round")
+            return pending.session.handle(message)
+        decoded = msg.decode(message)
+        if decoded.kind == msg.Kind.FINISH:
+            return self._finish(recipient, decoded)
+        if decoded.kind == msg.Kind.PROTECT:
+            return self._protect(recipient, decoded)
+        if decoded.kind == msg.Kind.REVEAL:
+            return self._reveal(recipient, decoded)
+        if decoded.kind == msg.Kind.EVALUATE:
+            return self._evaluate({recipient: message})[recipient]
+        raise msg.MessageError(f"client {recipient!r} cannot answer a {decoded.kind.name} message")
+
+    def _train(self, batch: Mapping[str, bytes]) -> dict[str, bytes]:
+        by_version: dict[tuple[int, int], list[str]] = {}  # one executor call per (round, model version)
+        decoded = {cid: msg.decode(m, expect=msg.Kind.TRAIN) for cid, m in batch.items()}
+        for cid, d in decoded.items():
+            if cid not in self.clients:
+                raise ProtocolError(f"a TRAIN message for {cid!r}, which is no client of this federation")
+            by_version.setdefault((int(d.header["round"]), int(d.header["version"])), []).append(cid)
+        replies: dict[str, bytes] = {}
+        for (t, _version), ids in by_version.items():
+            vector = torch.from_numpy(decoded[ids[0]].payload)
+            jobs = [int(decoded[c].header.get("job", t)) for c in ids]
+            clients = [self.clients[c] for c in ids]
+            before = [c.local_state for c in clients]
+            results = self.executor.fit(
+                clients,
+                global_vector=vector,
+                config=self.train,
+                seeds=[self.randomness.seed(round_index=j, party=c, purpose="train") for c, j in zip(ids, jobs)],
+                round_index=t,
+                update_kind=self.update_kind,
+                privacy=self.privacy,
+            )
+            after: list[dict[str, torch.Tensor] | None] = [None] * len(ids)
+            for i, cid in enumerate(ids):
+                if decoded[cid].header.get("defer_local"):  # a simulation computing a job before it ends
+                    after[i], clients[i].local_state = clients[i].local_state, before[i]
+            check_results(results, participants=ids, dimension=vector.numel(), round_index=t)
+            for cid, result, local_after in zip(ids, results, after):
+                late = self.client_deadline is not None and result.train_seconds > self.client_deadline
+                ok = result.error is None and not late
+                if ok:
+                    self._pending[cid] = _Pending(t, result, local_after)
+                else:
+                    self._pending.pop(cid, None)
+                event = result.privacy_event
+                replies[cid] = msg.encode(
+                    msg.Kind.TRAIN_REPORT,
+                    {
+                        "round": t,
+                        "client": cid,
+                        "ok": ok,
+                        "error": result.error or (f"missed the deadline of {self.client_deadline} s" if late else None),
+                        "train_seconds": float(result.train_seconds),
+                        "steps": int(result.steps),
+                        "metrics": {k: float(v) for k, v in result.metrics.items() if math.isfinite(float(v))},
+                        "privacy_event": None if event is None else dp.event_to_dict(event),
+                    },
+                )
+        return replies
+
+    def _finish(self, cid: str, decoded: msg.Message) -> bytes:
+        """The simulated job ended: a deferred local state takes effect now."""
+        pending = self._pending.get(cid)
+        if pending is not None and pending.local_after is not None:
+            self.clients[cid].local_state, pending.local_after = pending.local_after, None
+        return msg.encode(msg.Kind.ACK, {"round": int(decoded.header["round"]), "client": cid})
+
+    def _protect(self, cid: str, decoded: msg.Message) -> bytes:
+        pending = self._pending.get(cid)
+        t = int(decoded.header["round"])
+        if pending is None:
+            raise ProtocolError(f"client {cid!r} was asked to protect an update it does not have (round {t})")
+        participants = [str(p) for p in decoded.header["participants"]]
+        if cid not in participants:
+            raise ProtocolError(f"client {cid!r} was asked to protect in a round that does not list it")
+        vector = self.pipeline.prepare(
+            pending.result.update,
+            num_examples=pending.result.num_examples,
+            staleness_weight=float(decoded.header["staleness_weight"]),
+        )
+        session = self.pipeline.backend.client_session(
+            cid,
+            round_index=t,
+            participants=participants,
+            rng=self.randomness.generator(round_index=t, party=cid, purpose="protect"),
+            keys=self._keys[cid],
+        )
+        session.set_input(vector)
+        pending.session = session
+        return msg.encode(msg.Kind.ACK, {"round": t, "client": cid})
+
+    def _reveal(self, cid: str, decoded: msg.Message) -> bytes:
+        pending = self._pending.get(cid)
+        if pending is None:
+            raise ProtocolError(f"client {cid!r} was asked to reveal an update it does not have")
+        result = pending.result
+        return msg.encode(
+            msg.Kind.REVEALED,
+            {
+                "round": int(decoded.header["round"]),
+                "client": cid,
+                "num_examples": float(result.num_examples),
+                "metrics": {k: float(v) for k, v in result.metrics.items() if math.isfinite(float(v))},
+            },
+            result.update,
+        )
+
+    def _evaluate(self, batch: Mapping[str, bytes]) -> dict[str, bytes]:
+        replies: dict[str, bytes] = {}
+        groups: dict[tuple[str, bytes], list[str]] = {}
+        decoded = {cid: msg.decode(m, expect=msg.Kind.EVALUATE) for cid, m in batch.items()}
+        for cid, d in decoded.items():
+            if cid not in self.clients:
+                raise ProtocolError(f"an EVALUATE message for {cid!r}, which is no client of this federation")
+            groups.setdefault((str(d.header["split"]), d.payload.tobytes()), []).append(cid)
+        for (split, _), ids in groups.items():
+            vector = torch.from_numpy(decoded[ids[0]].payload)
+            scores = self.executor.evaluate([self.clients[c] for c in ids], global_vector=vector, split=split)
+            for cid, (metrics, count) in zip(ids, scores):
+                finite = {k: float(v) for k, v in metrics.items() if math.isfinite(float(v))}
+                replies[cid] = msg.encode(msg.Kind.SCORES, {"client": cid, "metrics": finite, "count": int(count)})
+        return replies
+
+    def inspect(self, t: int, ids: Sequence[str], global_vector: np.ndarray) -> list[ClientResult]:
+        """Simulation only: train ``ids`` from ``global_vector`` and return their raw results.
+
+        Local states are put back; nothing is kept (see ``Federation.client_updates``).
+        """
+        clients = [self.clients[c] for c in ids]
+        before = [c.local_state for c in clients]
+        try:
+            return self.executor.fit(
+                clients,
+                global_vector=torch.from_numpy(global_vector),
+                config=self.train,
+                seeds=[self.randomness.seed(round_index=t, party=c, purpose="train") for c in ids],
+                round_index=t,
+                update_kind=self.update_kind,
+                privacy=self.privacy,
+            )
+        finally:
+            for c, state in zip(clients, before):
+                c.local_state = state
+
+@dataclass(frozen=True)
+class Received:
+    """One message the server party received: who sent it, and its bytes."""
+
+    sender: str
+    data: bytes
+
+
+class Channel(Protocol):
+    """The server party's only link to the other parties: bytes out, bytes back."""
+
+    def exchange(self, batch: Mapping[str, bytes]) -> dict[str, bytes | None]:
+        """Deliver a batch by recipient; return the replies (None: that party said nothing)."""
+
+    def send(self, recipient: str, message: bytes) -> bytes | None:
+        """Deliver one message; return the reply."""
+
+
+@dataclass
+class InProcessChannel:
+    """The embedded channel: parties in this process, only copies of bytes crossing.
+
+    Args:
+        client_side: the parties at the other end.
+        record: keep every byte the server receives in :attr:`inbox` (tests, notebooks).
+    """
+
+    client_side: ClientSide
+    record: bool = False
+    inbox: list[Received] = field(default_factory=list)
+    bytes_received: int = 0
+    seconds: float = 0.0
+
+    def exchange(self, batch: Mapping[str, bytes]) -> dict[str, bytes | None]:
+        """Deliver a batch; only ``bytes`` cross, each way."""
+        started = time.perf_counter()
+        outgoing = {str(r): bytes(m) for r, m in batch.items()}
+        replies = self.client_side.handle_batch(outgoing)
+        out: dict[str, bytes | None] = {}
+        for sender, reply in replies.items():
+            if reply is None:
+                out[sender] = None
+                continue
+            data = bytes(reply)
+            self.bytes_received += len(data)
+            if self.record:
+                self.inbox.append(Received(sender, data))
+            out[sender] = data
+        self.seconds += time.perf_counter() - started
+        return out
+
+    def send(self, recipient: str, message: bytes) -> bytes | None:
+        """One message, one reply."""
+        return self.exchange({recipient: message}).get(recipient)
+
