@@ -35,6 +35,7 @@ class CentralNoise(Protocol):
     """Server-side Gaussian noise on the unprotected sum (``dp.CentralGaussian``)."""
 
     noise_multiplier: float
+    clip_bound: float
 
     def add(self, total: np.ndarray, *, rng: np.random.Generator) -> np.ndarray:
         """``total`` plus Gaussian noise calibrated to the clip bound."""
@@ -128,12 +129,40 @@ class UpdatePipeline:
                     "client-level DP needs weighting='uniform': example-count weights would change the "
                     "sensitivity the noise is calibrated to"
                 )
-        if self.central_noise is not None and getattr(self.backend, "integer_noise", None) is not None:
+        integer_noise = getattr(self.backend, "integer_noise", None)
+        if self.central_noise is not None and integer_noise is not None:
             raise ConfigError("choose central noise or distributed (integer) noise, not both")
         if self.weighting == "examples" and self.max_examples is None:
             raise ConfigError("weighting='examples' needs max_examples (the weight bound)")
+        self._check_noise_spec(self.vector_length(dimension), integer_noise)
+        if protected and expected_clients < 2:
+            raise ConfigError(
+                f"aggregation mode {self.backend.mode!r} with {expected_clients:g} client(s) per round protects "
+                "nothing: the sum of one client is its update; use at least 2 clients per round or 'plaintext'"
+            )
         self.expected_clients = float(expected_clients)
         self._built = True
+
+    def _check_noise_spec(self, length: int, integer_noise: Any) -> None:
+        """A noise stage takes its sensitivity from the clip stage and its size from the vector.
+
+        Raises:
+            ConfigError: naming both settings when they disagree.
+        """
+        clip_bound = None if self.clip is None else float(self.clip.bound)
+        for name, noise in (("central_noise", self.central_noise), ("integer_noise", integer_noise)):
+            if noise is None:
+                continue
+            if clip_bound is not None and float(noise.clip_bound) != clip_bound:
+                raise ConfigError(
+                    f"{name}.clip_bound={noise.clip_bound!r} differs from the clip stage's bound {clip_bound!r}: "
+                    "the noise would be calibrated to a sensitivity the clip does not enforce; give both the same bound"
+                )
+        if integer_noise is not None and int(integer_noise.dim) != length:
+            raise ConfigError(
+                f"integer_noise.dim={integer_noise.dim!r} but clients send {length} coordinates "
+                "(the shared parameters, plus one for the weight with example weighting); set dim to that"
+            )
 
     def vector_length(self, dimension: int) -> int:
         """Coordinates a client sends for a model of ``dimension`` shared parameters."""

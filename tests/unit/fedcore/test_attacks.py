@@ -254,6 +254,7 @@ class _NoiseOff:
     def __init__(self, real):
         self.real = real
         self.noise_multiplier = real.noise_multiplier
+        self.clip_bound = real.clip_bound
 
     def add(self, total, *, rng):
         return np.asarray(total, dtype=np.float64)

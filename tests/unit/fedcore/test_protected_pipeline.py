@@ -131,3 +131,22 @@ def test_revealing_strategy_refused_under_masking():
             pipeline=UpdatePipeline(backend=_backends()["masked"], clip=dp.L2Clip(CLIP), max_examples=100),
             allow_reveal=True, quiet=True,
         )  # fmt: skip
+
+
+def test_noise_takes_its_sensitivity_from_the_clip_stage_and_its_size_from_the_vector():
+    """The audit's case: clip 2.0 with noise sized for 1.0 would record twice the true noise multiplier."""
+    central = dp.CentralGaussian(noise_multiplier=1.0, clip_bound=1.0)
+    pipe = UpdatePipeline(clip=dp.L2Clip(2.0), central_noise=central, weighting="uniform")
+    with pytest.raises(ConfigError, match=r"central_noise.clip_bound=1.0 differs from the clip stage's bound 2.0"):
+        pipe.build(dimension=4, num_clients=4, expected_clients=4)
+    noise = dp.SkellamNoise(noise_multiplier=1.0, clip_bound=CLIP, dim=10, min_clients=3)
+    masked = secagg.MaskedSum(value_bound=CLIP, max_clients=4, integer_noise=noise)
+    pipe = UpdatePipeline(backend=masked, clip=dp.L2Clip(CLIP), weighting="uniform")
+    with pytest.raises(ConfigError, match=r"integer_noise.dim=10 but clients send 4 coordinates"):
+        pipe.build(dimension=4, num_clients=4, expected_clients=4)
+
+
+def test_masking_a_single_client_is_refused():
+    pipe = UpdatePipeline(backend=secagg.MaskedSum(value_bound=CLIP, max_clients=4), clip=dp.L2Clip(CLIP), weighting="uniform")
+    with pytest.raises(ConfigError, match=r"'masked' with 1 client\(s\) per round protects nothing"):
+        pipe.build(dimension=4, num_clients=1, expected_clients=1)
