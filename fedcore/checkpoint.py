@@ -1,16 +1,20 @@
 """Checkpoints after every round: plain arrays and JSON in a folder, written atomically.
 
-Format ``fedcore-checkpoint/1`` (no pickle anywhere, so a checkpoint is safe to load):
+Format ``fedcore-checkpoint/2`` (no pickle anywhere, so a checkpoint is safe to load), the server
+party's folder:
 
 - ``state.json``: format, round index, seed, history (list of round records), ledger (JSON),
-  strategy name, and whatever the caller adds under ``extra``.
+  strategy name, whatever the caller adds under ``extra``, and the SHA-256 of the two array files.
 - ``global.npy``: the global float32 vector.
 - ``strategy.npz``: the server optimizer state (may be empty).
-- ``clients.npz``: the simulated clients' local-only parameters, keyed ``"<client>\\x1f<param>"``.
+
+Local-only parameters never enter it: each client party keeps its own in a file of its own
+(:func:`save_local_state`, one ``<client>.npz`` per client in the client's folder).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -24,10 +28,10 @@ import numpy as np
 
 from .errors import ConfigError
 
-__all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "FORMAT"]
+__all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "save_local_state", "load_local_states", "FORMAT"]
 
-FORMAT = "fedcore-checkpoint/1"
-_SEP = "\x1f"
+FORMAT = "fedcore-checkpoint/2"
+_ARRAY_FILES = ("global.npy", "strategy.npz")
 
 
 @dataclass(frozen=True)
@@ -38,7 +42,6 @@ class Checkpoint:
     seed: int
     global_vector: np.ndarray
     strategy_state: dict[str, np.ndarray]
-    client_states: dict[str, dict[str, np.ndarray]]
     history: list[dict[str, Any]]
     ledger_json: str | None
     extra: dict[str, Any]
@@ -52,9 +55,8 @@ def save_checkpoint(folder: str | Path, checkpoint: Checkpoint) -> Path:
     try:
         np.save(tmp / "global.npy", checkpoint.global_vector, allow_pickle=False)
         np.savez(tmp / "strategy.npz", **checkpoint.strategy_state)
-        flat = {f"{cid}{_SEP}{name}": arr for cid, params in checkpoint.client_states.items() for name, arr in params.items()}
-        np.savez(tmp / "clients.npz", **flat)
         state = {
+            "sha256": {name: _digest(tmp / name) for name in _ARRAY_FILES},
             "format": FORMAT,
             "round": checkpoint.round_index,
             "seed": checkpoint.seed,
@@ -75,6 +77,10 @@ def save_checkpoint(folder: str | Path, checkpoint: Checkpoint) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _arrays(path: Path) -> dict[str, np.ndarray]:
@@ -111,21 +117,41 @@ def load_checkpoint(folder: str | Path) -> Checkpoint:
     missing = [k for k in ("round", "seed", "history") if k not in state]
     if missing:
         raise ConfigError(f"checkpoint file {str(state_path)!r} lacks the fields {missing}")
+    digests = state.get("sha256")
+    for name in _ARRAY_FILES:
+        found = _read(folder / name, _digest)
+        if not isinstance(digests, dict) or digests.get(name) != found:
+            raise ConfigError(f"checkpoint file {str(folder / name)!r} does not match the SHA-256 in state.json: it was changed")
     global_vector = _read(folder / "global.npy", lambda p: np.load(p, allow_pickle=False))
     strategy_state = _read(folder / "strategy.npz", _arrays)
-    client_states: dict[str, dict[str, np.ndarray]] = {}
-    for key, value in _read(folder / "clients.npz", _arrays).items():
-        cid, name = key.split(_SEP, 1)
-        client_states.setdefault(cid, {})[name] = value
     return Checkpoint(
         round_index=int(state["round"]),
         seed=int(state["seed"]),
         global_vector=global_vector,
         strategy_state=strategy_state,
-        client_states=client_states,
         history=list(state["history"]),
         ledger_json=state.get("ledger"),
         extra=dict(state.get("extra") or {}),
     )
 
 
+
+
+def save_local_state(folder: str | Path, client_id: str, params: Mapping[str, np.ndarray]) -> Path:
+    """Write one client's local-only parameters to its own file, ``<folder>/<client_id>.npz``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{client_id}.npz"
+    tmp = folder / f".{client_id}.npz.tmp"
+    with open(tmp, "wb") as fh:
+        np.savez(fh, **params)
+    os.replace(tmp, path)
+    return path
+
+
+def load_local_states(folder: str | Path) -> dict[str, dict[str, np.ndarray]]:
+    """Every client's local-only parameters saved in ``folder`` (none if it does not exist)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return {}
+    return {path.stem: _read(path, _arrays) for path in sorted(folder.glob("*.npz"))}

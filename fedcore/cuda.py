@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from secagg import Stage, SumResult, check_updates
+from secagg.session import PlaintextClientSession, PlaintextServerSession
 
 from .errors import ConfigError
 
@@ -316,6 +317,23 @@ class CudaSum:
             max_abs_error=bound,
             mode=self.mode,
         )
+
+    def client_session(
+        self, client_id: str, *, round_index: int, participants: Sequence[str], rng: np.random.Generator, keys: object = None
+    ) -> PlaintextClientSession:
+        """A client's half: the vector in the clear, as in plaintext mode."""
+        return PlaintextClientSession(client_id, round_index=round_index)
+
+    def server_session(
+        self, *, round_index: int, participants: Sequence[str], length: int, public_context: bytes | None = None
+    ) -> PlaintextServerSession:
+        """The server's half: the received vectors summed on the GPU when the round closes."""
+
+        def on_gpu(vectors: Mapping[str, np.ndarray]) -> tuple[np.ndarray, float]:
+            result = self.aggregate(dict(vectors), round_index=round_index, rng=np.random.default_rng(0))
+            return result.total, result.max_abs_error
+
+        return PlaintextServerSession(round_index=round_index, participants=participants, length=length, sum_vectors=on_gpu)
 
     def describe(self) -> dict[str, object]:
         """The backend's parameters for the report: mode, device and chunking."""

@@ -217,6 +217,20 @@ class UpdatePipeline:
             mean = total / max(float(denominator or 1), 1.0)
         return RoundAggregate(Aggregate(mean=mean, contributors=contributors), summed)
 
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings a resumed run must keep: stage types, bounds and the protection mode."""
+        backend = self.backend
+        return {
+            "backend": f"{type(backend).__name__}:{backend.mode}",
+            "value_bound": getattr(backend, "value_bound", None),
+            "signed_keys": getattr(backend, "signed_keys", None),
+            "integer_noise": repr(getattr(backend, "integer_noise", None)),
+            "clip": None if self.clip is None else type(self.clip).__name__,
+            "weighting": self.weighting,
+            "max_examples": self.max_examples,
+            "central_noise": repr(self.central_noise),
+        }
+
     def describe(self) -> dict[str, Any]:
         """The stages' parameters (backend, clip, weighting, noise) for reports and summaries."""
         return {

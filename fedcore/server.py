@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 import time
@@ -18,7 +19,7 @@ import dp
 from secagg import KEY_HOLDER, Respond, SecAggError, Stage, drive_round
 
 from . import messages as msg
-from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import Checkpoint, load_checkpoint, load_local_states, save_checkpoint, save_local_state
 from .client import Client, ClientResult
 from .errors import ConfigError, RoundFailedError
 from .executors import Executor, InProcessExecutor
@@ -541,12 +542,15 @@ class Federation:
 
     # ------------------------------------------------------------ checkpoints
     def save(self, folder: str | Path) -> Path:
-        """Write a checkpoint of the whole simulation (server state and simulated clients)."""
-        client_states = {
-            cid: {name: t.detach().cpu().numpy() for name, t in c.local_state.items()}
-            for cid, c in self.clients.items()
-            if c.local_state
-        }
+        """Write the server party's checkpoint to ``folder``, and each client party's local state to its own file.
+
+        The client parties' files go to :meth:`client_folder` (a stand-in for each client's disk):
+        local-only parameters never enter the server's checkpoint.
+        """
+        folder = Path(folder)
+        for cid, c in self.clients.items():
+            if c.local_state:
+                save_local_state(self.client_folder(folder), cid, {k: t.detach().cpu().numpy() for k, t in c.local_state.items()})
         return save_checkpoint(
             folder,
             Checkpoint(
@@ -554,32 +558,53 @@ class Federation:
                 seed=self.seed,
                 global_vector=self.global_vector,
                 strategy_state=self.strategy.state_dict(),
-                client_states=client_states,
                 history=self.history,
                 ledger_json=self.ledger.to_json() if self.ledger is not None else None,
-                extra={"strategy": self.strategy.name, "stop_reason": self.stop_reason},
+                extra={"strategy": self.strategy.name, "stop_reason": self.stop_reason, "protection": self._protection()},
             ),
         )
+
+    @staticmethod
+    def client_folder(folder: str | Path) -> Path:
+        """Where the simulated client parties keep their local state beside a checkpoint ``folder``."""
+        folder = Path(folder)
+        return folder.with_name(folder.name + "-clients")
+
+    def _protection(self) -> dict[str, Any]:
+        """What a resumed run must not change: the pipeline's stages and the DP settings."""
+        return json.loads(json.dumps({
+            "pipeline": self.pipeline.fingerprint(),
+            "sample_privacy": None if self.sample_privacy is None else repr(self.sample_privacy),
+            "budget": None if self.budget is None else repr(self.budget),
+            "reproducible": self.randomness.reproducible,
+        }, default=str))  # fmt: skip
 
     def restore(self, folder: str | Path) -> None:
         """Resume from a checkpoint written by a federation built with the same settings.
 
         Raises:
-            ConfigError: the checkpoint belongs to another seed, strategy or model size.
+            ConfigError: the checkpoint belongs to another seed, strategy, model size or
+                protection (pipeline, DP settings, budget), or a file was changed.
         """
         ckpt = load_checkpoint(folder)
         if ckpt.seed != self.seed:
             raise ConfigError(f"checkpoint seed {ckpt.seed} differs from this federation's seed {self.seed}")
         if ckpt.extra.get("strategy") != self.strategy.name:
             raise ConfigError(f"checkpoint strategy {ckpt.extra.get('strategy')!r} differs from {self.strategy.name!r}")
+        if ckpt.extra.get("protection") != self._protection():
+            raise ConfigError(
+                f"checkpoint protection {ckpt.extra.get('protection')!r} differs from this federation's "
+                f"{self._protection()!r}: a resumed run must keep the protection and privacy settings it started with"
+            )
         if ckpt.global_vector.shape != (self.layout.size,):
             raise ConfigError(f"checkpoint vector has shape {ckpt.global_vector.shape}, the model needs ({self.layout.size},)")
-        unknown = set(ckpt.client_states) - set(self.clients)
+        local = load_local_states(self.client_folder(folder))
+        unknown = set(local) - set(self.clients)
         if unknown:
             raise ConfigError(f"checkpoint holds clients this federation lacks: {sorted(unknown)[:5]}")
         self.strategy.load_state_dict(ckpt.strategy_state)
         self.global_vector = ckpt.global_vector.astype(np.float32)
-        for cid, params in ckpt.client_states.items():
+        for cid, params in local.items():
             self.clients[cid].local_state = {k: torch.from_numpy(v.copy()) for k, v in params.items()}
         self.history = list(ckpt.history)
         self.round_index = ckpt.round_index

@@ -245,15 +245,29 @@ class PlaintextClientSession:
 
 
 class PlaintextServerSession:
-    """The reference mode's server half: it sums the float32 vectors it is sent, in float64."""
+    """The reference mode's server half: it sums the float vectors it is sent, in float64.
+
+    Args:
+        sum_vectors: another way to sum (the GPU path): called once at :meth:`finish` with the
+            received vectors by sender, returns ``(total, max_abs_error)``.
+    """
 
     stage = Stage.MASKED_INPUT
 
-    def __init__(self, *, round_index: int, participants: Sequence[str], length: int) -> None:
+    def __init__(
+        self,
+        *,
+        round_index: int,
+        participants: Sequence[str],
+        length: int,
+        sum_vectors: Callable[[Mapping[str, np.ndarray]], tuple[np.ndarray, float]] | None = None,
+    ) -> None:
         self.round_index = round_index
         self._participants = tuple(sorted(participants))
         self._length = length
         self._total = np.zeros(length, dtype=np.float64)
+        self._sum_vectors = sum_vectors
+        self._kept: dict[str, np.ndarray] = {}
         self._from: list[str] = []
         self._asked = False
         self.bytes_up = 0
@@ -283,19 +297,25 @@ class PlaintextServerSession:
             raise ProtocolError(f"update of {sender!r} has {msg.values.size} coordinates, the round expects {self._length}")
         if not np.all(np.isfinite(msg.values)):
             raise ProtocolError(f"update of {sender!r} holds NaN or Inf")
-        self._total += msg.values
+        if self._sum_vectors is None:
+            self._total += msg.values
+        else:
+            self._kept[sender] = msg.values
         self._from.append(sender)
         self.bytes_up += len(message)
 
     def finish(self) -> SumResult:
         """The exact float64 sum of the vectors received."""
         contributors = tuple(sorted(self._from))
+        total, error = self._total, 0.0
+        if self._sum_vectors is not None and self._kept:
+            total, error = self._sum_vectors(self._kept)
         return SumResult(
-            total=self._total,
+            total=total,
             contributors=contributors,
             dropped=tuple(c for c in self._participants if c not in self._from),
             bytes_up={"update": self.bytes_up},
             bytes_down={},
-            max_abs_error=0.0,
+            max_abs_error=error,
             mode="plaintext",
         )

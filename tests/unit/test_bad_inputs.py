@@ -411,9 +411,9 @@ def test_wrong_protocol_or_format_version_is_refused(ckks, tmp_path):
                      evaluate_every=0, checkpoint_dir=tmp_path / "ckpt")  # fmt: skip
     fed.run(1)
     state = json.loads((tmp_path / "ckpt" / "state.json").read_text())
-    state["format"] = "fedcore-checkpoint/2"
+    state["format"] = "fedcore-checkpoint/3"
     (tmp_path / "ckpt" / "state.json").write_text(json.dumps(state))
-    with pytest.raises(ConfigError, match=re.escape("checkpoint format 'fedcore-checkpoint/2' is not 'fedcore-checkpoint/1'")):
+    with pytest.raises(ConfigError, match=re.escape("checkpoint format 'fedcore-checkpoint/3' is not 'fedcore-checkpoint/2'")):
         load_checkpoint(tmp_path / "ckpt")
 
 

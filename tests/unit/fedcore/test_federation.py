@@ -21,6 +21,7 @@ from fedcore import (
     TrainConfig,
     UpdatePipeline,
 )
+import dp
 from fedcore.client import ClientResult
 from secagg import DropoutError, PlaintextSum
 
@@ -279,3 +280,27 @@ def test_client_updates_show_the_next_rounds_raw_updates_and_change_nothing():
     assert np.allclose(fed.global_vector, before + mean, atol=1e-6)
     with pytest.raises(ConfigError, match=re.escape("client_ids must name clients of this federation, got unknown ['nobody']")):
         fed.client_updates(["nobody"])
+
+
+def test_checkpoint_keeps_local_state_with_each_client_and_refuses_edits(tmp_path):
+    fed = _federation(checkpoint_dir=tmp_path / "ckpt")
+    fed.run(1)
+    server_files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert server_files == ["global.npy", "state.json", "strategy.npz"]
+    assert "private_offset" not in (tmp_path / "ckpt" / "state.json").read_text()
+    owned = sorted(p.name for p in Federation.client_folder(tmp_path / "ckpt").iterdir())
+    assert owned == [f"client-{i}.npz" for i in range(4)]
+    vector = np.load(tmp_path / "ckpt" / "global.npy")
+    np.save(tmp_path / "ckpt" / "global.npy", vector + 1)
+    with pytest.raises(ConfigError, match=r"global.npy' does not match the SHA-256 in state.json"):
+        _federation().restore(tmp_path / "ckpt")
+
+
+def test_resume_that_changes_the_protection_is_refused(tmp_path):
+    from secagg import MaskedSum
+
+    fed = _federation(checkpoint_dir=tmp_path / "ckpt")
+    fed.run(1)
+    masked = UpdatePipeline(backend=MaskedSum(value_bound=1.0, max_clients=4), clip=dp.L2Clip(1.0), max_examples=100)
+    with pytest.raises(ConfigError, match="a resumed run must keep the protection and privacy settings"):
+        _federation(pipeline=masked).restore(tmp_path / "ckpt")
