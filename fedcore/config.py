@@ -20,6 +20,7 @@ except ImportError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 from .errors import ConfigError
+from .training import TrainConfig
 
 __all__ = [
     "ExperimentConfig",
@@ -100,16 +101,16 @@ class WorkloadSection:
 
 @dataclass(frozen=True)
 class TrainSection:
-    """``[train]``: local training of each client (see :class:`fedcore.TrainConfig`)."""
+    """``[train]``: local training of each client; the defaults are :class:`fedcore.TrainConfig`'s."""
 
-    optimizer: str = "adam"
-    lr: float = 1e-2
-    epochs: int = 1
-    max_steps: int | None = None
-    batch_size: int = 64
-    weight_decay: float = 0.0
-    momentum: float = 0.0
-    device: str = "cpu"
+    optimizer: str = TrainConfig.optimizer
+    lr: float = TrainConfig.lr
+    epochs: int = TrainConfig.epochs
+    max_steps: int | None = TrainConfig.max_steps
+    batch_size: int = TrainConfig.batch_size
+    weight_decay: float = TrainConfig.weight_decay
+    momentum: float = TrainConfig.momentum
+    device: str = TrainConfig.device
     early_stopping_metric: str | None = None
     early_stopping_min_delta: float = 0.0
     early_stopping_patience: int = 1
@@ -150,23 +151,33 @@ class StrategySection:
 
 @dataclass(frozen=True)
 class AggregationSection:
-    """``[aggregation]``: ``mode`` = plaintext | masked | ckks, with the backend's settings.
+    """``[aggregation]``: ``mode`` = plaintext | masked | ckks | bfv, with the backend's settings.
 
     graph: ``complete`` (SecAgg) or ``secagg+``. threshold: survivors needed (default: planned).
-    bits: ring size for masking (32 or 64). preset: CKKS preset. value_bound: bound on every
-    coordinate (defaults to the clip bound). dropout_rate: simulated dropouts per round.
+    bits: ring size for masking (32 or 64). preset: CKKS / BFV preset (default: the scheme's
+    first). value_bound: bound on every coordinate of a client's input, the masking and
+    encryption encoders' range (defaults to the larger of the clip bound and 1). signed_keys:
+    Ed25519-signed masked rounds (each client party makes its identity key). dropout_tolerance:
+    the dropout rate the masking planner sizes the threshold for. dropout_rate: dropouts
+    simulated per round (a separate setting: what happens, not what is planned for).
     """
 
     mode: str = "plaintext"
     graph: str = "complete"
     threshold: int | None = None
     bits: int = 32
-    preset: str = "compact"
+    preset: str | None = None
     value_bound: float | None = None
+    signed_keys: bool = False
+    dropout_tolerance: float = 0.25
     dropout_rate: float = 0.0
 
     def __post_init__(self) -> None:
-        _choice("aggregation.mode", self.mode, ("plaintext", "masked", "ckks"))
+        _choice("aggregation.mode", self.mode, ("plaintext", "masked", "ckks", "bfv"))
+        if not isinstance(self.signed_keys, bool):
+            raise ConfigError(f"aggregation.signed_keys must be true or false, got {self.signed_keys!r}")
+        if not (isinstance(self.dropout_tolerance, (int, float)) and 0 <= self.dropout_tolerance < 1):
+            raise ConfigError(f"aggregation.dropout_tolerance must be in [0, 1), got {self.dropout_tolerance!r}")
         _choice("aggregation.graph", self.graph, ("complete", "secagg+"))
         if self.bits not in (32, 64):
             raise ConfigError(f"aggregation.bits must be 32 or 64, got {self.bits!r}")
@@ -233,10 +244,17 @@ class LoggingSection:
 
 @dataclass(frozen=True)
 class ExperimentConfig:
-    """A whole experiment. Top-level keys: name, seed, rounds, output_dir, evaluate_every, executor."""
+    """A whole experiment. Top-level keys: name, seed, reproducible, rounds, output_dir, evaluate_every, executor.
+
+    ``seed`` fixes the data split, the initial model and simulated dropouts. ``reproducible``
+    (default false) makes it fix every other draw too (clients' training, DP-SGD and distributed
+    noise, stochastic rounding, sampling): a simulation setting, and the report says that the
+    noise is then derivable from the seed.
+    """
 
     name: str = "experiment"
     seed: int = 0
+    reproducible: bool = False
     rounds: int = 5
     output_dir: str = "outputs/experiment"
     evaluate_every: int = 1
@@ -256,6 +274,8 @@ class ExperimentConfig:
             raise ConfigError(f"evaluate_every must be an integer >= 0 (0 = never), got {self.evaluate_every!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"seed must be an integer >= 0, got {self.seed!r}")
+        if not isinstance(self.reproducible, bool):
+            raise ConfigError(f"reproducible must be true or false, got {self.reproducible!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain data (sections as dicts), as written to ``summary.json``."""

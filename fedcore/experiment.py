@@ -244,7 +244,7 @@ def build_experiment(config: ExperimentConfig, *, workload: Workload | None = No
     if a.mode == "masked":
         masked_kwargs: dict[str, Any] = dict(
             value_bound=value_bound, max_clients=max_clients, bits=a.bits, graph=a.graph, threshold=a.threshold,
-            dropout_rate=max(a.dropout_rate, 0.0) or 0.25,
+            dropout_rate=a.dropout_tolerance, signed_keys=a.signed_keys,
         )  # fmt: skip
         if client_level and p.noise in ("skellam", "discrete_gaussian"):
             expected = max(1, round(rate * len(clients)))
@@ -253,7 +253,9 @@ def build_experiment(config: ExperimentConfig, *, workload: Workload | None = No
             integer_noise = noise_cls(noise_multiplier=noise_multiplier, clip_bound=p.clip, dim=dimension, min_clients=min_clients)
         backend: secagg.SecureSum = secagg.MaskedSum(**masked_kwargs, integer_noise=integer_noise)
     elif a.mode == "ckks":
-        backend = secagg.CKKSSum(value_bound=value_bound, max_clients=max_clients, preset=a.preset)
+        backend = secagg.CKKSSum(value_bound=value_bound, max_clients=max_clients, preset=a.preset or "compact")
+    elif a.mode == "bfv":
+        backend = secagg.BFVSum(value_bound=value_bound, max_clients=max_clients, preset=a.preset or "bfv")
     else:
         backend = secagg.PlaintextSum()
     if client_level and integer_noise is None:
@@ -304,6 +306,7 @@ def build_experiment(config: ExperimentConfig, *, workload: Workload | None = No
         checkpoint_dir=out / "checkpoint",
         evaluate_every=config.evaluate_every,
         seed=config.seed,
+        reproducible=config.reproducible,
         quiet=quiet,
     )
     return Experiment(config, workload, federation, budget, noise_multiplier, loggers)
