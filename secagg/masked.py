@@ -1,24 +1,38 @@
 """``MaskedSum``: the masked secure-sum backend (SecAgg / SecAgg+) behind :class:`SecureSum`.
 
-One call to :meth:`MaskedSum.aggregate` runs a whole round in process: each client encodes
-its clipped, weighted float vector into Z_2^b (stochastic rounding from the passed
-generator, optional distributed integer noise), runs its state machine, and the server
-runs its own; they exchange the serialized messages of :mod:`secagg.messages`. The server
-learns only the decoded sum of the clients whose masked input reached it.
+A ``MaskedSum`` is public configuration. Each party builds its own half of a round from it:
+:meth:`MaskedSum.client_session` inside a client party (it encodes the client's clipped,
+weighted float vector into Z_2^b with the client's own generator, stochastic rounding and
+optional distributed integer noise, and runs the client's state machine with the client's own
+identity key), :meth:`MaskedSum.server_session` inside the server party (it sees only bytes
+and learns only the decoded sum of the clients whose masked input reached it). The messages
+are those of :mod:`secagg.messages`. :meth:`MaskedSum.aggregate` runs both halves in process
+through :func:`secagg.drive_round`, the reference that tests and benchmarks use.
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 
 from . import _primitives as prim
 from .base import IntegerNoise, Stage, SumResult, check_updates
 from .encoding import FixedPointEncoder
-from .errors import OverflowRiskError
+from .errors import KeyMaterialError, OverflowRiskError
 from .graph import SecAggPlan, plan_complete, plan_secagg_plus
-from .protocol import IntegerSumResult, check_dropouts, secure_sum_integers
+from .protocol import (
+    IntegerSumResult,
+    SecAggClient,
+    SecAggClientSession,
+    SecAggServer,
+    SecAggServerSession,
+    check_dropouts,
+    secure_sum_integers,
+)
+
+if TYPE_CHECKING:
+    from .session import ClientKeys
 
 __all__ = ["MaskedSum"]
 
@@ -92,7 +106,6 @@ class MaskedSum:
         self._dropout_rate = dropout_rate
         self._corrupted = corrupted_fraction
         self._security_bits = security_bits
-        self._identities: dict[str, object] = {}
         self._last_plan: SecAggPlan | None = None
         self.plan(max_clients)  # validate the planning parameters now, not in round 37
         self.trust_model = self._trust_model()
@@ -204,15 +217,65 @@ class MaskedSum:
             "guarantee": plan.guarantee,
         }
 
-    # ---------------------------------------------------------------- rounds
-    def _identity_keys(self, ids: list[str]) -> dict[str, object] | None:
-        if not self._signed:
-            return None
-        for cid in ids:  # long-term keys, made on first sight (an in-process stand-in for a PKI)
-            if cid not in self._identities:
-                self._identities[cid] = prim.new_identity_key()
-        return {cid: self._identities[cid] for cid in ids}
+    # ---------------------------------------------------------------- party halves
+    @property
+    def signed_keys(self) -> bool:
+        """Whether rounds use Ed25519 identity keys (the active-server mode)."""
+        return self._signed
 
+    def client_session(
+        self,
+        client_id: str,
+        *,
+        round_index: int,
+        participants: Sequence[str],
+        rng: np.random.Generator,
+        keys: "ClientKeys | None" = None,
+    ) -> "MaskedClientSession":
+        """One client's half of a round, built inside the client party.
+
+        Args:
+            client_id: this client.
+            round_index: the round it takes part in (messages of other rounds are refused).
+            participants: the round's participants as the client was told them.
+            rng: the client's own generator (stochastic rounding and integer noise).
+            keys: the client's identity key and the federation's public-key directory
+                (required with ``signed_keys``; ignored otherwise).
+
+        Raises:
+            TypeError: ``rng`` is not a numpy Generator.
+            KeyMaterialError: signed mode without an identity key or directory.
+        """
+        return MaskedClientSession(
+            self, client_id, round_index=round_index, participants=participants, rng=rng, keys=keys
+        )
+
+    def server_session(
+        self,
+        *,
+        round_index: int,
+        participants: Sequence[str],
+        length: int,
+        public_context: bytes | None = None,
+        keep_masked: bool = False,
+    ) -> "MaskedServerSession":
+        """The server's half of a round: it receives bytes only and returns the decoded sum.
+
+        Raises:
+            ValueError: no plan for ``len(participants)``; :class:`OverflowRiskError` for more
+                than ``max_clients``.
+        """
+        return MaskedServerSession(
+            self, round_index=round_index, participants=participants, length=length, keep_masked=keep_masked
+        )
+
+    def _round_plan(self, n: int) -> SecAggPlan:
+        self._check_size(n)
+        plan = self.plan(n)
+        self._last_plan = plan
+        return plan
+
+    # ---------------------------------------------------------------- rounds
     def encode_client(self, vector: np.ndarray, *, rng: np.random.Generator, who: str = "input") -> np.ndarray:
         """What one client sends into masking: encoded words plus its integer noise, if any."""
         if self._noise is None:
@@ -224,6 +287,16 @@ class MaskedSum:
                 f"integer_noise.sample must return {ints.size} integers, got {noise.dtype} of shape {noise.shape}"
             )
         return self._encoder.wrap(ints + noise.astype(np.int64))
+
+    def _throwaway_keys(self, ids: Sequence[str]) -> dict[str, "ClientKeys | None"]:
+        """Fresh identity keys for one in-process round (signed mode), one per simulated client."""
+        from .session import ClientKeys
+
+        if not self._signed:
+            return {cid: None for cid in ids}
+        private = {cid: prim.new_identity_key() for cid in ids}
+        directory = {cid: prim.identity_public_raw(key) for cid, key in private.items()}
+        return {cid: ClientKeys(identity_key=private[cid], peer_identities=directory) for cid in ids}
 
     def aggregate_integers(
         self,
@@ -239,9 +312,8 @@ class MaskedSum:
         masked vector (what notebooks show beside the true update).
         """
         ids = sorted(vectors)
-        self._check_size(len(ids))
-        plan = self.plan(len(ids))
-        self._last_plan = plan
+        plan = self._round_plan(len(ids))
+        keys = self._throwaway_keys(ids)
         return secure_sum_integers(
             vectors,
             round_index=round_index,
@@ -249,7 +321,7 @@ class MaskedSum:
             degree=plan.degree,
             bits=self._encoder.bits,
             dropouts=dropouts,
-            identity_keys=self._identity_keys(ids),
+            identity_keys={cid: k.identity_key for cid, k in keys.items()} if self._signed else None,
             keep_masked=keep_masked,
         )
 
@@ -268,7 +340,10 @@ class MaskedSum:
         rng: np.random.Generator,
         dropouts: Mapping[str, Stage] | None = None,
     ) -> SumResult:
-        """Run one masked round over float updates; return the decoded sum.
+        """Run one masked round over float updates in process; return the decoded sum.
+
+        Each simulated client gets its own child of ``rng`` and, in signed mode, a throwaway
+        identity key made for this call; the halves run through :func:`secagg.drive_round`.
 
         Raises:
             ValueError: invalid updates (naming the client), a coordinate beyond
@@ -277,25 +352,134 @@ class MaskedSum:
             DropoutError: too few survivors for the threshold.
             ProtocolError: a message broke the protocol.
         """
+        from .session import drive_round
+
         if not isinstance(rng, np.random.Generator):
             raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
-        ids, _ = check_updates(updates, value_bound=self._encoder.value_bound)
+        ids, length = check_updates(updates, value_bound=self._encoder.value_bound)
         self._check_size(len(ids))
         silent = check_dropouts(dropouts, ids)
-        streams = rng.spawn(len(ids))  # one independent stream per client, whatever drops
-        words = {
-            cid: self.encode_client(updates[cid], rng=child, who=f"update of client {cid!r}")
-            for cid, child in zip(ids, streams)
-        }
-        result = self.aggregate_integers(words, round_index=round_index, dropouts=silent)
-        m = len(result.contributors)
-        total = self._encoder.decode(result.total, num_clients=m)
+        server = self.server_session(round_index=round_index, participants=ids, length=length)
+        keys = self._throwaway_keys(ids)
+        parties = {}
+        for cid, child in zip(ids, rng.spawn(len(ids))):  # one independent stream per client, whatever drops
+            session = self.client_session(cid, round_index=round_index, participants=ids, rng=child, keys=keys[cid])
+            session.set_input(updates[cid])
+            parties[cid] = session.handle
+        return drive_round(server, parties, dropouts=silent)
+
+
+class MaskedClientSession:
+    """A client's half of a masked round; lives in the client party and holds its secrets.
+
+    It encodes the client's vector with the client's own generator and runs a
+    :class:`SecAggClient` (signed with the client's identity key in signed mode).
+    """
+
+    def __init__(
+        self,
+        backend: MaskedSum,
+        client_id: str,
+        *,
+        round_index: int,
+        participants: Sequence[str],
+        rng: np.random.Generator,
+        keys: "ClientKeys | None",
+    ) -> None:
+        if not isinstance(rng, np.random.Generator):
+            raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+        identity = directory = None
+        if backend.signed_keys:
+            if keys is None or keys.identity_key is None or keys.peer_identities is None:
+                raise KeyMaterialError(
+                    f"client {client_id!r}: signed_keys=True needs ClientKeys with identity_key and peer_identities"
+                )
+            identity, directory = keys.identity_key, keys.peer_identities
+        self.client_id = client_id
+        self._backend = backend
+        self._rng = rng
+        self._session = SecAggClientSession(
+            SecAggClient(client_id, round_index=round_index, identity_key=identity, identity_keys=directory)
+        )
+
+    def set_input(self, vector: np.ndarray) -> None:
+        """Encode the clipped, weighted float vector with this client's generator.
+
+        Raises:
+            ValueError / TypeError: a malformed vector or a coordinate beyond ``value_bound``.
+        """
+        check_updates({self.client_id: vector}, value_bound=self._backend.value_bound)
+        words = self._backend.encode_client(vector, rng=self._rng, who=f"update of client {self.client_id!r}")
+        self._session.set_words(words)
+
+    def handle(self, message: bytes) -> bytes | None:
+        """Answer one server message (None: the client left the round).
+
+        Raises:
+            ProtocolError: a malformed, replayed, misaddressed or out-of-protocol message.
+        """
+        return self._session.handle(message)
+
+
+class MaskedServerSession:
+    """The server's half of a masked round: bytes in, the decoded sum of the contributors out."""
+
+    def __init__(
+        self, backend: MaskedSum, *, round_index: int, participants: Sequence[str], length: int, keep_masked: bool = False
+    ) -> None:
+        ids = sorted(participants)
+        plan = backend._round_plan(len(ids))
+        self._encoder = backend.encoder
+        self._mode = backend.mode
+        self._session = SecAggServerSession(
+            SecAggServer(
+                round_index=round_index,
+                participants=ids,
+                threshold=plan.threshold,
+                degree=plan.degree,
+                bits=self._encoder.bits,
+                length=length,
+                signed_keys=backend.signed_keys,
+                keep_masked=keep_masked,
+            )
+        )
+
+    @property
+    def stage(self) -> Stage:
+        """The stage of the batch the last :meth:`outgoing` returned."""
+        return self._session.stage
+
+    @property
+    def server(self) -> SecAggServer:
+        """The state machine beneath (setup, graph, byte counters, the masked views kept)."""
+        return self._session.server
+
+    def outgoing(self) -> dict[str, bytes]:
+        """Close the current stage; the next batch by recipient (``{}`` once unmasked).
+
+        Raises:
+            DropoutError: too few clients answered; nothing was revealed.
+        """
+        return self._session.outgoing()
+
+    def receive(self, sender: str, message: bytes) -> None:
+        """One client's reply (bytes whose sender field is ``sender``).
+
+        Raises:
+            ProtocolError: anything but a well-formed message of this stage from ``sender``.
+        """
+        self._session.receive(sender, message)
+
+    def finish(self) -> SumResult:
+        """The decoded sum of the contributors, with the bytes each way and the error bound."""
+        ring = self._session.finish()
+        m = len(ring.contributors)
         return SumResult(
-            total=total,
-            contributors=result.contributors,
-            dropped=result.dropped,
-            bytes_up=result.bytes_up,
-            bytes_down=result.bytes_down,
+            total=self._encoder.decode(ring.total, num_clients=m),
+            contributors=ring.contributors,
+            dropped=ring.dropped,
+            bytes_up=ring.bytes_up,
+            bytes_down=ring.bytes_down,
             max_abs_error=self._encoder.error_bound(m),
-            mode=self.mode,
+            mode=self._mode,
         )

@@ -55,6 +55,8 @@ __all__ = [
     "UnmaskResponse",
     "Message",
     "decode_message",
+    "message_kind",
+    "message_sender",
     "HEADER_BYTES",
 ]
 
@@ -551,6 +553,31 @@ _BY_KIND = {
     cls.kind: cls
     for cls in (RoundSetup, KeyAdvertisement, KeyList, ShareBundle, ShareDelivery, MaskedInput, UnmaskRequest, UnmaskResponse)
 }
+
+
+def message_kind(data: bytes) -> MessageKind:
+    """The kind byte of a message, without parsing the rest (to dispatch it).
+
+    Raises:
+        ProtocolError: not bytes, shorter than the header, or of an unknown kind.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) < HEADER_BYTES:
+        raise ProtocolError(f"a message must be bytes of at least the {HEADER_BYTES}-byte header")
+    try:
+        return MessageKind(data[3])
+    except ValueError:
+        raise ProtocolError(f"unknown message kind {data[3]}") from None
+
+
+def message_sender(data: bytes) -> str:
+    """The sender field of a client-to-server message (the str right after the header).
+
+    Raises:
+        ProtocolError: malformed header or sender field.
+    """
+    kind = message_kind(data)
+    r = _Reader(data, kind)
+    return r.str()
 
 
 def decode_message(data: bytes) -> Message:

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -56,9 +56,18 @@ from .messages import (
     ShareDelivery,
     UnmaskRequest,
     UnmaskResponse,
+    message_kind,
+    message_sender,
 )
 
-__all__ = ["SecAggClient", "SecAggServer", "IntegerSumResult", "secure_sum_integers"]
+__all__ = [
+    "SecAggClient",
+    "SecAggServer",
+    "SecAggClientSession",
+    "SecAggServerSession",
+    "IntegerSumResult",
+    "secure_sum_integers",
+]
 
 _DTYPES = {32: np.dtype("<u4"), 64: np.dtype("<u8")}
 
@@ -717,6 +726,160 @@ class SecAggServer:
         """Clients whose masked inputs are in the sum."""
         return tuple(self._ids[i] for i in sorted(self._u3))
 
+    @property
+    def dropped(self) -> tuple[str, ...]:
+        """Participants the server did not hear from at some stage (an unmask response is the last)."""
+        return tuple(cid for i, cid in enumerate(self._ids) if i not in self._responses)
+
+
+# ----------------------------------------------------------------------------- sessions
+
+_STAGE_NAMES = {
+    Stage.ADVERTISE_KEYS: "advertise",
+    Stage.SHARE_KEYS: "share_keys",
+    Stage.MASKED_INPUT: "masked_input",
+    Stage.UNMASK: "unmask",
+}
+
+
+def stage_name(stage: Stage) -> str:
+    """Short name of a stage in ``cpu_seconds`` keys: advertise, share_keys, masked_input, ..."""
+    return _STAGE_NAMES[stage]
+
+
+class SecAggClientSession:
+    """One client's half of one masked round over ring words: it answers the server's bytes.
+
+    Wraps a :class:`SecAggClient` and dispatches each message on its kind byte; the ring words
+    (the encoded input) are set before the masked-input stage. A client that leaves the round
+    (too few holders advertised) answers nothing from then on.
+    """
+
+    def __init__(self, client: SecAggClient) -> None:
+        self._client = client
+        self._words: np.ndarray | None = None
+
+    @property
+    def client_id(self) -> str:
+        """The client's id."""
+        return self._client.client_id
+
+    def set_words(self, words: np.ndarray) -> None:
+        """The ring words this client masks and sends."""
+        self._words = words
+
+    def handle(self, message: bytes) -> bytes | None:
+        """Answer one server message (None once the client has left the round).
+
+        Raises:
+            ProtocolError: malformed or out-of-protocol message, or no input set in time.
+        """
+        kind = message_kind(message)
+        c = self._client
+        if kind == MessageKind.ROUND_SETUP:
+            return c.advertise(message)
+        if kind == MessageKind.KEY_LIST:
+            try:
+                return c.share_keys(message)
+            except DropoutError:
+                return None
+        if kind == MessageKind.SHARE_DELIVERY:
+            if self._words is None:
+                raise ProtocolError(f"client {c.client_id!r} was asked for its masked input before it had an input")
+            return bytes(c.masked_input(message, vector=self._words))
+        if kind == MessageKind.UNMASK_REQUEST:
+            return c.unmask(message)
+        raise ProtocolError(f"client {c.client_id!r} does not accept {kind.name} messages")
+
+
+class SecAggServerSession:
+    """The server's half of one masked round: batches out, bytes in, the ring sum at the end.
+
+    Wraps a :class:`SecAggServer`. :meth:`outgoing` closes the stage whose replies came in and
+    returns the next batch; ``{}`` once the masks are removed. It never holds a client object.
+    """
+
+    def __init__(self, server: SecAggServer) -> None:
+        self._server = server
+        self._steps = [
+            (Stage.ADVERTISE_KEYS, server.setup_messages),
+            (Stage.SHARE_KEYS, server.key_lists),
+            (Stage.MASKED_INPUT, server.share_deliveries),
+            (Stage.UNMASK, server.unmask_requests),
+        ]
+        self._next = 0
+        self._stage = Stage.ADVERTISE_KEYS
+        self._total: np.ndarray | None = None
+        self._receivers = {
+            MessageKind.KEY_ADVERTISEMENT: server.receive_advertisement,
+            MessageKind.SHARE_BUNDLE: server.receive_shares,
+            MessageKind.MASKED_INPUT: server.receive_masked_input,
+            MessageKind.UNMASK_RESPONSE: server.receive_unmask,
+        }
+
+    @property
+    def server(self) -> SecAggServer:
+        """The state machine beneath (its setup, graph and byte counters are public)."""
+        return self._server
+
+    @property
+    def stage(self) -> Stage:
+        """The stage of the batch the last :meth:`outgoing` returned."""
+        return self._stage
+
+    def outgoing(self) -> dict[str, bytes]:
+        """Close the current stage and return the next batch (``{}`` after unmasking).
+
+        Raises:
+            DropoutError: too few clients answered; nothing was revealed.
+        """
+        if self._next < len(self._steps):
+            stage, step = self._steps[self._next]
+            batch = step()
+            self._next += 1
+            self._stage = stage
+            return batch
+        if self._total is None:
+            self._total = self._server.finish()
+        return {}
+
+    def receive(self, sender: str, message: bytes) -> None:
+        """One client's reply; its sender field must be ``sender``.
+
+        Raises:
+            ProtocolError: not bytes, malformed, of another stage, or claiming another sender.
+        """
+        if not isinstance(message, (bytes, bytearray, memoryview)):
+            raise ProtocolError(f"reply of {sender!r} must be bytes, got {type(message).__name__}")
+        kind = message_kind(message)
+        receive = self._receivers.get(kind)
+        if receive is None:
+            raise ProtocolError(f"clients do not send {kind.name} messages (from {sender!r})")
+        claimed = message_sender(message)
+        if claimed != sender:
+            raise ProtocolError(f"a {kind.name} message signed {claimed!r} arrived from {sender!r}")
+        receive(message)
+
+    def finish(self) -> "IntegerSumResult":
+        """The ring sum of the contributors, after :meth:`outgoing` returned ``{}``.
+
+        Raises:
+            ProtocolError: the round is not over.
+        """
+        if self._total is None:
+            raise ProtocolError("the masked round is not over: call outgoing() until it returns {}")
+        s = self._server
+        return IntegerSumResult(
+            total=self._total,
+            contributors=s.contributors,
+            dropped=s.dropped,
+            bytes_up=dict(s.bytes_up),
+            bytes_down=dict(s.bytes_down),
+            threshold=s.threshold,
+            degree=s.degree,
+            masked_views=dict(s.masked_views),
+        )
+
 
 # ----------------------------------------------------------------------------- driver
 
@@ -798,8 +961,9 @@ def secure_sum_integers(
 ) -> IntegerSumResult:
     """Run one full masked round in process over already-encoded ring words.
 
-    Every client and the server run their state machines and exchange real serialized
-    messages; ``dropouts[cid] = stage`` makes ``cid`` silent from ``stage`` on.
+    Every client and the server run their sessions through :func:`secagg.drive_round`,
+    exchanging real serialized messages; ``dropouts[cid] = stage`` makes ``cid`` silent from
+    ``stage`` on.
 
     Args:
         vectors: each client's ring words (uint32 for 32 bits, uint64 for 64).
@@ -819,6 +983,8 @@ def secure_sum_integers(
         ProtocolError: a message broke the protocol.
         ValueError, TypeError: bad vectors, ids, dropouts or parameters.
     """
+    from .session import drive_round
+
     check_bits(bits)
     ids, length = _validate_vectors(vectors, bits)
     silent = check_dropouts(dropouts, ids)
@@ -832,64 +998,63 @@ def secure_sum_integers(
             raise KeyMaterialError(f"signed round needs an identity key for every client; missing {missing!r}")
         pki = {cid: prim.identity_public_raw(prim.check_identity_private(identity_keys[cid], cid)) for cid in ids}
     cpu: Counter[str] = Counter()
+    t0 = clock()
+    server = _TimedServer(
+        SecAggServerSession(
+            SecAggServer(
+                round_index=round_index, participants=ids, threshold=threshold, degree=degree, bits=bits,
+                length=length, signed_keys=signed, keep_masked=keep_masked, graph_seed=graph_seed,
+            )
+        ),
+        cpu,
+        clock,
+    )
+    cpu["server_setup"] += clock() - t0
+    parties = {}
+    for cid in ids:
+        session = SecAggClientSession(
+            SecAggClient(cid, round_index=round_index, identity_key=identity_keys[cid] if signed else None, identity_keys=pki)
+        )
+        session.set_words(vectors[cid])
+        parties[cid] = _timed_party(session.handle, server, cpu, clock)
+    result = drive_round(server, parties, dropouts=silent)
+    return replace(result, cpu_seconds=dict(cpu))
 
-    def timed(name: str, fn, *args, **kw):
+
+class _TimedServer:
+    """A server session that charges its CPU time to ``server_<stage>`` (benchmarks read it)."""
+
+    def __init__(self, inner: SecAggServerSession, cpu: Counter[str], clock: Callable[[], float]) -> None:
+        self._inner, self._cpu, self._clock = inner, cpu, clock
+
+    @property
+    def stage(self) -> Stage:
+        return self._inner.stage
+
+    def outgoing(self) -> dict[str, bytes]:
+        t0 = self._clock()
+        try:
+            return self._inner.outgoing()
+        finally:
+            self._cpu[f"server_{stage_name(self._inner.stage)}"] += self._clock() - t0
+
+    def receive(self, sender: str, message: bytes) -> None:
+        t0 = self._clock()
+        try:
+            self._inner.receive(sender, message)
+        finally:
+            self._cpu[f"server_{stage_name(self._inner.stage)}"] += self._clock() - t0
+
+    def finish(self) -> IntegerSumResult:
+        return self._inner.finish()
+
+
+def _timed_party(respond, server: _TimedServer, cpu: Counter[str], clock: Callable[[], float]):
+    def timed(message: bytes) -> bytes | None:
         t0 = clock()
         try:
-            return fn(*args, **kw)
+            return respond(message)
         finally:
-            cpu[name] += clock() - t0
+            cpu[f"client_{stage_name(server.stage)}"] += clock() - t0
 
-    server = timed(
-        "server_setup", SecAggServer,
-        round_index=round_index, participants=ids, threshold=threshold, degree=degree, bits=bits,
-        length=length, signed_keys=signed, keep_masked=keep_masked, graph_seed=graph_seed,
-    )
-    clients = {
-        cid: SecAggClient(
-            cid, round_index=round_index, identity_key=identity_keys[cid] if signed else None, identity_keys=pki
-        )
-        for cid in ids
-    }
-    left: dict[str, Stage] = dict(silent)
-
-    def speaks(cid: str, stage: Stage) -> bool:
-        return left.get(cid, 4) > stage
-
-    setups = timed("server_setup", server.setup_messages)
-    for cid in ids:
-        if speaks(cid, Stage.ADVERTISE_KEYS):
-            msg = timed("client_advertise", clients[cid].advertise, setups[cid])
-            timed("server_advertise", server.receive_advertisement, msg)
-    lists = timed("server_advertise", server.key_lists)
-    for cid, msg in lists.items():
-        if speaks(cid, Stage.SHARE_KEYS):
-            try:
-                bundle = timed("client_share_keys", clients[cid].share_keys, msg)
-            except DropoutError:
-                left[cid] = Stage.SHARE_KEYS
-                continue
-            timed("server_share_keys", server.receive_shares, bundle)
-    deliveries = timed("server_share_keys", server.share_deliveries)
-    for cid, msg in deliveries.items():
-        if speaks(cid, Stage.MASKED_INPUT):
-            data = timed("client_masked_input", clients[cid].masked_input, msg, vector=vectors[cid])
-            timed("server_masked_input", server.receive_masked_input, data)
-            del data
-    requests = timed("server_unmask", server.unmask_requests)
-    for cid, msg in requests.items():
-        if speaks(cid, Stage.UNMASK):
-            data = timed("client_unmask", clients[cid].unmask, msg)
-            timed("server_unmask", server.receive_unmask, data)
-    total = timed("server_unmask", server.finish)
-    return IntegerSumResult(
-        total=total,
-        contributors=server.contributors,
-        dropped=tuple(sorted(left)),
-        bytes_up=dict(server.bytes_up),
-        bytes_down=dict(server.bytes_down),
-        threshold=server.threshold,
-        degree=server.degree,
-        masked_views=dict(server.masked_views),
-        cpu_seconds=dict(cpu),
-    )
+    return timed
