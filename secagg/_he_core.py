@@ -1,4 +1,18 @@
-"""Roles of homomorphic aggregation (key holder, client, server) and one in-process round.
+"""Roles of homomorphic aggregation (key holder, client, server), their round sessions, one in-process round.
+
+Each party of a round builds its own half from the backend (``CKKSSum``, ``BFVSum``)::
+
+    holder = backend.key_holder_session(round_index=r)        # key holder party: makes the keys
+    holder.server_context() -> bytes                          # to the server: public only
+    holder.client_context(client_id) -> bytes                 # to that client, out of the server's reach
+    holder.handle(aggregate: bytes) -> bytes                  # the decrypted sum (CKKS: flooded), once
+    backend.client_session(cid, round_index=r, participants=ids, rng=rng,
+                           keys=ClientKeys(he_context=client_context))
+    backend.server_session(round_index=r, participants=ids, length=d,
+                           public_context=server_context)
+
+The server session's batch 1 (stage MASKED_INPUT) asks each participant for its ciphertext,
+batch 2 (stage UNMASK) sends the aggregate to recipient ``secagg.KEY_HOLDER``.
 
 Shared by :mod:`secagg.ckks` and :mod:`secagg.bfv`. Every party exchanges bytes in the format
 of :mod:`secagg._he_wire`; every header names the scheme, preset, a fingerprint of the SEAL
@@ -17,16 +31,24 @@ Who sees what:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
 from . import _he_wire as wire
-from ._he_seal import SEAL_ERRORS, SealEngine, SealSpec, coeff_modulus_values, new_key_id, spec_fingerprint
+from ._he_seal import (
+    SEAL_ERRORS,
+    SealEngine,
+    SealSpec,
+    coeff_modulus_values,
+    new_key_id,
+    spec_fingerprint,
+)
 from ._he_tenseal import TensealEngine, is_private_tenseal_context
 from .base import Stage, SumResult, check_updates
 from .errors import DropoutError, KeyMaterialError, OverflowRiskError, ProtocolError
+from .session import KEY_HOLDER, ClientKeys, drive_round
 
 __all__ = [
     "ContextInfo",
@@ -38,7 +60,13 @@ __all__ = [
     "ckks_fresh_noise_coeff_bound",
     "ckks_largest_scale_bits",
     "data_modulus",
-    "run_round",
+    "HEClientSession",
+    "HEServerSession",
+    "KeyHolderSession",
+    "decryption_message",
+    "read_decryption",
+    "run_session_round",
+    "he_context",
 ]
 
 # SEAL samples fresh noise from a centred binomial distribution on [-21, 21] (sigma ~ 3.24), or,
@@ -465,13 +493,17 @@ class ClientBase(_Decrypting):
     def holds_secret_key(self) -> bool:
         return self._engine.holds_secret_key
 
-    def _seal(self, plain: np.ndarray, *, length: int, weight: float) -> bytes:
+    def _seal(self, plain: np.ndarray, *, length: int, weight: float, round_index: int | None) -> bytes:
         number = isinstance(weight, (int, float)) and not isinstance(weight, bool)
         if not (number and math.isfinite(weight) and weight > 0):
             raise ValueError(f"weight must be a finite number > 0, got {weight!r}")
+        if round_index is not None:
+            _check_round_index(round_index)
         blobs = self._engine.encrypt(plain)
         head = self._info.link() | {"client": self.client_id, "length": length, "weight": float(weight),
                                     "blobs": [str(i) for i in range(len(blobs))]}
+        if round_index is not None:
+            head["round"] = round_index
         return wire.pack(wire.CIPHERTEXT, head, blobs)
 
     def _check_vector(self, update: np.ndarray) -> int:
@@ -507,7 +539,9 @@ class HEServer:
             private TenSEAL context, a key holder object), or not a public context at all.
     """
 
-    def __init__(self, public_context: bytes) -> None:
+    def __init__(self, public_context: bytes, *, round_index: int | None = None) -> None:
+        if round_index is not None:
+            _check_round_index(round_index)
         if isinstance(public_context, (KeyHolderBase, ClientBase)) or is_private_tenseal_context(public_context):
             raise KeyMaterialError(
                 "the server refuses a context that holds a secret key (a key holder, a client object, a "
@@ -528,6 +562,7 @@ class HEServer:
             raise KeyMaterialError(f"{what} holds a secret key inside its {info.engine} context; refused")
         self._info = info
         self._engine = engine
+        self._round = round_index
         self._acc: list | None = None
         self._contributors: list[str] = []
         self._weight_sum = 0.0
@@ -552,8 +587,8 @@ class HEServer:
         """Check one client's ciphertext message and add it to the running sum.
 
         Raises:
-            ProtocolError: tampered/truncated bytes, a message of another client or key set, a
-                duplicate, or a vector length different from the others'.
+            ProtocolError: tampered/truncated bytes, a message of another client, key set or
+                round, a duplicate, or a vector length different from the others'.
             KeyMaterialError: a ciphertext made under other parameters than this context's.
             OverflowRiskError: more contributions than the ``max_clients`` the scale allows.
         """
@@ -567,6 +602,8 @@ class HEServer:
         _check_link(self._info, head, what=what)
         if head.get("client") != client_id:
             raise ProtocolError(f"{what} names client {head.get('client')!r} inside: swapped or replayed")
+        if head.get("round") != self._round:
+            raise ProtocolError(f"{what} is for round {head.get('round')!r}, this aggregate is for round {self._round!r}")
         if client_id in self._contributors:
             raise ProtocolError(f"{what}: client {client_id!r} already contributed to this aggregate")
         if len(self._contributors) >= self._info.max_clients:
@@ -602,6 +639,8 @@ class HEServer:
             "length": self._length, "count": len(self._contributors), "weight_sum": self._weight_sum,
             "contributors": list(self._contributors), "blobs": [str(i) for i in range(len(blobs))],
         }
+        if self._round is not None:
+            head["round"] = self._round
         return wire.pack(wire.AGGREGATE, head, blobs)
 
     def describe(self) -> dict[str, object]:
@@ -646,25 +685,317 @@ def describe_info(info: ContextInfo) -> dict[str, object]:
 
 
 # ---------------------------------------------------------------------------------------------
-# one in-process round
+# the decrypted sum on the wire
 # ---------------------------------------------------------------------------------------------
-def run_round(
-    *,
-    mode: str,
+def decryption_message(info: ContextInfo, result: DecryptedSum, *, round_index: int | None) -> bytes:
+    """The key holder's reply to the server: the decrypted sum (flooded for CKKS), nothing else."""
+    if info.scheme == "bfv":
+        values, dtype = np.ascontiguousarray(result.integer_total, dtype="<i8"), "i8"
+    else:
+        values, dtype = np.ascontiguousarray(result.total, dtype="<f8"), "f8"
+    head = info.link() | {
+        "round": round_index, "count": result.count, "contributors": list(result.contributors),
+        "length": int(values.size), "weight_sum": result.weight_sum, "dtype": dtype, "blobs": ["values"],
+    }
+    return wire.pack(wire.DECRYPTION, head, [values.tobytes()])
+
+
+def read_decryption(
+    info: ContextInfo, message: bytes, *, round_index: int | None, contributors: Sequence[str], length: int
+) -> np.ndarray:
+    """The values of a key holder's reply, checked against what the server itself aggregated.
+
+    Returns float64 (CKKS) or int64 (BFV) values.
+
+    Raises:
+        ProtocolError: tampered bytes, another kind, key set or round, or a reply about another
+            set of contributors or another length than the aggregate the server sent.
+    """
+    what = "decrypted sum"
+    env = wire.unpack(message, what=what)
+    if env.kind != wire.DECRYPTION:
+        raise ProtocolError(f"{what}: expected a decrypted sum, got a {env.kind_name}")
+    head = env.header
+    _check_link(info, head, what=what)
+    if head.get("round") != round_index:
+        raise ProtocolError(f"{what} is for round {head.get('round')!r}, this server runs round {round_index!r}")
+    if head.get("contributors") != list(contributors) or head.get("count") != len(contributors):
+        raise ProtocolError(f"{what} names contributors {head.get('contributors')!r}, the aggregate had {list(contributors)}")
+    dtype = {"bfv": "i8", "ckks": "f8"}[info.scheme]
+    if head.get("dtype") != dtype or head.get("length") != length or len(env.blobs) != 1 or len(env.blobs[0]) != 8 * length:
+        raise ProtocolError(f"{what}: expected {length} values of type {dtype} in one blob")
+    values = np.frombuffer(env.blobs[0], dtype="<" + dtype).astype(np.int64 if dtype == "i8" else np.float64)
+    if info.scheme == "ckks" and not np.all(np.isfinite(values)):
+        raise ProtocolError(f"{what} holds NaN or Inf")
+    return values
+
+
+# ---------------------------------------------------------------------------------------------
+# the parties' halves of one round (see secagg.session)
+# ---------------------------------------------------------------------------------------------
+def _check_round_index(round_index: int) -> None:
+    if isinstance(round_index, bool) or not isinstance(round_index, int) or round_index < 0:
+        raise ValueError(f"round_index must be an int >= 0, got {round_index!r}")
+
+
+def he_context(keys: ClientKeys | None, client_id: str) -> bytes:
+    """The HE client context in a client's keys.
+
+    Raises:
+        KeyMaterialError: ``keys`` is None or holds no HE context.
+    """
+    context = getattr(keys, "he_context", None)
+    if context is None:
+        raise KeyMaterialError(
+            f"client {client_id!r} needs ClientKeys(he_context=...) with the key holder's client_context({client_id!r})"
+        )
+    return context
+
+
+def _request(info: ContextInfo, *, round_index: int, length: int) -> bytes:
+    head = info.link() | {"round": round_index, "length": length, "blobs": []}
+    return wire.pack(wire.REQUEST, head, [])
+
+
+class KeyHolderSession:
+    """The key holder party of one round: it made the round's keys and decrypts one aggregate.
+
+    It gives the server :meth:`server_context` (parameters and public key only) and each client
+    :meth:`client_context` (outside the server's reach); it answers the server's request, the
+    aggregate ciphertext addressed to :data:`secagg.KEY_HOLDER`, with :meth:`handle`. It decrypts at
+    most one aggregate, of this round only: CKKS flooding is sized for one decryption per key set.
+
+    What it sees: the aggregate and its public header (contributors, length, weight sum), and the
+    decrypted sum, which it releases flooded (CKKS) or exact (BFV).
+    """
+
+    def __init__(self, holder: KeyHolderBase, *, round_index: int) -> None:
+        _check_round_index(round_index)
+        self._holder = holder
+        self.round_index = round_index
+        self.name = holder.name
+        self._answered = False
+
+    @property
+    def info(self) -> ContextInfo:
+        """The public parameters of this round's key set."""
+        return self._holder.info
+
+    def server_context(self) -> bytes:
+        """The public context, for the server (never holds the secret key)."""
+        return self._holder.public_context()
+
+    def client_context(self, client_id: str) -> bytes:
+        """What client ``client_id`` holds: the public key, or the secret key in symmetric presets."""
+        if not isinstance(client_id, str) or not client_id:
+            raise TypeError(f"client_id must be a non-empty str, got {client_id!r}")
+        return self._holder.client_context(include_secret_key=self.info.encryption == "symmetric")
+
+    def handle(self, message: bytes) -> bytes:
+        """Decrypt the server's aggregate of this round, once, and return the decrypted sum's bytes.
+
+        Raises:
+            ProtocolError: not an aggregate of this round and key set, a second request, or a
+                plaintext outside the range the contributions allow.
+        """
+        reply = _answer_aggregate(self._holder, message, round_index=self.round_index, answered=self._answered)
+        self._answered = True
+        return reply
+
+
+def _answer_aggregate(party: _Decrypting, message: bytes, *, round_index: int, answered: bool) -> bytes:
+    env = wire.unpack(message, what="aggregate")
+    if env.kind != wire.AGGREGATE:
+        raise ProtocolError(f"expected an aggregate ciphertext, got a {env.kind_name}")
+    if env.header.get("round") != round_index:
+        raise ProtocolError(f"aggregate is for round {env.header.get('round')!r}, this key set is for round {round_index}")
+    if answered:
+        raise ProtocolError(
+            f"a second decryption request in round {round_index}: this key set decrypts one aggregate only "
+            "(flooding is sized for one decryption)"
+        )
+    return decryption_message(party.info, party._decrypt(message), round_index=round_index)
+
+
+class HEClientSession:
+    """One client's half of an HE round: it encrypts its vector and answers the server's request.
+
+    Holds its client context (public key, or the secret key in symmetric presets). Where it holds
+    the secret key it also decrypts, once, an aggregate the server sends it when the key holder
+    is silent (symmetric presets only).
+    """
+
+    def __init__(
+        self, client: ClientBase, *, round_index: int, participants: Sequence[str], encrypt: Callable[[np.ndarray], bytes]
+    ) -> None:
+        _check_round_index(round_index)
+        if client.client_id not in participants:
+            raise ValueError(f"client {client.client_id!r} is not among the round's participants")
+        self.client_id = client.client_id
+        self.round_index = round_index
+        self._client = client
+        self._encrypt = encrypt
+        self._message: bytes | None = None
+        self._decrypted = False
+
+    def set_input(self, vector: np.ndarray) -> None:
+        """Encrypt the client's vector (BFV quantizes it with the session's own randomness)."""
+        self._message = self._encrypt(vector)
+
+    def handle(self, message: bytes) -> bytes | None:
+        """The ciphertext for the server's request, or (secret-key holders) the decrypted aggregate.
+
+        Raises:
+            ProtocolError: a message of another round or key set, a request for another length,
+                no input yet, or a second decryption request.
+            KeyMaterialError: an aggregate sent to a client without the secret key.
+        """
+        env = wire.unpack(message, what=f"message to client {self.client_id!r}")
+        if env.kind == wire.AGGREGATE:
+            if not self._client.holds_secret_key:
+                raise KeyMaterialError(f"client {self.client_id!r} holds no secret key; the key holder decrypts")
+            reply = _answer_aggregate(self._client, message, round_index=self.round_index, answered=self._decrypted)
+            self._decrypted = True
+            return reply
+        if env.kind != wire.REQUEST:
+            raise ProtocolError(f"client {self.client_id!r} expected a ciphertext request, got a {env.kind_name}")
+        _check_link(self._client.info, env.header, what="ciphertext request")
+        if env.header.get("round") != self.round_index:
+            raise ProtocolError(
+                f"client {self.client_id!r} runs round {self.round_index}, the request is for round {env.header.get('round')!r}"
+            )
+        if self._message is None:
+            raise ProtocolError(f"client {self.client_id!r} was asked for its ciphertext before it had an input")
+        if env.header.get("length") != wire.unpack(self._message, what="own ciphertext").header["length"]:
+            raise ProtocolError(f"client {self.client_id!r}: the request asks for length {env.header.get('length')!r}")
+        return self._message
+
+
+class HEServerSession:
+    """The server's half of an HE round; it holds only the public context.
+
+    Batch 1 (stage MASKED_INPUT) asks every participant for its ciphertext and adds the replies;
+    batch 2 (stage UNMASK) sends the aggregate to :data:`secagg.KEY_HOLDER`. In symmetric presets,
+    where every client holds the secret key, a silent key holder is replaced by one contributor
+    at a time, each in its own batch. ``finish`` returns the decoded sum and the error bound the
+    server computes itself from the public parameters.
+
+    Raises (constructor):
+        KeyMaterialError: a context holding a secret key, as :class:`HEServer`.
+    """
+
+    def __init__(self, *, round_index: int, participants: Sequence[str], length: int, public_context: bytes, mode: str) -> None:
+        _check_round_index(round_index)
+        if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+            raise ValueError(f"length must be an int >= 1, got {length!r}")
+        self._server = HEServer(public_context, round_index=round_index)
+        self.round_index = round_index
+        self.mode = mode
+        self._participants = tuple(sorted(participants))
+        self._length = length
+        self._stage = Stage.MASKED_INPUT
+        self._step = 0
+        self._aggregate: bytes | None = None
+        self._decryptors: list[str] = []
+        self._asked: str | None = None
+        self._values: np.ndarray | None = None
+        self.bytes_up = {"ciphertext": 0, "decryption": 0}
+        self.bytes_down = {"request": 0, "aggregate": 0}
+
+    @property
+    def stage(self) -> Stage:
+        return self._stage
+
+    def outgoing(self) -> dict[str, bytes]:
+        """Requests to every participant; then the aggregate to the key holder (or a stand-in).
+
+        Raises:
+            DropoutError: no one who holds the secret key answered the decryption request.
+        """
+        info = self._server.info
+        if self._step == 0:
+            self._step = 1
+            request = _request(info, round_index=self.round_index, length=self._length)
+            self.bytes_down["request"] += len(request) * len(self._participants)
+            return {cid: request for cid in self._participants}
+        if self._values is not None or not self._server.contributors:
+            return {}
+        if self._aggregate is None:
+            self._aggregate = self._server.result()
+            self._stage = Stage.UNMASK
+            self._decryptors = [KEY_HOLDER]
+            if info.encryption == "symmetric":
+                self._decryptors += sorted(self._server.contributors)
+        if not self._decryptors:
+            who = "key holder or contributor" if info.encryption == "symmetric" else "key holder"
+            raise DropoutError(
+                f"round {self.round_index}: no {who} answered the decryption request; in preset {info.preset!r} "
+                + ("every contributor was asked in turn" if info.encryption == "symmetric"
+                   else "no one else holds the secret key to decrypt the aggregate")
+            )
+        self._asked = self._decryptors.pop(0)
+        self.bytes_down["aggregate"] += len(self._aggregate)
+        return {self._asked: self._aggregate}
+
+    def receive(self, sender: str, message: bytes) -> None:
+        """A ciphertext (stage MASKED_INPUT) or the decrypted sum (stage UNMASK).
+
+        Raises:
+            ProtocolError: a message from a party that was not asked, or one that fails its checks.
+        """
+        if self._stage == Stage.MASKED_INPUT:
+            if sender not in self._participants:
+                raise ProtocolError(f"ciphertext from {sender!r}, who is not a participant of round {self.round_index}")
+            self._server.add(sender, message)
+            self.bytes_up["ciphertext"] += len(message)
+            return
+        if sender != self._asked or self._values is not None:
+            raise ProtocolError(f"a decrypted sum from {sender!r}, who was not asked for one")
+        self._values = read_decryption(
+            self._server.info, message, round_index=self.round_index,
+            contributors=self._server.contributors, length=self._length,
+        )
+        self.bytes_up["decryption"] += len(message)
+
+    def finish(self) -> SumResult:
+        """The decoded sum of the contributors, with the stated bound for their count."""
+        info = self._server.info
+        contributors = tuple(sorted(self._server.contributors))
+        dropped = tuple(c for c in self._participants if c not in contributors)
+        if not contributors:
+            total, bound = np.zeros(self._length, dtype=np.float64), 0.0
+        elif self._values is None:
+            raise ProtocolError("finish() before the decrypted sum arrived")
+        else:
+            total = self._values * info.step if info.scheme == "bfv" else self._values
+            bound = info.error_bound(len(contributors))
+        return SumResult(
+            total=np.asarray(total, dtype=np.float64), contributors=contributors, dropped=dropped,
+            bytes_up=dict(self.bytes_up), bytes_down=dict(self.bytes_down), max_abs_error=bound, mode=self.mode,
+        )
+
+
+def run_session_round(
+    backend,
     updates: Mapping[str, np.ndarray],
+    *,
+    round_index: int,
+    rng: np.random.Generator,
     dropouts: Mapping[str, Stage] | None,
-    value_bound: float,
-    max_clients: int,
+    value_bound: float | None,
+    max_clients: int | None,
     key_holder: str | None,
-    make_key_holder: Callable[[str], KeyHolderBase],
-    make_client: Callable[[bytes, str], ClientBase],
-    encrypt: Callable[[ClientBase, np.ndarray], bytes],
 ) -> SumResult:
-    """Run one HE round in process: keys, client encryption, server sum, decryption.
+    """One round in process: the key holder, client and server sessions through ``drive_round``.
+
+    ``backend`` provides ``key_holder_session``, ``client_session`` and ``server_session`` (an HE
+    backend, or :class:`secagg.SelectiveSum` over any backends with sessions); ``value_bound`` and
+    ``max_clients`` (None: left to the sessions) are checked before any party runs.
 
     Stages as in masked rounds: silent from ADVERTISE_KEYS means the client never received a
     context; silent from SHARE_KEYS or MASKED_INPUT means no ciphertext; silent only at UNMASK
-    means its ciphertext was sent and counts (it just does not help decrypt).
+    means its ciphertext was sent and counts. A named key holder client is one party with the
+    key holder: silent together.
 
     Raises:
         ValueError / TypeError: as :func:`secagg.check_updates`, or dropouts naming unknown clients.
@@ -672,70 +1003,46 @@ def run_round(
         DropoutError: the named key holder went silent before keys were out, or no one who
             holds the secret key is left to decrypt.
     """
-    ids, _length = check_updates(updates, value_bound=value_bound)
+    ids, length = check_updates(updates, value_bound=value_bound)
     dropouts = dict(dropouts or {})
     for cid, stage in dropouts.items():
         if cid not in updates:
             raise ValueError(f"dropouts names client {cid!r}, which has no update in this round")
         if not isinstance(stage, Stage):
             raise TypeError(f"dropouts[{cid!r}] must be a secagg.Stage, got {stage!r}")
-    if len(ids) > max_clients:
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+    if max_clients is not None and len(ids) > max_clients:
         raise OverflowRiskError(
             f"{len(ids)} clients in this round, but the encoding was sized for max_clients={max_clients}"
         )
-    contributors = [c for c in ids if dropouts.get(c, Stage.UNMASK) >= Stage.UNMASK]
-    dropped = tuple(sorted(dropouts))
-    holder_name = key_holder if key_holder is not None else "key-service"
-    holder_stage = dropouts.get(key_holder) if key_holder is not None else None
-    if holder_stage == Stage.ADVERTISE_KEYS:
+    if key_holder is not None and dropouts.get(key_holder) == Stage.ADVERTISE_KEYS:
         raise DropoutError(
             f"key holder {key_holder!r} went silent at ADVERTISE_KEYS, before any key was distributed; "
             "nothing was encrypted or revealed"
         )
-    holder = make_key_holder(holder_name)
-    public_ctx = holder.public_context()
-    server = HEServer(public_ctx)
-    symmetric = holder.info.encryption == "symmetric"
-    client_ctx = holder.client_context(include_secret_key=symmetric)
-    receivers = [c for c in ids if dropouts.get(c) != Stage.ADVERTISE_KEYS and c != key_holder]
-    bytes_up = {"public_context": len(public_ctx), "ciphertext": 0}
-    bytes_down = {"client_context": len(client_ctx) * len(receivers), "aggregate": 0}
-    clients: dict[str, ClientBase] = {}
-    for cid in contributors:
-        context = holder.client_context(include_secret_key=True) if cid == key_holder else client_ctx
-        clients[cid] = make_client(context, cid)
-        message = encrypt(clients[cid], updates[cid])
-        bytes_up["ciphertext"] += len(message)
-        server.add(cid, message)
-    if not contributors:
-        total = np.zeros(_length, dtype=np.float64)
-        return SumResult(total=total, contributors=(), dropped=dropped, bytes_up=bytes_up,
-                         bytes_down=bytes_down, max_abs_error=0.0, mode=mode)
-    aggregate = server.result()
-    bytes_down["aggregate"] = len(aggregate)
-    if holder_stage is None:
-        decrypted = holder.decrypt(aggregate)
-    elif symmetric:
-        alive = [c for c in contributors if c not in dropouts and c != key_holder]
-        if not alive:
-            raise DropoutError(
-                f"key holder {key_holder!r} went silent at {holder_stage.name} and no other client holding "
-                "the secret key is left to decrypt the aggregate"
-            )
-        decrypted = clients[alive[0]].decrypt(aggregate)
-    else:
-        raise DropoutError(
-            f"key holder {key_holder!r} went silent at {holder_stage.name}; in public-key preset "
-            f"{holder.info.preset!r} no one else holds the secret key to decrypt the aggregate"
+    holder = backend.key_holder_session(round_index=round_index)
+    public = holder.server_context()
+    server = backend.server_session(round_index=round_index, participants=ids, length=length, public_context=public)
+    parties = {KEY_HOLDER: holder.handle}
+    bytes_down = 0
+    for cid, client_rng in zip(ids, rng.spawn(len(ids))):
+        if dropouts.get(cid) == Stage.ADVERTISE_KEYS:
+            continue  # it never received its context
+        context = holder.client_context(cid)
+        bytes_down += len(context)
+        session = backend.client_session(
+            cid, round_index=round_index, participants=ids, rng=client_rng, keys=ClientKeys(he_context=context)
         )
-    if tuple(sorted(decrypted.contributors)) != tuple(contributors):
-        raise ProtocolError(f"aggregate names contributors {decrypted.contributors}, expected {contributors}")
-    return SumResult(
-        total=decrypted.total,
-        contributors=tuple(contributors),
-        dropped=dropped,
-        bytes_up=bytes_up,
-        bytes_down=bytes_down,
-        max_abs_error=decrypted.max_abs_error,
-        mode=mode,
+        session.set_input(updates[cid])
+        parties[cid] = session.handle
+    silent = dict(dropouts)
+    if key_holder is not None and key_holder in dropouts:
+        silent[KEY_HOLDER] = dropouts[key_holder]
+    result = drive_round(server, parties, dropouts=silent)
+    return replace(
+        result,
+        dropped=tuple(c for c in result.dropped if c != KEY_HOLDER),
+        bytes_up={"public_context": len(public), **result.bytes_up},
+        bytes_down={"client_context": bytes_down, **result.bytes_down},
     )

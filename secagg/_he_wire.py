@@ -6,7 +6,10 @@ one place with :class:`~secagg.errors.ProtocolError`::
     offset   size  field
     0        4     magic b"PFHE"
     4        1     format version (1)
-    5        1     kind: 1 public context, 2 client context, 3 client ciphertext, 4 aggregate
+    5        1     kind: 1 public context, 2 client context, 3 client ciphertext, 4 aggregate,
+                   5 request (server -> client: "send your ciphertext for this round"; no blobs),
+                   6 decryption (key holder -> server: the decrypted sum, one blob "values" of
+                   little-endian float64 (CKKS, flooded) or int64 (BFV) numbers)
     6        4     H: length of the header (uint32, big endian, at most 65,536)
     10       H     header: a UTF-8 JSON object (scheme, preset, parameter fingerprint, key id,
                    scale, bounds, vector length, blob names, ...)
@@ -30,7 +33,18 @@ from typing import Mapping, Sequence
 
 from .errors import ProtocolError
 
-__all__ = ["Envelope", "pack", "unpack", "KIND_NAMES", "PUBLIC_CONTEXT", "CLIENT_CONTEXT", "CIPHERTEXT", "AGGREGATE"]
+__all__ = [
+    "Envelope",
+    "pack",
+    "unpack",
+    "KIND_NAMES",
+    "PUBLIC_CONTEXT",
+    "CLIENT_CONTEXT",
+    "CIPHERTEXT",
+    "AGGREGATE",
+    "REQUEST",
+    "DECRYPTION",
+]
 
 MAGIC = b"PFHE"
 VERSION = 1
@@ -38,11 +52,15 @@ PUBLIC_CONTEXT = 1
 CLIENT_CONTEXT = 2
 CIPHERTEXT = 3
 AGGREGATE = 4
+REQUEST = 5
+DECRYPTION = 6
 KIND_NAMES = {
     PUBLIC_CONTEXT: "public context",
     CLIENT_CONTEXT: "client context",
     CIPHERTEXT: "client ciphertext",
     AGGREGATE: "aggregate ciphertext",
+    REQUEST: "ciphertext request",
+    DECRYPTION: "decrypted sum",
 }
 _MAX_HEADER = 65_536
 _MAX_BLOBS = 1 << 24

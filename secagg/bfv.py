@@ -18,14 +18,27 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 
-from ._he_core import NOISE_MAX, ClientBase, DecryptedSum, HEServer, KeyHolderBase, data_modulus, run_round
+from ._he_core import (
+    NOISE_MAX,
+    ClientBase,
+    DecryptedSum,
+    HEClientSession,
+    HEServer,
+    HEServerSession,
+    KeyHolderBase,
+    KeyHolderSession,
+    data_modulus,
+    he_context,
+    run_session_round,
+)
 from ._he_seal import plain_modulus_value
 from .base import Stage, SumResult
-from .errors import OverflowRiskError
+from .errors import KeyMaterialError, OverflowRiskError
+from .session import ClientKeys
 
 __all__ = [
     "BFVPreset",
@@ -229,15 +242,19 @@ class BFVClient(ClientBase):
     def __init__(self, client_context: bytes, *, client_id: str) -> None:
         super().__init__(client_context, client_id=client_id, scheme="bfv")
 
-    def encrypt(self, update: np.ndarray, *, rng: np.random.Generator, weight: float = 1.0) -> bytes:
+    def encrypt(
+        self, update: np.ndarray, *, rng: np.random.Generator, weight: float = 1.0, round_index: int | None = None
+    ) -> bytes:
         """Quantize ``update`` (already weighted) with stochastic rounding from ``rng`` and encrypt it.
+
+        ``round_index`` binds the message to one round (a server made for that round refuses others).
 
         Raises:
             ValueError: NaN/Inf, a coordinate beyond value_bound, or a bad weight.
         """
         length = self._check_vector(update)
         ints = quantize(update, step=self._info.step, levels=self._info.levels, rng=rng)
-        return self._seal(self._padded(ints, np.int64), length=length, weight=weight)
+        return self._seal(self._padded(ints, np.int64), length=length, weight=weight, round_index=round_index)
 
 
 class BFVSum:
@@ -281,6 +298,47 @@ class BFVSum:
             "Message digests detect corruption, not an active attacker."
         )
 
+    def key_holder_session(self, *, round_index: int) -> KeyHolderSession:
+        """The key holder party of one round: fresh keys, contexts for server and clients, one decryption."""
+        name = self.key_holder if self.key_holder is not None else "key-service"
+        holder = BFVKeyHolder(
+            self.preset, value_bound=self.value_bound, max_clients=self.max_clients, quant_bits=self.quant_bits, name=name
+        )
+        return KeyHolderSession(holder, round_index=round_index)
+
+    def client_session(
+        self,
+        client_id: str,
+        *,
+        round_index: int,
+        participants: Sequence[str],
+        rng: np.random.Generator,
+        keys: ClientKeys | None,
+    ) -> HEClientSession:
+        """A client's half: quantizes with its own ``rng`` (stochastic rounding) and encrypts.
+
+        Raises:
+            KeyMaterialError: no HE context in ``keys``, or one this client cannot encrypt with.
+            TypeError: ``rng`` is not a numpy Generator.
+        """
+        if not isinstance(rng, np.random.Generator):
+            raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+        client = BFVClient(he_context(keys, client_id), client_id=client_id)
+        return HEClientSession(
+            client, round_index=round_index, participants=participants,
+            encrypt=lambda vec: client.encrypt(vec, rng=rng, round_index=round_index),
+        )
+
+    def server_session(
+        self, *, round_index: int, participants: Sequence[str], length: int, public_context: bytes | None = None
+    ) -> HEServerSession:
+        """The server's half; ``public_context`` is the key holder's ``server_context()``."""
+        if public_context is None:
+            raise KeyMaterialError("a BFV server session needs the key holder's server_context() bytes, got None")
+        return HEServerSession(
+            round_index=round_index, participants=participants, length=length, public_context=public_context, mode=self.mode
+        )
+
     def aggregate(
         self,
         updates: Mapping[str, np.ndarray],
@@ -289,22 +347,10 @@ class BFVSum:
         rng: np.random.Generator,
         dropouts: Mapping[str, Stage] | None = None,
     ) -> SumResult:
-        """Run one round; ``rng`` drives the stochastic rounding (clients in sorted id order)."""
-        if not isinstance(rng, np.random.Generator):
-            raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
-        return run_round(
-            mode=self.mode,
-            updates=updates,
-            dropouts=dropouts,
-            value_bound=self.value_bound,
-            max_clients=self.max_clients,
-            key_holder=self.key_holder,
-            make_key_holder=lambda name: BFVKeyHolder(
-                self.preset, value_bound=self.value_bound, max_clients=self.max_clients,
-                quant_bits=self.quant_bits, name=name,
-            ),
-            make_client=lambda context, cid: BFVClient(context, client_id=cid),
-            encrypt=lambda client, vec: client.encrypt(vec, rng=rng),
+        """Run one round through the parties' sessions; ``rng`` is split among the clients' roundings."""
+        return run_session_round(
+            self, updates, round_index=round_index, rng=rng, dropouts=dropouts,
+            value_bound=self.value_bound, max_clients=self.max_clients, key_holder=self.key_holder,
         )
 
     def describe(self) -> dict[str, object]:

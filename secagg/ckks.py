@@ -28,22 +28,27 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 
 from ._he_core import (
     ClientBase,
     DecryptedSum,
+    HEClientSession,
     HEServer,
+    HEServerSession,
     KeyHolderBase,
+    KeyHolderSession,
     ckks_error_bound,
     ckks_largest_scale_bits,
     data_modulus,
-    run_round,
+    he_context,
+    run_session_round,
 )
 from .base import Stage, SumResult
-from .errors import OverflowRiskError
+from .errors import KeyMaterialError, OverflowRiskError
+from .session import ClientKeys
 
 __all__ = [
     "CKKSPreset",
@@ -54,6 +59,7 @@ __all__ = [
     "HEServer",
     "DecryptedSum",
     "CKKSSum",
+    "KeyHolderSession",
 ]
 
 
@@ -254,15 +260,18 @@ class CKKSClient(ClientBase):
     def __init__(self, client_context: bytes, *, client_id: str) -> None:
         super().__init__(client_context, client_id=client_id, scheme="ckks")
 
-    def encrypt(self, update: np.ndarray, *, weight: float = 1.0) -> bytes:
+    def encrypt(self, update: np.ndarray, *, weight: float = 1.0, round_index: int | None = None) -> bytes:
         """Encrypt ``update`` (already multiplied by ``weight``); ``weight`` travels in the clear.
+
+        ``round_index`` binds the message to one round (a server made for that round refuses others).
 
         Raises:
             ValueError: NaN/Inf, a coordinate beyond value_bound, an empty or non-1-D vector, or
                 a weight that is not a finite positive number.
         """
         length = self._check_vector(update)
-        return self._seal(self._padded(update.astype(np.float64), np.float64), length=length, weight=weight)
+        plain = self._padded(update.astype(np.float64), np.float64)
+        return self._seal(plain, length=length, weight=weight, round_index=round_index)
 
 
 class CKKSSum:
@@ -297,6 +306,49 @@ class CKKSSum:
         self.scale = self.preset.scale_for(value_bound=value_bound, max_clients=max_clients)
         self.trust_model = _trust_model(self.preset, key_holder)
 
+    def key_holder_session(self, *, round_index: int) -> KeyHolderSession:
+        """The key holder party of one round: fresh keys, contexts for server and clients, one decryption.
+
+        Runs in the key holder's party (a key service, or the named ``key_holder`` client's party).
+        """
+        name = self.key_holder if self.key_holder is not None else "key-service"
+        holder = CKKSKeyHolder(self.preset, value_bound=self.value_bound, max_clients=self.max_clients, name=name)
+        return KeyHolderSession(holder, round_index=round_index)
+
+    def client_session(
+        self,
+        client_id: str,
+        *,
+        round_index: int,
+        participants: Sequence[str],
+        rng: np.random.Generator,
+        keys: ClientKeys | None,
+    ) -> HEClientSession:
+        """A client's half: encrypts under ``keys.he_context`` (``rng`` is unused: SEAL's CSPRNG encrypts).
+
+        Raises:
+            KeyMaterialError: no HE context in ``keys``, or one this client cannot encrypt with.
+        """
+        client = CKKSClient(he_context(keys, client_id), client_id=client_id)
+        return HEClientSession(
+            client, round_index=round_index, participants=participants,
+            encrypt=lambda vec: client.encrypt(vec, round_index=round_index),
+        )
+
+    def server_session(
+        self, *, round_index: int, participants: Sequence[str], length: int, public_context: bytes | None = None
+    ) -> HEServerSession:
+        """The server's half; ``public_context`` is the key holder's ``server_context()``.
+
+        Raises:
+            KeyMaterialError: a context that holds a secret key (or none at all).
+        """
+        if public_context is None:
+            raise KeyMaterialError("a CKKS server session needs the key holder's server_context() bytes, got None")
+        return HEServerSession(
+            round_index=round_index, participants=participants, length=length, public_context=public_context, mode=self.mode
+        )
+
     def aggregate(
         self,
         updates: Mapping[str, np.ndarray],
@@ -305,25 +357,18 @@ class CKKSSum:
         rng: np.random.Generator,
         dropouts: Mapping[str, Stage] | None = None,
     ) -> SumResult:
-        """Run one encrypted round; ``rng`` is unused (encryption randomness comes from SEAL's CSPRNG).
+        """Run one encrypted round in process through the parties' sessions and :func:`secagg.drive_round`.
+
+        ``rng`` is split among the client sessions (CKKS does not use it: SEAL's CSPRNG encrypts).
 
         Raises:
             ValueError / TypeError: bad updates or dropouts (naming the client).
             OverflowRiskError: more clients than ``max_clients``.
             DropoutError: the key holder is gone and no one else can decrypt.
         """
-        return run_round(
-            mode=self.mode,
-            updates=updates,
-            dropouts=dropouts,
-            value_bound=self.value_bound,
-            max_clients=self.max_clients,
-            key_holder=self.key_holder,
-            make_key_holder=lambda name: CKKSKeyHolder(
-                self.preset, value_bound=self.value_bound, max_clients=self.max_clients, name=name
-            ),
-            make_client=lambda context, cid: CKKSClient(context, client_id=cid),
-            encrypt=lambda client, vec: client.encrypt(vec),
+        return run_session_round(
+            self, updates, round_index=round_index, rng=rng, dropouts=dropouts,
+            value_bound=self.value_bound, max_clients=self.max_clients, key_holder=self.key_holder,
         )
 
     def max_abs_error(self, num_clients: int) -> float:

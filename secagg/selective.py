@@ -17,15 +17,30 @@ from __future__ import annotations
 import base64
 import hashlib
 import math
-from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
+import struct
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from ._he_core import run_session_round
 from .base import SecureSum, Stage, SumResult, check_updates
 from .errors import ProtocolError
+from .session import ClientKeys, ClientSession, ServerSession
 
-__all__ = ["Selection", "select_by_name", "select_top_fraction", "select_indices", "SelectiveSum"]
+__all__ = [
+    "Selection",
+    "select_by_name",
+    "select_top_fraction",
+    "select_indices",
+    "SelectiveSum",
+    "SelectiveClientSession",
+    "SelectiveServerSession",
+    "SelectiveKeyHolderSession",
+    "SELECTIVE_FORMAT",
+    "pack_parts",
+    "unpack_parts",
+]
 
 _MAX_LISTED_RANGES = 256
 
@@ -176,6 +191,217 @@ def select_top_fraction(
     )
 
 
+SELECTIVE_FORMAT = """Selective message: the two sub-backends' messages for one party, in one envelope.
+
+    magic     4 bytes   b"PFSL"
+    version   1 byte    1
+    then twice, first the encrypted path's part, then the rest path's:
+      present 1 byte    0 (no message on this path) or 1
+      length  8 bytes   unsigned big-endian L (only when present)
+      bytes   L bytes   the sub-backend's own message, in its own documented format
+
+Used for every message of a selective round (requests, replies, the key holder's contexts and
+decryptions), so that one batch can carry both sub-messages for one recipient.
+"""
+
+_SEL_MAGIC = b"PFSL"
+_SEL_VERSION = 1
+_PATHS = ("encrypted", "rest")
+
+
+def pack_parts(parts: Mapping[str, bytes | None]) -> bytes:
+    """One envelope holding the ``"encrypted"`` and ``"rest"`` parts (either may be None)."""
+    out = [_SEL_MAGIC, bytes([_SEL_VERSION])]
+    for path in _PATHS:
+        part = parts.get(path)
+        if part is None:
+            out.append(b"\x00")
+        else:
+            out += [b"\x01", struct.pack(">Q", len(part)), bytes(part)]
+    return b"".join(out)
+
+
+def unpack_parts(data: bytes, *, what: str) -> dict[str, bytes | None]:
+    """The parts of an envelope by path.
+
+    Raises:
+        ProtocolError: not bytes of this format, truncated, or trailing bytes.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ProtocolError(f"{what} must be bytes, got {type(data).__name__}")
+    data = bytes(data)
+    if data[:4] != _SEL_MAGIC or len(data) < 5 or data[4] != _SEL_VERSION:
+        raise ProtocolError(f"{what} is not a selective envelope of version {_SEL_VERSION} (starts {data[:5]!r})")
+    at, parts = 5, {}  # type: tuple[int, dict[str, bytes | None]]
+    for path in _PATHS:
+        if at >= len(data) or data[at] not in (0, 1):
+            raise ProtocolError(f"{what} is truncated or malformed at the {path} part's flag")
+        present, at = data[at], at + 1
+        if not present:
+            parts[path] = None
+            continue
+        if at + 8 > len(data):
+            raise ProtocolError(f"{what} is truncated inside the {path} part's length")
+        (length,) = struct.unpack_from(">Q", data, at)
+        at += 8
+        if at + length > len(data):
+            raise ProtocolError(f"{what}: the {path} part declares {length} bytes, {len(data) - at} remain")
+        parts[path], at = data[at : at + length], at + length
+    if at != len(data):
+        raise ProtocolError(f"{what} has {len(data) - at} trailing bytes")
+    return parts
+
+
+def _needs_sessions(name: str, backend: object) -> None:
+    for method in ("client_session", "server_session"):
+        if not callable(getattr(backend, method, None)):
+            raise TypeError(f"{name} backend {type(backend).__name__} has no {method}(); selective rounds run its sessions")
+
+
+class SelectiveKeyHolderSession:
+    """The key holder party of a selective round: the sub-backends' key holders behind one envelope.
+
+    A path whose backend has no key holder (plaintext, masked) has no part in its contexts.
+    """
+
+    def __init__(self, holders: Mapping[str, Any]) -> None:
+        self._holders = dict(holders)
+
+    def server_context(self) -> bytes:
+        """Both paths' public contexts (envelope)."""
+        return pack_parts({p: h.server_context() for p, h in self._holders.items()})
+
+    def client_context(self, client_id: str) -> bytes:
+        """Both paths' client contexts for ``client_id`` (envelope)."""
+        return pack_parts({p: h.client_context(client_id) for p, h in self._holders.items()})
+
+    def handle(self, message: bytes) -> bytes | None:
+        """Answer the decryption requests of the paths it holds keys for.
+
+        Raises:
+            ProtocolError: a part for a path without a key holder, or as the sub-holders raise.
+        """
+        replies = {}
+        for path, part in unpack_parts(message, what="message to the key holder").items():
+            if part is None:
+                continue
+            if path not in self._holders:
+                raise ProtocolError(f"the {path} path has no key holder, yet the key holder got a message for it")
+            replies[path] = self._holders[path].handle(part)
+        return pack_parts(replies) if any(r is not None for r in replies.values()) else None
+
+
+class SelectiveClientSession:
+    """A client's half: it splits its vector and runs one sub-session per path that has coordinates."""
+
+    def __init__(self, owner: SelectiveSum, client_id: str, *, round_index: int, participants: Sequence[str],
+                 rng: np.random.Generator, keys: ClientKeys | None) -> None:
+        if not isinstance(rng, np.random.Generator):
+            raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+        self.client_id = client_id
+        self._owner = owner
+        self._args = {"round_index": round_index, "participants": participants}
+        self._rngs = dict(zip(_PATHS, rng.spawn(2)))
+        contexts: dict[str, bytes | None] = {p: None for p in _PATHS}
+        if keys is not None and keys.he_context is not None:
+            contexts = unpack_parts(keys.he_context, what=f"context of client {client_id!r}")
+        base = keys if keys is not None else ClientKeys()
+        self._keys = {p: replace(base, he_context=contexts[p]) for p in _PATHS}
+        self._sessions: dict[str, ClientSession] = {}
+
+    def set_input(self, vector: np.ndarray) -> None:
+        """Split ``vector`` by the selection and give each path its coordinates."""
+        check_updates({self.client_id: vector})
+        mask = self._owner.selection.mask(vector.size)
+        for path, part in zip(_PATHS, (mask, ~mask)):
+            if part.any():
+                backend: Any = self._owner.backends[path]
+                session = backend.client_session(self.client_id, rng=self._rngs[path], keys=self._keys[path], **self._args)
+                session.set_input(vector[part])
+                self._sessions[path] = session
+
+    def handle(self, message: bytes) -> bytes | None:
+        """Hand each part to its path's sub-session; one envelope of their replies (None if none).
+
+        Raises:
+            ProtocolError: a part for a path this client has no coordinates on, or as the sub-sessions.
+        """
+        replies = {}
+        for path, part in unpack_parts(message, what=f"message to client {self.client_id!r}").items():
+            if part is None:
+                continue
+            if path not in self._sessions:
+                raise ProtocolError(f"client {self.client_id!r} got a {path} message but has no input on that path")
+            replies[path] = self._sessions[path].handle(part)
+        return pack_parts(replies) if any(r is not None for r in replies.values()) else None
+
+
+class SelectiveServerSession:
+    """The server's half: both paths' server sessions, their batches merged stage by stage.
+
+    Each step sends the batches of the paths whose next batch has the lowest stage (so a simulated
+    dropout from stage s silences a party on both paths at once), one envelope per recipient.
+    """
+
+    def __init__(self, owner: SelectiveSum, sessions: Mapping[str, ServerSession], masks: Mapping[str, np.ndarray], length: int) -> None:
+        self._owner = owner
+        self._sessions = dict(sessions)
+        self._masks = dict(masks)
+        self._length = length
+        self._pending: dict[str, tuple[Stage, dict[str, bytes]]] = {}
+        self._done: set[str] = set()
+        self._sent: dict[str, set[str]] = {}
+        self._stage = Stage.ADVERTISE_KEYS
+
+    @property
+    def stage(self) -> Stage:
+        return self._stage
+
+    def outgoing(self) -> dict[str, bytes]:
+        for path, session in self._sessions.items():
+            if path in self._done or path in self._pending:
+                continue
+            batch = session.outgoing()
+            if batch:
+                self._pending[path] = (session.stage, batch)
+            else:
+                self._done.add(path)
+        self._sent = {}
+        if not self._pending:
+            return {}
+        self._stage = min(stage for stage, _ in self._pending.values())
+        chosen = [p for p, (stage, _) in self._pending.items() if stage == self._stage]
+        merged: dict[str, dict[str, bytes]] = {}
+        for path in chosen:
+            _stage, batch = self._pending.pop(path)
+            self._sent[path] = set(batch)
+            for recipient, message in batch.items():
+                merged.setdefault(recipient, {})[path] = message
+        return {recipient: pack_parts(parts) for recipient, parts in merged.items()}
+
+    def receive(self, sender: str, message: bytes) -> None:
+        """Hand each part of a reply to its path's server session.
+
+        Raises:
+            ProtocolError: a part on a path that sent this party nothing in this batch.
+        """
+        for path, part in unpack_parts(message, what=f"reply of {sender!r}").items():
+            if part is None:
+                continue
+            if sender not in self._sent.get(path, ()):
+                raise ProtocolError(f"a {path} reply from {sender!r}, which that path did not ask in this batch")
+            self._sessions[path].receive(sender, part)
+
+    def finish(self) -> SumResult:
+        """Both sums put back in place.
+
+        Raises:
+            ProtocolError: the two paths disagree on who contributed.
+        """
+        results = {path: session.finish() for path, session in self._sessions.items()}
+        return self._owner._assemble(results, self._masks, self._length)
+
+
 class SelectiveSum:
     """Sum the selected coordinates with ``encrypted`` and the others with ``rest`` (a SecureSum).
 
@@ -194,8 +420,10 @@ class SelectiveSum:
         for name, backend in (("encrypted", encrypted), ("rest", rest)):
             if not isinstance(backend, SecureSum):
                 raise TypeError(f"{name} must implement secagg.SecureSum, got {type(backend).__name__}")
+            _needs_sessions(name, backend)
         self.encrypted = encrypted
         self.rest = rest
+        self.backends: dict[str, Any] = {"encrypted": encrypted, "rest": rest}
         self.selection = mask if isinstance(mask, Selection) else select_indices(mask)
         self._size = self.selection.size
         self.trust_model = (
@@ -205,6 +433,48 @@ class SelectiveSum:
             f"{rest.mode!r} path: {rest.trust_model}"
         )
 
+    def key_holder_session(self, *, round_index: int) -> SelectiveKeyHolderSession:
+        """The key holder party: the key holders of the paths whose backend has one."""
+        return SelectiveKeyHolderSession({
+            path: backend.key_holder_session(round_index=round_index)
+            for path, backend in self.backends.items() if callable(getattr(backend, "key_holder_session", None))
+        })  # fmt: skip
+
+    def client_session(
+        self,
+        client_id: str,
+        *,
+        round_index: int,
+        participants: Sequence[str],
+        rng: np.random.Generator,
+        keys: ClientKeys | None = None,
+    ) -> SelectiveClientSession:
+        """A client's half; ``keys.he_context`` is the key holder's ``client_context`` envelope (or None)."""
+        return SelectiveClientSession(self, client_id, round_index=round_index, participants=participants, rng=rng, keys=keys)
+
+    def server_session(
+        self, *, round_index: int, participants: Sequence[str], length: int, public_context: bytes | None = None
+    ) -> SelectiveServerSession:
+        """The server's half; ``public_context`` is the key holder's ``server_context`` envelope (or None).
+
+        Raises:
+            ValueError: ``length`` differs from the selection's, or an index is out of range.
+        """
+        mask = self.selection.mask(length)
+        self._size = length
+        contexts: dict[str, bytes | None] = {p: None for p in _PATHS}
+        if public_context is not None:
+            contexts = unpack_parts(public_context, what="server context")
+        sessions, masks = {}, {}
+        for path, part in zip(_PATHS, (mask, ~mask)):
+            if part.any():
+                masks[path] = part
+                sessions[path] = self.backends[path].server_session(
+                    round_index=round_index, participants=participants, length=int(part.sum()),
+                    public_context=contexts[path],
+                )
+        return SelectiveServerSession(self, sessions, masks, length)
+
     def aggregate(
         self,
         updates: Mapping[str, np.ndarray],
@@ -213,7 +483,10 @@ class SelectiveSum:
         rng: np.random.Generator,
         dropouts: Mapping[str, Stage] | None = None,
     ) -> SumResult:
-        """Split, run both backends on the same clients and dropouts, and reassemble.
+        """Split, run both paths' sessions in one message loop with the same dropouts, and reassemble.
+
+        In process only HE contexts are handed out (``ClientKeys(he_context=...)``); a rest
+        backend that needs identity keys gets them from the caller's own client parties.
 
         Raises:
             ValueError: as :func:`secagg.check_updates`, or vectors of another length than the
@@ -221,34 +494,24 @@ class SelectiveSum:
             ProtocolError: the two backends disagree on who contributed.
         """
         _ids, size = check_updates(updates)
-        mask = self.selection.mask(size)
-        self._size = size
-        if not isinstance(rng, np.random.Generator):
-            raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
-        rng_enc, rng_rest = rng.spawn(2)
-        parts: list[tuple[str, SecureSum, np.ndarray, np.random.Generator]] = []
-        if mask.any():
-            parts.append(("encrypted", self.encrypted, mask, rng_enc))
-        if not mask.all():
-            parts.append(("rest", self.rest, ~mask, rng_rest))
-        total = np.zeros(size, dtype=np.float64)
+        self.selection.mask(size)
+        named = [getattr(b, "key_holder", None) for b in self.backends.values()]
+        return run_session_round(
+            self, updates, round_index=round_index, rng=rng, dropouts=dropouts,
+            value_bound=None, max_clients=None, key_holder=next((n for n in named if n is not None), None),
+        )
+
+    def _assemble(self, results: Mapping[str, SumResult], masks: Mapping[str, np.ndarray], length: int) -> SumResult:
+        total = np.zeros(length, dtype=np.float64)
         bytes_up: dict[str, int] = {}
         bytes_down: dict[str, int] = {}
-        results = []
-        for label, backend, part, part_rng in parts:
-            result = backend.aggregate(
-                {cid: vec[part] for cid, vec in updates.items()},
-                round_index=round_index, rng=part_rng, dropouts=dropouts,
-            )
-            total[part] = result.total
-            for key, value in result.bytes_up.items():
-                bytes_up[f"{label}/{key}"] = value
-            for key, value in result.bytes_down.items():
-                bytes_down[f"{label}/{key}"] = value
-            results.append(result)
-        first = results[0]
-        for other in results[1:]:
-            if other.contributors != first.contributors or other.dropped != first.dropped:
+        for path, result in results.items():
+            total[masks[path]] = result.total
+            bytes_up.update({f"{path}/{key}": value for key, value in result.bytes_up.items()})
+            bytes_down.update({f"{path}/{key}": value for key, value in result.bytes_down.items()})
+        first, *others = results.values()
+        for other in others:
+            if other.contributors != first.contributors:
                 raise ProtocolError(
                     f"the encrypted and rest backends disagree on contributors ({first.contributors} vs "
                     f"{other.contributors})"
@@ -256,10 +519,10 @@ class SelectiveSum:
         return SumResult(
             total=total,
             contributors=first.contributors,
-            dropped=first.dropped,
+            dropped=tuple(sorted(set().union(*(r.dropped for r in results.values())))),
             bytes_up=bytes_up,
             bytes_down=bytes_down,
-            max_abs_error=max(r.max_abs_error for r in results),
+            max_abs_error=max(r.max_abs_error for r in results.values()),
             mode=self.mode,
         )
 

@@ -69,7 +69,7 @@ def test_by_name_encrypts_exactly_those_parameters_and_records_them():
     # the plaintext part is exact; only the encrypted coordinates carry CKKS error
     rest = ~selection.mask(1808)
     assert np.array_equal(result.total[rest], exact[rest])
-    assert set(result.bytes_up) == {"encrypted/public_context", "encrypted/ciphertext", "rest/update"}
+    assert set(result.bytes_up) == {"public_context", "encrypted/ciphertext", "encrypted/decryption", "rest/update"}
     assert result.bytes_up["rest/update"] == 4 * (27 + 8 * (1808 - 408))  # per client: 27-byte header (id "cN"), float64 payload
     record = backend.describe()["selection"]
     assert record["encrypted_ranges"] == [[1400, 1808]]
