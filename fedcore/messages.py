@@ -29,6 +29,8 @@ Kinds, direction and header fields:
   which the federation allows with consent or sample-level DP, and records as a reveal).
 * ``EVALUATE`` server -> client: ``split``; payload the model to score. ``SCORES`` client ->
   server: ``client``, ``metrics``, ``count`` (a non-private release, listed in the report).
+* ``KEYS`` server -> HE key holder: ``round``; the key holder makes the round's keys, hands each
+  client its context directly, and answers with the public context (secagg HE format).
 * ``ACK`` client -> server: ``round``, ``client`` (answers PROTECT and FINISH).
 
 Protection-session messages (masked, HE, plaintext) keep their own formats (:mod:`secagg`).
@@ -71,6 +73,7 @@ class Kind(enum.IntEnum):
     SCORES = 7
     ACK = 8
     FINISH = 9
+    KEYS = 10
 
 
 @dataclass(frozen=True)

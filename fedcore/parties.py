@@ -9,9 +9,10 @@ party: it builds messages (:mod:`fedcore.messages`, secagg formats) and hands th
 :class:`Channel`, which returns the replies as bytes. What the server received is in its
 ``inbox`` when the channel records it (tests and notebook 02 read it).
 
-The HE key holder (``secagg.KEY_HOLDER``) is a party of its own on the client side: it makes the
-keys, gives each client its context directly (never through the server) and answers only the
-server's request to decrypt the aggregate.
+The HE key holder (``secagg.KEY_HOLDER``) is a party of its own on the client side: it makes
+fresh keys every round (CKKS flooding is sized for one decryption per key set), gives each client
+its context directly (never through the server) and answers only the server's request to decrypt
+that round's aggregate.
 
 Randomness (:class:`Randomness`): by default every seed a client uses (training shuffles,
 DP-SGD noise, stochastic rounding, distributed noise) is drawn fresh from the operating system
@@ -26,7 +27,7 @@ import hashlib
 import math
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
@@ -122,7 +123,6 @@ class ClientSide:
         self._pending: dict[str, _Pending] = {}
         self._keys: dict[str, ClientKeys] = {}
         self.key_holder: Any = None
-        self.public_context: bytes | None = None
         self.directory: dict[str, bytes] = {}
         self._provision()
 
@@ -131,7 +131,7 @@ class ClientSide:
         """Each client makes its own identity key; the HE key holder makes the HE keys.
 
         The server gets the public halves only: :attr:`directory` (Ed25519 public keys) and
-        :attr:`public_context` (the HE public context).
+        each round's HE public context (see :meth:`_new_round_keys`).
         """
         backend = self.pipeline.backend
         signed = bool(getattr(backend, "signed_keys", False))
@@ -143,16 +143,21 @@ class ClientSide:
             for cid in self.clients:
                 private[cid] = Ed25519PrivateKey.generate()
                 self.directory[cid] = private[cid].public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-        make_key_holder = getattr(backend, "key_holder", None)
-        if make_key_holder is not None:
-            self.key_holder = make_key_holder()
-            self.public_context = self.key_holder.server_context()
         for cid in self.clients:
-            self._keys[cid] = ClientKeys(
-                identity_key=private.get(cid),
-                peer_identities=dict(self.directory) if signed else None,
-                he_context=self.key_holder.client_context(cid) if self.key_holder is not None else None,
-            )
+            self._keys[cid] = ClientKeys(identity_key=private.get(cid), peer_identities=dict(self.directory) if signed else None)
+
+    def _new_round_keys(self, decoded: msg.Message) -> bytes:
+        """The HE key holder makes this round's keys; each client gets its context from it directly.
+
+        Returns the public context, the only part the server receives.
+        """
+        make = getattr(self.pipeline.backend, "key_holder_session", None)
+        if make is None:
+            raise ProtocolError(f"mode {self.pipeline.backend.mode!r} has no key holder")
+        self.key_holder = make(round_index=int(decoded.header["round"]))
+        for cid, keys in self._keys.items():
+            self._keys[cid] = replace(keys, he_context=self.key_holder.client_context(cid))
+        return bytes(self.key_holder.server_context())
 
     # ------------------------------------------------------------------ messages
     def handle_batch(self, batch: Mapping[str, bytes]) -> dict[str, bytes | None]:
@@ -173,8 +178,10 @@ class ClientSide:
     def handle(self, recipient: str, message: bytes) -> bytes | None:
         """One message to one party (not TRAIN, which goes through :meth:`handle_batch`)."""
         if recipient == KEY_HOLDER:
+            if msg.is_fedcore_message(message):
+                return self._new_round_keys(msg.decode(message, expect=msg.Kind.KEYS))
             if self.key_holder is None:
-                raise ProtocolError("a message for the key holder, but this mode has none")
+                raise ProtocolError("a message for the key holder before it made any keys")
             return self.key_holder.handle(message)
         if recipient not in self.clients:
             raise ProtocolError(f"a message for {recipient!r}, which is no client of this federation")

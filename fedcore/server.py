@@ -204,9 +204,9 @@ class Federation:
             client_deadline=client_deadline,
         )
         self.channel = InProcessChannel(self.client_side, record=record_inbox)
-        # the server party's public material: identity public keys and the public HE context
+        # the server party's public material: identity public keys, and each round's public HE context
         self.public_keys = dict(self.client_side.directory)
-        self.public_context = self.client_side.public_context
+        self.public_context: bytes | None = None
 
     @property
     def clients(self) -> dict[str, Client]:
@@ -383,6 +383,9 @@ class Federation:
         """
         ids = sorted(ids)
         weights = dict(staleness or {})
+        he = hasattr(self.pipeline.backend, "key_holder_session")
+        if he:  # this round's keys: the server gets the public context, each client its own from the key holder
+            self.public_context = self.channel.send(KEY_HOLDER, msg.encode(msg.Kind.KEYS, {"round": t}))
         dropouts = self.dropouts.draw(ids, self._rng(t, _STREAM_DROPOUT)) if self.dropouts else {}
         requests = {
             cid: msg.encode(msg.Kind.PROTECT, {"round": t, "participants": ids, "staleness_weight": weights.get(cid, 1.0)})
@@ -395,7 +398,7 @@ class Federation:
             public_context=self.public_context,
         )  # fmt: skip
         parties: dict[str, Respond] = {cid: functools.partial(self.channel.send, cid) for cid in ids}
-        if self.public_context is not None:
+        if he:
             parties[KEY_HOLDER] = functools.partial(self.channel.send, KEY_HOLDER)
         summed = drive_round(session, parties, dropouts=dropouts)
         noise_rng = self.randomness.generator(round_index=t, party="server", purpose="central-noise")
