@@ -574,10 +574,14 @@ class Federation:
         return folder.with_name(folder.name + "-clients")
 
     def _protection(self) -> dict[str, Any]:
-        """What a resumed run must not change: the pipeline's stages and the DP settings."""
+        """What a resumed run must not change: the pipeline's stages, the DP mechanism and the budget.
+
+        A recalibrated noise multiplier may change: each round's event records its own.
+        """
+        sample = self.sample_privacy
         return json.loads(json.dumps({
             "pipeline": self.pipeline.fingerprint(),
-            "sample_privacy": None if self.sample_privacy is None else repr(self.sample_privacy),
+            "sample_privacy": None if sample is None else [type(sample).__name__, getattr(sample, "max_grad_norm", None)],
             "budget": None if self.budget is None else repr(self.budget),
             "reproducible": self.randomness.reproducible,
         }, default=str))  # fmt: skip

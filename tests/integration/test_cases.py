@@ -24,7 +24,7 @@ CHANCE_HR10 = 10 / 100  # the held-out item ranked among 100 candidates at rando
 
 def _config(tmp_path, workload, **overrides):
     raw = {
-        "name": "cases", "seed": 0, "rounds": 1, "output_dir": str(tmp_path / "out"), "evaluate_every": 1,
+        "name": "cases", "seed": 0, "reproducible": True, "rounds": 1, "output_dir": str(tmp_path / "out"), "evaluate_every": 1,
         "workload": workload,
         "train": {"optimizer": "adam", "lr": 0.01, "batch_size": 256},
         "logging": {"jsonl": False, "tensorboard": False, "quiet": True},
@@ -75,14 +75,14 @@ def test_ckks_run_gives_the_plaintext_model_within_the_stated_error(tmp_path, mo
 
     sums = {}
     for name, exp in (("plain", plain), ("ckks", ckks)):
-        backend = exp.federation.pipeline.backend
-        original = backend.aggregate
+        pipeline = exp.federation.pipeline
+        original = pipeline.finish
 
-        def record(updates, *, _name=name, _original=original, **kw):
-            sums[_name] = _original(updates, **kw)
-            return sums[_name]
+        def record(summed, *, _name=name, _original=original, **kw):  # the server's decoded sum
+            sums[_name] = summed
+            return _original(summed, **kw)
 
-        monkeypatch.setattr(backend, "aggregate", record)
+        monkeypatch.setattr(pipeline, "finish", record)
         exp.federation.run_round()
 
     backend = ckks.federation.pipeline.backend

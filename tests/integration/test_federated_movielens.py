@@ -19,7 +19,7 @@ POPULARITY_HR10 = 0.409  # same protocol, measured in test_real_data.py
 
 def _config(tmp_path, **overrides):
     raw = {
-        "name": "it", "seed": 0, "rounds": 4, "output_dir": str(tmp_path / "out"),
+        "name": "it", "seed": 0, "reproducible": True, "rounds": 4, "output_dir": str(tmp_path / "out"),
         "workload": {"case": "movielens", "model": "mf", "partition": "regions", "num_silos": 5},
         "train": {"optimizer": "adam", "lr": 0.01, "batch_size": 256},
         "logging": {"tensorboard": False, "quiet": True},
