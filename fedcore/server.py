@@ -332,7 +332,7 @@ class Federation:
             r if r.error is None else ClientResult(r.client_id, np.zeros(dimension, np.float32), 1) for r in results
         ]
         if self._revealing:
-            alive = [r for r in results if dropouts.get(r.client_id, Stage.UNMASK) >= Stage.UNMASK]
+            alive = [r for r in results if dropouts.get(r.client_id, Stage.UNMASK) > Stage.MASKED_INPUT]
             if not alive:
                 raise RoundFailedError(f"round {t}: every participant dropped out; nothing to select from")
             local_models = [

@@ -683,7 +683,7 @@ def run_round(
         raise OverflowRiskError(
             f"{len(ids)} clients in this round, but the encoding was sized for max_clients={max_clients}"
         )
-    contributors = [c for c in ids if dropouts.get(c, Stage.UNMASK) >= Stage.UNMASK]
+    contributors = [c for c in ids if dropouts.get(c, Stage.UNMASK) > Stage.MASKED_INPUT]
     dropped = tuple(sorted(dropouts))
     holder_name = key_holder if key_holder is not None else "key-service"
     holder_stage = dropouts.get(key_holder) if key_holder is not None else None

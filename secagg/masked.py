@@ -21,8 +21,10 @@ from .base import IntegerNoise, Stage, SumResult, check_updates
 from .encoding import FixedPointEncoder
 from .errors import KeyMaterialError, OverflowRiskError
 from .graph import SecAggPlan, plan_complete, plan_secagg_plus
+from .messages import decode_directory, encode_directory
 from .protocol import (
     IntegerSumResult,
+    RoundPolicy,
     SecAggClient,
     SecAggClientSession,
     SecAggServer,
@@ -261,13 +263,53 @@ class MaskedSum:
     ) -> "MaskedServerSession":
         """The server's half of a round: it receives bytes only and returns the decoded sum.
 
+        Args:
+            public_context: signed mode: :meth:`public_context` of the participants' identity
+                public keys (required); unsigned mode: None.
+            keep_masked: keep the server's view of each masked vector (notebooks).
+
         Raises:
             ValueError: no plan for ``len(participants)``; :class:`OverflowRiskError` for more
                 than ``max_clients``.
+            KeyMaterialError: signed mode without the directory, or unsigned mode with one.
         """
+        if self._signed and public_context is None:
+            raise KeyMaterialError("signed_keys=True: server_session needs public_context=backend.public_context(directory)")
+        if not self._signed and public_context is not None:
+            raise KeyMaterialError("signed_keys=False: server_session takes no public_context")
+        identities = decode_directory(public_context) if public_context is not None else None
         return MaskedServerSession(
-            self, round_index=round_index, participants=participants, length=length, keep_masked=keep_masked
+            self, round_index=round_index, participants=participants, length=length, identities=identities,
+            keep_masked=keep_masked,
         )
+
+    def public_context(self, peer_identities: Mapping[str, bytes]) -> bytes:
+        """The server session's public material in signed mode: the identity directory as bytes.
+
+        The server party holds the participants' Ed25519 public keys (never a private key) to
+        check every client message's signature.
+        """
+        return encode_directory(peer_identities)
+
+    def policy(self, participants: Sequence[str]) -> RoundPolicy:
+        """What a client accepts as the set-up of a round with these participants.
+
+        Planned by the client itself from this public configuration with the same planner
+        the server uses, so a server that sends a lower threshold, another degree or other
+        participants is refused.
+
+        Raises:
+            ValueError: no plan for that many participants; :class:`OverflowRiskError` for
+                more than ``max_clients``.
+        """
+        ids = tuple(sorted(participants))
+        self._check_size(len(ids))
+        plan = self.plan(len(ids))
+        source = (
+            f"MaskedSum(graph={self._graph!r}, dropout_rate={self._dropout_rate!r}, "
+            f"corrupted_fraction={self._corrupted!r}, signed_keys={self._signed!r})"
+        )
+        return RoundPolicy(ids, plan.threshold, plan.degree, self._encoder.bits, self._signed, source=source)
 
     def _round_plan(self, n: int) -> SecAggPlan:
         self._check_size(n)
@@ -359,8 +401,12 @@ class MaskedSum:
         ids, length = check_updates(updates, value_bound=self._encoder.value_bound)
         self._check_size(len(ids))
         silent = check_dropouts(dropouts, ids)
-        server = self.server_session(round_index=round_index, participants=ids, length=length)
         keys = self._throwaway_keys(ids)
+        directory = next(iter(keys.values())).peer_identities if self._signed else None
+        server = self.server_session(
+            round_index=round_index, participants=ids, length=length,
+            public_context=None if directory is None else self.public_context(directory),
+        )
         parties = {}
         for cid, child in zip(ids, rng.spawn(len(ids))):  # one independent stream per client, whatever drops
             session = self.client_session(cid, round_index=round_index, participants=ids, rng=child, keys=keys[cid])
@@ -399,7 +445,10 @@ class MaskedClientSession:
         self._backend = backend
         self._rng = rng
         self._session = SecAggClientSession(
-            SecAggClient(client_id, round_index=round_index, identity_key=identity, identity_keys=directory)
+            SecAggClient(
+                client_id, round_index=round_index, policy=backend.policy(participants),
+                identity_key=identity, identity_keys=directory,
+            )
         )
 
     def set_input(self, vector: np.ndarray) -> None:
@@ -425,7 +474,14 @@ class MaskedServerSession:
     """The server's half of a masked round: bytes in, the decoded sum of the contributors out."""
 
     def __init__(
-        self, backend: MaskedSum, *, round_index: int, participants: Sequence[str], length: int, keep_masked: bool = False
+        self,
+        backend: MaskedSum,
+        *,
+        round_index: int,
+        participants: Sequence[str],
+        length: int,
+        identities: Mapping[str, bytes] | None,
+        keep_masked: bool = False,
     ) -> None:
         ids = sorted(participants)
         plan = backend._round_plan(len(ids))
@@ -439,7 +495,7 @@ class MaskedServerSession:
                 degree=plan.degree,
                 bits=self._encoder.bits,
                 length=length,
-                signed_keys=backend.signed_keys,
+                identities=identities,
                 keep_masked=keep_masked,
             )
         )

@@ -61,8 +61,11 @@ def _session_round(backend, updates, *, round_index, rng, dropouts=None, signed=
     """A round as separate parties would run it: each client builds its session from its own rng and keys."""
     ids = sorted(updates)
     keys = _keys(ids) if signed else {c: None for c in ids}
+    context = backend.public_context(keys[ids[0]].peer_identities) if signed else None
     server = _BytesOnlyServer(
-        backend.server_session(round_index=round_index, participants=ids, length=next(iter(updates.values())).size)
+        backend.server_session(
+            round_index=round_index, participants=ids, length=next(iter(updates.values())).size, public_context=context
+        )
     )
     parties = {}
     for cid, child in zip(ids, rng.spawn(len(ids))):
