@@ -176,7 +176,11 @@ def test_describe_and_trust_model():
     assert info["scale"] == backend.encoder.scale
     assert (info["degree"], info["threshold"]) == (11, 9)  # planned for max_clients before any round
     assert "any 3 clients may drop" in info["guarantee"]
-    assert "honest-but-curious" in backend.trust_model and "not signed" in backend.trust_model
+    assert "honest-but-curious" in backend.trust_model and "Unsigned mode" in backend.trust_model
+    assert "honest-but-curious" in info["guarantee"]  # the plan says it too
+    signed = MaskedSum(value_bound=0.5, max_clients=12, signed_keys=True)
+    assert "consistency check" in signed.trust_model and "honest-but-curious" not in signed.trust_model
+    assert "against an active server that lies about dropouts and survivors: safe" in signed.describe()["guarantee"]
 
 
 @pytest.mark.parametrize(
