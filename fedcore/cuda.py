@@ -288,7 +288,7 @@ class CudaSum:
             if not isinstance(updates[cid], np.ndarray):
                 raise TypeError(f"update of client {cid!r} must be a numpy array, got {type(updates[cid]).__name__}")
         dropouts = dict(dropouts or {})
-        contributors = [c for c in ids if dropouts.get(c, Stage.UNMASK) >= Stage.UNMASK]
+        contributors = [c for c in ids if dropouts.get(c, Stage.UNMASK) > Stage.MASKED_INPUT]
         dropped = sorted(c for c in ids if c in dropouts)
         length = updates[ids[0]].size
         try:

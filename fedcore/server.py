@@ -425,7 +425,7 @@ class Federation:
     def _reveal_round(self, t: int, ids: list[str]) -> tuple[np.ndarray, int, int]:
         """Model selection or ensembles: the alive clients send their local models in the clear."""
         dropouts = self.dropouts.draw(ids, self._rng(t, _STREAM_DROPOUT)) if self.dropouts else {}
-        alive = [c for c in ids if dropouts.get(c, Stage.UNMASK) >= Stage.UNMASK]
+        alive = [c for c in ids if dropouts.get(c, Stage.UNMASK) > Stage.MASKED_INPUT]  # it sent its input
         if not alive:
             raise RoundFailedError(f"round {t}: every participant dropped out; nothing to select from")
         replies = self.channel.exchange({cid: msg.encode(msg.Kind.REVEAL, {"round": t}) for cid in alive})

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .errors import KeyMaterialError, ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 """Version byte of every message and of every label (bumped on any format change)."""
 
 KEY_BYTES = 32
@@ -50,6 +50,12 @@ LABEL_SELF_MASK_COMMITMENT = "self-mask-commitment"
 LABEL_ADVERTISEMENT = "key-advertisement"
 LABEL_SHARE_AAD = "share-aad"
 LABEL_GRAPH = "graph"
+LABEL_GRAPH_SEED = "graph-seed"
+LABEL_SETUP = "round-setup"
+LABEL_AD_DIGEST = "advertisement-digest"
+LABEL_SHARE_DIGEST = "share-digest"
+LABEL_MESSAGE = "client-message"
+LABEL_SURVIVORS = "survivor-set"
 
 
 def context(*parts: bytes | str | int) -> bytes:
@@ -80,6 +86,14 @@ def digest(purpose: str, *parts: bytes | str | int) -> bytes:
     """SHA-256 of the label (used as a hiding, binding commitment to a 256-bit random secret)."""
     h = hashes.Hash(hashes.SHA256())
     h.update(label(purpose, *parts))
+    return h.finalize()
+
+
+def message_digest(purpose: str, data: bytes | bytearray | memoryview) -> bytes:
+    """SHA-256 of the label of ``purpose`` followed by ``data`` as it is (no copy of large payloads)."""
+    h = hashes.Hash(hashes.SHA256())
+    h.update(label(purpose))
+    h.update(data)
     return h.finalize()
 
 
@@ -174,16 +188,16 @@ def sign(key: Ed25519PrivateKey, message: bytes) -> bytes:
     return key.sign(message)
 
 
-def verify(public_raw: bytes, signature: bytes, message: bytes) -> None:
+def verify(public_raw: bytes, signature: bytes, message: bytes, *, what: str = "key advertisement") -> None:
     """Check an Ed25519 signature.
 
     Raises:
-        ProtocolError: bad key, bad length or invalid signature.
+        ProtocolError: bad key, bad length or invalid signature (naming ``what`` was signed).
     """
     try:
         Ed25519PublicKey.from_public_bytes(public_raw).verify(signature, message)
     except (InvalidSignature, ValueError):
-        raise ProtocolError("key advertisement signature is invalid") from None
+        raise ProtocolError(f"{what} signature is invalid") from None
 
 
 def check_identity_public(raw: object, who: str) -> bytes:
@@ -274,4 +288,10 @@ def all_labels() -> Sequence[str]:
         LABEL_ADVERTISEMENT,
         LABEL_SHARE_AAD,
         LABEL_GRAPH,
+        LABEL_GRAPH_SEED,
+        LABEL_SETUP,
+        LABEL_AD_DIGEST,
+        LABEL_SHARE_DIGEST,
+        LABEL_MESSAGE,
+        LABEL_SURVIVORS,
     )

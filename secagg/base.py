@@ -22,18 +22,21 @@ __all__ = ["Stage", "SumResult", "SecureSum", "IntegerNoise", "PlaintextSum", "c
 
 
 class Stage(enum.IntEnum):
-    """The four stages of a masked round (Bonawitz et al. 2017, Fig. 4).
+    """The stages of a masked round (Bonawitz et al. 2017, Fig. 4, with its consistency check).
 
     Used also to say when a client goes silent: ``dropouts={"c7": Stage.SHARE_KEYS}`` means
     client ``c7`` completed the stages before SHARE_KEYS and sends nothing from it onward.
     A client silent from MASKED_INPUT or earlier contributes nothing to the sum; one silent
-    only at UNMASK has its input counted (it was sent), in every mode.
+    only from a later stage (CONSISTENCY_CHECK, UNMASK) has its input counted (it was sent),
+    in every mode. CONSISTENCY_CHECK runs in signed masked rounds only; elsewhere a client
+    silent from it is silent at the next stage that runs.
     """
 
     ADVERTISE_KEYS = 0
     SHARE_KEYS = 1
     MASKED_INPUT = 2
-    UNMASK = 3
+    CONSISTENCY_CHECK = 3
+    UNMASK = 4
 
 
 @dataclass(frozen=True)

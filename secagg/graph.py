@@ -22,13 +22,24 @@ colluding with ``corrupted_fraction * n`` clients:
   Harary graph the surviving honest nodes stay connected unless two runs of k/2
   consecutive ring nodes are all dropped or corrupted; with removal probability
   ``p <= dropout_rate + corrupted_fraction`` this is at most ``(n (1-p) p^(k/2))^2 / 2``;
-* against an active server (``active_server=True``): no honest client has
-  ``2t - k - 1`` or more corrupted neighbours, so honest holders, each revealing one of a
-  peer's two secrets, never give the server t shares of both (bound ``2^-security_bits``).
+* unsigned (honest-but-curious server): t is a majority of the k + 1 holders;
+* against an active server (``active_server=True``, signed rounds with the consistency
+  check): ``2t > k + 2 + C`` (``2t > n + 1 + C`` for the complete graph), with
+  C = floor(corrupted_fraction * n) counted as if every colluding client were one client's
+  holder, so the condition holds for every graph, including one the server steered by
+  withholding advertisements. Why it suffices: each honest client signs one survivor set,
+  answers only under the set it signed after checking t signatures over it from its own
+  holders, and reveals a dropped neighbour h's key only after t signatures over it from h's
+  holders. Revealing both secrets of a client, or a neighbour a's key beside an honest answer
+  a gave under a set with a alive, would need two disjoint groups of t honest-or-colluding
+  signers among one client's k + 1 holders, which ``2t > k + 1 + C`` rules out. So every
+  honest holder of v's seed that answers is one v did not mask with, or v itself; a client
+  masks only when t of its holders (itself included) shared with it, so there are at most
+  ``k + 2 - t`` of them, fewer than the ``t - C`` honest shares needed.
 
 If no sparse degree below n - 1 meets them, the complete graph is returned with the largest
 threshold that meets the completion target among the secure ones (a majority of clients,
-above the corrupted ones, and ``2t > n + corrupted`` against an active server), or, when
+above the corrupted ones, and ``2t > n + 1 + corrupted`` against an active server), or, when
 none does (small n, high dropout rates), with the smallest secure threshold; its guarantee
 text then says the target is not met.
 """
@@ -46,6 +57,8 @@ from .base import Stage
 
 __all__ = [
     "SecAggPlan",
+    "LocalGraph",
+    "derive_graph_seed",
     "plan_complete",
     "plan_secagg_plus",
     "neighbours",
@@ -74,8 +87,8 @@ class SecAggPlan:
             ``dropout_rate`` (exact for the complete graph, a union bound otherwise).
         privacy_failure_bound: upper bound on the probability that the server learns more
             than the sum of all honest survivors (0.0 when impossible by counting).
-        active_secure: the active-server condition ``2t > k + 1 + corrupted neighbours``
-            holds with probability at least ``1 - 2^-security_bits``.
+        active_secure: the active-server condition ``2t > k + 2 + corrupted`` holds, for
+            every graph (see the module docstring).
         guarantee: the above in plain words.
     """
 
@@ -211,7 +224,7 @@ def plan_complete(
     clients may drop at any stage (the worst case), and t is as large as that allows, so
     the server learns only sums over at least t clients. A planned t must be a majority of
     the n clients and exceed the corrupted ones (with ``active_server``, also
-    ``2t > n + corrupted``); an explicit ``threshold`` is taken as given.
+    ``2t > n + 1 + corrupted``); an explicit ``threshold`` is taken as given.
 
     Raises:
         ValueError: bad n, rates or threshold (t outside [1, n]); or a planned t below the
@@ -228,23 +241,36 @@ def plan_complete(
             raise ValueError(
                 f"no threshold fits n={n}: tolerating floor({rate} * {n}) = {n - t} dropouts needs t <= {t}, but a "
                 f"planned threshold must be a majority of clients and exceed the {corrupted} corrupted ones"
-                f"{' (and 2t > n + corrupted against an active server)' if active_server else ''}: t >= {lowest}; "
+                f"{' (and 2t > n + 1 + corrupted against an active server)' if active_server else ''}: t >= {lowest}; "
                 f"lower dropout_rate or corrupted_fraction, or pass an explicit threshold"
             )
     else:
         t = _check_threshold(threshold, n - 1)
-    return _describe_complete(n, t, rate, gamma, corrupted)
+    return _describe_complete(n, t, rate, gamma, corrupted, active_server)
+
+
+def _mode_text(active_server: bool, active: bool, condition: str) -> str:
+    if not active_server:
+        return (
+            "Unsigned mode: honest-but-curious server (it follows the protocol and reports dropouts truly); "
+            f"against an active server nothing is claimed ({condition} would "
+            f"{'hold' if active else 'not hold'} with signed keys and the consistency check)."
+        )
+    return (
+        f"Signed mode, against an active server that lies about dropouts and survivors: "
+        f"{'safe' if active else 'NOT safe'}, since {condition}."
+    )
 
 
 def _secure_floor(n: int, corrupted: int, active_server: bool) -> int:
     """Smallest threshold the planner gives the complete graph: a majority, above the corrupted clients."""
     lowest = max(n // 2 + 1, corrupted + 1)
     if active_server:
-        lowest = max(lowest, (n + corrupted) // 2 + 1)
+        lowest = max(lowest, (n + 1 + corrupted) // 2 + 1)
     if lowest > n:
         raise ValueError(
             f"no threshold of at most n={n} exceeds the {corrupted} corrupted clients"
-            f"{' with 2t > n + corrupted (active server)' if active_server else ''}; lower corrupted_fraction"
+            f"{' with 2t > n + 1 + corrupted (active server)' if active_server else ''}; lower corrupted_fraction"
         )
     return lowest
 
@@ -259,11 +285,18 @@ def _check_threshold(threshold: object, degree: int) -> int:
     return threshold
 
 
-def _describe_complete(n: int, t: int, rate: float, gamma: float, corrupted: int) -> SecAggPlan:
+def _active_secure(k: int, t: int, corrupted: int) -> bool:
+    """The active-server condition of signed rounds (module docstring): 2t > k + 2 + corrupted."""
+    return 2 * t > k + 2 + corrupted
+
+
+def _describe_complete(
+    n: int, t: int, rate: float, gamma: float, corrupted: int, active_server: bool = False
+) -> SecAggPlan:
     k = n - 1
     survive = _log_binom_pmf(n, 1.0 - rate)
     completion = 1.0 - _cdf_below(survive)[t]
-    active = 2 * t > n + corrupted
+    active = _active_secure(k, t, corrupted)
     privacy = 0.0 if t > corrupted else 1.0
     text = (
         f"complete graph over n={n} clients, threshold t={t}: any {n - t} clients may drop at any "
@@ -275,10 +308,9 @@ def _describe_complete(n: int, t: int, rate: float, gamma: float, corrupted: int
         text += f" ({t - corrupted} or more honest ones when {corrupted} colluding clients are subtracted)"
     text += (
         f"; {'no' if t > corrupted else 'SOME'} coalition of the server and {corrupted} clients can rebuild a "
-        f"client's secrets (needs {t} shares). Against an active server "
-        f"(lying about dropouts): {'safe' if active else 'NOT safe'}, since 2t={2 * t} "
-        f"{'>' if active else '<='} n + corrupted = {n + corrupted}."
+        f"client's secrets (needs {t} shares). "
     )
+    text += _mode_text(active_server, active, f"2t={2 * t} {'>' if active else '<='} n + 1 + corrupted = {n + 1 + corrupted}")
     return SecAggPlan(
         graph="complete",
         n=n,
@@ -332,7 +364,7 @@ def plan_secagg_plus(
         if degree >= n - 1:
             if threshold is None:
                 return _fallback(n, rate, gamma, active_server, None, completion_bits=comp, note="")
-            return plan_complete(n=n, dropout_rate=rate, corrupted_fraction=gamma, threshold=threshold)
+            return plan_complete(n=n, dropout_rate=rate, corrupted_fraction=gamma, threshold=threshold, active_server=active_server)
         if degree % 2:
             raise ValueError(f"degree must be even below n - 1 (Harary graph), got {degree} for n={n}")
         candidates = [degree]
@@ -348,11 +380,9 @@ def plan_secagg_plus(
             return _completion_fail(n, k, t, rate, cdf) <= eps_c
 
         def secure(t: int) -> bool:
-            if n * tail[min(t, k + 1)] > eps_s or split > eps_s:
+            if n * tail[min(t, k + 1)] > eps_s or split > eps_s or 2 * t <= k + 1:
                 return False
-            if not active_server:
-                return True
-            return 2 * t > k + 1 and n * tail[max(0, min(2 * t - k - 1, k + 1))] <= eps_s
+            return not active_server or _active_secure(k, t, corrupted)
 
         if threshold is not None:
             t = _check_threshold(threshold, k)
@@ -394,9 +424,9 @@ def _fallback(
                 f"the smallest secure t (a majority of clients, above the corrupted ones); the completion "
                 f"target 1 - 2^-{completion_bits} is NOT met at this n"
             )
-        plan = plan_complete(n=n, dropout_rate=rate, corrupted_fraction=gamma, threshold=t)
+        plan = plan_complete(n=n, dropout_rate=rate, corrupted_fraction=gamma, threshold=t, active_server=active_server)
     else:
-        plan = plan_complete(n=n, dropout_rate=rate, corrupted_fraction=gamma, threshold=threshold)
+        plan = plan_complete(n=n, dropout_rate=rate, corrupted_fraction=gamma, threshold=threshold, active_server=active_server)
         reason = "the given threshold"
     if note is None:
         note = (
@@ -414,9 +444,8 @@ def _describe_sparse(
     fail = _completion_fail(n, k, t, rate, cdf)
     single = min(1.0, n * tail[min(t, k + 1)])
     split = _split_bound(n, k, rate + gamma)
-    active_bad = min(1.0, n * tail[max(0, min(2 * t - k - 1, k + 1))]) if 2 * t > k + 1 else 1.0
     privacy = min(1.0, single + split)
-    active = active_bad <= 2.0**-sec
+    active = _active_secure(k, t, corrupted)
     text = (
         f"SecAgg+ random {k}-regular Harary graph over n={n} clients, threshold t={t} of {k + 1} holders: "
         f"any {k + 1 - t} dropouts are tolerated wherever they fall; with independent dropouts at rate "
@@ -424,10 +453,11 @@ def _describe_sparse(
         f"2^-{comp}). With the server colluding with {corrupted} clients "
         f"(corrupted_fraction={gamma:g}), the probability that it rebuilds some honest client's secrets is "
         f"<= {_fmt(single)} and that the honest survivors split into separately unmaskable groups is "
-        f"<= {_fmt(split)} (target 2^-{sec}); otherwise it learns only the sum of all honest survivors. "
-        f"Against an active server lying about dropouts: "
-        f"{'safe' if active else 'NOT safe'} (2t > k + 1 + corrupted neighbours fails with probability "
-        f"<= {_fmt(active_bad)})."
+        f"<= {_fmt(split)} (target 2^-{sec}); otherwise it learns only the sum of all honest survivors"
+        f"{'' if 2 * t > k + 1 else ' (t is NOT a majority of the holders)'}. "
+    )
+    text += _mode_text(
+        active_server, active, f"2t={2 * t} {'>' if active else '<='} k + 2 + corrupted = {k + 2 + corrupted}"
     )
     return SecAggPlan(
         graph="secagg+",
@@ -445,6 +475,19 @@ def _describe_sparse(
 
 
 # ------------------------------------------------------------------------- graph
+
+
+def derive_graph_seed(*, round_index: int, setup_digest: bytes, roster: Sequence[tuple[str, bytes]]) -> bytes:
+    """The SecAgg+ graph seed: a hash of the round, its set-up and every advertisement's digest.
+
+    Fixed only once every key is in, so the server cannot draw or grind it before the
+    clients' fresh keys exist; what is left to it is withholding advertisements, which the
+    active-server condition of the planner does not depend on (it holds for every graph).
+    """
+    parts: list[bytes | str | int] = [round_index, setup_digest]
+    for sender, ad_digest in roster:
+        parts += [sender, ad_digest]
+    return prim.digest(prim.LABEL_GRAPH_SEED, *parts)
 
 
 def _permutation(n: int, seed: bytes) -> list[int]:
@@ -510,6 +553,44 @@ def neighbours_of(n: int, *, degree: int, seed: bytes, node: int) -> tuple[int, 
     return tuple(sorted(ring[(p + s) % n] for s in range(-half, half + 1) if s))
 
 
+class LocalGraph:
+    """One client's view of the graph: its neighbours and its neighbours' neighbours.
+
+    That is all a client needs to check whose signatures count (its own holders, and the
+    holders of a dropped neighbour whose key it is asked for); built from one permutation.
+    """
+
+    def __init__(self, n: int, *, degree: int, seed: bytes, node: int) -> None:
+        n = _check_n(n)
+        if isinstance(node, bool) or not isinstance(node, int) or not 0 <= node < n:
+            raise ValueError(f"node must be an int in [0, {n}), got {node!r}")
+        _check_degree_and_seed(n, degree, seed)
+        self.n, self.node = n, node
+        self._complete = degree >= n - 1
+        self._near: dict[int, frozenset[int]] = {}
+        if not self._complete:
+            ring = _permutation(n, bytes(seed))
+            p, half = ring.index(node), degree // 2
+            for s in range(-half, half + 1):
+                q = (p + s) % n
+                self._near[ring[q]] = frozenset(ring[(q + r) % n] for r in range(-half, half + 1) if r)
+        self.neighbours = tuple(sorted(self.of(node)))
+
+    def of(self, j: int) -> frozenset[int]:
+        """Neighbours of ``j``, which must be this node or one of its neighbours.
+
+        Raises:
+            ValueError: ``j`` is further away.
+        """
+        if self._complete:
+            if not 0 <= j < self.n:
+                raise ValueError(f"node {j} is not in a graph of {self.n}")
+            return frozenset(range(self.n)) - {j}
+        if j not in self._near:
+            raise ValueError(f"node {j} is not node {self.node} or one of its neighbours")
+        return self._near[j]
+
+
 def _check_degree_and_seed(n: int, degree: object, seed: object) -> None:
     if isinstance(degree, bool) or not isinstance(degree, int) or degree < 0:
         raise ValueError(f"degree must be an int >= 0, got {degree!r}")
@@ -525,41 +606,60 @@ def _check_degree_and_seed(n: int, degree: object, seed: object) -> None:
 
 
 def round_completes(
-    nbrs: Sequence[Sequence[int]], *, threshold: int, silent_from: Mapping[int, Stage | int]
+    nbrs: Sequence[Sequence[int]],
+    *,
+    threshold: int,
+    silent_from: Mapping[int, Stage | int],
+    signed: bool = False,
 ) -> bool:
     """Whether a round completes, by the exact rules the server and clients enforce.
 
     ``silent_from[i]`` is the stage from which node i sends nothing (absent: never). Rules:
     a node whose holders that advertised keys (itself included) number fewer than t leaves
-    at SHARE_KEYS; the server needs at least t clients after each stage; every node that
-    shared needs t answering holders, for its self-mask seed if it sent its masked input,
-    or for its mask key if a surviving neighbour masked with it.
+    at SHARE_KEYS, and one whose holders that shared number fewer than t leaves at
+    MASKED_INPUT; the server needs at least t clients after each stage. In signed rounds a
+    node answers the unmask request only if t of its holders signed the survivor set. Every
+    node that shared needs t answering holders, for its self-mask seed if it sent its masked
+    input, or for its mask key if a surviving neighbour masked with it.
     """
     n = len(nbrs)
-    stage = [int(silent_from.get(i, 4)) for i in range(n)]
-    u1 = [s > 0 for s in stage]
-    u2 = [u1[i] and stage[i] > 1 and 1 + sum(u1[j] for j in nbrs[i]) >= threshold for i in range(n)]
-    u3 = [u2[i] and stage[i] > 2 for i in range(n)]
-    u4 = [u3[i] and stage[i] > 3 for i in range(n)]
-    if min(sum(u1), sum(u2), sum(u3)) < threshold:
+    t = threshold
+    stage = [int(silent_from.get(i, len(Stage))) for i in range(n)]
+
+    def holders(flags: Sequence[bool], i: int) -> int:
+        return 1 + sum(flags[j] for j in nbrs[i])
+
+    u1 = [s > Stage.ADVERTISE_KEYS for s in stage]
+    u2 = [u1[i] and stage[i] > Stage.SHARE_KEYS and holders(u1, i) >= t for i in range(n)]
+    u3 = [u2[i] and stage[i] > Stage.MASKED_INPUT and holders(u2, i) >= t for i in range(n)]
+    stages = [u1, u2, u3]
+    if signed:
+        signers = [u3[i] and stage[i] > Stage.CONSISTENCY_CHECK for i in range(n)]
+        answer = [signers[i] and stage[i] > Stage.UNMASK and holders(signers, i) >= t for i in range(n)]
+        stages.append(signers)
+    else:
+        answer = [u3[i] and stage[i] > Stage.UNMASK for i in range(n)]
+    if min(sum(u) for u in stages) < t:
         return False
     for v in range(n):
-        if not u2[v]:
-            continue
-        answering = u4[v] + sum(u4[j] for j in nbrs[v])
-        needed = u3[v] or any(u3[j] for j in nbrs[v])
-        if needed and answering < threshold:
+        if u2[v] and (u3[v] or any(u3[j] for j in nbrs[v])) and answer[v] + sum(answer[j] for j in nbrs[v]) < t:
             return False
     return True
 
 
 def simulate_completion(
-    plan: SecAggPlan, *, dropout_rate: float, trials: int, rng: np.random.Generator, batch: int = 2000
+    plan: SecAggPlan,
+    *,
+    dropout_rate: float,
+    trials: int,
+    rng: np.random.Generator,
+    batch: int = 2000,
+    signed: bool = False,
 ) -> float:
     """Monte-Carlo completion rate of ``plan`` under independent dropouts.
 
     Each client drops with probability ``dropout_rate``, at a stage drawn uniformly from
-    the four; the rules are those of :func:`round_completes`, vectorised over trials. The
+    the five; the rules are those of :func:`round_completes`, vectorised over trials. The
     Harary ring order does not matter here (independent dropouts are exchangeable), so the
     unpermuted graph is used.
     """
@@ -577,14 +677,18 @@ def simulate_completion(
     while done < trials:
         m = min(batch, trials - done)
         drop = rng.random((m, n)) < rate
-        stage = np.where(drop, rng.integers(0, 4, (m, n)), 4)
-        u1 = stage > 0
-        holders1 = 1 + u1[:, nb].sum(axis=2)
-        u2 = u1 & (stage > 1) & (holders1 >= t)
-        u3 = u2 & (stage > 2)
-        u4 = u3 & (stage > 3)
+        stage = np.where(drop, rng.integers(0, len(Stage), (m, n)), len(Stage))
+        u1 = stage > Stage.ADVERTISE_KEYS
+        u2 = u1 & (stage > Stage.SHARE_KEYS) & (1 + u1[:, nb].sum(axis=2) >= t)
+        u3 = u2 & (stage > Stage.MASKED_INPUT) & (1 + u2[:, nb].sum(axis=2) >= t)
         good = (u1.sum(1) >= t) & (u2.sum(1) >= t) & (u3.sum(1) >= t)
-        answering = u4 + u4[:, nb].sum(axis=2)
+        if signed:
+            signers = u3 & (stage > Stage.CONSISTENCY_CHECK)
+            answer = signers & (stage > Stage.UNMASK) & (1 + signers[:, nb].sum(axis=2) >= t)
+            good &= signers.sum(1) >= t
+        else:
+            answer = u3 & (stage > Stage.UNMASK)
+        answering = answer + answer[:, nb].sum(axis=2)
         needed = u2 & (u3 | u3[:, nb].any(axis=2))
         good &= ~(needed & (answering < t)).any(axis=1)
         ok += int(good.sum())

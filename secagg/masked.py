@@ -21,8 +21,10 @@ from .base import IntegerNoise, Stage, SumResult, check_updates
 from .encoding import FixedPointEncoder
 from .errors import KeyMaterialError, OverflowRiskError
 from .graph import SecAggPlan, plan_complete, plan_secagg_plus
+from .messages import decode_directory, encode_directory
 from .protocol import (
     IntegerSumResult,
+    RoundPolicy,
     SecAggClient,
     SecAggClientSession,
     SecAggServer,
@@ -51,14 +53,17 @@ class MaskedSum:
         threshold: shares needed per secret; None lets the planner choose per round.
         degree: SecAgg+ neighbours per client (even); None lets the planner choose.
         integer_noise: distributed noise added by each client to its integer vector.
-        signed_keys: Ed25519-signed key advertisement (clients verify each other's keys
-            against long-term identity keys); also plans for an active server.
+        signed_keys: the active-server mode: every client message Ed25519-signed with the
+            client's identity key (``ClientKeys``), the consistency check, and a plan with
+            ``2t > k + 2 + corrupted``; the server session then needs the identity directory
+            (``public_context``).
         dropout_rate: the dropouts to plan for: with the complete graph any
             ``floor(dropout_rate * n)`` clients may drop (worst case); with SecAgg+ clients
             drop independently at this rate and the round completes with probability
             at least ``1 - 2^-20`` (for rounds too small for a sparse graph the planner
             falls back to the complete graph and states the probability it reaches).
-        corrupted_fraction: fraction of clients assumed to collude with the server.
+        corrupted_fraction: fraction of clients assumed to collude with the server (in signed
+            mode counted as if all sat among one client's holders, whatever the graph).
         security_bits: SecAgg+ privacy failure target ``2^-security_bits``.
 
     Raises:
@@ -164,31 +169,48 @@ class MaskedSum:
         )
 
     def _trust_model(self) -> str:
-        plan = "the complete graph (SecAgg)" if self._graph == "complete" else "a random sparse graph (SecAgg+)"
-        signed = (
-            "Key advertisements are Ed25519-signed and verified against long-term identity keys, so a server that "
-            "substitutes a client's public keys is detected, and thresholds are planned so that 2t > k + 1 + "
-            "corrupted neighbours. "
-            if self._signed
-            else "Key advertisements are not signed: an active server could substitute public keys and unmask "
-            "individual inputs; use signed_keys=True against an active server. "
-        )
-        return (
-            f"Masked secure aggregation over {plan}, {self._encoder.bits}-bit ring. The server sees each client's "
+        """Who sees what, attack by attack, as the code enforces it (each claim has a test in tests/unit/secagg)."""
+        graph = "the complete graph (SecAgg)" if self._graph == "complete" else "a random sparse graph (SecAgg+)"
+        common = (
+            f"Masked secure aggregation over {graph}, {self._encoder.bits}-bit ring. The server sees each client's "
             "update only masked by pseudorandom pairwise and self masks (AES-256-CTR keystreams of 256-bit X25519/HKDF "
             "secrets; each masked vector is uniform in the ring) and learns only the sum of the inputs of the clients "
-            "whose masked input reached it, never a sum over fewer than the threshold of clients. Default trust model: "
-            "honest-but-curious server, possibly colluding with fewer than threshold of any client's share holders. "
-            "Clients refuse an unmask request that lists a peer as both alive and dropped, names themselves as "
-            "dropped, or comes twice, so a server lying about dropouts cannot get both secrets of a client from "
-            "honest clients that answer one consistent request. "
-            + signed
-            + "Not covered: a server that shows different clients different dropout lists (no consistency-check "
-            "round is run), chooses the graph seed adversarially, or drops honest clients selectively; and clients "
-            "that submit out-of-range values (masking hides, it does not validate). Dropouts are tolerated at every "
-            "stage while every needed secret keeps threshold answering holders (see describe()['guarantee']). The "
-            "decoded sum equals the exact sum of the contributors within the encoder's rounding bound, plus any "
-            "distributed integer noise the clients add."
+            "whose masked input reached it; a round with fewer than threshold survivors fails before any secret is "
+            "rebuilt. Clients refuse a round set-up below the threshold, degree and participants they plan themselves "
+            "from this configuration (a threshold of 1 is refused), refuse a second unmask request (so one client never "
+            "gives both secrets of a peer), refuse messages replayed from another round, and leave a round in which "
+            "fewer than threshold of their holders shared with them. A corrupted share is set aside by its digest and "
+            "its sender named; the round completes while threshold good shares remain. "
+        )
+        if self._signed:
+            mode = (
+                "Signed mode, against an active server that colludes with at most floor(corrupted_fraction * n) "
+                "clients: every client message is Ed25519-signed over its bytes (round and stage bound), so a changed "
+                "or substituted masked input, unmask response or public key is rejected; each advertisement signs the "
+                "set-up the client saw, so clients shown different set-ups refuse each other. The graph seed is a hash "
+                "of every advertisement, fixed only once the keys are in; a graph of the server's choosing is refused, "
+                "and the planner's condition 2t > k + 2 + corrupted holds for every graph. A consistency check runs "
+                "after the masked inputs: each client signs the survivor set it was shown, answers the unmask request "
+                "only under that set and only after threshold valid signatures over it from its own holders, and "
+                "reveals a dropped neighbour's key only after threshold signatures from that neighbour's holders; a "
+                "server that shows different clients different survivor sets therefore cannot rebuild an individual "
+                "input (see secagg.graph for the argument). "
+            )
+        else:
+            mode = (
+                "Unsigned mode: honest-but-curious server, possibly colluding with fewer than threshold of any "
+                "client's share holders. Nothing is claimed against an active server: it could substitute public "
+                "keys, show different clients different survivor sets, or alter messages unnoticed (integrity of the "
+                "channel is left to TLS); use signed_keys=True against an active server. "
+            )
+        return (
+            common
+            + mode
+            + "Not covered: a server that drops honest clients selectively (it still learns only a sum over at least "
+            "threshold clients), more colluding clients than planned, and clients that submit out-of-range values "
+            "(masking hides, it does not validate). Dropouts are tolerated at every stage while every needed secret "
+            "keeps threshold answering holders (see describe()['guarantee']). The decoded sum equals the exact sum of "
+            "the contributors within the encoder's rounding bound, plus any distributed integer noise the clients add."
         )
 
     def describe(self) -> dict[str, object]:
@@ -261,13 +283,53 @@ class MaskedSum:
     ) -> "MaskedServerSession":
         """The server's half of a round: it receives bytes only and returns the decoded sum.
 
+        Args:
+            public_context: signed mode: :meth:`public_context` of the participants' identity
+                public keys (required); unsigned mode: None.
+            keep_masked: keep the server's view of each masked vector (notebooks).
+
         Raises:
             ValueError: no plan for ``len(participants)``; :class:`OverflowRiskError` for more
                 than ``max_clients``.
+            KeyMaterialError: signed mode without the directory, or unsigned mode with one.
         """
+        if self._signed and public_context is None:
+            raise KeyMaterialError("signed_keys=True: server_session needs public_context=backend.public_context(directory)")
+        if not self._signed and public_context is not None:
+            raise KeyMaterialError("signed_keys=False: server_session takes no public_context")
+        identities = decode_directory(public_context) if public_context is not None else None
         return MaskedServerSession(
-            self, round_index=round_index, participants=participants, length=length, keep_masked=keep_masked
+            self, round_index=round_index, participants=participants, length=length, identities=identities,
+            keep_masked=keep_masked,
         )
+
+    def public_context(self, peer_identities: Mapping[str, bytes]) -> bytes:
+        """The server session's public material in signed mode: the identity directory as bytes.
+
+        The server party holds the participants' Ed25519 public keys (never a private key) to
+        check every client message's signature.
+        """
+        return encode_directory(peer_identities)
+
+    def policy(self, participants: Sequence[str]) -> RoundPolicy:
+        """What a client accepts as the set-up of a round with these participants.
+
+        Planned by the client itself from this public configuration with the same planner
+        the server uses, so a server that sends a lower threshold, another degree or other
+        participants is refused.
+
+        Raises:
+            ValueError: no plan for that many participants; :class:`OverflowRiskError` for
+                more than ``max_clients``.
+        """
+        ids = tuple(sorted(participants))
+        self._check_size(len(ids))
+        plan = self.plan(len(ids))
+        source = (
+            f"MaskedSum(graph={self._graph!r}, dropout_rate={self._dropout_rate!r}, "
+            f"corrupted_fraction={self._corrupted!r}, signed_keys={self._signed!r})"
+        )
+        return RoundPolicy(ids, plan.threshold, plan.degree, self._encoder.bits, self._signed, source=source)
 
     def _round_plan(self, n: int) -> SecAggPlan:
         self._check_size(n)
@@ -359,8 +421,12 @@ class MaskedSum:
         ids, length = check_updates(updates, value_bound=self._encoder.value_bound)
         self._check_size(len(ids))
         silent = check_dropouts(dropouts, ids)
-        server = self.server_session(round_index=round_index, participants=ids, length=length)
         keys = self._throwaway_keys(ids)
+        directory = next(iter(keys.values())).peer_identities if self._signed else None
+        server = self.server_session(
+            round_index=round_index, participants=ids, length=length,
+            public_context=None if directory is None else self.public_context(directory),
+        )
         parties = {}
         for cid, child in zip(ids, rng.spawn(len(ids))):  # one independent stream per client, whatever drops
             session = self.client_session(cid, round_index=round_index, participants=ids, rng=child, keys=keys[cid])
@@ -399,7 +465,10 @@ class MaskedClientSession:
         self._backend = backend
         self._rng = rng
         self._session = SecAggClientSession(
-            SecAggClient(client_id, round_index=round_index, identity_key=identity, identity_keys=directory)
+            SecAggClient(
+                client_id, round_index=round_index, policy=backend.policy(participants),
+                identity_key=identity, identity_keys=directory,
+            )
         )
 
     def set_input(self, vector: np.ndarray) -> None:
@@ -425,7 +494,14 @@ class MaskedServerSession:
     """The server's half of a masked round: bytes in, the decoded sum of the contributors out."""
 
     def __init__(
-        self, backend: MaskedSum, *, round_index: int, participants: Sequence[str], length: int, keep_masked: bool = False
+        self,
+        backend: MaskedSum,
+        *,
+        round_index: int,
+        participants: Sequence[str],
+        length: int,
+        identities: Mapping[str, bytes] | None,
+        keep_masked: bool = False,
     ) -> None:
         ids = sorted(participants)
         plan = backend._round_plan(len(ids))
@@ -439,7 +515,7 @@ class MaskedServerSession:
                 degree=plan.degree,
                 bits=self._encoder.bits,
                 length=length,
-                signed_keys=backend.signed_keys,
+                identities=identities,
                 keep_masked=keep_masked,
             )
         )

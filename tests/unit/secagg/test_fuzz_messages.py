@@ -41,10 +41,15 @@ from secagg import (
     UnmaskResponse,
     decode_message,
 )
+from secagg.messages import ShareDigest, SurvivorSet, SurvivorSignature
 from secagg import _he_wire as wire
+from secagg import _primitives as prim
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
-CLASSES = (RoundSetup, KeyAdvertisement, KeyList, ShareBundle, ShareDelivery, MaskedInput, UnmaskRequest, UnmaskResponse)
+CLASSES = (
+    RoundSetup, KeyAdvertisement, KeyList, ShareBundle, ShareDelivery, MaskedInput, SurvivorSet, SurvivorSignature,
+    UnmaskRequest, UnmaskResponse,
+)  # fmt: skip
 IDS = ("c00", "c01", "c02")
 LENGTH = 4
 
@@ -56,8 +61,10 @@ class _Round:
     """A 3-client masked round that can stop before any stage; keeps every message it produced."""
 
     def __init__(self, round_index: int = 5) -> None:
-        self.server = SecAggServer(round_index=round_index, participants=IDS, threshold=2, degree=2, length=LENGTH)
-        self.clients = {c: SecAggClient(c, round_index=round_index) for c in IDS}
+        keys = {c: prim.new_identity_key() for c in IDS}
+        pki = {c: prim.identity_public_raw(k) for c, k in keys.items()}
+        self.server = SecAggServer(round_index=round_index, participants=IDS, threshold=2, degree=2, length=LENGTH, identities=pki)
+        self.clients = {c: SecAggClient(c, round_index=round_index, identity_key=keys[c], identity_keys=pki) for c in IDS}
         self.vectors = {c: np.arange(LENGTH, dtype=np.uint32) + i for i, c in enumerate(IDS)}
         self.msgs: dict[str, bytes] = {}
         self.requests: dict[str, bytes] = {}
@@ -94,6 +101,16 @@ class _Round:
             return self
         for msg in inputs.values():
             s.receive_masked_input(msg)
+        sets = s.survivor_sets()
+        m["survivor_set"] = sets["c00"]
+        if stop == "client_consistency":
+            return self
+        signatures = {c: cl[c].consistency_check(sets[c]) for c in IDS}
+        m["survivor_signature"] = signatures["c00"]
+        if stop == "server_consistency":
+            return self
+        for msg in signatures.values():
+            s.receive_survivor_signature(msg)
         requests = s.unmask_requests()
         self.requests = requests
         m["unmask_request"] = requests["c00"]
@@ -113,6 +130,8 @@ RECEIVERS = {
     "server_share_keys": ("share_bundle", lambda r, d: r.server.receive_shares(d)),
     "client_masked_input": ("share_delivery", lambda r, d: r.clients["c00"].masked_input(d, vector=r.vectors["c00"])),
     "server_masked_input": ("masked_input", lambda r, d: r.server.receive_masked_input(d)),
+    "client_consistency": ("survivor_set", lambda r, d: r.clients["c00"].consistency_check(d)),
+    "server_consistency": ("survivor_signature", lambda r, d: r.server.receive_survivor_signature(d)),
     "client_unmask": ("unmask_request", lambda r, d: r.clients["c00"].unmask(d)),
 }
 
@@ -187,7 +206,8 @@ def test_every_truncation_and_extension_is_refused(kind, cut, extra):
 _names = st.text(min_size=0, max_size=12)
 _key = st.binary(min_size=32, max_size=32)
 _round = st.integers(0, 2**64 - 1)
-_ad = st.builds(KeyAdvertisement, _round, _names, _key, _key, _key, st.sampled_from([b"", b"\x07" * 64]))
+_sig = st.sampled_from([b"", b"\x07" * 64])
+_ad = st.builds(KeyAdvertisement, _round, _names, _key, _key, _key, _key, _sig)
 
 
 @st.composite
@@ -196,24 +216,35 @@ def _messages(draw):
     kind = draw(st.sampled_from(CLASSES))
     shares = st.lists(st.builds(SealedShare, _names, st.binary(max_size=80)), max_size=4).map(tuple)
     pairs = st.lists(st.tuples(_names, st.binary(max_size=40)), max_size=4).map(tuple)
+    names = st.lists(_names, max_size=4).map(tuple)
     if kind is RoundSetup:
         return RoundSetup(r, tuple(draw(st.lists(_names, max_size=5))), draw(st.integers(0, 2**32 - 1)), draw(st.integers(0, 2**32 - 1)),
-                          draw(_key), draw(st.integers(0, 255)), draw(st.integers(0, 2**64 - 1)), draw(st.booleans()))  # fmt: skip
+                          draw(st.integers(0, 255)), draw(st.integers(0, 2**64 - 1)), draw(st.booleans()))  # fmt: skip
     if kind is KeyAdvertisement:
         ad = draw(_ad)
-        return KeyAdvertisement(r, ad.sender, ad.enc_public, ad.mask_public, ad.commitment, ad.signature)
+        return KeyAdvertisement(r, ad.sender, ad.enc_public, ad.mask_public, ad.commitment, ad.setup_digest, ad.signature)
     if kind is KeyList:
-        ads = tuple(KeyAdvertisement(r, a.sender, a.enc_public, a.mask_public, a.commitment, a.signature) for a in draw(st.lists(_ad, max_size=3)))
-        return KeyList(r, draw(_names), ads)
-    if kind in (ShareBundle, ShareDelivery):
-        return kind(r, draw(_names), draw(shares))
+        ads = tuple(KeyAdvertisement(r, a.sender, a.enc_public, a.mask_public, a.commitment, a.setup_digest, a.signature) for a in draw(st.lists(_ad, max_size=3)))
+        roster = tuple(draw(st.lists(st.tuples(_names, _key), max_size=3)))
+        return KeyList(r, draw(_names), roster, ads)
+    if kind is ShareBundle:
+        digests = tuple(draw(st.lists(st.builds(ShareDigest, _names, _key, _key), max_size=3)))
+        return ShareBundle(r, draw(_names), draw(shares), digests, draw(_sig))
+    if kind is ShareDelivery:
+        return ShareDelivery(r, draw(_names), draw(shares))
     if kind is MaskedInput:
         bits = draw(st.sampled_from([32, 64]))
         length = draw(st.integers(0, 20))
-        return MaskedInput(r, draw(_names), bits, length, draw(st.binary(min_size=length * bits // 8, max_size=length * bits // 8)))
+        payload = draw(st.binary(min_size=length * bits // 8, max_size=length * bits // 8))
+        return MaskedInput(r, draw(_names), bits, length, payload, draw(_sig))
+    if kind is SurvivorSet:
+        return SurvivorSet(r, draw(_names), draw(names))
+    if kind is SurvivorSignature:
+        return SurvivorSignature(r, draw(_names), draw(_key), draw(_sig))
     if kind is UnmaskRequest:
-        return UnmaskRequest(r, draw(_names), tuple(draw(st.lists(_names, max_size=4))), tuple(draw(st.lists(_names, max_size=4))))
-    return UnmaskResponse(r, draw(_names), draw(pairs), draw(pairs))
+        sigs = tuple(draw(st.lists(st.tuples(_names, st.just(b"\x05" * 64)), max_size=3)))
+        return UnmaskRequest(r, draw(_names), draw(names), sigs)
+    return UnmaskResponse(r, draw(_names), draw(pairs), draw(pairs), draw(_sig))
 
 
 @FUZZ
@@ -223,8 +254,8 @@ def test_every_encodable_message_decodes_to_itself(msg):
     back = decode_message(data)
     assert type(back) is type(msg)
     if isinstance(msg, MaskedInput):
-        assert (back.round_index, back.sender, back.bits, back.length, bytes(back.payload)) == (
-            msg.round_index, msg.sender, msg.bits, msg.length, bytes(msg.payload))  # fmt: skip
+        assert (back.round_index, back.sender, back.bits, back.length, bytes(back.payload), back.signature) == (
+            msg.round_index, msg.sender, msg.bits, msg.length, bytes(msg.payload), msg.signature)  # fmt: skip
     else:
         assert back == msg
     assert back.to_bytes() == data
@@ -259,13 +290,13 @@ def test_state_machines_raise_only_secagg_errors_on_random_bytes(receiver, data)
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
 @given(edits=_EDITS)
 def test_a_fuzzed_unmask_response_never_yields_a_wrong_sum(edits):
-    """The server refuses the edited response, or a corrupted share is caught when secrets are rebuilt
-    (ProtocolError: one bad share aborts the round; shares are not error-corrected), or the sum is exact."""
+    """The server refuses the edited (signed) response, so the genuine round still gives the exact sum."""
     r = _Round().run_until("client_unmask")
     genuine = {c: r.clients[c].unmask(r.requests[c]) for c in IDS}
     expected = sum(v.astype(np.uint64) for v in r.vectors.values()).astype(np.uint32)
+    edited = _edit(genuine["c00"], edits)
     try:
-        r.server.receive_unmask(_edit(genuine["c00"], edits))
+        r.server.receive_unmask(edited)
         accepted = True
     except SecAggError:
         accepted = False
@@ -274,12 +305,8 @@ def test_a_fuzzed_unmask_response_never_yields_a_wrong_sum(edits):
             r.server.receive_unmask(genuine[c])
         except SecAggError:
             assert accepted  # the edit took another sender's place
-    try:
-        total = r.server.finish()
-    except SecAggError:
-        assert accepted  # only an accepted, corrupted response can make the genuine round fail
-        return
-    assert np.array_equal(total, expected)
+    assert accepted == (edited == genuine["c00"])  # every changed byte breaks the signature or the format
+    assert np.array_equal(r.server.finish(), expected)
 
 
 # ----------------------------------------------------------------------------- homomorphic envelopes

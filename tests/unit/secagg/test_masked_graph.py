@@ -87,11 +87,37 @@ def test_degree_grows_slowly_with_n():
     assert ks[0] < ks[1] < ks[2] <= 3 * ks[0]
 
 
-def test_active_server_planning_needs_a_majority_of_holders():
+def test_active_server_planning_meets_the_signed_condition_for_every_graph():
     plan = plan_secagg_plus(n=100, dropout_rate=0.1, corrupted_fraction=0.1, active_server=True)
-    assert plan.active_secure and 2 * plan.threshold > plan.degree + 1
+    assert plan.active_secure and 2 * plan.threshold > plan.degree + 2 + 10
+    assert "Signed mode" in plan.guarantee and ": safe" in plan.guarantee
     passive = plan_secagg_plus(n=100, dropout_rate=0.1, corrupted_fraction=0.1)
     assert plan.degree > passive.degree
+
+
+def test_unsigned_default_at_n100_is_a_majority_of_holders_and_says_honest_but_curious():
+    """Issue 17: degree 16 with threshold 6 was planned here; a minority of holders is no longer planned."""
+    plan = plan_secagg_plus(n=100, dropout_rate=0.1)
+    assert 2 * plan.threshold > plan.degree + 1 and (plan.degree, plan.threshold) != (16, 6)
+    assert plan.completion_probability >= 1 - 2**-20
+    assert "honest-but-curious" in plan.guarantee and "nothing is claimed" in plan.guarantee
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(2, 400), rate=st.floats(0.0, 0.3), gamma=st.floats(0.0, 0.1), active=st.booleans())
+def test_every_planned_threshold_is_safe_for_the_threat_model_it_states(n, rate, gamma, active):
+    try:
+        plan = plan_secagg_plus(n=n, dropout_rate=rate, corrupted_fraction=gamma, active_server=active)
+    except ValueError:
+        return  # no secure plan: refused, not planned
+    corrupted = math.floor(gamma * n)
+    assert 2 * plan.threshold > plan.degree + 1  # a majority of the holders, in every mode
+    if plan.graph == "secagg+":
+        assert plan.privacy_failure_bound <= 2**-40  # the random graph gives no client t colluding holders
+    if active:
+        assert plan.active_secure and 2 * plan.threshold > plan.degree + 2 + corrupted
+    else:
+        assert "honest-but-curious" in plan.guarantee
 
 
 def test_small_rounds_fall_back_to_the_complete_graph():
@@ -157,6 +183,36 @@ def test_round_completes_rules():
     assert not round_completes(g, threshold=2, silent_from={j: Stage.UNMASK for j in g[v]})
     # threshold above the survivors after a stage
     assert not round_completes(neighbours(4, degree=3, seed=bytes(32)), threshold=4, silent_from={1: Stage.SHARE_KEYS})
+    # a node whose neighbours both shared nothing leaves before masking; nobody needs it
+    assert round_completes(g, threshold=2, silent_from={j: Stage.SHARE_KEYS for j in g[v]})
+
+
+def test_round_completes_rules_of_the_consistency_check():
+    g = neighbours(10, degree=4, seed=bytes(32))  # 5 holders each
+    v = 0
+    # two neighbours silent from the consistency check: v has 3 signing holders, enough for t=3 ...
+    silent = {j: Stage.CONSISTENCY_CHECK for j in g[v][:2]}
+    assert round_completes(g, threshold=3, silent_from=silent, signed=True)
+    # ... not for t=4 (v cannot answer), while unsigned the same silence is a silence at UNMASK
+    assert not round_completes(g, threshold=4, silent_from=silent, signed=True)
+    assert round_completes(g, threshold=3, silent_from=silent) == round_completes(
+        g, threshold=3, silent_from={j: Stage.UNMASK for j in g[v][:2]}
+    )
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_simulation_agrees_with_the_per_round_rule_signed_and_unsigned(signed):
+    plan = plan_secagg_plus(n=30, dropout_rate=0.3, degree=6, threshold=4)
+    rng = np.random.default_rng(5)
+    g = tuple(tuple(sorted(((i + s) % 30) for s in (-3, -2, -1, 1, 2, 3))) for i in range(30))
+    trials, hits = 2000, 0
+    for _ in range(trials):
+        drop = rng.random(30) < 0.3
+        stage = rng.integers(0, len(Stage), 30)
+        silent = {i: Stage(int(stage[i])) for i in range(30) if drop[i]}
+        hits += round_completes(g, threshold=4, silent_from=silent, signed=signed)
+    sim = simulate_completion(plan, dropout_rate=0.3, trials=trials, rng=np.random.default_rng(6), signed=signed)
+    assert abs(hits / trials - sim) < 0.05
 
 
 def test_simulation_agrees_with_the_per_round_rule():
@@ -167,7 +223,7 @@ def test_simulation_agrees_with_the_per_round_rule():
     trials = 3000
     for _ in range(trials):
         drop = rng.random(30) < 0.3
-        stage = rng.integers(0, 4, 30)
+        stage = rng.integers(0, len(Stage), 30)
         hits += round_completes(g, threshold=4, silent_from={i: Stage(int(stage[i])) for i in range(30) if drop[i]})
     sim = simulate_completion(plan, dropout_rate=0.3, trials=trials, rng=np.random.default_rng(4))
     assert abs(hits / trials - sim) < 0.05

@@ -22,12 +22,14 @@ from secagg import (
     UnmaskRequest,
     UnmaskResponse,
     decode_message,
+    drive_round,
     neighbours,
     round_completes,
     secure_sum_integers,
 )
 from secagg import _primitives as prim
 from secagg.messages import HEADER_BYTES, KeyAdvertisement, SealedShare
+from secagg.protocol import SecAggClientSession, SecAggServerSession
 
 STAGES = list(Stage)
 
@@ -49,51 +51,86 @@ def _ring_sum(vectors, ids, bits=32):
 # ----------------------------------------------------------------------------- exact sums
 
 
+def _keys(ids):
+    return {c: prim.new_identity_key() for c in ids}
+
+
+def _run(vectors, *, threshold, degree=None, dropouts=None, signed=False, bits=32):
+    """One round through the sessions; returns (result or the DropoutError, the server state machine)."""
+    ids = sorted(vectors)
+    n = len(ids)
+    keys = _keys(ids) if signed else {}
+    pki = {c: prim.identity_public_raw(k) for c, k in keys.items()} if signed else None
+    server = SecAggServer(
+        round_index=3, participants=ids, threshold=threshold, degree=n - 1 if degree is None else degree, bits=bits,
+        length=next(iter(vectors.values())).size, identities=pki,
+    )
+    parties = {}
+    for c in ids:
+        session = SecAggClientSession(SecAggClient(c, round_index=3, identity_key=keys.get(c), identity_keys=pki))
+        session.set_words(vectors[c])
+        parties[c] = session.handle
+    try:
+        return drive_round(SecAggServerSession(server), parties, dropouts=dropouts), server
+    except DropoutError as exc:
+        return exc, server
+
+
+def _oracle(server, ids, threshold, dropouts, signed):
+    """round_completes on the graph the server actually derived (None before the advertisements closed)."""
+    try:
+        nbrs = [tuple(ids.index(p) for p in server.neighbours_of(c)) for c in ids]
+    except ProtocolError:
+        return None
+    return round_completes(nbrs, threshold=threshold, silent_from={ids.index(c): s for c, s in dropouts.items()}, signed=signed)
+
+
 @settings(max_examples=50, deadline=None)
 @given(
     n=st.integers(1, 9),
     d=st.integers(1, 33),
     bits=st.sampled_from([32, 64]),
+    signed=st.booleans(),
     data=st.data(),
 )
-def test_complete_graph_sum_is_exact_under_any_dropouts(n, d, bits, data):
+def test_complete_graph_sum_is_exact_under_any_dropouts(n, d, bits, signed, data):
     vectors = _vectors(n, d, seed=n * 100 + d, bits=bits)
     ids = sorted(vectors)
     t = data.draw(st.integers(1, n), label="threshold")
     dropouts = data.draw(st.dictionaries(st.sampled_from(ids), st.sampled_from(STAGES), max_size=n), label="dropouts")
-    # oracle: in the complete graph the round completes iff t clients answer the unmask request
-    answering = [c for c in ids if c not in dropouts]
-    if len(answering) >= t:
-        result = secure_sum_integers(vectors, round_index=7, threshold=t, bits=bits, dropouts=dropouts)
-        counted = [c for c in ids if dropouts.get(c, Stage.UNMASK) == Stage.UNMASK]
+    # in the complete graph the rules do not depend on the graph seed
+    expected_ok = round_completes(
+        neighbours(n, degree=n - 1, seed=bytes(32)), threshold=t,
+        silent_from={ids.index(c): s for c, s in dropouts.items()}, signed=signed,
+    )
+    result, _ = _run(vectors, threshold=t, dropouts=dropouts, signed=signed, bits=bits)
+    if expected_ok:
+        counted = [c for c in ids if dropouts.get(c, Stage.UNMASK) > Stage.MASKED_INPUT]
         assert result.contributors == tuple(counted)
         assert result.dropped == tuple(sorted(dropouts))
         assert np.array_equal(result.total, _ring_sum(vectors, counted, bits))
     else:
-        with pytest.raises(DropoutError, match=f"threshold={t}"):
-            secure_sum_integers(vectors, round_index=7, threshold=t, bits=bits, dropouts=dropouts)
+        assert isinstance(result, DropoutError) and f"threshold={t}" in str(result)
 
 
 @settings(max_examples=50, deadline=None)
-@given(n=st.integers(5, 16), d=st.integers(1, 17), data=st.data())
-def test_secagg_plus_sum_is_exact_and_completion_follows_the_rules(n, d, data):
+@given(n=st.integers(5, 16), d=st.integers(1, 17), signed=st.booleans(), data=st.data())
+def test_secagg_plus_sum_is_exact_and_completion_follows_the_rules(n, d, signed, data):
+    """Exact sums under random dropouts at every stage, the consistency check included."""
     vectors = _vectors(n, d, seed=n * 7 + d)
     ids = sorted(vectors)
     k = data.draw(st.sampled_from([k for k in (2, 4, 6) if k < n - 1]), label="degree")
     t = data.draw(st.integers(1, k + 1), label="threshold")
     dropouts = data.draw(st.dictionaries(st.sampled_from(ids), st.sampled_from(STAGES), max_size=n // 2), label="dropouts")
-    seed = data.draw(st.binary(min_size=32, max_size=32), label="graph seed")
-    nbrs = neighbours(n, degree=k, seed=seed)
-    expected_ok = round_completes(nbrs, threshold=t, silent_from={ids.index(c): s for c, s in dropouts.items()})
-
-    if expected_ok:
-        result = secure_sum_integers(vectors, round_index=3, threshold=t, degree=k, dropouts=dropouts, graph_seed=seed)
-        assert set(result.contributors) <= {c for c in ids if dropouts.get(c, Stage.UNMASK) == Stage.UNMASK}
+    result, server = _run(vectors, threshold=t, degree=k, dropouts=dropouts, signed=signed)
+    expected_ok = _oracle(server, ids, t, dropouts, signed)
+    if isinstance(result, DropoutError):
+        assert not expected_ok  # None: fewer than t advertised, the graph was never derived
+    else:
+        assert expected_ok
+        assert set(result.contributors) <= {c for c in ids if dropouts.get(c, Stage.UNMASK) > Stage.MASKED_INPUT}
         assert set(dropouts) <= set(result.dropped)
         assert np.array_equal(result.total, _ring_sum(vectors, result.contributors))
-    else:
-        with pytest.raises(DropoutError):
-            secure_sum_integers(vectors, round_index=3, threshold=t, degree=k, dropouts=dropouts, graph_seed=seed)
 
 
 def test_below_threshold_fails_clearly_and_reveals_nothing():
@@ -106,7 +143,7 @@ def test_below_threshold_fails_clearly_and_reveals_nothing():
     requests = h.server.unmask_requests()
     for cid in ids[:3]:  # only 3 of 6 answer: every secret has 3 < 4 shares
         h.server.receive_unmask(h.clients[cid].unmask(requests[cid]))
-    with pytest.raises(DropoutError, match=r"only \[3\] shares arrived.*threshold=4.*no secret was rebuilt"):
+    with pytest.raises(DropoutError, match=r"only \[3\] good shares arrived.*threshold=4.*no secret was rebuilt"):
         h.server.finish()
     # the server's state still holds only the masked sum, which is far from the true sum
     masked_sum = h.server._sum
@@ -121,19 +158,17 @@ def test_dropout_error_before_any_share_is_requested():
         secure_sum_integers(vectors, round_index=1, threshold=4, dropouts={"c00": Stage.MASKED_INPUT, "c01": Stage.MASKED_INPUT})
 
 
-def test_client_without_enough_holders_leaves_the_round():
+def test_client_with_too_few_sharing_holders_leaves_before_masking():
+    """Masking with fewer than t holders would let the server isolate the input: the client leaves."""
     vectors = _vectors(8, 4, seed=3)
-    ids = sorted(vectors)
-    seed = bytes(32)
-    server = SecAggServer(round_index=0, participants=ids, threshold=1, degree=2, length=1, graph_seed=seed)
-    victim = ids[0]
-    nb = server.neighbours_of(victim)
-    dropouts = {c: Stage.ADVERTISE_KEYS for c in nb}  # victim has only itself as holder; t = 2
-    assert round_completes(neighbours(8, degree=2, seed=seed), threshold=2, silent_from={ids.index(c): s for c, s in dropouts.items()})
-    result = secure_sum_integers(vectors, round_index=4, threshold=2, degree=2, dropouts=dropouts, graph_seed=seed)
-    assert victim in result.dropped and victim not in result.contributors
-    assert len(result.contributors) == 8 - 3
-    assert np.array_equal(result.total, _ring_sum(vectors, result.contributors))
+    h = _Harness(vectors, threshold=3, degree=2)
+    h.advertise()
+    victim = h.ids[0]
+    nb = h.server.neighbours_of(victim)
+    h.share(ids=[c for c in h.ids if c not in nb[:1]])  # one of its two neighbours never shares: 2 < 3 holders
+    with pytest.raises(DropoutError, match=r"only 2 holders shared with it, fewer than threshold=3"):
+        h.clients[victim].masked_input(h.deliveries[victim], vector=vectors[victim])
+    assert h.clients[victim].stage is None  # it left: no later request is answered
 
 
 # ----------------------------------------------------------------------------- a stepwise harness
@@ -145,12 +180,13 @@ class _Harness:
         self.ids = sorted(vectors)
         n = len(self.ids)
         self.round = round_index
-        self.server = SecAggServer(
-            round_index=round_index, participants=self.ids, threshold=threshold,
-            degree=n - 1 if degree is None else degree, length=next(iter(vectors.values())).size, signed_keys=signed,
-        )
+        self.signed = signed
         self.keys = {c: prim.new_identity_key() for c in self.ids} if signed else {}
         pki = {c: prim.identity_public_raw(k) for c, k in self.keys.items()} if signed else None
+        self.server = SecAggServer(
+            round_index=round_index, participants=self.ids, threshold=threshold,
+            degree=n - 1 if degree is None else degree, length=next(iter(vectors.values())).size, identities=pki,
+        )
         self.clients = {
             c: SecAggClient(c, round_index=round_index, identity_key=self.keys.get(c), identity_keys=pki) for c in self.ids
         }
@@ -174,9 +210,15 @@ class _Harness:
         for c in ids or self.deliveries:
             self.server.receive_masked_input(self.clients[c].masked_input(self.deliveries[c], vector=self.vectors[c]))
 
+    def requests(self):
+        if self.signed:
+            sets = self.server.survivor_sets()
+            for c, msg in sets.items():
+                self.server.receive_survivor_signature(self.clients[c].consistency_check(msg))
+        return self.server.unmask_requests()
+
     def finish(self):
-        requests = self.server.unmask_requests()
-        for c, msg in requests.items():
+        for c, msg in self.requests().items():
             self.server.receive_unmask(self.clients[c].unmask(msg))
         return self.server.finish()
 
@@ -264,7 +306,7 @@ def test_replayed_messages_from_an_older_round_are_rejected():
 
 
 def _all_messages():
-    h = _Harness(_vectors(4, 5, seed=9), threshold=2)
+    h = _Harness(_vectors(4, 5, seed=9), threshold=2, signed=True)
     out = {"round_setup": h.server.setup_messages()["c00"]}
     h.advertise()
     out["key_advertisement"] = h.ads["c00"]
@@ -276,6 +318,12 @@ def _all_messages():
     out["masked_input"] = bytes(masked)
     h.server.receive_masked_input(masked)
     h.masked(ids=["c01", "c02", "c03"])
+    sets = h.server.survivor_sets()
+    out["survivor_set"] = sets["c00"]
+    for c, msg in sets.items():
+        sig = h.clients[c].consistency_check(msg)
+        out.setdefault("survivor_signature", sig)
+        h.server.receive_survivor_signature(sig)
     requests = h.server.unmask_requests()
     out["unmask_request"] = requests["c00"]
     out["unmask_response"] = h.clients["c00"].unmask(requests["c00"])
@@ -364,47 +412,39 @@ def test_non_bytes_and_huge_counts_are_rejected():
 # ----------------------------------------------------------------------------- unmask refusals
 
 
-def _at_unmask(n=5, t=3):
-    h = _Harness(_vectors(n, 4, seed=10), threshold=t)
+def _at_unmask(n=5, t=3, signed=False):
+    h = _Harness(_vectors(n, 4, seed=10), threshold=t, signed=signed)
     h.advertise()
     h.share()
     h.masked()
-    requests = h.server.unmask_requests()
+    requests = h.requests()
     return h, requests
 
 
-def test_overlapping_unmask_probe_is_refused():
-    h, requests = _at_unmask()
-    honest = UnmaskRequest.from_bytes(requests["c00"])
-    probe = UnmaskRequest(honest.round_index, "c00", honest.alive, ("c03",))  # c03 alive AND dropped
-    with pytest.raises(ProtocolError, match=r"\['c03'\] as both alive and dropped"):
-        h.clients["c00"].unmask(probe.to_bytes())
-    # the refused probe did not consume the client's single answer
-    resp = UnmaskResponse.from_bytes(h.clients["c00"].unmask(requests["c00"]))
-    assert {o for o, _ in resp.self_mask_shares} == set(honest.alive) and not resp.mask_key_shares
-
-
 @pytest.mark.parametrize(
-    "alive, dropped, pattern",
+    "alive, pattern",
     [
-        (("c01", "c02", "c03", "c04"), ("c00",), "itself as dropped"),
-        (("c01", "c02", "c03", "c04"), (), "does not list client 'c00' as alive"),
-        (("c00", "c01", "zz"), (), "non-participants"),
-        (("c00", "c01"), (), "fewer than threshold=3"),
-        (("c00", "c01", "c01", "c02"), (), "twice"),
+        (("c01", "c02", "c03", "c04"), "does not list client 'c00' as alive"),
+        (("c00", "c01", "zz"), "non-participants"),
+        (("c00", "c01"), "lists 2 holders of client 'c00' alive, fewer than threshold=3"),
+        (("c00", "c01", "c01", "c02"), "once, in participant order"),
+        (("c00", "c02", "c01"), "once, in participant order"),
     ],
 )
-def test_malformed_unmask_requests_are_refused(alive, dropped, pattern):
+def test_malformed_unmask_requests_are_refused(alive, pattern):
     h, _ = _at_unmask()
     with pytest.raises(ProtocolError, match=pattern):
-        h.clients["c00"].unmask(UnmaskRequest(h.round, "c00", alive, dropped).to_bytes())
+        h.clients["c00"].unmask(UnmaskRequest(h.round, "c00", alive).to_bytes())
+    # a refused request did not consume the client's single answer
+    h.clients["c00"].unmask(UnmaskRequest(h.round, "c00", tuple(h.ids)).to_bytes())
 
 
 def test_second_unmask_request_is_refused():
     """Asking again with the peer moved to 'dropped' would reveal its second secret."""
     h, requests = _at_unmask()
-    h.clients["c00"].unmask(requests["c00"])
-    second = UnmaskRequest(h.round, "c00", ("c00", "c01", "c02", "c04"), ("c03",))
+    first = UnmaskResponse.from_bytes(h.clients["c00"].unmask(requests["c00"]))
+    assert {o for o, _ in first.self_mask_shares} == set(h.ids) and not first.mask_key_shares
+    second = UnmaskRequest(h.round, "c00", ("c00", "c01", "c02", "c04"))
     with pytest.raises(ProtocolError, match="round finished"):
         h.clients["c00"].unmask(second.to_bytes())
 
@@ -416,21 +456,41 @@ def test_unmask_request_naming_a_peer_that_never_shared_is_refused():
     h.share(ids=["c00", "c01", "c02", "c03"])  # c04 never shared
     h.masked()
     with pytest.raises(ProtocolError, match=r"\['c04'\] that never shared"):
-        h.clients["c00"].unmask(UnmaskRequest(h.round, "c00", ("c00", "c01", "c02"), ("c04",)).to_bytes())
+        h.clients["c00"].unmask(UnmaskRequest(h.round, "c00", ("c00", "c01", "c02", "c04")).to_bytes())
+    # with c04 not listed, c00 answers, and reveals nothing of c04 (it holds none of its shares)
+    resp = UnmaskResponse.from_bytes(h.clients["c00"].unmask(UnmaskRequest(h.round, "c00", ("c00", "c01", "c02")).to_bytes()))
+    assert "c04" not in {o for o, _ in resp.self_mask_shares + resp.mask_key_shares}
 
 
-def test_server_rejects_forged_unmask_shares():
-    h, requests = _at_unmask()
+@pytest.mark.parametrize("signed", [False, True])
+def test_a_corrupted_share_costs_nothing_while_t_good_ones_remain_and_its_sender_is_named(signed):
+    h, requests = _at_unmask(n=6, t=3, signed=signed)
     for c, msg in requests.items():
         data = h.clients[c].unmask(msg)
-        if c == "c01":
+        if c == "c01":  # c01 sends a wrong share of c02's seed (a share among the t lowest x)
             resp = UnmaskResponse.from_bytes(data)
-            owner, share = resp.self_mask_shares[1]
-            forged = (share[:-1] + bytes([share[-1] ^ 1]))
-            data = UnmaskResponse(resp.round_index, c, ((resp.self_mask_shares[0]), (owner, forged)) + resp.self_mask_shares[2:], ()).to_bytes()
+            forged = tuple((o, s[:-1] + bytes([s[-1] ^ 1]) if o == "c02" else s) for o, s in resp.self_mask_shares)
+            data = UnmaskResponse(resp.round_index, c, forged, resp.mask_key_shares).to_bytes()
+            if signed:  # the sender signs what it sends: the server takes it, then finds the share bad
+                from secagg.messages import sign_message
+
+                data = sign_message(data, h.keys[c])
         h.server.receive_unmask(data)
-    # c01's share is among the t=3 lowest x used for rebuilding: the commitment check catches it
-    with pytest.raises(ProtocolError, match="does not match its commitment|not a 32-byte secret"):
+    total = h.server.finish()
+    assert np.array_equal(total, _ring_sum(h.vectors, h.ids))
+    assert h.server.rejected_shares == {"c01": ("c02",)}
+
+
+def test_too_many_corrupted_shares_fail_the_round_naming_the_senders():
+    h, requests = _at_unmask(n=4, t=3)
+    for c, msg in requests.items():
+        data = h.clients[c].unmask(msg)
+        if c in ("c01", "c02"):
+            resp = UnmaskResponse.from_bytes(data)
+            forged = tuple((o, bytes(66) if o == "c00" else s) for o, s in resp.self_mask_shares)
+            data = UnmaskResponse(resp.round_index, c, forged, resp.mask_key_shares).to_bytes()
+        h.server.receive_unmask(data)
+    with pytest.raises(DropoutError, match=r"only \[2\] good shares.*\['c00'\].*'c01': \('c00',\), 'c02': \('c00',\)"):
         h.server.finish()
 
 
@@ -443,22 +503,30 @@ def test_server_rejects_out_of_protocol_messages():
     h.server.receive_shares(bundle)
     with pytest.raises(ProtocolError, match="second share bundle"):
         h.server.receive_shares(bundle)
-    fake = KeyAdvertisement(5, "c09", bytes(32), bytes(32), bytes(32)).to_bytes()
+    fake = KeyAdvertisement(5, "c09", bytes(32), bytes(32), bytes(32), bytes(32)).to_bytes()
     with pytest.raises(ProtocolError):
         h.server.receive_advertisement(fake)
 
 
-def test_client_refuses_repeated_keys_and_foreign_neighbours():
+def test_client_refuses_repeated_altered_and_withheld_advertisements():
     h = _Harness(_vectors(4, 3, seed=13), threshold=2)
     lists = h.advertise()
     kl = KeyList.from_bytes(lists["c00"])
-    dup = KeyList(kl.round_index, "c00", (kl.advertisements[0], kl.advertisements[0]))
-    with pytest.raises(ProtocolError, match="twice"):
-        h.clients["c00"].share_keys(dup.to_bytes())
-    a = kl.advertisements[1]
-    same_key = KeyAdvertisement(a.round_index, a.sender, kl.advertisements[0].enc_public, a.mask_public, a.commitment)
-    with pytest.raises(ProtocolError, match="repeats a public key"):
-        h.clients["c00"].share_keys(KeyList(kl.round_index, "c00", (kl.advertisements[0], same_key)).to_bytes())
+    ads = kl.advertisements
+
+    def refused(pattern, advertisements, roster=kl.roster):
+        with pytest.raises(ProtocolError, match=pattern):
+            h.clients["c00"].share_keys(KeyList(kl.round_index, "c00", roster, advertisements).to_bytes())
+
+    refused("twice", (ads[0], ads[0]) + ads[1:])
+    a = ads[1]
+    same_key = KeyAdvertisement(a.round_index, a.sender, ads[0].enc_public, a.mask_public, a.commitment, a.setup_digest)
+    refused("does not match its roster entry", (ads[0], same_key) + ads[2:])
+    refused(r"withholds the advertisements of neighbours \['c03'\]", ads[:2])
+    refused("does not hold the advertisement client 'c00' sent", ads, roster=tuple(e for e in kl.roster if e[0] != "c00"))
+    # the same repeated key, made consistent with the roster, is still refused
+    forged_roster = tuple((c, same_key.digest() if c == a.sender else d) for c, d in kl.roster)
+    refused("repeats a public key", (ads[0], same_key) + ads[2:], roster=forged_roster)
 
 
 # ----------------------------------------------------------------------------- signed keys
@@ -474,18 +542,19 @@ def test_signed_round_completes():
 
 
 def test_signed_keys_detect_a_substituting_server():
-    """An active server replaces c01's mask key by its own: unsigned clients cannot tell, signed ones refuse."""
+    """An active server replaces c01's mask key by its own (roster made to match): unsigned clients cannot tell, signed ones refuse."""
     for signed in (False, True):
         h = _Harness(_vectors(4, 3, seed=15), threshold=2, signed=signed)
         lists = h.advertise()
         kl = KeyList.from_bytes(lists["c00"])
         _, attacker_pk = prim.new_x25519()
         forged = tuple(
-            KeyAdvertisement(a.round_index, a.sender, a.enc_public, attacker_pk, a.commitment, a.signature)
+            KeyAdvertisement(a.round_index, a.sender, a.enc_public, attacker_pk, a.commitment, a.setup_digest, a.signature)
             if a.sender == "c01" else a
             for a in kl.advertisements
         )
-        msg = KeyList(kl.round_index, "c00", forged).to_bytes()
+        roster = tuple((c, next(a for a in forged if a.sender == c).digest() if c == "c01" else d) for c, d in kl.roster)
+        msg = KeyList(kl.round_index, "c00", roster, forged).to_bytes()
         if signed:
             with pytest.raises(ProtocolError, match="signature is invalid"):
                 h.clients["c00"].share_keys(msg)
@@ -527,10 +596,12 @@ def test_byte_counts_are_real_message_sizes():
     assert set(up) == {"key_advertisement", "share_bundle", "masked_input", "unmask_response"}
     assert set(down) == {"round_setup", "key_list", "share_delivery", "unmask_request"}
     head = HEADER_BYTES + 2 + 3 + 1 + 8 + 1  # header, id "c00", bits, length, pad count
-    per_input = head + (-head % 8) + 100 * 4  # zero padding to an 8-byte boundary, then the payload
+    per_input = head + (-head % 8) + 100 * 4 + 1  # zero padding to an 8-byte boundary, the payload, an empty trailer
     assert up["masked_input"] == 4 * per_input
-    assert up["share_bundle"] == down["share_delivery"]  # same entries, ids of equal length
-    assert up["key_advertisement"] == 4 * len(MESSAGES["key_advertisement"])
+    assert up["key_advertisement"] == 4 * (HEADER_BYTES + 2 + 3 + 4 * 32 + 1)
+    signed = secure_sum_integers(vectors, round_index=1, threshold=3, identity_keys={c: prim.new_identity_key() for c in vectors})
+    assert signed.bytes_up["masked_input"] == up["masked_input"] + 4 * 64
+    assert set(signed.bytes_up) == set(up) | {"survivor_signature"} and "survivor_set" in signed.bytes_down
 
 
 def test_more_clients_cannot_share_one_pairwise_mask():
@@ -546,7 +617,7 @@ def test_more_clients_cannot_share_one_pairwise_mask():
 def test_masked_payload_is_aligned_and_padding_is_checked():
     data = MESSAGES["masked_input"]
     msg = MaskedInput.from_bytes(data)
-    offset = len(data) - len(msg.payload)
+    offset = len(data) - len(msg.payload) - 1 - len(msg.signature)
     assert offset % 8 == 0
     assert np.frombuffer(msg.payload, dtype="<u4").flags.aligned
     bad = bytearray(data)

@@ -61,8 +61,11 @@ def _session_round(backend, updates, *, round_index, rng, dropouts=None, signed=
     """A round as separate parties would run it: each client builds its session from its own rng and keys."""
     ids = sorted(updates)
     keys = _keys(ids) if signed else {c: None for c in ids}
+    context = backend.public_context(keys[ids[0]].peer_identities) if signed else None
     server = _BytesOnlyServer(
-        backend.server_session(round_index=round_index, participants=ids, length=next(iter(updates.values())).size)
+        backend.server_session(
+            round_index=round_index, participants=ids, length=next(iter(updates.values())).size, public_context=context
+        )
     )
     parties = {}
     for cid, child in zip(ids, rng.spawn(len(ids))):
@@ -88,14 +91,15 @@ def test_session_round_equals_in_process_aggregate(graph, signed):
 
 
 @settings(max_examples=25, deadline=None)
-@given(n=st.integers(3, 14), d=st.integers(1, 20), graph=st.sampled_from(["complete", "secagg+"]), data=st.data())
-def test_session_round_is_exact_under_random_dropouts(n, d, graph, data):
-    backend = MaskedSum(value_bound=1.0, max_clients=16, graph=graph, bits=64)
+@given(n=st.integers(3, 14), d=st.integers(1, 20), graph=st.sampled_from(["complete", "secagg+"]), signed=st.booleans(), data=st.data())
+def test_session_round_is_exact_under_random_dropouts(n, d, graph, signed, data):
+    """Any dropouts the plan tolerates, at any stage (the consistency check included), give the exact sum."""
+    backend = MaskedSum(value_bound=1.0, max_clients=16, graph=graph, bits=64, signed_keys=signed)
     updates = _updates(n, d, seed=n * 17 + d)
     ids = sorted(updates)
     plan = backend.plan(n)
     dropouts = data.draw(st.dictionaries(st.sampled_from(ids), st.sampled_from(list(Stage)), max_size=plan.tolerated_dropouts))
-    result, server = _session_round(backend, updates, round_index=2, rng=np.random.default_rng(n), dropouts=dropouts)
+    result, server = _session_round(backend, updates, round_index=2, rng=np.random.default_rng(n), dropouts=dropouts, signed=signed)
     counted = [c for c in ids if dropouts.get(c, Stage.UNMASK) > Stage.MASKED_INPUT]
     exact = np.sum([updates[c].astype(np.float64) for c in counted], axis=0)
     assert result.contributors == tuple(counted)

@@ -50,7 +50,7 @@ def test_decoded_sum_within_stated_bound_under_dropouts(n, d, graph, data):
         st.dictionaries(st.sampled_from(ids), st.sampled_from(list(Stage)), max_size=plan.tolerated_dropouts)
     )
     result = backend.aggregate(updates, round_index=3, rng=np.random.default_rng(0), dropouts=dropouts)
-    counted = [c for c in ids if dropouts.get(c, Stage.UNMASK) == Stage.UNMASK]
+    counted = [c for c in ids if dropouts.get(c, Stage.UNMASK) > Stage.MASKED_INPUT]
     assert result.contributors == tuple(counted)
     assert result.dropped == tuple(sorted(dropouts))
     assert result.max_abs_error == backend.encoder.error_bound(len(counted))
@@ -176,7 +176,11 @@ def test_describe_and_trust_model():
     assert info["scale"] == backend.encoder.scale
     assert (info["degree"], info["threshold"]) == (11, 9)  # planned for max_clients before any round
     assert "any 3 clients may drop" in info["guarantee"]
-    assert "honest-but-curious" in backend.trust_model and "not signed" in backend.trust_model
+    assert "honest-but-curious" in backend.trust_model and "Unsigned mode" in backend.trust_model
+    assert "honest-but-curious" in info["guarantee"]  # the plan says it too
+    signed = MaskedSum(value_bound=0.5, max_clients=12, signed_keys=True)
+    assert "consistency check" in signed.trust_model and "honest-but-curious" not in signed.trust_model
+    assert "against an active server that lies about dropouts and survivors: safe" in signed.describe()["guarantee"]
 
 
 @pytest.mark.parametrize(
