@@ -898,11 +898,13 @@ class HEClientSession:
         self._client = client
         self._encrypt = encrypt
         self._message: bytes | None = None
+        self._length = 0
         self._decrypted = False
 
     def set_input(self, vector: np.ndarray) -> None:
         """Encrypt the client's vector (BFV quantizes it with the session's own randomness)."""
         self._message = self._encrypt(vector)
+        self._length = vector.size
 
     def handle(self, message: bytes) -> bytes | None:
         """The ciphertext for the server's request, or (secret-key holders) the decrypted aggregate.
@@ -928,7 +930,7 @@ class HEClientSession:
             )
         if self._message is None:
             raise ProtocolError(f"client {self.client_id!r} was asked for its ciphertext before it had an input")
-        if env.header.get("length") != wire.unpack(self._message, what="own ciphertext").header["length"]:
+        if env.header.get("length") != self._length:
             raise ProtocolError(f"client {self.client_id!r}: the request asks for length {env.header.get('length')!r}")
         return self._message
 
