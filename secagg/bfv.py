@@ -258,10 +258,12 @@ class BFVClient(ClientBase):
 
 
 class BFVSum:
-    """BFV-encrypted secure sum of quantized vectors, in process (implements :class:`SecureSum`).
+    """BFV-encrypted secure sum of quantized vectors (implements :class:`SecureSum`).
 
     ``total`` is the exact integer sum times the quantization step; ``max_abs_error`` is the
-    quantization bound (count x step).
+    quantization bound (count x step). The parties' halves are :meth:`key_holder_session`,
+    :meth:`client_session` (it quantizes with its own ``rng``) and :meth:`server_session`, as for
+    :class:`secagg.CKKSSum`; :meth:`aggregate` runs them in this process.
 
     Raises (constructor):
         OverflowRiskError: ``max_clients`` beyond the preset's supported count at ``quant_bits``.

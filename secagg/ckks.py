@@ -297,11 +297,14 @@ class CKKSClient(ClientBase):
 
 
 class CKKSSum:
-    """CKKS-encrypted secure sum, one full round in process (implements :class:`SecureSum`).
+    """CKKS-encrypted secure sum (implements :class:`SecureSum`), as three parties' halves.
 
     Each round a key holder creates fresh keys: a separate key service (``key_holder=None``) or
-    the named client. Clients encrypt, the server adds under the public context, the key holder
-    (or, in symmetric presets, any surviving client, all of whom hold the key) decrypts.
+    the named client's party. Clients encrypt inputs rounded to :attr:`release_grid`, the server
+    adds under the public context, the key holder (or, in symmetric presets, one surviving
+    client, all of whom hold the key) decrypts and releases the sum on the grid. The halves are
+    :meth:`key_holder_session`, :meth:`client_session` and :meth:`server_session` (see
+    :mod:`secagg._he_core`); :meth:`aggregate` runs all three in this process.
 
     Raises (constructor):
         ValueError / TypeError: a bad preset, value_bound, max_clients or key_holder.
