@@ -5,7 +5,7 @@ Each party of a round builds its own half from the backend (``CKKSSum``, ``BFVSu
     holder = backend.key_holder_session(round_index=r)        # key holder party: makes the keys
     holder.server_context() -> bytes                          # to the server: public only
     holder.client_context(client_id) -> bytes                 # to that client, out of the server's reach
-    holder.handle(aggregate: bytes) -> bytes                  # the decrypted sum (CKKS: flooded), once
+    holder.handle(aggregate: bytes) -> bytes                  # the released sum (CKKS: on the grid), once
     backend.client_session(cid, round_index=r, participants=ids, rng=rng,
                            keys=ClientKeys(he_context=client_context))
     backend.server_session(round_index=r, participants=ids, length=d,
@@ -57,6 +57,9 @@ __all__ = [
     "KeyHolderBase",
     "ClientBase",
     "ckks_error_bound",
+    "ckks_release_grid",
+    "ckks_rounding_error",
+    "snap_to_grid",
     "ckks_fresh_noise_coeff_bound",
     "ckks_largest_scale_bits",
     "data_modulus",
@@ -127,6 +130,37 @@ def ckks_error_bound(
     return count * per_client / scale + float_slack
 
 
+def ckks_release_grid(
+    *, poly_modulus_degree: int, encryption: str, reals_per_slot: int, scale: float, value_bound: float, max_clients: int
+) -> float:
+    """Spacing of the grid that clients round their CKKS inputs to, and that the key holder releases.
+
+    The smallest power of two above 4 x the decryption's noise radius (:func:`ckks_error_bound`) at
+    ``max_clients``. A sum of inputs on the grid decrypts to within that radius of a grid point,
+    so rounding to the grid recovers the exact sum of the rounded inputs: the release is a function
+    of the inputs alone, and the encryption noise, which Li and Micciancio (EUROCRYPT 2021) solve
+    for the key with, never leaves the key holder. Spacing above 4 x the radius also means that an
+    off-grid input (a client colluding with the server) can only make the key holder refuse: two
+    accepted outcomes are farther apart than any noise can move a decryption.
+    """
+    radius = ckks_error_bound(
+        poly_modulus_degree=poly_modulus_degree, encryption=encryption, reals_per_slot=reals_per_slot,
+        scale=scale, value_bound=value_bound, count=max_clients,
+    )
+    return 2.0 ** (math.floor(math.log2(4 * radius)) + 1)
+
+
+def snap_to_grid(values: np.ndarray, *, grid: float, value_bound: float) -> np.ndarray:
+    """``values`` rounded to the nearest multiple of ``grid`` within [-value_bound, value_bound]."""
+    steps = math.floor(value_bound / grid)
+    return np.clip(np.round(np.asarray(values, dtype=np.float64) / grid), -steps, steps) * grid
+
+
+def ckks_rounding_error(*, grid: float, value_bound: float) -> float:
+    """Largest |snap_to_grid(x) - x| over x in [-value_bound, value_bound] (one client's error)."""
+    return max(grid / 2, value_bound - grid * math.floor(value_bound / grid))
+
+
 def ckks_largest_scale_bits(
     *, poly_modulus_degree: int, coeff_mod_bit_sizes: tuple[int, ...], encryption: str,
     reals_per_slot: int, value_bound: float, max_clients: int,
@@ -195,17 +229,35 @@ class ContextInfo:
             encryption=self.encryption,
         )
 
-    def error_bound(self, count: int) -> float:
-        """The stated precision of a sum of ``count`` contributions."""
-        if count <= 0:
-            return 0.0
-        if self.scheme == "bfv":
-            # stochastic rounding moves each client's coordinate by less than one step
-            return count * self.step * (1 + 1e-9)
+    @property
+    def grid(self) -> float:
+        """CKKS: the release grid (:func:`ckks_release_grid`), fixed by the public parameters."""
+        return ckks_release_grid(
+            poly_modulus_degree=self.poly_modulus_degree, encryption=self.encryption,
+            reals_per_slot=self.reals_per_slot, scale=self.scale, value_bound=self.value_bound,
+            max_clients=self.max_clients,
+        )
+
+    def noise_radius(self, count: int) -> float:
+        """CKKS: bound on |decryption - sum of the grid inputs| for ``count`` contributions (worst
+        case for symmetric presets, high probability for public-key ones)."""
         return ckks_error_bound(
             poly_modulus_degree=self.poly_modulus_degree, encryption=self.encryption,
             reals_per_slot=self.reals_per_slot, scale=self.scale, value_bound=self.value_bound, count=count,
         )
+
+    def error_bound(self, count: int) -> float:
+        """The stated precision of a released sum of ``count`` contributions.
+
+        BFV: stochastic rounding moves each client's coordinate by less than one step. CKKS: the
+        release is the exact sum of the inputs rounded to the grid, so each client's rounding.
+        """
+        if count <= 0:
+            return 0.0
+        if self.scheme == "bfv":
+            return count * self.step * (1 + 1e-9)
+        per_client = ckks_rounding_error(grid=self.grid, value_bound=self.value_bound)
+        return count * (per_client + self.value_bound * 2.0**-40)
 
     @classmethod
     def parse(cls, header: Mapping[str, object], *, what: str) -> "ContextInfo":
@@ -371,7 +423,6 @@ class _Decrypting:
         if len(env.blobs) != -(-length // per):
             raise ProtocolError(f"{what}: {len(env.blobs)} ciphertexts cannot hold {length} values ({per} each)")
         raw = self._engine.decrypt(env.blobs, what=what)
-        bound = self._info.error_bound(count)
         if self._info.scheme == "bfv":
             limit = count * self._info.levels
             if np.any(np.abs(raw[:length]) > limit) or np.any(raw[length:] != 0):
@@ -381,16 +432,25 @@ class _Decrypting:
             total = raw[:length].astype(np.float64) * self._info.step
             integer_total = raw[:length].copy()
         else:
-            limit = count * self._info.value_bound + bound
-            if np.any(np.abs(raw[:length]) > limit) or np.any(np.abs(raw[length:]) > bound):
+            radius = self._info.noise_radius(count)
+            limit = count * self._info.value_bound + radius
+            if np.any(np.abs(raw[:length]) > limit) or np.any(np.abs(raw[length:]) > radius):
                 raise ProtocolError(
                     f"{what} decrypts outside the possible range (|sum| <= {limit:.6g}): wrong key, or tampered"
                 )
-            total = raw[:length].astype(np.float64, copy=True)
+            # release only the grid point: a raw decryption gives the server the key (Li-Micciancio 2021)
+            grid = self._info.grid
+            total = np.round(raw[:length] / grid) * grid
+            off = float(np.max(np.abs(raw[:length] - total)))
+            if off > radius:
+                raise ProtocolError(
+                    f"{what} decrypts {off:.3g} away from the release grid (spacing {grid:.3g}), beyond the noise "
+                    f"radius {radius:.3g}: an input was not rounded to the grid; nothing is released"
+                )
             integer_total = None
         return DecryptedSum(
             total=total, count=count, weight_sum=float(weight_sum), contributors=tuple(contributors),
-            max_abs_error=bound, integer_total=integer_total,
+            max_abs_error=self._info.error_bound(count), integer_total=integer_total,
         )
 
 
@@ -670,6 +730,7 @@ def describe_info(info: ContextInfo) -> dict[str, object]:
             reals_per_slot=info.reals_per_slot,
             scale=info.scale,
             scale_bits=math.log2(info.scale),
+            release_grid=info.grid,
             max_abs_error_at_max_clients=info.error_bound(info.max_clients),
         )
     else:
@@ -688,7 +749,7 @@ def describe_info(info: ContextInfo) -> dict[str, object]:
 # the decrypted sum on the wire
 # ---------------------------------------------------------------------------------------------
 def decryption_message(info: ContextInfo, result: DecryptedSum, *, round_index: int | None) -> bytes:
-    """The key holder's reply to the server: the decrypted sum (flooded for CKKS), nothing else."""
+    """The key holder's reply to the server: the released sum (CKKS: on the grid), nothing else."""
     if info.scheme == "bfv":
         values, dtype = np.ascontiguousarray(result.integer_total, dtype="<i8"), "i8"
     else:
@@ -763,10 +824,11 @@ class KeyHolderSession:
     It gives the server :meth:`server_context` (parameters and public key only) and each client
     :meth:`client_context` (outside the server's reach); it answers the server's request, the
     aggregate ciphertext addressed to :data:`secagg.KEY_HOLDER`, with :meth:`handle`. It decrypts at
-    most one aggregate, of this round only: CKKS flooding is sized for one decryption per key set.
+    most one aggregate, of this round only, so a server that deviates reads at most one sum per key set.
 
     What it sees: the aggregate and its public header (contributors, length, weight sum), and the
-    decrypted sum, which it releases flooded (CKKS) or exact (BFV).
+    decrypted sum; it releases the exact sum of the grid-rounded inputs (CKKS, never the raw
+    decryption: see :func:`ckks_release_grid`) or the exact integer sum (BFV).
     """
 
     def __init__(self, holder: KeyHolderBase, *, round_index: int) -> None:
@@ -812,7 +874,7 @@ def _answer_aggregate(party: _Decrypting, message: bytes, *, round_index: int, a
     if answered:
         raise ProtocolError(
             f"a second decryption request in round {round_index}: this key set decrypts one aggregate only "
-            "(flooding is sized for one decryption)"
+            "(a deviating server reads at most one sum per key set)"
         )
     return decryption_message(party.info, party._decrypt(message), round_index=round_index)
 
@@ -836,11 +898,13 @@ class HEClientSession:
         self._client = client
         self._encrypt = encrypt
         self._message: bytes | None = None
+        self._length = 0
         self._decrypted = False
 
     def set_input(self, vector: np.ndarray) -> None:
         """Encrypt the client's vector (BFV quantizes it with the session's own randomness)."""
         self._message = self._encrypt(vector)
+        self._length = vector.size
 
     def handle(self, message: bytes) -> bytes | None:
         """The ciphertext for the server's request, or (secret-key holders) the decrypted aggregate.
@@ -866,7 +930,7 @@ class HEClientSession:
             )
         if self._message is None:
             raise ProtocolError(f"client {self.client_id!r} was asked for its ciphertext before it had an input")
-        if env.header.get("length") != wire.unpack(self._message, what="own ciphertext").header["length"]:
+        if env.header.get("length") != self._length:
             raise ProtocolError(f"client {self.client_id!r}: the request asks for length {env.header.get('length')!r}")
         return self._message
 

@@ -9,7 +9,7 @@ one place with :class:`~secagg.errors.ProtocolError`::
     5        1     kind: 1 public context, 2 client context, 3 client ciphertext, 4 aggregate,
                    5 request (server -> client: "send your ciphertext for this round"; no blobs),
                    6 decryption (key holder -> server: the decrypted sum, one blob "values" of
-                   little-endian float64 (CKKS, flooded) or int64 (BFV) numbers)
+                   little-endian float64 (CKKS, on the release grid) or int64 (BFV) numbers)
     6        4     H: length of the header (uint32, big endian, at most 65,536)
     10       H     header: a UTF-8 JSON object (scheme, preset, parameter fingerprint, key id,
                    scale, bounds, vector length, blob names, ...)

@@ -258,10 +258,12 @@ class BFVClient(ClientBase):
 
 
 class BFVSum:
-    """BFV-encrypted secure sum of quantized vectors, in process (implements :class:`SecureSum`).
+    """BFV-encrypted secure sum of quantized vectors (implements :class:`SecureSum`).
 
     ``total`` is the exact integer sum times the quantization step; ``max_abs_error`` is the
-    quantization bound (count x step).
+    quantization bound (count x step). The parties' halves are :meth:`key_holder_session`,
+    :meth:`client_session` (it quantizes with its own ``rng``) and :meth:`server_session`, as for
+    :class:`secagg.CKKSSum`; :meth:`aggregate` runs them in this process.
 
     Raises (constructor):
         OverflowRiskError: ``max_clients`` beyond the preset's supported count at ``quant_bits``.
@@ -288,14 +290,19 @@ class BFVSum:
         self.max_clients = max_clients
         self.quant_bits = quant_bits
         self.key_holder = key_holder
-        holder = f"client {key_holder!r}" if key_holder is not None else "a separate key service"
+        holder = f"client {key_holder!r}'s party" if key_holder is not None else "a separate key service"
         self.trust_model = (
-            f"Homomorphic encryption (BFV, preset {self.preset.name!r}, 128-bit security): the server holds only "
-            "the public parameters (no secret key), sees only ciphertexts plus each client's id, vector length "
-            f"and declared weight, and adds ciphertexts. Keys are created by {holder}; every client holds the "
-            "secret key (seeded symmetric encryption), so any client or the key holder colluding with the server "
-            "can decrypt any individual update. Key holders learn the exact sum of the quantized updates. "
-            "Message digests detect corruption, not an active attacker."
+            f"Homomorphic encryption (BFV, preset {self.preset.name!r}, 128-bit security; honest-but-curious "
+            f"server): each round {holder} makes fresh keys. The server holds only the public parameters and "
+            "refuses any context holding the secret key; it sees each client's ciphertext with its id, vector "
+            "length and declared weight, adds them, and learns the released sum. BFV decryption is exact: the "
+            "key holder decrypts one aggregate per key set and releases the exact integer sum of the quantized "
+            "updates, which carries nothing about the key or the encryption noise. Every client holds the "
+            "secret key (seeded symmetric encryption), so any client, or the key holder, colluding with the "
+            "server can decrypt any individual update; if the key holder is silent, the server asks one "
+            "contributor at a time to decrypt instead. Message digests detect corruption, not an active "
+            "attacker: a malicious server can alter the aggregate, or pass one client's ciphertext off as the "
+            "aggregate, and the key holder cannot tell."
         )
 
     def key_holder_session(self, *, round_index: int) -> KeyHolderSession:

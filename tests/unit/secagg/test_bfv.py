@@ -18,6 +18,7 @@ from secagg import (
     KeyMaterialError,
     OverflowRiskError,
     ProtocolError,
+    Stage,
     bfv_preset,
 )
 from secagg import _he_wire as wire
@@ -138,3 +139,27 @@ def test_bfvsum_describe_and_rng_requirement():
     assert desc["step"] == pytest.approx(2.0 / (2**17 - 1))
     with pytest.raises(TypeError, match="numpy.random.Generator"):
         backend.aggregate({"a": np.zeros(3)}, round_index=0, rng=None)
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    n=st.integers(min_value=1, max_value=8),
+    d=st.integers(min_value=1, max_value=5000),
+    seed=st.integers(min_value=0, max_value=2**32 - 1),
+    dropped=st.sets(st.integers(min_value=0, max_value=7), max_size=3),
+    stage=st.sampled_from(list(Stage)),
+)
+def test_sessions_release_the_exact_integer_sum_of_the_contributors(n, d, seed, dropped, stage):
+    """Through the parties' sessions: each client quantizes with its own child generator, and the
+    released sum is exactly the sum of the contributors' quantized integers, times the step."""
+    rng = np.random.default_rng(seed)
+    updates = {f"c{i}": rng.uniform(-1, 1, d) for i in range(n)}
+    dropouts = {f"c{i}": stage for i in dropped if i < n}
+    backend = BFVSum(value_bound=1.0, max_clients=8)
+    result = backend.aggregate(updates, round_index=3, rng=np.random.default_rng(seed), dropouts=dropouts)
+    encoder = BFVEncoder(value_bound=1.0)
+    children = dict(zip(sorted(updates), np.random.default_rng(seed).spawn(n)))
+    counted = [c for c in sorted(updates) if c not in dropouts or stage == Stage.UNMASK]
+    quantized = sum((encoder.encode(updates[c], rng=children[c]) for c in counted), np.zeros(d, dtype=np.int64))
+    assert result.contributors == tuple(counted)
+    assert np.array_equal(result.total, encoder.decode(quantized))

@@ -64,15 +64,17 @@ def test_describe_names_preset_modulus_scale_slots_and_security():
     assert desc["poly_modulus_degree"] == 4096 and desc["modulus_bits"] == 50
     assert desc["scale"] == 2.0**44 and desc["slots"] == 2048 and desc["security_bits"] == 128
     # the precision target, as a stated (worst-case) bound, for 12 clients of magnitude <= 1
-    assert desc["max_abs_error_at_max_clients"] <= 1e-6
+    assert desc["max_abs_error_at_max_clients"] <= 1e-4
+    assert desc["release_grid"] == 2.0**-21
 
 
 def test_trust_model_says_who_can_break_it():
     sym = CKKSSum(value_bound=1.0, max_clients=4).trust_model
-    assert "only ciphertexts" in sym and "aggregate" in sym
+    assert "holds only the public context" in sym and "never the raw decryption" in sym
     assert "any client, or the key holder, colluding with the server" in sym
     pk = CKKSSum(value_bound=1.0, max_clients=4, preset="compact-pk", key_holder="c0").trust_model
     assert "key holder colluding with the server" in pk and "client 'c0'" in pk
+    assert "one bit (refused or not)" in pk
 
 
 # -- scale and overflow -----------------------------------------------------------------------------------
@@ -136,7 +138,7 @@ def test_compact_sum_within_stated_precision(n, d, bound, seed):
     err = np.max(np.abs(result.total - _exact(updates)))
     assert err <= result.max_abs_error == backend.max_abs_error(n)
     if bound <= 1.0:
-        assert err <= 1e-6
+        assert err <= 1e-4  # the target for updates of magnitude <= 1
 
 
 @pytest.mark.parametrize("preset", ["compact-pk", "compat"])
@@ -438,7 +440,7 @@ def test_client_decrypts_in_symmetric_preset_and_bounds_are_consistent():
     mine, theirs = client.decrypt(aggregate), holder.decrypt(aggregate)
     assert np.max(np.abs(mine.total - theirs.total)) == 0.0
     assert theirs.max_abs_error == pytest.approx(
-        ckks_preset("compact").max_abs_error(scale=holder.scale, num_clients=3, value_bound=2.0)
+        ckks_preset("compact").max_abs_error(scale=holder.scale, num_clients=3, value_bound=2.0, max_clients=7)
     )
     assert math.log2(holder.scale) == int(math.log2(holder.scale))
 

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import struct
+
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from secagg import (
     KEY_HOLDER,
@@ -14,11 +19,13 @@ from secagg import (
     KeyMaterialError,
     PlaintextSum,
     ProtocolError,
+    SecAggError,
     SelectiveSum,
     Stage,
     drive_round,
 )
 from secagg import _he_wire as wire
+from secagg.ckks import KeyHolderSession
 from secagg.selective import pack_parts, unpack_parts
 
 IDS = ("a", "b", "c")
@@ -208,3 +215,67 @@ class _NoSessions:
 
     def describe(self):
         return {"mode": self.mode}
+
+
+# -- edited messages: one exception family, whoever receives them -----------------------------------
+@pytest.fixture(scope="module")
+def transcript():
+    """One CKKS round's messages, with the party that reads each kind."""
+    backend = CKKSSum(value_bound=1.0, max_clients=5)
+    holder, server, clients = _parties(backend, _vectors())
+    request = server.outgoing()["a"]
+    for cid, s in clients.items():
+        server.receive(cid, s.handle(request))
+    aggregate = server.outgoing()[KEY_HOLDER]
+    decryption = holder.handle(aggregate)
+    context = holder.client_context("a")
+
+    def client(data):
+        session = backend.client_session(
+            "a", round_index=1, participants=IDS, rng=np.random.default_rng(0), keys=ClientKeys(he_context=context)
+        )
+        session.set_input(np.zeros(50))
+        return session.handle(data)
+
+    readers = {
+        "request": client,
+        "ciphertext": lambda data: _fresh_server(backend, holder).receive("a", data),
+        "aggregate": lambda data: KeyHolderSession(holder._holder, round_index=1).handle(data),
+        "decryption": lambda data: _waiting_server(backend, holder, clients).receive(KEY_HOLDER, data),
+    }
+    messages = {"request": request, "ciphertext": clients["a"].handle(request), "aggregate": aggregate,
+                "decryption": decryption}
+    for name, message in messages.items():  # each reader accepts the genuine message
+        readers[name](message)
+    return messages, readers
+
+
+def _fresh_server(backend, holder):
+    server = backend.server_session(round_index=1, participants=IDS, length=50, public_context=holder.server_context())
+    server.outgoing()
+    return server
+
+
+def _waiting_server(backend, holder, clients):
+    server = _fresh_server(backend, holder)
+    request = wire.pack(wire.REQUEST, {**holder.info.link(), "round": 1, "length": 50, "blobs": []}, [])
+    for cid, session in clients.items():
+        server.receive(cid, session.handle(request))
+    server.outgoing()
+    return server
+
+
+@settings(max_examples=60, deadline=None)
+@given(name=st.sampled_from(["request", "ciphertext", "aggregate", "decryption"]), data=st.data())
+def test_edited_session_messages_raise_only_secagg_errors(transcript, name, data):
+    messages, readers = transcript
+    body = bytearray(messages[name][:-32])
+    (head_len,) = struct.unpack_from(">I", body, 6)
+    span = 10 + head_len if data.draw(st.booleans()) else len(body)  # aim at the JSON header, or anywhere
+    for _ in range(data.draw(st.integers(min_value=1, max_value=3))):
+        body[data.draw(st.integers(min_value=0, max_value=span - 1))] ^= data.draw(st.integers(min_value=1, max_value=255))
+    edited = bytes(body) + hashlib.sha256(bytes(body)).digest()  # resealed: the digest is no signature
+    try:
+        readers[name](edited)
+    except SecAggError:
+        pass
