@@ -383,9 +383,12 @@ class Federation:
         """
         ids = sorted(ids)
         weights = dict(staleness or {})
-        he = hasattr(self.pipeline.backend, "key_holder_session")
+        backend = self.pipeline.backend
+        he = hasattr(backend, "key_holder_session")
         if he:  # this round's keys: the server gets the public context, each client its own from the key holder
             self.public_context = self.channel.send(KEY_HOLDER, msg.encode(msg.Kind.KEYS, {"round": t}))
+        elif self.public_keys:  # signed masking: the identity directory the server checks signatures with
+            self.public_context = backend.public_context(self.public_keys)
         dropouts = self.dropouts.draw(ids, self._rng(t, _STREAM_DROPOUT)) if self.dropouts else {}
         requests = {
             cid: msg.encode(msg.Kind.PROTECT, {"round": t, "participants": ids, "staleness_weight": weights.get(cid, 1.0)})
