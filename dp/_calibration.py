@@ -1,16 +1,134 @@
-"""Calibration: the smallest noise multiplier whose accounted epsilon stays within a target."""
+"""Calibration: the smallest noise multiplier whose accounted epsilon stays within a target.
+
+The epsilon a calibration meets is computed by the very function the ledger, the budget and
+the report use later (same accountant, same grouping of events), so a calibrated run is never
+charged more than its target. Speed comes from a cheap guess, not from a looser check: a
+coarse PLD pass (or the RDP curve itself for distributed noise) finds the neighbourhood of the
+answer, then a few evaluations of the exact accountant bracket it to ``rel_tolerance``.
+"""
 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 from . import _checks as chk
-from ._accounting import ACCOUNTANTS, _epsilon_groups
+from ._accounting import ACCOUNTANTS, _epsilon_groups, _used, pld_epsilon
 from ._errors import AccountingError, DPValueError
 
-__all__ = ["calibrate_noise_multiplier"]
+__all__ = ["calibrate_noise_multiplier", "smallest_noise_multiplier"]
 
 _MAX_NOISE_MULTIPLIER = 1e6
+_MIN_NOISE_MULTIPLIER = 1e-4
+
+
+def _safe(f: Callable[[float], float]) -> Callable[[float], float]:
+    def g(z: float) -> float:
+        try:
+            return f(z)
+        except AccountingError:  # PRV refuses histories whose epsilon is in the hundreds
+            return math.inf
+
+    return g
+
+
+def _root_guess(g: Callable[[float], float], target: float) -> float:
+    """Where the decreasing ``g`` crosses ``target`` (geometric bisection on a cheap ``g``, 2% wide)."""
+    lo, hi = 0.5, 1.0
+    while g(hi) > target:
+        lo, hi = hi, hi * 2
+        if hi > _MAX_NOISE_MULTIPLIER:
+            return hi
+    while g(lo) <= target:
+        lo, hi = lo / 2, lo
+        if lo < _MIN_NOISE_MULTIPLIER:
+            return hi
+    while hi / lo > 1.02:
+        mid = math.sqrt(lo * hi)
+        if g(mid) <= target:
+            hi = mid
+        else:
+            lo = mid
+    return math.sqrt(lo * hi)
+
+
+def smallest_noise_multiplier(
+    epsilon_of: Callable[[float], float],
+    *,
+    target_epsilon: float,
+    rel_tolerance: float = 1e-3,
+    guess: float = 1.0,
+    what: str = "the history",
+) -> float:
+    """Smallest noise multiplier ``z`` (within ``rel_tolerance``) with ``epsilon_of(z) <= target_epsilon``.
+
+    ``epsilon_of`` must decrease with ``z``; the ``z`` returned is one at which it was evaluated
+    and found within the target, so the result never overshoots whatever ``epsilon_of`` is.
+    Secant steps in log-log space from ``guess`` find a bracket; the answer ``hi`` comes with a
+    ``lo`` that overshoots and ``hi - lo <= rel_tolerance * hi``.
+
+    Raises:
+        DPValueError: no ``z`` up to 1e6 meets the target.
+    """
+    target = chk.positive("target_epsilon", target_epsilon)
+    tol = chk.open_unit("rel_tolerance", rel_tolerance)
+    f = _safe(epsilon_of)
+    step = math.log1p(tol)
+    seen: dict[float, float] = {}
+
+    def ev(x: float) -> float:  # log-space: x = log z
+        if x not in seen:
+            seen[x] = f(math.exp(x))
+        return seen[x]
+
+    def bracket() -> tuple[float | None, float | None]:
+        ok = [x for x, e in seen.items() if e <= target]
+        bad = [x for x, e in seen.items() if e > target]
+        return (min(ok) if ok else None), (max(bad) if bad else None)
+
+    x = math.log(chk.positive("guess", guess))
+    ev(x)
+    for _ in range(60):
+        hi, lo = bracket()
+        if hi is not None and lo is not None and hi - lo <= step:
+            return float(math.exp(hi))
+        if hi is not None and hi < math.log(_MIN_NOISE_MULTIPLIER):
+            return float(math.exp(hi))  # epsilon this large is reached with almost no noise
+        if lo is not None and lo > math.log(_MAX_NOISE_MULTIPLIER):
+            raise DPValueError(
+                f"target_epsilon={target!r} cannot be met for {what} by any noise multiplier <= "
+                f"{_MAX_NOISE_MULTIPLIER:g}; raise target_epsilon or delta, or lower the number of steps"
+            )
+        # secant estimate of the crossing from the two points nearest to it
+        near = sorted(seen, key=lambda p: abs(math.log(max(seen[p], 1e-300)) - math.log(target)))[:2]
+        est = None
+        if len(near) == 2 and all(math.isfinite(seen[p]) and seen[p] > 0 for p in near):
+            (x1, x2), (y1, y2) = near, (math.log(seen[near[0]]), math.log(seen[near[1]]))
+            if y1 != y2:
+                est = x1 + (math.log(target) - y1) * (x2 - x1) / (y2 - y1)
+        if hi is not None and lo is not None:
+            if est is None or not lo < est < hi:
+                est = (lo + hi) / 2
+            a, b = max(lo, est - 0.45 * step), min(hi, est + 0.45 * step)
+            if b - a < 0.5 * step:  # the estimate hugs an end of the bracket: halve instead
+                a = b = (lo + hi) / 2
+            for p in {a, b}:
+                if lo < p < hi:
+                    ev(p)
+            if {a, b} <= {lo, hi}:  # pragma: no cover - defensive, the bracket always shrinks
+                ev((lo + hi) / 2)
+            continue
+        # no bracket yet: walk (secant, or doubling) past the crossing
+        x0 = hi if hi is not None else lo
+        if est is None or est == x0:  # one point: a small step gives the secant its slope
+            est = x0 - 0.9 * step if hi is not None else x0 + 0.9 * step
+        overshoot = 0.45 * step if hi is None else -0.45 * step
+        est = min(max(est + overshoot, x0 - math.log(16.0)), x0 + math.log(16.0))
+        ev(est)
+    hi, lo = bracket()  # pragma: no cover - 60 steps always converge for a monotone epsilon_of
+    if hi is None:  # pragma: no cover
+        raise DPValueError(f"calibration did not converge for {what}")
+    return float(math.exp(hi))  # pragma: no cover
 
 
 def calibrate_noise_multiplier(
@@ -19,16 +137,17 @@ def calibrate_noise_multiplier(
     delta: float,
     steps: int,
     sample_rate: float,
-    accountant: str = "rdp",
+    accountant: str = "pld",
     rel_tolerance: float = 1e-3,
 ) -> float:
     """Noise multiplier of a Poisson-subsampled Gaussian run ``steps`` times, within the target.
 
-    Bisection on the noise multiplier with the same accountant the ledger later uses; the
-    value returned is one whose epsilon was computed and found ``<= target_epsilon``, so it
-    never overshoots. It is within ``rel_tolerance`` (relative) of the smallest such value.
-    For DP-FedAvg, ``steps`` is the number of rounds and ``sample_rate`` the client sampling
-    rate; for DP-SGD, the number of optimizer steps and the record sampling rate.
+    Uses the same accountant the ledger later charges (default PLD); the value returned is one
+    whose epsilon was computed and found ``<= target_epsilon``, so it never overshoots, and it
+    is within ``rel_tolerance`` (relative) of the smallest such value. For DP-FedAvg, ``steps``
+    is the number of rounds and ``sample_rate`` the client sampling rate; for DP-SGD, the number
+    of optimizer steps and the record sampling rate. With adaptive clipping, calibrate the
+    effective noise multiplier and split it with ``AdaptiveClip.update_noise_multiplier``.
 
     Raises:
         DPValueError: a parameter out of range, or a target no noise up to 1e6 can meet.
@@ -40,35 +159,15 @@ def calibrate_noise_multiplier(
     acc = chk.one_of("accountant", accountant, ACCOUNTANTS)
     tol = chk.open_unit("rel_tolerance", rel_tolerance)
 
-    def eps(z: float) -> float:
-        try:
-            return _epsilon_groups({("gaussian", float(z), q): n}, d, acc)
-        except AccountingError:  # PRV refuses histories whose epsilon is in the hundreds
-            return math.inf
+    def groups(z: float) -> dict:
+        return {("gaussian", float(z), q): n}
 
-    hi = 1.0
-    if eps(hi) <= target:
-        lo = hi / 2
-        while eps(lo) <= target:
-            hi, lo = lo, lo / 2
-            if lo < 1e-4:  # epsilon this large is reached with almost no noise
-                return hi
-    else:
-        lo = hi
-        hi = 2.0
-        while eps(hi) > target:
-            lo, hi = hi, hi * 2
-            if hi > _MAX_NOISE_MULTIPLIER:
-                raise DPValueError(
-                    f"target_epsilon={target!r} cannot be met at delta={d!r} with steps={n}, "
-                    f"sample_rate={q!r} by any noise multiplier <= {_MAX_NOISE_MULTIPLIER:g} "
-                    f"(accountant {acc!r}); raise target_epsilon or delta, or lower steps"
-                )
-    # invariant: eps(hi) <= target < eps(lo)
-    while hi - lo > tol * hi:
-        mid = (lo + hi) / 2
-        if eps(mid) <= target:
-            hi = mid
-        else:
-            lo = mid
-    return float(hi)
+    coarse = _safe(lambda z: pld_epsilon(groups(z), d, interval=max(1e-5, 3e-3 * target)))
+    guess = _root_guess(coarse, target)
+    return smallest_noise_multiplier(
+        lambda z: _epsilon_groups(groups(z), d, _used(groups(z), acc)),
+        target_epsilon=target,
+        rel_tolerance=tol,
+        guess=guess,
+        what=f"delta={d!r}, steps={n}, sample_rate={q!r} (accountant {acc!r})",
+    )

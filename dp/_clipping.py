@@ -61,19 +61,31 @@ class L2Clip:
 class AdaptiveClip:
     """Adaptive clipping by private quantile tracking (Andrew et al. NeurIPS 2021, Alg. 1).
 
-    Client side: ``clip(vec)`` clips to the current bound and ``below(norm)`` gives the bit
-    ``b_i = 1[norm <= bound]`` to send along (summed like the update). Server side:
-    ``update(bits_sum, ...)`` adds Gaussian noise to the centred count
-    ``sum(b_i - 1/2)`` (sensitivity 1/2, standard deviation ``count_noise_multiplier / 2``),
-    estimates the fraction of unclipped clients ``b = (noisy + survivors/2) / expected_clients``
-    and moves the bound geometrically: ``C <- C * exp(-learning_rate * (b - target_quantile))``.
-    The count's privacy cost is returned as its own ``QuantileEvent`` for the ledger. The
-    server sees the noisy count only; the count noise is added centrally (the server is
-    trusted with the raw count, as in the paper).
+    Two halves, one per party:
+
+    - client (``client_half``, a static method: the client needs only the bound the server
+      broadcast): clip the update to ``bound`` and compute the bit ``b_i = 1[norm <= bound]``;
+      the bit is summed with the update (plaintext or masked), never sent on its own.
+    - server: ``noise_count`` adds ``N(0, count_stddev^2)`` to the sum of the bits (the
+      server sees the raw sum, as in the paper); ``update`` estimates the unclipped fraction
+      ``b = (noised_sum - survivors / 2) / expected_clients + 1/2`` and moves the bound
+      geometrically, ``C <- C exp(-learning_rate (b - target_quantile))``, returning the
+      ``QuantileEvent`` for the ledger.
+
+    Privacy: ``noised_sum - survivors/2`` is the noised sum of the centred bits ``b_i - 1/2``,
+    so adding or removing one client moves it by exactly 1/2 (``COUNT_SENSITIVITY``) and the
+    estimate by ``1 / (2 expected_clients)``; the noise standard deviation is
+    ``count_noise_multiplier * COUNT_SENSITIVITY``. The count is computed on the same sampled
+    clients as the round's update noise, so the accountants join the two into one Gaussian
+    with the effective noise multiplier ``(z_update^-2 + count_noise_multiplier^-2)^-1/2``
+    (Sec. 3.1); ``update_noise_multiplier`` splits a calibrated effective multiplier.
 
     Raises:
         DPValueError: a parameter out of range.
     """
+
+    #: Sensitivity of the centred count ``sum(b_i - 1/2)`` to adding or removing one client.
+    COUNT_SENSITIVITY = 0.5
 
     def __init__(
         self,
@@ -90,64 +102,128 @@ class AdaptiveClip:
 
     @property
     def bound(self) -> float:
-        """The clip bound clients use this round."""
+        """The clip bound clients use this round (broadcast with the model)."""
         return self._bound
 
+    @property
+    def count_stddev(self) -> float:
+        """Standard deviation of the noise on the sum of the bits: ``count_noise_multiplier / 2``."""
+        return self.count_noise_multiplier * self.COUNT_SENSITIVITY
+
+    # ----------------------------------------------------------------------------- client half
+
+    @staticmethod
+    def client_half(vec: np.ndarray, *, bound: float) -> tuple[np.ndarray, int]:
+        """Client: ``(clipped, bit)``: ``vec`` clipped to ``bound`` and ``1`` if it was within it, else ``0``."""
+        clipped, norm = l2_clip(chk.float_vector("vec", vec), chk.positive("bound", bound))
+        return clipped, int(norm <= bound)
+
     def clip(self, vec: np.ndarray) -> tuple[np.ndarray, float]:
-        """Client: ``(clipped, norm_before)`` at the current bound."""
+        """Client (in-process shortcut): ``(clipped, norm_before)`` at the current bound."""
         return l2_clip(chk.float_vector("vec", vec), self._bound)
 
-    def below(self, norm: float) -> float:
-        """Client: the bit ``1.0`` if ``norm <= bound`` else ``0.0``."""
-        return 1.0 if chk.non_negative("norm", norm) <= self._bound else 0.0
+    def below(self, norm: float) -> int:
+        """The bit ``1`` if ``norm <= bound`` else ``0`` (what ``client_half`` sends)."""
+        return int(chk.non_negative("norm", norm) <= self._bound)
+
+    # ----------------------------------------------------------------------------- server half
+
+    def noise_count(self, bits_sum: float, *, rng: np.random.Generator) -> float:
+        """Server: ``bits_sum + N(0, count_stddev^2)``, the only form of the count that may be used.
+
+        Raises:
+            DPTypeError: ``rng`` not a ``numpy.random.Generator``; DPValueError: ``bits_sum < 0``.
+        """
+        if not isinstance(rng, np.random.Generator):
+            raise DPTypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+        return chk.non_negative("bits_sum", bits_sum) + float(rng.normal(0.0, self.count_stddev))
+
+    def estimate(self, noised_sum: float, *, survivors: int, expected_clients: float) -> float:
+        """The private unclipped fraction ``(noised_sum - survivors/2) / expected_clients + 1/2``."""
+        n = chk.integer("survivors", survivors, minimum=0)
+        m = chk.positive("expected_clients", expected_clients)
+        return (chk.real("noised_sum", noised_sum) - n / 2.0) / m + 0.5
 
     def update(
         self,
-        bits_sum: float,
+        noised_sum: float,
         *,
         expected_clients: float,
         participants: int,
         survivors: int,
         round_index: int,
-        rng: np.random.Generator,
         sample_rate: float = 1.0,
         sampling: str = "poisson",
     ) -> tuple[float, QuantileEvent]:
-        """Server: update the bound from the summed bits of ``survivors`` clients.
+        """Server: move the bound from the noised sum of ``survivors`` clients' bits.
+
+        Args:
+            noised_sum: ``noise_count(sum of bits)``; never the raw sum.
+            expected_clients: the public denominator (expected clients per round, ``q * N``).
+            participants, survivors: clients sampled, and clients whose bit is in the sum.
+            round_index, sample_rate, sampling: as in the round's update-noise event.
 
         Returns:
             ``(new_bound, event)``; the object now uses ``new_bound``.
-
-        Raises:
-            DPValueError: ``bits_sum`` outside ``[0, survivors]`` or another bad parameter.
-            DPTypeError: ``rng`` not a ``numpy.random.Generator``.
         """
-        if not isinstance(rng, np.random.Generator):
-            raise DPTypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
-        n = chk.integer("survivors", survivors, minimum=0)
-        total = chk.non_negative("bits_sum", bits_sum)
-        if total > n:
-            raise DPValueError(f"bits_sum must be <= survivors={n}, got {bits_sum!r}")
-        m = chk.positive("expected_clients", expected_clients)
-        centred = total - n / 2.0
-        noisy = centred + rng.normal(0.0, self.count_noise_multiplier / 2.0)
-        fraction = (noisy + n / 2.0) / m
+        fraction = self.estimate(noised_sum, survivors=survivors, expected_clients=expected_clients)
         before = self._bound
         after = before * math.exp(-self.learning_rate * (fraction - self.target_quantile))
-        event = QuantileEvent(
+        event = self.plan(round_index=round_index, participants=participants, survivors=survivors,
+                          sample_rate=sample_rate, sampling=sampling, bound_after=after)  # fmt: skip
+        self._bound = after
+        return after, event
+
+    def plan(
+        self,
+        *,
+        round_index: int,
+        participants: int,
+        survivors: int,
+        sample_rate: float = 1.0,
+        sampling: str = "poisson",
+        bound_after: float | None = None,
+    ) -> QuantileEvent:
+        """The ``QuantileEvent`` of a round's count, for planning the budget before the round runs.
+
+        Its cost does not depend on the survivors; the bound after the round is not known yet
+        and is recorded as the bound before.
+        """
+        return QuantileEvent(
             round_index=round_index,
             noise_multiplier=self.count_noise_multiplier,
             sample_rate=sample_rate,
             participants=participants,
-            survivors=n,
+            survivors=survivors,
             target_quantile=self.target_quantile,
             learning_rate=self.learning_rate,
-            bound_before=before,
-            bound_after=after,
+            bound_before=self._bound,
+            bound_after=self._bound if bound_after is None else bound_after,
             sampling=sampling,
         )
-        self._bound = after
-        return after, event
+
+    @staticmethod
+    def update_noise_multiplier(*, effective_noise_multiplier: float, count_noise_multiplier: float) -> float:
+        """The update noise multiplier that, joined with the count's, gives ``effective_noise_multiplier``.
+
+        ``z_update = (z_eff^-2 - z_count^-2)^-1/2`` (Andrew et al. 2021, Sec. 3.1), rounded up so
+        that the joint multiplier the accountant recomputes is never below ``z_eff``.
+
+        Raises:
+            DPValueError: ``count_noise_multiplier <= effective_noise_multiplier`` (the count alone
+                would already cost more than the target).
+        """
+        z = chk.positive("effective_noise_multiplier", effective_noise_multiplier)
+        zb = chk.positive("count_noise_multiplier", count_noise_multiplier)
+        if zb <= z:
+            raise DPValueError(
+                f"count_noise_multiplier must be > effective_noise_multiplier={z!r} (the count alone would "
+                f"cost the whole budget), got {count_noise_multiplier!r}; Andrew et al. suggest expected_clients / 20"
+            )
+        out = (z**-2 - zb**-2) ** -0.5
+        while (out**-2 + zb**-2) ** -0.5 < z:
+            out = float(np.nextafter(out, math.inf))
+        return float(out)
 
     def __repr__(self) -> str:
         return (

@@ -106,10 +106,11 @@ class GaussianEvent:
 class QuantileEvent:
     """The noisy count of adaptive clipping (Andrew et al. NeurIPS 2021, Alg. 1).
 
-    Each client contributes ``b_i - 1/2`` with ``b_i = 1[norm <= bound]`` (sensitivity 1/2);
-    the server adds Gaussian noise of standard deviation ``noise_multiplier / 2``. Accounted
-    as its own subsampled Gaussian mechanism, composed with the update's (a valid, slightly
-    conservative alternative to the paper's joint noise multiplier).
+    The server noises the sum of the bits ``b_i = 1[norm <= bound]`` with standard deviation
+    ``noise_multiplier / 2``; the estimate uses the centred sum ``sum(b_i - 1/2)``, whose
+    sensitivity to adding or removing one client is 1/2. The count is computed on the same
+    clients as the round's update noise, so accountants join it with that round's client-level
+    update-noise event into one mechanism (the effective noise multiplier of Sec. 3.1).
 
     Attributes:
         noise_multiplier: noise standard deviation divided by the count's sensitivity (1/2).

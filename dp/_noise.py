@@ -10,8 +10,10 @@ distributed classes structurally satisfy ``secagg.IntegerNoise`` (``sample`` and
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 
@@ -123,7 +125,7 @@ class CentralGaussian:
         sample_rate: float = 1.0,
         sampling: str = "poisson",
     ) -> GaussianEvent:
-        """The ledger event for one use of this noise."""
+        """The ledger event for one use of this noise (``survivors``: clients in the noised sum)."""
         return GaussianEvent(
             round_index=round_index,
             noise_multiplier=self.noise_multiplier,
@@ -133,6 +135,31 @@ class CentralGaussian:
             survivors=survivors,
             sampling=sampling,
         )
+
+    def plan(
+        self,
+        *,
+        round_index: int,
+        participants: int,
+        min_survivors: int,
+        sample_rate: float = 1.0,
+        sampling: str = "poisson",
+    ) -> GaussianEvent:
+        """The event to check the budget with before a round: the worst case the protocol allows.
+
+        Central noise does not shrink with dropouts, so the cost is that of ``event``; the
+        event records ``min_survivors`` so the plan states the case it was made for.
+        """
+        _check_plan(participants, min_survivors)
+        return self.event(round_index=round_index, participants=participants, survivors=min_survivors,
+                          sample_rate=sample_rate, sampling=sampling)  # fmt: skip
+
+
+def _check_plan(participants: int, min_survivors: int) -> None:
+    n = chk.integer("participants", participants, minimum=1)
+    m = chk.integer("min_survivors", min_survivors, minimum=1)
+    if m > n:
+        raise DPValueError(f"min_survivors must be <= participants={n}, got {min_survivors!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -173,6 +200,79 @@ class _DistributedNoise:
     def _check_round(self, participants: int, survivors: int) -> None:
         chk.integer("participants", participants, minimum=1)
         chk.integer("survivors", survivors, minimum=1)
+
+    def event(self, **kwargs: Any) -> Any:  # pragma: no cover - defined by each subclass
+        raise NotImplementedError
+
+    def plan(
+        self,
+        *,
+        round_index: int,
+        scale: float,
+        participants: int,
+        min_survivors: int,
+        sample_rate: float = 1.0,
+        sampling: str = "poisson",
+    ) -> Any:
+        """The event to check the budget with before a round: only ``min_survivors`` clients' noise in the sum.
+
+        Each survivor adds its share of the noise, so the fewest survivors the protocol allows
+        (the masking threshold) leave the least noise and cost the most; the event recorded
+        after the round, with the real survivors, never costs more than this plan.
+        """
+        _check_plan(participants, min_survivors)
+        return self.event(round_index=round_index, scale=scale, participants=participants, survivors=min_survivors,
+                          sample_rate=sample_rate, sampling=sampling)  # fmt: skip
+
+    def calibrated(
+        self,
+        *,
+        target_epsilon: float,
+        delta: float,
+        rounds: int,
+        scale: float | Callable[[Any], float],
+        sample_rate: float = 1.0,
+        sampling: str = "poisson",
+        min_survivors: int | None = None,
+        accountant: str = "pld",
+        rel_tolerance: float = 1e-3,
+    ) -> Any:
+        """A copy with the smallest ``noise_multiplier`` whose ``rounds`` worst-case rounds fit ``target_epsilon``.
+
+        Charged exactly as the ledger charges it: the event of ``plan`` (``min_survivors``
+        survivors, default ``min_clients``) under the Skellam / discrete Gaussian bound, through
+        the same accountant; so the run never spends more than the target. ``scale`` is the
+        encoder's scale, or a function of the candidate noise returning it (the encoder sizes
+        its headroom from the noise, and the bound depends on the scale).
+
+        Raises:
+            DPValueError: bad parameters, or a target no noise multiplier up to 1e6 meets.
+        """
+        from ._accounting import _epsilon_groups, _groups
+        from ._calibration import calibrate_noise_multiplier, smallest_noise_multiplier
+
+        target = chk.positive("target_epsilon", target_epsilon)
+        d = chk.open_unit("delta", delta)
+        n = chk.integer("rounds", rounds, minimum=1)
+        q = chk.probability("sample_rate", sample_rate)
+        survivors = self.min_clients if min_survivors is None else chk.integer("min_survivors", min_survivors, minimum=1)
+        if not callable(scale):
+            chk.positive("scale", scale)
+
+        def noise(z: float) -> Any:
+            return dataclasses.replace(self, noise_multiplier=z)
+
+        def eps(z: float) -> float:
+            candidate = noise(z)
+            s = scale(candidate) if callable(scale) else scale
+            ev = candidate.plan(round_index=0, scale=s, participants=survivors, min_survivors=survivors,
+                                sample_rate=q, sampling=sampling)  # fmt: skip
+            return _epsilon_groups(_groups([ev], repeat=n), d, accountant)
+
+        guess = calibrate_noise_multiplier(target_epsilon=target, delta=d, steps=n, sample_rate=q, rel_tolerance=0.01)
+        z = smallest_noise_multiplier(eps, target_epsilon=target, rel_tolerance=rel_tolerance, guess=guess,
+                                      what=f"{type(self).__name__} over {n} rounds at sample_rate={q!r}")  # fmt: skip
+        return noise(z)
 
 
 @dataclass(frozen=True, kw_only=True)

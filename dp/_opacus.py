@@ -186,8 +186,6 @@ class PrivateTraining:
         *,
         generator: torch.Generator | None,
     ) -> None:
-        from opacus import PrivacyEngine
-        from opacus.data_loader import DPDataLoader
         from opacus.validators.errors import UnsupportedModuleError
         from opacus.validators.module_validator import ModuleValidator
 
@@ -230,6 +228,23 @@ class PrivateTraining:
         self._lazy: LazyTableNoise | None = None
         self._state_hook: Any = None
         self._user_optimizer = optimizer
+        self.module._dp_attached = True  # type: ignore[attr-defined]
+        try:
+            self._attach(config, module, optimizer, data_loader, generator)
+        except BaseException:
+            self.detach()  # a failed attach leaves nothing on the module
+            raise
+
+    def _attach(
+        self,
+        config: SampleLevelDP,
+        module: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        data_loader: torch.utils.data.DataLoader,
+        generator: torch.Generator | None,
+    ) -> None:
+        from opacus import PrivacyEngine
+        from opacus.data_loader import DPDataLoader
 
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Secure RNG turned off")
@@ -289,7 +304,6 @@ class PrivateTraining:
             self.data_loader = DPDataLoader.from_data_loader(data_loader, generator=rng)
         else:
             self.data_loader = plain_loader
-        module._dp_attached = True  # type: ignore[attr-defined]
         self._params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
         self._layers = [
             (n, m) for n, m in module.named_modules() if any(p.requires_grad for p in m.parameters(recurse=False))
@@ -477,18 +491,30 @@ class PrivateTraining:
 
     # ----------------------------------------------------------------------------- detach
 
+    def __enter__(self) -> "PrivateTraining":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Detach whether or not the training raised, so a failed client leaves no state."""
+        self.detach()
+
     def detach(self) -> nn.Module:
         """Remove every hook and Opacus attribute; return the user's own module.
 
         After this the object refuses ``step``. The module's ``state_dict`` has the same
         keys as before ``attach``; parameters carry no ``grad_sample`` and ``grad`` is None.
+        Safe to call after a step raised (call it in a ``finally``, or use ``with``).
         """
         if self._detached:
             return self.module
+        self._detached = True
         if self._lazy is not None:
-            self._lazy.flush()
-            self._lazy.remove()
-            self._state_hook.remove()
+            try:
+                self._lazy.flush()
+            finally:
+                self._lazy.remove()
+                if self._state_hook is not None:
+                    self._state_hook.remove()
         if self._hooks is not None:
             self._hooks.cleanup()
         if self._clipper is not None:
@@ -504,7 +530,6 @@ class PrivateTraining:
                     delattr(m, attr)
         if "_dp_attached" in self.module.__dict__:
             del self.module._dp_attached
-        self._detached = True
         return self.module
 
     def __repr__(self) -> str:

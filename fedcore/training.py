@@ -184,46 +184,48 @@ def train_local(
     train_module = private.module if private is not None else model
     train_loader = private.data_loader if private is not None else loader
 
-    steps = 0
-    epochs_run = 0
-    best_value: float | None = None
-    best_state: dict[str, torch.Tensor] | None = None
-    bad_epochs = 0
-    metrics: dict[str, float] = {}
-    stopped_early = False
-    for _ in range(config.epochs):
-        train_module.train()
-        for batch in train_loader:
-            batch = move_to(batch, device)
-            per_sample = task.loss(train_module, batch)
-            if private is not None:
-                private.step(per_sample)
-            else:
-                optimizer.zero_grad(set_to_none=True)
-                per_sample.mean().backward()
-                optimizer.step()
-            steps += 1
+    event = None
+    try:  # a client that raises mid DP-SGD must leave no Opacus state on the shared model
+        steps = 0
+        epochs_run = 0
+        best_value: float | None = None
+        best_state: dict[str, torch.Tensor] | None = None
+        bad_epochs = 0
+        metrics: dict[str, float] = {}
+        stopped_early = False
+        for _ in range(config.epochs):
+            train_module.train()
+            for batch in train_loader:
+                batch = move_to(batch, device)
+                per_sample = task.loss(train_module, batch)
+                if private is not None:
+                    private.step(per_sample)
+                else:
+                    optimizer.zero_grad(set_to_none=True)
+                    per_sample.mean().backward()
+                    optimizer.step()
+                steps += 1
+                if config.max_steps is not None and steps >= config.max_steps:
+                    break
+            epochs_run += 1
+            if stopping is not None:
+                metrics = _validate(model, task, data)
+                value = _metric(metrics, stopping.metric)
+                if stopping.improved(value, best_value):
+                    best_value, bad_epochs = value, 0
+                    best_state = copy.deepcopy(model.state_dict())
+                else:
+                    bad_epochs += 1
+                    if bad_epochs >= stopping.patience:
+                        stopped_early = True
+                        break
             if config.max_steps is not None and steps >= config.max_steps:
                 break
-        epochs_run += 1
-        if stopping is not None:
-            metrics = _validate(model, task, data)
-            value = _metric(metrics, stopping.metric)
-            if stopping.improved(value, best_value):
-                best_value, bad_epochs = value, 0
-                best_state = copy.deepcopy(model.state_dict())
-            else:
-                bad_epochs += 1
-                if bad_epochs >= stopping.patience:
-                    stopped_early = True
-                    break
-        if config.max_steps is not None and steps >= config.max_steps:
-            break
-
-    event = None
-    if private is not None:
-        event = private.event(client_id=client_id, round_index=round_index)
-        private.detach()
+        if private is not None:
+            event = private.event(client_id=client_id, round_index=round_index)
+    finally:
+        if private is not None:
+            private.detach()
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()

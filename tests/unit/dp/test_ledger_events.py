@@ -40,7 +40,8 @@ def test_ledger_is_append_only_and_round_trips_without_pickle():
         assert ledger.record(ev) is ev
     snapshot = ledger.events
     assert isinstance(snapshot, tuple) and snapshot == tuple(events)
-    ledger.record(events[0])
+    later = dataclasses.replace(events[0], round_index=5)
+    ledger.record(later)
     assert snapshot == tuple(events) and len(ledger) == len(events) + 1  # old snapshots do not change
     for name in ("remove", "pop", "clear", "__delitem__", "__setitem__"):
         assert not hasattr(ledger, name)
