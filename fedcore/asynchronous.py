@@ -567,13 +567,13 @@ class AsyncFederation:
         reports = [job.report for job in jobs if job.report is not None]
         sample_events = [dp.event_from_dict(r["privacy_event"]) for r in reports if r["privacy_event"]]
         n = len(ids)
-        planned = sample_events + fed._client_level_events(
-            t, 1.0, participants=n, survivors=fed.min_survivors(n), sampling="full"
+        planned = sample_events + fed.pipeline.planned_events(
+            round_index=t, participants=n, survivors=fed.min_survivors(n), sample_rate=1.0, sampling="full"
         )
 
         def body() -> tuple[np.ndarray, list[Any], dict[str, Any]]:
             staleness = {cid: 1.0 if mixing else w for cid, w in zip(ids, weights)}
-            out = fed.protected_sum(t, ids, staleness=staleness)
+            out = fed.protected_sum(t, ids, staleness=staleness, sample_rate=1.0, sampling="full")
             if mixing:
                 base = self._snapshots[jobs[0].version].astype(np.float64)
                 local_model = base + out.aggregate.mean
@@ -581,9 +581,7 @@ class AsyncFederation:
                 new_vector = (1.0 - a_t) * fed.global_vector.astype(np.float64) + a_t * local_model
             else:
                 new_vector = fed.strategy.apply(fed.global_vector, out.aggregate)
-            events = sample_events + fed._client_level_events(
-                t, 1.0, participants=n, survivors=int(out.aggregate.contributors), sampling="full"
-            )
+            events = sample_events + list(out.events)
             record: dict[str, Any] = {
                 "update": t,
                 "virtual_time": self.now,

@@ -23,7 +23,8 @@ Kinds, direction and header fields:
   sample-level ledger event's JSON, public parameters only); no payload: the update stays with
   the client.
 * ``PROTECT`` server -> client: ``round``, ``participants`` (the protection round's clients),
-  ``staleness_weight``; the client builds its half of the protection session and sets its input.
+  ``staleness_weight``, ``clip_bound`` (the bound to clip to: adaptive clipping moves it); the
+  client builds its half of the protection session and sets its input.
 * ``REVEAL`` server -> client: ``round``; ``REVEALED`` client -> server: ``round``, ``client``,
   ``num_examples``, ``metrics``, payload the local update (model selection and ensembles only,
   which the federation allows with consent or sample-level DP, and records as a reveal).

@@ -270,6 +270,7 @@ class ClientSide:
             pending.result.update,
             num_examples=pending.result.num_examples,
             staleness_weight=float(decoded.header["staleness_weight"]),
+            clip_bound=decoded.header.get("clip_bound"),
         )
         session = self.pipeline.backend.client_session(
             cid,

@@ -7,10 +7,12 @@ round's client results into the :class:`~fedcore.strategies.Aggregate` a strateg
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import numpy as np
+
+import dp
 
 from secagg import PlaintextSum, SecureSum, SumResult
 
@@ -47,6 +49,7 @@ class RoundAggregate:
 
     aggregate: Aggregate
     sum_result: SumResult
+    events: tuple[Any, ...] = ()
 
 
 class UpdatePipeline:
@@ -135,6 +138,11 @@ class UpdatePipeline:
         if self.weighting == "examples" and self.max_examples is None:
             raise ConfigError("weighting='examples' needs max_examples (the weight bound)")
         self._check_noise_spec(self.vector_length(dimension), integer_noise)
+        if self.adaptive and integer_noise is not None:
+            raise ConfigError(
+                "adaptive clipping moves the clip bound each round, but distributed integer noise is sized for a fixed "
+                f"integer_noise.clip_bound={integer_noise.clip_bound!r}; use a fixed dp.L2Clip, or central noise"
+            )
         if protected and expected_clients < 2:
             raise ConfigError(
                 f"aggregation mode {self.backend.mode!r} with {expected_clients:g} client(s) per round protects "
@@ -166,12 +174,30 @@ class UpdatePipeline:
 
     def vector_length(self, dimension: int) -> int:
         """Coordinates a client sends for a model of ``dimension`` shared parameters."""
-        return dimension + (1 if self.weighting == "examples" else 0)
+        return dimension + (self.weighting == "examples") + self.adaptive
 
-    def prepare(self, update: np.ndarray, *, num_examples: float, staleness_weight: float = 1.0) -> np.ndarray:
-        """The client half: clip, scale by the staleness weight, then weight by examples.
+    @property
+    def adaptive(self) -> bool:
+        """Whether the clip bound tracks a quantile of the update norms (``dp.AdaptiveClip``)."""
+        return isinstance(self.clip, dp.AdaptiveClip)
+
+    def broadcast_bound(self) -> float | None:
+        """The clip bound the server announces with this round's PROTECT (capped by the encoder's range)."""
+        if self.clip is None:
+            return None
+        bound = float(self.clip.bound)
+        value_bound = getattr(self.backend, "value_bound", None)
+        return min(bound, float(value_bound)) if value_bound is not None else bound
+
+    def prepare(
+        self, update: np.ndarray, *, num_examples: float, staleness_weight: float = 1.0, clip_bound: float | None = None
+    ) -> np.ndarray:
+        """The client half: clip, scale by the staleness weight, weight by examples, append the quantile bit.
 
         Runs in the client party; the result goes only into the client's protection session.
+        ``clip_bound`` is the bound the server announced (adaptive clipping moves it each round).
+
+        Layout: ``[update * weight, weight (examples weighting), bit (adaptive clipping)]``.
 
         Raises:
             ConfigError: :meth:`build` was not called, or a staleness weight outside (0, 1].
@@ -181,32 +207,66 @@ class UpdatePipeline:
         if not 0.0 < staleness_weight <= 1.0:
             raise ConfigError(f"staleness_weight must lie in (0, 1], got {staleness_weight!r}")
         vec = np.asarray(update, dtype=np.float32)
+        bit = None
         if self.clip is not None:
-            vec, _norm = self.clip.clip(vec)
+            bound = self.broadcast_bound() if clip_bound is None else float(clip_bound)
+            vec, bit = dp.AdaptiveClip.client_half(vec, bound=bound)
+            vec = vec.astype(np.float32, copy=False)
         if staleness_weight != 1.0:
             vec = vec * np.float32(staleness_weight)  # |fl(s x)| <= |x| for s <= 1: still within the clip bound
-        if self.weighting == "uniform":
-            return np.ascontiguousarray(vec, dtype=np.float32)
-        assert self.max_examples is not None
-        weight = np.float32(min(num_examples, self.max_examples) / self.max_examples)
-        out = np.empty(vec.size + 1, dtype=np.float32)
-        np.multiply(vec, weight, out=out[:-1])
-        out[-1] = weight
+        extra = (self.weighting == "examples") + self.adaptive
+        out = np.empty(vec.size + extra, dtype=np.float32)
+        weight = np.float32(1.0)
+        if self.weighting == "examples":
+            assert self.max_examples is not None
+            weight = np.float32(min(num_examples, self.max_examples) / self.max_examples)
+            out[vec.size] = weight
+        np.multiply(vec, weight, out=out[: vec.size])
+        if self.adaptive:
+            out[-1] = float(bit)
         return out
 
-    def finish(self, summed: SumResult, *, round_index: int, rng: np.random.Generator) -> RoundAggregate:
-        """The server half: central noise on the unprotected sum, then the average.
+    def finish(
+        self,
+        summed: SumResult,
+        *,
+        round_index: int,
+        rng: np.random.Generator,
+        participants: int,
+        sample_rate: float = 1.0,
+        sampling: str = "poisson",
+    ) -> RoundAggregate:
+        """The server half: the quantile step, central noise on the unprotected sum, the average.
+
+        Returns the aggregate and the ledger events of the round's client-level mechanisms
+        (update noise, and the noised count of adaptive clipping).
 
         Raises:
             RoundFailedError: no client's input reached the server.
             ConfigError: the contributors' weights sum to zero or less.
         """
-        total = summed.total
-        if self.central_noise is not None:
-            total = self.central_noise.add(total, rng=rng)
+        total = np.asarray(summed.total, dtype=np.float64)
         contributors = len(summed.contributors)
         if contributors == 0:
             raise RoundFailedError(f"round {round_index}: no client's input reached the server")
+        bound = self.broadcast_bound()
+        events: list[Any] = self.noise_events(
+            round_index=round_index, participants=participants, survivors=contributors,
+            sample_rate=sample_rate, sampling=sampling,
+        )  # fmt: skip
+        if self.adaptive:
+            clip = self.clip
+            assert isinstance(clip, dp.AdaptiveClip)
+            noised = clip.noise_count(max(float(total[-1]), 0.0), rng=rng)
+            _, quantile = clip.update(
+                noised, expected_clients=float(self.expected_clients or contributors), participants=participants,
+                survivors=contributors, round_index=round_index, sample_rate=sample_rate, sampling=sampling,
+            )  # fmt: skip
+            events.append(quantile)
+            total = total[:-1]
+        if self.central_noise is not None:
+            noise = self.central_noise if not self.adaptive else replace(self.central_noise, clip_bound=bound)
+            total = noise.add(total, rng=rng)
         if self.weighting == "examples":
             weight_sum = float(total[-1])
             if weight_sum <= 0:
@@ -215,7 +275,40 @@ class UpdatePipeline:
         else:
             denominator = self.expected_clients if self.client_level_dp else contributors
             mean = total / max(float(denominator or 1), 1.0)
-        return RoundAggregate(Aggregate(mean=mean, contributors=contributors), summed)
+        return RoundAggregate(Aggregate(mean=mean, contributors=contributors), summed, tuple(events))
+
+    def noise_events(self, *, round_index: int, participants: int, survivors: int, sample_rate: float, sampling: str) -> list[Any]:
+        """The ledger event of the client-level update noise for one protected sum (none without it)."""
+        if self.central_noise is not None:
+            noise = self.central_noise
+            if self.adaptive:
+                noise = replace(noise, clip_bound=self.broadcast_bound())
+            return [noise.event(
+                round_index=round_index, participants=participants, survivors=survivors, sample_rate=sample_rate,
+                sampling=sampling,
+            )]  # fmt: skip
+        integer_noise = getattr(self.backend, "integer_noise", None)
+        if integer_noise is not None:
+            return [integer_noise.event(
+                round_index=round_index, scale=self.backend.encoder.scale, participants=participants,
+                survivors=survivors, sample_rate=sample_rate, sampling=sampling,
+            )]  # fmt: skip
+        return []
+
+    def planned_events(self, *, round_index: int, participants: int, survivors: int, sample_rate: float, sampling: str) -> list[Any]:
+        """The events a round would record with ``survivors`` survivors (the budget's worst case)."""
+        events = self.noise_events(
+            round_index=round_index, participants=participants, survivors=survivors, sample_rate=sample_rate,
+            sampling=sampling,
+        )  # fmt: skip
+        if self.adaptive:
+            clip = self.clip
+            assert isinstance(clip, dp.AdaptiveClip)
+            events.append(clip.plan(
+                round_index=round_index, participants=participants, survivors=survivors, sample_rate=sample_rate,
+                sampling=sampling,
+            ))  # fmt: skip
+        return events
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings a resumed run must keep: stage types, bounds and the protection mode."""

@@ -315,11 +315,13 @@ class Federation:
             failures = [f"{c}: {reports[c]['error']}" for c in participants if not reports[c]["ok"]]
             if not ok:
                 raise RoundFailedError(f"round {t}: every participant failed or dropped; first failure: {failures[0]}")
+            round_events: list[Any] = []
             if self._revealing:
                 new_vector, contributors, dropped = self._reveal_round(t, ok)
                 record.update(contributors=contributors, dropped=dropped + len(failures))
             else:
-                out = self.protected_sum(t, ok)
+                out = self.protected_sum(t, ok, participants=len(participants), sample_rate=rate, sampling=self._sampling())
+                round_events = list(out.events)
                 new_vector = self.strategy.apply(self.global_vector, out.aggregate)
                 record.update(
                     contributors=out.aggregate.contributors,
@@ -329,10 +331,7 @@ class Federation:
             record["failed"] = len(failures)
             record["client_train_seconds"] = float(sum(reports[c]["train_seconds"] for c in participants))
             events = [dp.event_from_dict(reports[c]["privacy_event"]) for c in ok if reports[c]["privacy_event"]]
-            events += self._client_level_events(
-                t, rate, participants=len(participants), survivors=int(record["contributors"]), sampling=self._sampling()
-            )
-            return new_vector, events, record
+            return new_vector, events + round_events, record
 
         record = self.transact(f"round {t}", self._planned_events(t, participants, rate), body)
         self.round_index = t
@@ -371,11 +370,22 @@ class Federation:
             reports[cid] = header
         return reports
 
-    def protected_sum(self, t: int, ids: Sequence[str], *, staleness: Mapping[str, float] | None = None) -> RoundAggregate:
+    def protected_sum(
+        self,
+        t: int,
+        ids: Sequence[str],
+        *,
+        staleness: Mapping[str, float] | None = None,
+        participants: int | None = None,
+        sample_rate: float = 1.0,
+        sampling: str = "poisson",
+    ) -> RoundAggregate:
         """Run one protection session with clients ``ids`` (who hold trained updates) and average.
 
-        Each client prepares its own input (clip, staleness weight, example weight) and answers
-        the session's messages; the server receives protocol bytes only.
+        Each client prepares its own input (clip at the announced bound, staleness weight, example
+        weight, quantile bit) and answers the session's messages; the server receives protocol
+        bytes only. ``participants``, ``sample_rate`` and ``sampling`` describe the round for its
+        ledger events (``participants`` defaults to ``len(ids)``).
 
         Raises:
             secagg.DropoutError: too few clients survived (nothing is revealed).
@@ -390,8 +400,11 @@ class Federation:
         elif self.public_keys:  # signed masking: the identity directory the server checks signatures with
             self.public_context = backend.public_context(self.public_keys)
         dropouts = self.dropouts.draw(ids, self._rng(t, _STREAM_DROPOUT)) if self.dropouts else {}
+        clip_bound = self.pipeline.broadcast_bound()
         requests = {
-            cid: msg.encode(msg.Kind.PROTECT, {"round": t, "participants": ids, "staleness_weight": weights.get(cid, 1.0)})
+            cid: msg.encode(msg.Kind.PROTECT, {
+                "round": t, "participants": ids, "staleness_weight": weights.get(cid, 1.0), "clip_bound": clip_bound,
+            })  # fmt: skip
             for cid in ids
         }
         for cid, reply in self.channel.exchange(requests).items():
@@ -405,7 +418,8 @@ class Federation:
             parties[KEY_HOLDER] = functools.partial(self.channel.send, KEY_HOLDER)
         summed = drive_round(session, parties, dropouts=dropouts)
         noise_rng = self.randomness.generator(round_index=t, party="server", purpose="central-noise")
-        return self.pipeline.finish(summed, round_index=t, rng=noise_rng)
+        n = len(ids) if participants is None else participants
+        return self.pipeline.finish(summed, round_index=t, rng=noise_rng, participants=n, sample_rate=sample_rate, sampling=sampling)
 
     def client_updates(self, client_ids: Sequence[str] | None = None) -> list[ClientResult]:
         """What the given clients (default: all) would hand to the protection pipeline next round.
@@ -487,24 +501,12 @@ class Federation:
                         sampling="poisson" if self.sample_privacy.poisson_sampling else "fixed_size",
                     )
                 )
-        if participants:
+        if participants and not self._revealing:
             n = len(participants)
-            events += self._client_level_events(t, rate, participants=n, survivors=self.min_survivors(n), sampling=self._sampling())
+            events += self.pipeline.planned_events(
+                round_index=t, participants=n, survivors=self.min_survivors(n), sample_rate=rate, sampling=self._sampling()
+            )
         return events
-
-    def _client_level_events(self, t: int, rate: float, *, participants: int, survivors: int, sampling: str) -> list[Any]:
-        """The client-level mechanism's ledger event for one protected sum (none without one)."""
-        if self.pipeline.central_noise is not None:
-            return [self.pipeline.central_noise.event(
-                round_index=t, participants=participants, survivors=survivors, sample_rate=rate, sampling=sampling
-            )]  # fmt: skip
-        noise = getattr(self.pipeline.backend, "integer_noise", None)
-        if noise is not None:
-            return [noise.event(
-                round_index=t, scale=self.pipeline.backend.encoder.scale, participants=participants,
-                survivors=survivors, sample_rate=rate, sampling=sampling,
-            )]  # fmt: skip
-        return []
 
     def executor_model(self) -> torch.nn.Module:
         """The model instance local training runs on (for inspecting its layers)."""

@@ -150,3 +150,45 @@ def test_masking_a_single_client_is_refused():
     pipe = UpdatePipeline(backend=secagg.MaskedSum(value_bound=CLIP, max_clients=4), clip=dp.L2Clip(CLIP), weighting="uniform")
     with pytest.raises(ConfigError, match=r"'masked' with 1 client\(s\) per round protects nothing"):
         pipe.build(dimension=4, num_clients=1, expected_clients=1)
+
+
+def _adaptive_federation(backend=None, *, rounds):
+    clip = dp.AdaptiveClip(initial_bound=5.0, target_quantile=0.5, learning_rate=0.5, count_noise_multiplier=2.0)
+    pipeline = UpdatePipeline(
+        backend=backend, clip=clip, weighting="uniform",
+        central_noise=dp.CentralGaussian(noise_multiplier=0.05, clip_bound=5.0),
+    )  # fmt: skip
+    fed = Federation(
+        task=ToyTask(), clients=toy_clients(8), strategy=FedAvg(), train=TrainConfig(lr=0.05, batch_size=8),
+        pipeline=pipeline, ledger=dp.Ledger(), seed=3, reproducible=True, quiet=True, evaluate_every=0,
+    )  # fmt: skip
+    bounds = [clip.bound]
+    for _ in range(rounds):
+        fed.run_round()
+        bounds.append(clip.bound)
+    return fed, clip, bounds
+
+
+@pytest.mark.parametrize("mode", ["plaintext", "masked"])
+def test_adaptive_clip_moves_the_bound_toward_its_target_quantile_with_its_events_in_the_ledger(mode):
+    backend = None if mode == "plaintext" else secagg.MaskedSum(value_bound=5.0, max_clients=8)
+    fed, clip, bounds = _adaptive_federation(backend, rounds=12)
+    norms = sorted(float(np.linalg.norm(r.update)) for r in fed.client_updates())
+    median = norms[len(norms) // 2]
+    assert bounds[0] / median > 10  # it started far above every update
+    assert abs(np.log(bounds[-1] / median)) < np.log(2.5)  # and came to the median, within noise
+    kinds = [type(e).__name__ for e in fed.ledger.events]
+    assert kinds.count("QuantileEvent") == 12 and kinds.count("GaussianEvent") == 12
+    quantile = [e for e in fed.ledger.events if type(e).__name__ == "QuantileEvent"]
+    assert [e.bound_after for e in quantile] == pytest.approx(bounds[1:])
+
+
+def test_adaptive_clip_refuses_fixed_size_integer_noise_and_needs_quantile_noise():
+    clip = dp.AdaptiveClip(initial_bound=1.0, count_noise_multiplier=1.0)
+    noise = dp.SkellamNoise(noise_multiplier=1.0, clip_bound=1.0, dim=5, min_clients=3)
+    masked = secagg.MaskedSum(value_bound=1.0, max_clients=4, integer_noise=noise)
+    pipe = UpdatePipeline(backend=masked, clip=clip, weighting="uniform")
+    with pytest.raises(ConfigError, match="adaptive clipping moves the clip bound each round"):
+        pipe.build(dimension=4, num_clients=4, expected_clients=4)
+    with pytest.raises(dp.DPValueError, match="count_noise_multiplier"):
+        dp.AdaptiveClip(initial_bound=1.0, count_noise_multiplier=0.0)

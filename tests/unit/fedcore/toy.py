@@ -75,4 +75,4 @@ def run_pipeline(pipe, results, *, round_index, rng, dropouts=None):
     """A round through the pipeline's two halves: each client prepares, the backend sums, the server finishes."""
     prepared = {r.client_id: pipe.prepare(r.update, num_examples=r.num_examples) for r in results}
     summed = pipe.backend.aggregate(prepared, round_index=round_index, rng=rng, dropouts=dropouts)
-    return pipe.finish(summed, round_index=round_index, rng=rng)
+    return pipe.finish(summed, round_index=round_index, rng=rng, participants=len(results))
