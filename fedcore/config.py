@@ -195,6 +195,10 @@ class PrivacySection:
     embedding rows get their noise when next read, for plain SGD with clipping 'embedding').
     client: DP-FedAvg (clip, noise_multiplier, noise = central | skellam | discrete_gaussian).
     target_epsilon: calibrate noise_multiplier to it instead. budget_epsilon: stop before it.
+    adaptive_clip (client level, central noise): the clip bound starts at ``clip`` and tracks the
+    ``target_quantile`` of the update norms (Andrew et al. 2021), moved by ``clip_learning_rate``
+    from a count noised with ``count_noise_multiplier`` (required); a calibrated noise multiplier
+    is the effective one, split between the update and the count.
     """
 
     level: str = "none"
@@ -208,6 +212,10 @@ class PrivacySection:
     accountant: str = "rdp"
     budget_epsilon: float | None = None
     lazy_noise: bool = False
+    adaptive_clip: bool = False
+    target_quantile: float = 0.5
+    clip_learning_rate: float = 0.2
+    count_noise_multiplier: float | None = None
 
     def __post_init__(self) -> None:
         _choice("privacy.level", self.level, ("none", "sample", "client"))
@@ -215,6 +223,18 @@ class PrivacySection:
             raise ConfigError(f"privacy.lazy_noise must be true or false, got {self.lazy_noise!r}")
         if self.lazy_noise and self.level != "sample":
             raise ConfigError(f"privacy.lazy_noise applies to level 'sample' (DP-SGD), got level {self.level!r}")
+        if not isinstance(self.adaptive_clip, bool):
+            raise ConfigError(f"privacy.adaptive_clip must be true or false, got {self.adaptive_clip!r}")
+        if self.adaptive_clip:
+            if self.level != "client" or self.noise != "central":
+                raise ConfigError(
+                    "privacy.adaptive_clip applies to level 'client' with noise 'central', "
+                    f"got level {self.level!r} and noise {self.noise!r}"
+                )
+            _positive("privacy.count_noise_multiplier", self.count_noise_multiplier)
+            _positive("privacy.clip_learning_rate", self.clip_learning_rate)
+            if not (isinstance(self.target_quantile, (int, float)) and 0 < self.target_quantile < 1):
+                raise ConfigError(f"privacy.target_quantile must be in (0, 1), got {self.target_quantile!r}")
         _choice("privacy.noise", self.noise, ("central", "skellam", "discrete_gaussian"))
         _choice("privacy.accountant", self.accountant, ("rdp", "prv"))
         if not (isinstance(self.delta, float) and 0 < self.delta < 1):

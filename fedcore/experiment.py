@@ -239,6 +239,16 @@ def build_experiment(config: ExperimentConfig, *, workload: Workload | None = No
             budget = dp.PrivacyBudget(epsilon=limit, delta=p.delta, accountant=p.accountant, level="client")
     if client_level or a.mode != "plaintext":
         clip = dp.L2Clip(p.clip)
+    if p.adaptive_clip:
+        count = float(p.count_noise_multiplier)  # type: ignore[arg-type]
+        clip = dp.AdaptiveClip(
+            initial_bound=p.clip, target_quantile=p.target_quantile, learning_rate=p.clip_learning_rate,
+            count_noise_multiplier=count,
+        )  # fmt: skip
+        if p.noise_multiplier is None:  # the calibrated multiplier is the effective one of update and count
+            noise_multiplier = dp.AdaptiveClip.update_noise_multiplier(
+                effective_noise_multiplier=float(noise_multiplier), count_noise_multiplier=count  # type: ignore[arg-type]
+            )
     value_bound = a.value_bound if a.value_bound is not None else max(p.clip, 1.0)
 
     if a.mode == "masked":
