@@ -8,6 +8,7 @@ the value and what is allowed, before anything runs.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -34,6 +35,12 @@ __all__ = [
     "load_config",
     "parse_config",
 ]
+
+
+def _did_you_mean(unknown: list[str], allowed: set[str]) -> str:
+    """``" (did you mean 'lr'?)"`` for the closest allowed key to each unknown one, or nothing."""
+    guesses = [g for k in unknown for g in difflib.get_close_matches(k, sorted(allowed), n=1)]
+    return f" (did you mean {', '.join(repr(g) for g in guesses)}?)" if guesses else ""
 
 
 def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -333,12 +340,13 @@ def parse_config(raw: Mapping[str, Any], *, overrides: Mapping[str, Any] | None 
             allowed = {f.name for f in dataclasses.fields(_SECTIONS[key])}
             unknown = sorted(set(value) - allowed)
             if unknown:
-                raise ConfigError(f"unknown key(s) {unknown} in [{key}]; allowed: {sorted(allowed)}")
+                raise ConfigError(f"unknown key(s) {unknown} in [{key}]{_did_you_mean(unknown, allowed)}; allowed: {sorted(allowed)}")
             kwargs[key] = _SECTIONS[key](**value)
         elif key in top_fields:
             kwargs[key] = value
         else:
-            raise ConfigError(f"unknown top-level key {key!r}; allowed: {sorted(top_fields | set(_SECTIONS))}")
+            known = top_fields | set(_SECTIONS)
+            raise ConfigError(f"unknown top-level key {key!r}{_did_you_mean([key], known)}; allowed: {sorted(known)}")
     return ExperimentConfig(**kwargs)
 
 

@@ -226,6 +226,14 @@ class Federation:
         assert self.sample_privacy is not None
         optimizer = self.train.make_optimizer([p for p in model.parameters() if p.requires_grad])
         loader = torch.utils.data.DataLoader(client.data.train, batch_size=self.train.batch_size, collate_fn=self.task.collate)
+        with torch.random.fork_rng(), torch.no_grad():
+            losses = self.task.loss(model, next(iter(loader)))
+        if not isinstance(losses, torch.Tensor) or losses.ndim != 1:
+            shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+            raise ConfigError(
+                f"sample-level DP needs task.loss to return one loss per example (a 1-D tensor), got {shape}: "
+                "DP-SGD clips each example's gradient, so a reduced (scalar) loss cannot be used; use reduction='none'"
+            )
         with torch.random.fork_rng():
             try:
                 self.sample_privacy.attach(model, optimizer, loader).detach()

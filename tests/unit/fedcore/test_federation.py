@@ -304,3 +304,20 @@ def test_resume_that_changes_the_protection_is_refused(tmp_path):
     masked = UpdatePipeline(backend=MaskedSum(value_bound=1.0, max_clients=4), clip=dp.L2Clip(1.0), max_examples=100)
     with pytest.raises(ConfigError, match="a resumed run must keep the protection and privacy settings"):
         _federation(pipeline=masked).restore(tmp_path / "ckpt")
+
+
+def test_sample_level_dp_refuses_a_scalar_loss_at_construction():
+    class ScalarLoss(ToyTask):
+        def loss(self, model, batch):
+            return super().loss(model, batch).mean()
+
+    privacy = dp.SampleLevelDP(noise_multiplier=1.0, max_grad_norm=1.0)
+    with pytest.raises(ConfigError, match=r"task.loss to return one loss per example \(a 1-D tensor\), got \(\)"):
+        _federation(task=ScalarLoss(), sample_privacy=privacy)
+
+
+def test_unknown_config_key_suggests_the_closest_one():
+    from fedcore.config import parse_config
+
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['lrr'\] in \[train\] \(did you mean 'lr'\?\)"):
+        parse_config({"train": {"lrr": 0.1}})
