@@ -198,7 +198,9 @@ def examples_per_job(num_train: int, train: TrainConfig) -> int:
 class Staleness(Protocol):
     """Weight ``s(tau)`` in (0, 1] of a result computed ``tau`` server updates ago (``s(0) = 1``)."""
 
-    name: str
+    @property
+    def name(self) -> str:
+        """The rule's name in records and reports."""
 
     def __call__(self, staleness: int) -> float: ...
 

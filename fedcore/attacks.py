@@ -218,6 +218,9 @@ class InjectedUpdates(_Wrapper):
         ConfigError: an injected vector that is not a finite 1-D float vector.
     """
 
+    updates: dict[str, np.ndarray]
+    num_examples: int
+
     def __init__(self, inner: Executor, *, updates: Mapping[str, np.ndarray], num_examples: int = 1) -> None:
         super().__init__(inner)
         fixed: dict[str, np.ndarray] = {}

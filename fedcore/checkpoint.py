@@ -22,7 +22,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, cast
 
 import numpy as np
 
@@ -54,7 +54,7 @@ def save_checkpoint(folder: str | Path, checkpoint: Checkpoint) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".ckpt-", dir=folder.parent))
     try:
         np.save(tmp / "global.npy", checkpoint.global_vector, allow_pickle=False)
-        np.savez(tmp / "strategy.npz", **checkpoint.strategy_state)
+        np.savez(tmp / "strategy.npz", **cast("dict[str, Any]", checkpoint.strategy_state))
         state = {
             "sha256": {name: _digest(tmp / name) for name in _ARRAY_FILES},
             "format": FORMAT,
@@ -144,7 +144,7 @@ def save_local_state(folder: str | Path, client_id: str, params: Mapping[str, np
     path = folder / f"{client_id}.npz"
     tmp = folder / f".{client_id}.npz.tmp"
     with open(tmp, "wb") as fh:
-        np.savez(fh, **params)
+        np.savez(fh, **cast("dict[str, Any]", params))
     os.replace(tmp, path)
     return path
 

@@ -100,7 +100,7 @@ def check_results(results: object, *, participants: list[str], dimension: int, r
         if r.error is not None:
             continue
         n = r.num_examples
-        if isinstance(n, bool) or not isinstance(n, numbers.Real) or not (math.isfinite(n) and n >= 0):
+        if isinstance(n, bool) or not isinstance(n, numbers.Real) or not (math.isfinite(float(n)) and float(n) >= 0):
             raise RoundFailedError(f"{where}: client {cid!r} claims num_examples={n!r}; a finite number >= 0 is allowed")
         vec = r.update
         if not isinstance(vec, np.ndarray) or vec.dtype == np.bool_ or vec.dtype.kind not in "iuf":
@@ -225,9 +225,9 @@ def _mean_gradient(workspace: Workspace, dataset: Dataset, config: TrainConfig, 
         per_sample = task.loss(model, move_to(batch, workspace.device))
         (per_sample.sum() / total).backward()
     params = dict(model.named_parameters())
-    grads = [
-        (params[s.name].grad if params[s.name].grad is not None else torch.zeros(s.shape)).reshape(-1).cpu()
-        for s in workspace.layout.slots
-    ]
+    grads = []
+    for s in workspace.layout.slots:
+        grad = params[s.name].grad
+        grads.append((grad if grad is not None else torch.zeros(s.shape)).reshape(-1).cpu())
     model.zero_grad(set_to_none=True)
     return torch.cat(grads).numpy().astype(np.float32)

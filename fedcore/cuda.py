@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from secagg import Stage, SumResult, check_updates
-from secagg.session import PlaintextClientSession, PlaintextServerSession
+from secagg.session import ClientKeys, PlaintextClientSession, PlaintextServerSession
 
 from .errors import ConfigError
 
@@ -208,6 +208,7 @@ def _stream_weighted_sum(
             host = bufs.staging[slot][: k * n]
             block = bufs.block[slot][: k * n]
             if cuda:
+                assert bufs.copy_stream is not None and compute is not None  # both exist whenever the device is CUDA
                 with torch.cuda.stream(bufs.copy_stream):
                     bufs.copy_stream.wait_event(bufs.consumed[slot])  # the block's previous sum is done
                     block.copy_(host, non_blocking=True)
@@ -223,6 +224,7 @@ def _stream_weighted_sum(
             if cuda:
                 bufs.consumed[slot].record(compute)
         if cuda:
+            assert compute is not None  # the device's current stream, taken above
             compute.synchronize()
     total = bufs.host_out[:length].numpy().astype(np.float64)
     ops = k + 2  # K additions, the product, the weight's rounding to float32
@@ -319,7 +321,13 @@ class CudaSum:
         )
 
     def client_session(
-        self, client_id: str, *, round_index: int, participants: Sequence[str], rng: np.random.Generator, keys: object = None
+        self,
+        client_id: str,
+        *,
+        round_index: int,
+        participants: Sequence[str],
+        rng: np.random.Generator,
+        keys: ClientKeys | None = None,
     ) -> PlaintextClientSession:
         """A client's half: the vector in the clear, as in plaintext mode."""
         return PlaintextClientSession(client_id, round_index=round_index)

@@ -37,7 +37,7 @@ class JsonlLogger:
 
     def log(self, round_index: int, metrics: Mapping[str, float]) -> None:
         """Append one JSON line ``{"round": t, metric: value, ...}`` (NaN and Inf as null) and flush it."""
-        row = {"round": round_index}
+        row: dict[str, float | None] = {"round": round_index}
         row.update({k: (v if math.isfinite(v) else None) for k, v in _scalars(metrics).items()})
         self._file.write(json.dumps(row, sort_keys=True) + "\n")
         self._file.flush()

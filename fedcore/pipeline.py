@@ -19,28 +19,19 @@ from secagg import PlaintextSum, SecureSum, SumResult
 from .errors import ConfigError, RoundFailedError
 from .strategies import Aggregate
 
-__all__ = ["Clipper", "CentralNoise", "UpdatePipeline", "RoundAggregate"]
+__all__ = ["Clipper", "UpdatePipeline", "RoundAggregate"]
 
 WEIGHTINGS = ("examples", "uniform")
 
 
 class Clipper(Protocol):
-    """Client-side L2 clipping (``dp.L2Clip`` or ``dp.AdaptiveClip``)."""
+    """Client-side L2 clipping (``dp.L2Clip`` or ``dp.AdaptiveClip``): the bound clients clip to."""
 
-    bound: float
+    @property
+    def bound(self) -> float:
+        """The L2 bound of this round."""
 
-    def clip(self, vector: np.ndarray) -> tuple[np.ndarray, float]:
-        """The vector scaled into the L2 ball of radius ``bound``, and its norm before clipping."""
 
-
-class CentralNoise(Protocol):
-    """Server-side Gaussian noise on the unprotected sum (``dp.CentralGaussian``)."""
-
-    noise_multiplier: float
-    clip_bound: float
-
-    def add(self, total: np.ndarray, *, rng: np.random.Generator) -> np.ndarray:
-        """``total`` plus Gaussian noise calibrated to the clip bound."""
 
 
 @dataclass(frozen=True)
@@ -77,7 +68,7 @@ class UpdatePipeline:
         clip: Clipper | None = None,
         weighting: str = "examples",
         max_examples: int | None = None,
-        central_noise: CentralNoise | None = None,
+        central_noise: dp.CentralGaussian | None = None,
     ) -> None:
         if weighting not in WEIGHTINGS:
             raise ConfigError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
@@ -207,9 +198,9 @@ class UpdatePipeline:
         if not 0.0 < staleness_weight <= 1.0:
             raise ConfigError(f"staleness_weight must lie in (0, 1], got {staleness_weight!r}")
         vec = np.asarray(update, dtype=np.float32)
-        bit = None
+        bit = 1
         if self.clip is not None:
-            bound = self.broadcast_bound() if clip_bound is None else float(clip_bound)
+            bound = float(self.clip.bound) if clip_bound is None else float(clip_bound)
             vec, bit = dp.AdaptiveClip.client_half(vec, bound=bound)
             vec = vec.astype(np.float32, copy=False)
         if staleness_weight != 1.0:
@@ -223,7 +214,7 @@ class UpdatePipeline:
             out[vec.size] = weight
         np.multiply(vec, weight, out=out[: vec.size])
         if self.adaptive:
-            out[-1] = float(bit)
+            out[-1] = bit
         return out
 
     def finish(
@@ -265,7 +256,7 @@ class UpdatePipeline:
             events.append(quantile)
             total = total[:-1]
         if self.central_noise is not None:
-            noise = self.central_noise if not self.adaptive else replace(self.central_noise, clip_bound=bound)
+            noise = replace(self.central_noise, clip_bound=bound) if self.adaptive and bound is not None else self.central_noise
             total = noise.add(total, rng=rng)
         if self.weighting == "examples":
             weight_sum = float(total[-1])
@@ -281,16 +272,18 @@ class UpdatePipeline:
         """The ledger event of the client-level update noise for one protected sum (none without it)."""
         if self.central_noise is not None:
             noise = self.central_noise
-            if self.adaptive:
-                noise = replace(noise, clip_bound=self.broadcast_bound())
+            bound = self.broadcast_bound()
+            if self.adaptive and bound is not None:
+                noise = replace(noise, clip_bound=bound)
             return [noise.event(
                 round_index=round_index, participants=participants, survivors=survivors, sample_rate=sample_rate,
                 sampling=sampling,
             )]  # fmt: skip
         integer_noise = getattr(self.backend, "integer_noise", None)
         if integer_noise is not None:
+            encoder: Any = getattr(self.backend, "encoder")
             return [integer_noise.event(
-                round_index=round_index, scale=self.backend.encoder.scale, participants=participants,
+                round_index=round_index, scale=encoder.scale, participants=participants,
                 survivors=survivors, sample_rate=sample_rate, sampling=sampling,
             )]  # fmt: skip
         return []

@@ -163,9 +163,9 @@ class RayExecutor:
         for label, value in (("num_workers", num_workers), ("torch_threads", torch_threads), ("clients_per_call", clients_per_call)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ConfigError(f"{label} must be an int >= 1 or None, got {value!r}")
-        for label, value in (("num_cpus_per_client", num_cpus_per_client), ("num_gpus_per_client", num_gpus_per_client)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ConfigError(f"{label} must be a number >= 0, got {value!r}")
+        for label, amount in (("num_cpus_per_client", num_cpus_per_client), ("num_gpus_per_client", num_gpus_per_client)):
+            if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not math.isfinite(amount) or amount < 0:
+                raise ConfigError(f"{label} must be a number >= 0, got {amount!r}")
         if num_cpus_per_client == 0 and num_gpus_per_client == 0 and num_workers is None:
             raise ConfigError("with num_cpus_per_client=0 and num_gpus_per_client=0, give num_workers explicitly")
         try:

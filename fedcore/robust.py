@@ -169,6 +169,7 @@ class TrimmedMean(_RobustRule):
     """
 
     name = "trimmed_mean"
+    trim_fraction: float
     reveal_reason = "the coordinate-wise trimmed mean needs every client's individual update"
 
     def __init__(self, *, trim_fraction: float = 0.1, norm_bound: float | None = None, server_lr: float = 1.0) -> None:
@@ -214,6 +215,8 @@ class Krum(_RobustRule):
     """
 
     name = "krum"
+    num_byzantine: int
+    multi: int | None
     reveal_reason = "Krum compares every client's individual update with the others'"
 
     def __init__(self, *, num_byzantine: int, multi: int = 1, norm_bound: float | None = None, server_lr: float = 1.0) -> None:

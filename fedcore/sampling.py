@@ -20,7 +20,9 @@ class ClientSampler(Protocol):
             sampling assumes); fixed-size sampling is reported as an assumption.
     """
 
-    poisson: bool
+    @property
+    def poisson(self) -> bool:
+        """Whether each client is included independently."""
 
     def sample(self, client_ids: Sequence[str], rng: np.random.Generator) -> list[str]:
         """The clients taking part in one round, drawn with ``rng``."""

@@ -145,7 +145,7 @@ class Federation:
         self.client_ids = sorted(clients)
         self.strategy = strategy
         self.train = train
-        self.sampler: ClientSampler = sampler or AllClients()
+        self.sampler: ClientSampler = sampler if sampler is not None else AllClients()
         self.sample_privacy = sample_privacy
         self.ledger = ledger
         self.budget = budget
@@ -406,7 +406,7 @@ class Federation:
         if he:  # this round's keys: the server gets the public context, each client its own from the key holder
             self.public_context = self.channel.send(KEY_HOLDER, msg.encode(msg.Kind.KEYS, {"round": t}))
         elif self.public_keys:  # signed masking: the identity directory the server checks signatures with
-            self.public_context = backend.public_context(self.public_keys)
+            self.public_context = getattr(backend, "public_context")(self.public_keys)
         dropouts = self.dropouts.draw(ids, self._rng(t, _STREAM_DROPOUT)) if self.dropouts else {}
         clip_bound = self.pipeline.broadcast_bound()
         requests = {

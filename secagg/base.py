@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Mapping, Protocol, Sequence, runtime_checkable
 import numpy as np
 
 if TYPE_CHECKING:
-    from .session import ClientSession, ServerSession
+    from .session import ClientKeys, ClientSession, ServerSession
 
 __all__ = ["Stage", "SumResult", "SecureSum", "IntegerNoise", "PlaintextSum", "check_updates"]
 
@@ -108,6 +108,16 @@ class SecureSum(Protocol):
     def describe(self) -> dict[str, object]:
         """The backend's parameters (bounds, thresholds, presets), JSON data for reports."""
 
+    def client_session(
+        self, client_id: str, *, round_index: int, participants: Sequence[str], rng: np.random.Generator, keys: "ClientKeys | None"
+    ) -> "ClientSession":
+        """One client's half of one round (see :mod:`secagg.session`); it holds that client's secrets."""
+
+    def server_session(
+        self, *, round_index: int, participants: Sequence[str], length: int, public_context: bytes | None = None
+    ) -> "ServerSession":
+        """The server's half of one round: bytes in, the decoded sum out."""
+
 
 def check_updates(
     updates: Mapping[str, np.ndarray], *, value_bound: float | None = None
@@ -160,7 +170,13 @@ class PlaintextSum:
     )
 
     def client_session(
-        self, client_id: str, *, round_index: int, participants: Sequence[str], rng: np.random.Generator, keys: object = None
+        self,
+        client_id: str,
+        *,
+        round_index: int,
+        participants: Sequence[str],
+        rng: np.random.Generator,
+        keys: "ClientKeys | None" = None,
     ) -> "ClientSession":
         """A client's half: it sends its vector as it is (``rng`` and ``keys`` are not needed)."""
         from .session import PlaintextClientSession
