@@ -77,6 +77,7 @@ from .messages import (
     UnmaskResponse,
     message_kind,
     message_sender,
+    message_signature_digest,
     sign_message,
     survivor_digest,
     verify_message,
@@ -482,19 +483,16 @@ class SecAggClient:
         self._stage = Stage.UNMASK
         return sign_message(SurvivorSignature(s.round_index, self.client_id, self._survivor_digest).to_bytes(), self._identity_key)
 
-    def _valid_signers(self, signatures: tuple[tuple[str, bytes], ...]) -> frozenset[int]:
-        """Indices of the signers whose survivor signature verifies over this client's own set."""
-        s = self._setup
-        seen: set[str] = set()
+    def _confirmations(self, signatures: tuple[tuple[str, bytes], ...]) -> "_Confirmations":
+        """The survivor signatures offered, checked for form now and verified as they are counted."""
+        offered: dict[int, bytes] = {}
         for signer, sig in signatures:
-            if signer in seen or signer == self.client_id:
+            if signer == self.client_id or self._index.get(signer) in offered:
                 raise ProtocolError(f"unmask request carries a survivor signature of {signer!r} twice or of the client itself")
-            seen.add(signer)
             if signer not in self._alive:
                 raise ProtocolError(f"unmask request carries a survivor signature of {signer!r}, not in the set it signed")
-            body = SurvivorSignature(s.round_index, signer, self._survivor_digest).body()
-            prim.verify(self._pki[signer], sig, prim.message_digest(prim.LABEL_MESSAGE, body), what=f"survivor set of {signer!r}")
-        return frozenset(self._index[c] for c in seen)
+            offered[self._index[signer]] = sig
+        return _Confirmations(self, offered)
 
     # -- stage 4 -------------------------------------------------------------------
     def unmask(self, request: bytes) -> bytes:
@@ -520,8 +518,8 @@ class SecAggClient:
                     f"unmask request lists {list(req.alive)!r} alive among the holders of client {self.client_id!r}; "
                     f"the survivor set it signed says {list(expected)!r}"
                 )
-            signers = self._valid_signers(req.signatures) | {self._me}
-            confirmed = len(signers & (self._graph.of(self._me) | {self._me}))
+            confirmations = self._confirmations(req.signatures)
+            confirmed = confirmations.count(self._graph.of(self._me) | {self._me}, t)
             if confirmed < t:
                 raise ProtocolError(
                     f"only {confirmed} holders of client {self.client_id!r} confirmed the survivor set it signed, "
@@ -537,7 +535,7 @@ class SecAggClient:
         dropped = sorted(set(self._held) - alive, key=self._index.__getitem__)
         if s.signed:
             for peer in dropped:
-                backing = len(signers & self._graph.of(self._index[peer]))
+                backing = confirmations.count(self._graph.of(self._index[peer]), t)
                 if backing < t:
                     raise ProtocolError(
                         f"only {backing} holders of dropped neighbour {peer!r} confirmed the survivor set, fewer than "
@@ -552,6 +550,40 @@ class SecAggClient:
                 keys.append((peer, self._held[peer][1]))
         self._stage = None
         return self._sign(UnmaskResponse(s.round_index, self.client_id, tuple(seeds), tuple(keys)).to_bytes())
+
+
+class _Confirmations:
+    """Survivor signatures a client counts: each verified once, only until enough are found.
+
+    Its own signature (over the set it signed) counts without verification. Any signature it
+    checks that does not verify makes it refuse the whole request.
+    """
+
+    def __init__(self, client: SecAggClient, offered: dict[int, bytes]) -> None:
+        self._client = client
+        self._offered = offered
+        self._valid: set[int] = {client._me}
+
+    def count(self, group: frozenset[int], need: int) -> int:
+        """How many of ``group`` confirmed the client's set, verifying until ``need`` are found.
+
+        Raises:
+            ProtocolError: a checked signature does not verify.
+        """
+        c = self._client
+        found = len(self._valid & group)
+        for i in sorted(group - self._valid):
+            if found >= need:
+                break
+            sig = self._offered.get(i)
+            if sig is None:
+                continue
+            signer = c._setup.participants[i]
+            body = SurvivorSignature(c._setup.round_index, signer, c._survivor_digest).body()
+            prim.verify(c._pki[signer], sig, message_signature_digest(body), what=f"survivor set of {signer!r}")
+            self._valid.add(i)
+            found += 1
+        return found
 
 
 # ----------------------------------------------------------------------------- server
