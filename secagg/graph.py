@@ -567,13 +567,15 @@ class LocalGraph:
         _check_degree_and_seed(n, degree, seed)
         self.n, self.node = n, node
         self._complete = degree >= n - 1
-        self._near: dict[int, frozenset[int]] = {}
-        if not self._complete:
-            ring = _permutation(n, bytes(seed))
-            p, half = ring.index(node), degree // 2
-            for s in range(-half, half + 1):
-                q = (p + s) % n
-                self._near[ring[q]] = frozenset(ring[(q + r) % n] for r in range(-half, half + 1) if r)
+        self._half = degree // 2
+        self._cache: dict[int, frozenset[int]] = {}
+        if self._complete:
+            self.neighbours = tuple(j for j in range(n) if j != node)
+            return
+        ring = _permutation(n, bytes(seed))
+        p, h = ring.index(node), self._half
+        self._slice = [ring[(p + s) % n] for s in range(-2 * h, 2 * h + 1)]  # ring positions p-2h .. p+2h
+        self._at = {self._slice[i]: i for i in range(h, 3 * h + 1)}  # the node and its neighbours
         self.neighbours = tuple(sorted(self.of(node)))
 
     def of(self, j: int) -> frozenset[int]:
@@ -586,9 +588,12 @@ class LocalGraph:
             if not 0 <= j < self.n:
                 raise ValueError(f"node {j} is not in a graph of {self.n}")
             return frozenset(range(self.n)) - {j}
-        if j not in self._near:
-            raise ValueError(f"node {j} is not node {self.node} or one of its neighbours")
-        return self._near[j]
+        if j not in self._cache:
+            if j not in self._at:
+                raise ValueError(f"node {j} is not node {self.node} or one of its neighbours")
+            i, h = self._at[j], self._half
+            self._cache[j] = frozenset(self._slice[i - h : i + h + 1]) - {j}
+        return self._cache[j]
 
 
 def _check_degree_and_seed(n: int, degree: object, seed: object) -> None:

@@ -366,6 +366,8 @@ class SecAggClient:
                 f"threshold={s.threshold}; it leaves the round before sharing"
             )
         self._peers = peers
+        # one X25519 agreement per neighbour for transport, reused to open what it sends back
+        self._transport = {peer: prim.agree(self._enc_sk, ad.enc_public) for peer, ad in peers.items()}
         holders = sorted([self.client_id, *peers], key=self._index.__getitem__)
         xs = [self._index[h] + 1 for h in holders]
         table = shamir.split_many([self._seed, self._mask_sk.private_bytes_raw()], threshold=s.threshold, xs=xs)
@@ -382,7 +384,7 @@ class SecAggClient:
             if holder == self.client_id:
                 self._own_shares = (seed_share, key_share)
                 continue
-            key = _transport_key(prim.agree(self._enc_sk, peers[holder].enc_public), r, self.client_id, holder)
+            key = _transport_key(self._transport[holder], r, self.client_id, holder)
             blob = prim.seal(
                 key, _plaintext_share(self.client_id, holder, x, seed_share, key_share), _share_aad(r, self.client_id, holder)
             )
@@ -421,9 +423,7 @@ class SecAggClient:
                 raise ProtocolError(f"delivery holds a share from {sender!r}, not a neighbour that advertised")
             if sender in held:
                 raise ProtocolError(f"delivery holds two shares from {sender!r}")
-            key = _transport_key(
-                prim.agree(self._enc_sk, self._peers[sender].enc_public), s.round_index, sender, self.client_id
-            )
+            key = _transport_key(self._transport[sender], s.round_index, sender, self.client_id)
             plain = prim.open_sealed(key, entry.blob, _share_aad(s.round_index, sender, self.client_id))
             held[sender] = _parse_plaintext_share(plain, sender, self.client_id, self._me + 1)
         if len(held) + 1 < s.threshold:
