@@ -622,8 +622,9 @@ def round_completes(
     ``silent_from[i]`` is the stage from which node i sends nothing (absent: never). Rules:
     a node whose holders that advertised keys (itself included) number fewer than t leaves
     at SHARE_KEYS, and one whose holders that shared number fewer than t leaves at
-    MASKED_INPUT; the server needs at least t clients after each stage. In signed rounds a
-    node answers the unmask request only if t of its holders signed the survivor set. Every
+    MASKED_INPUT; the server needs at least t clients after each stage. A node answers (and,
+    in signed rounds, signs the survivor set) only if t of its holders sent their masked
+    input, and in signed rounds answers only if t of its holders signed the set. Every
     node that shared needs t answering holders, for its self-mask seed if it sent its masked
     input, or for its mask key if a surviving neighbour masked with it.
     """
@@ -639,11 +640,11 @@ def round_completes(
     u3 = [u2[i] and stage[i] > Stage.MASKED_INPUT and holders(u2, i) >= t for i in range(n)]
     stages = [u1, u2, u3]
     if signed:
-        signers = [u3[i] and stage[i] > Stage.CONSISTENCY_CHECK for i in range(n)]
+        signers = [u3[i] and stage[i] > Stage.CONSISTENCY_CHECK and holders(u3, i) >= t for i in range(n)]
         answer = [signers[i] and stage[i] > Stage.UNMASK and holders(signers, i) >= t for i in range(n)]
         stages.append(signers)
     else:
-        answer = [u3[i] and stage[i] > Stage.UNMASK for i in range(n)]
+        answer = [u3[i] and stage[i] > Stage.UNMASK and holders(u3, i) >= t for i in range(n)]
     if min(sum(u) for u in stages) < t:
         return False
     for v in range(n):
@@ -687,12 +688,13 @@ def simulate_completion(
         u2 = u1 & (stage > Stage.SHARE_KEYS) & (1 + u1[:, nb].sum(axis=2) >= t)
         u3 = u2 & (stage > Stage.MASKED_INPUT) & (1 + u2[:, nb].sum(axis=2) >= t)
         good = (u1.sum(1) >= t) & (u2.sum(1) >= t) & (u3.sum(1) >= t)
+        live3 = 1 + u3[:, nb].sum(axis=2) >= t
         if signed:
-            signers = u3 & (stage > Stage.CONSISTENCY_CHECK)
+            signers = u3 & (stage > Stage.CONSISTENCY_CHECK) & live3
             answer = signers & (stage > Stage.UNMASK) & (1 + signers[:, nb].sum(axis=2) >= t)
             good &= signers.sum(1) >= t
         else:
-            answer = u3 & (stage > Stage.UNMASK)
+            answer = u3 & (stage > Stage.UNMASK) & live3
         answering = answer + answer[:, nb].sum(axis=2)
         needed = u2 & (u3 | u3[:, nb].any(axis=2))
         good &= ~(needed & (answering < t)).any(axis=1)

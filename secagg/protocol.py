@@ -896,6 +896,10 @@ class SecAggServer:
                 short[self._ids[v]] = count
         return short
 
+    def _with_live_holders(self, live: frozenset[int]) -> frozenset[int]:
+        """The members of ``live`` with t holders (themselves included) in it: only they may answer."""
+        return frozenset(w for w in live if 1 + sum(u in live for u in self._nbrs[w]) >= self._t)
+
     def _close_masked_input(self) -> None:
         self._expect(Stage.MASKED_INPUT, "a close of the masked inputs")
         self._u3 = frozenset(self._masked_from)
@@ -912,7 +916,8 @@ class SecAggServer:
 
     # -- stage 3 (signed) ------------------------------------------------------------
     def survivor_sets(self) -> dict[str, bytes]:
-        """Close MASKED_INPUT; send every client whose masked input arrived the survivor set to sign.
+        """Close MASKED_INPUT; send the survivor set to sign to every client whose masked input arrived
+        and that has t holders among them (the others would refuse it).
 
         Raises:
             DropoutError: fewer than t masked inputs, or a needed secret with fewer than t
@@ -925,7 +930,8 @@ class SecAggServer:
         alive = tuple(self._ids[i] for i in sorted(self._u3))
         self._survivor_digest = survivor_digest(self.round_index, self._setup_digest, alive)
         out = {
-            cid: self._send(MessageKind.SURVIVOR_SET, SurvivorSet(self.round_index, cid, alive).to_bytes()) for cid in alive
+            self._ids[w]: self._send(MessageKind.SURVIVOR_SET, SurvivorSet(self.round_index, self._ids[w], alive).to_bytes())
+            for w in sorted(self._with_live_holders(self._u3))
         }
         self._stage = Stage.CONSISTENCY_CHECK
         return out
@@ -950,9 +956,10 @@ class SecAggServer:
     def unmask_requests(self) -> dict[str, bytes]:
         """Close the previous stage; the unmask request for each client that can answer it.
 
-        Unsigned rounds: every client whose masked input arrived, told which of its holders
-        are alive. Signed rounds: every signer with t signers among its holders, also given
-        the signatures of its holders and of its dropped neighbours' holders.
+        Unsigned rounds: every client whose masked input arrived and that has t holders among
+        those, told which of its holders are alive. Signed rounds: every signer with t signers
+        among its holders, also given the signatures of its holders and of its dropped
+        neighbours' holders.
 
         Raises:
             DropoutError: fewer than t clients at the closed stage, or a needed secret with
@@ -962,12 +969,12 @@ class SecAggServer:
         if self._pki is None:
             self._close_masked_input()
             signers = None
-            answering = self._u3
+            answering = self._with_live_holders(self._u3)
         else:
             self._expect(Stage.CONSISTENCY_CHECK, "an unmask-request call")
             signers = frozenset(self._signatures)
             self._close(signers, Stage.CONSISTENCY_CHECK)
-            answering = frozenset(w for w in signers if 1 + sum(u in signers for u in self._nbrs[w]) >= self._t)
+            answering = self._with_live_holders(signers)
             self._abort_if_short(self._holders_short(answering, signers))
         out = {}
         for w in sorted(answering):
@@ -1115,7 +1122,7 @@ class SecAggClientSession:
 
     Wraps a :class:`SecAggClient` and dispatches each message on its kind byte; the ring words
     (the encoded input) are set before the masked-input stage. A client that leaves the round
-    (too few holders advertised) answers nothing from then on.
+    (too few of its holders advertised or shared) answers nothing from then on.
     """
 
     def __init__(self, client: SecAggClient) -> None:
@@ -1149,7 +1156,10 @@ class SecAggClientSession:
         if kind == MessageKind.SHARE_DELIVERY:
             if self._words is None:
                 raise ProtocolError(f"client {c.client_id!r} was asked for its masked input before it had an input")
-            return bytes(c.masked_input(message, vector=self._words))
+            try:
+                return bytes(c.masked_input(message, vector=self._words))
+            except DropoutError:
+                return None
         if kind == MessageKind.SURVIVOR_SET:
             return c.consistency_check(message)
         if kind == MessageKind.UNMASK_REQUEST:
