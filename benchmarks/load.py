@@ -2,9 +2,9 @@
 
 A :class:`fedcore.Federation` of 1,000 clients, each holding 40 examples of a small logistic
 regression task (d = features + 1 shared parameters), trains one round locally and sums the
-clipped updates with ``MaskedSum(graph="secagg+")``: every client and the server run the real
-four-stage protocol and exchange serialized messages, in this one process, pinned to 2 CPU
-cores. Reported: wall time of the round (and how much of it was local training), the SecAgg+
+clipped updates with ``MaskedSum(graph="secagg+")`` (``--signed``: with ``signed_keys=True``,
+every client message signed and the consistency check on): every client and the server run the
+real protocol and exchange serialized messages, in this one process, pinned to 2 CPU cores. Reported: wall time of the round (and how much of it was local training), the SecAgg+
 degree and threshold the planner chose, bytes sent per client, and memory: the process's peak
 resident set size (``ru_maxrss``) before and after the round. The full run adds, side by side, a
 plaintext round of the same federation and a masked round with 5% dropouts at random stages.
@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--clients", type=int, default=1000)
     ap.add_argument("--features", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--signed", action="store_true", help="signed masked rounds (active-server mode)")
     args = ap.parse_args(argv)
     cores = sorted(os.sched_getaffinity(0))[:2]
     os.sched_setaffinity(0, cores)
@@ -133,21 +134,23 @@ def main(argv: list[str] | None = None) -> None:
     Federation(task=LinearTask(features), clients=warm, strategy=FedAvg(), train=TrainConfig(optimizer="sgd", lr=0.1, batch_size=20),
                pipeline=UpdatePipeline(backend=MaskedSum(value_bound=1.0, max_clients=10), clip=dp.L2Clip(1.0), weighting="uniform"),
                seed=args.seed, quiet=True, evaluate_every=0).run_round()  # fmt: skip
-    masked = MaskedSum(value_bound=1.0, max_clients=n, graph="secagg+")
+    masked = MaskedSum(value_bound=1.0, max_clients=n, graph="secagg+", signed_keys=args.signed)
     if not args.quick:
         plain = one_round("plaintext (reference)", clients=clients, features=features, backend=PlaintextSum(), seed=args.seed)
-    result = one_round("masked SecAgg+", clients=clients, features=features, backend=masked, seed=args.seed)
+    result = one_round("masked SecAgg+" + (", signed" if args.signed else ""), clients=clients, features=features, backend=masked, seed=args.seed)
     if not args.quick:
         dropped = one_round(
             "masked SecAgg+, 5% drop", clients=clients, features=features,
-            backend=MaskedSum(value_bound=1.0, max_clients=n, graph="secagg+"), dropouts=DropoutSimulator(rate=0.05), seed=args.seed,
+            backend=MaskedSum(value_bound=1.0, max_clients=n, graph="secagg+", signed_keys=args.signed),
+            dropouts=DropoutSimulator(rate=0.05), seed=args.seed,
         )  # fmt: skip
         print()
         print(f"# masked / plaintext wall time: {result['seconds'] / plain['seconds']:.1f}x "
               f"(secure sum share of the masked round: {1 - result['train_seconds'] / result['seconds']:.0%}); "
               f"with 5% dropouts: {dropped['seconds'] / plain['seconds']:.1f}x")  # fmt: skip
     print(f"# guarantee of the plan: {masked.describe()['guarantee']}")
-    print(f"load clients={n} seconds={result['seconds']:.1f} peak_rss_mb={result['peak_rss_mb']:.0f}")
+    print(f"load clients={n} seconds={result['seconds']:.1f} peak_rss_mb={result['peak_rss_mb']:.0f}"
+          + (" signed=1" if args.signed else ""))  # fmt: skip
 
 
 if __name__ == "__main__":

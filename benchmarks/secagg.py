@@ -240,6 +240,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny configuration (seconds): a smoke test")
     ap.add_argument("--ns", type=int, nargs="*", default=None, help="client counts (default 10 100)")
     ap.add_argument("--ds", type=int, nargs="*", default=None, help="vector lengths (default 1e5 1e6)")
+    ap.add_argument("--trials", type=int, default=None, help="simulated rounds for the completion rate")
+    ap.add_argument("--real-rounds", type=int, default=None, help="real d=64 rounds cross-checking it")
     ap.add_argument("--no-scale", action="store_true", help="leave out the n=1000 round")
     ap.add_argument("--no-attacks", action="store_true", help="leave out the split-attack count")
     args = ap.parse_args()
@@ -248,6 +250,7 @@ def main() -> None:
     else:
         ns, ds, trials, real_rounds = [10, 100], [100_000, 1_000_000], 200_000, 30
     ns, ds = args.ns or ns, args.ds or ds
+    trials, real_rounds = args.trials or trials, args.real_rounds if args.real_rounds is not None else real_rounds
     rng = np.random.default_rng(2024)
     rows = []
     summary = {}

@@ -13,6 +13,7 @@ commitment or signature made for one purpose is ever valid for another.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Iterable, Sequence
 
@@ -60,16 +61,20 @@ LABEL_SURVIVORS = "survivor-set"
 
 def context(*parts: bytes | str | int) -> bytes:
     """Length-prefixed, unambiguous encoding of context fields (ints as 8-byte big-endian)."""
-    out = bytearray()
+    out = []
     for part in parts:
-        if isinstance(part, bool) or not isinstance(part, (bytes, str, int)):
-            raise TypeError(f"context parts must be bytes, str or int, got {type(part).__name__}")
-        if isinstance(part, int):
-            out += b"i" + part.to_bytes(8, "big")
+        kind = type(part)
+        if kind not in (str, bytes, int):  # the rare subclass or bytearray: normalise, refuse the rest
+            if isinstance(part, bool) or not isinstance(part, (bytes, bytearray, str, int)):
+                raise TypeError(f"context parts must be bytes, str or int, got {type(part).__name__}")
+            part = int(part) if isinstance(part, int) else str(part) if isinstance(part, str) else bytes(part)
+            kind = type(part)
+        if kind is int:
+            out.append(b"i" + part.to_bytes(8, "big"))
             continue
-        raw = part.encode("utf-8") if isinstance(part, str) else part
-        out += (b"s" if isinstance(part, str) else b"b") + len(raw).to_bytes(4, "big") + raw
-    return bytes(out)
+        raw = part.encode("utf-8") if kind is str else part
+        out.append((b"s" if kind is str else b"b") + len(raw).to_bytes(4, "big") + raw)
+    return b"".join(out)
 
 
 def label(purpose: str, *parts: bytes | str | int) -> bytes:
@@ -84,17 +89,14 @@ def hkdf(secret: bytes, purpose: str, *parts: bytes | str | int, length: int = K
 
 def digest(purpose: str, *parts: bytes | str | int) -> bytes:
     """SHA-256 of the label (used as a hiding, binding commitment to a 256-bit random secret)."""
-    h = hashes.Hash(hashes.SHA256())
-    h.update(label(purpose, *parts))
-    return h.finalize()
+    return hashlib.sha256(label(purpose, *parts)).digest()
 
 
 def message_digest(purpose: str, data: bytes | bytearray | memoryview) -> bytes:
     """SHA-256 of the label of ``purpose`` followed by ``data`` as it is (no copy of large payloads)."""
-    h = hashes.Hash(hashes.SHA256())
-    h.update(label(purpose))
+    h = hashlib.sha256(label(purpose))
     h.update(data)
-    return h.finalize()
+    return h.digest()
 
 
 # ----------------------------------------------------------------------------- X25519

@@ -567,13 +567,15 @@ class LocalGraph:
         _check_degree_and_seed(n, degree, seed)
         self.n, self.node = n, node
         self._complete = degree >= n - 1
-        self._near: dict[int, frozenset[int]] = {}
-        if not self._complete:
-            ring = _permutation(n, bytes(seed))
-            p, half = ring.index(node), degree // 2
-            for s in range(-half, half + 1):
-                q = (p + s) % n
-                self._near[ring[q]] = frozenset(ring[(q + r) % n] for r in range(-half, half + 1) if r)
+        self._half = degree // 2
+        self._cache: dict[int, frozenset[int]] = {}
+        if self._complete:
+            self.neighbours = tuple(j for j in range(n) if j != node)
+            return
+        ring = _permutation(n, bytes(seed))
+        p, h = ring.index(node), self._half
+        self._slice = [ring[(p + s) % n] for s in range(-2 * h, 2 * h + 1)]  # ring positions p-2h .. p+2h
+        self._at = {self._slice[i]: i for i in range(h, 3 * h + 1)}  # the node and its neighbours
         self.neighbours = tuple(sorted(self.of(node)))
 
     def of(self, j: int) -> frozenset[int]:
@@ -586,9 +588,12 @@ class LocalGraph:
             if not 0 <= j < self.n:
                 raise ValueError(f"node {j} is not in a graph of {self.n}")
             return frozenset(range(self.n)) - {j}
-        if j not in self._near:
-            raise ValueError(f"node {j} is not node {self.node} or one of its neighbours")
-        return self._near[j]
+        if j not in self._cache:
+            if j not in self._at:
+                raise ValueError(f"node {j} is not node {self.node} or one of its neighbours")
+            i, h = self._at[j], self._half
+            self._cache[j] = frozenset(self._slice[i - h : i + h + 1]) - {j}
+        return self._cache[j]
 
 
 def _check_degree_and_seed(n: int, degree: object, seed: object) -> None:
@@ -617,8 +622,9 @@ def round_completes(
     ``silent_from[i]`` is the stage from which node i sends nothing (absent: never). Rules:
     a node whose holders that advertised keys (itself included) number fewer than t leaves
     at SHARE_KEYS, and one whose holders that shared number fewer than t leaves at
-    MASKED_INPUT; the server needs at least t clients after each stage. In signed rounds a
-    node answers the unmask request only if t of its holders signed the survivor set. Every
+    MASKED_INPUT; the server needs at least t clients after each stage. A node answers (and,
+    in signed rounds, signs the survivor set) only if t of its holders sent their masked
+    input, and in signed rounds answers only if t of its holders signed the set. Every
     node that shared needs t answering holders, for its self-mask seed if it sent its masked
     input, or for its mask key if a surviving neighbour masked with it.
     """
@@ -634,11 +640,11 @@ def round_completes(
     u3 = [u2[i] and stage[i] > Stage.MASKED_INPUT and holders(u2, i) >= t for i in range(n)]
     stages = [u1, u2, u3]
     if signed:
-        signers = [u3[i] and stage[i] > Stage.CONSISTENCY_CHECK for i in range(n)]
+        signers = [u3[i] and stage[i] > Stage.CONSISTENCY_CHECK and holders(u3, i) >= t for i in range(n)]
         answer = [signers[i] and stage[i] > Stage.UNMASK and holders(signers, i) >= t for i in range(n)]
         stages.append(signers)
     else:
-        answer = [u3[i] and stage[i] > Stage.UNMASK for i in range(n)]
+        answer = [u3[i] and stage[i] > Stage.UNMASK and holders(u3, i) >= t for i in range(n)]
     if min(sum(u) for u in stages) < t:
         return False
     for v in range(n):
@@ -682,12 +688,13 @@ def simulate_completion(
         u2 = u1 & (stage > Stage.SHARE_KEYS) & (1 + u1[:, nb].sum(axis=2) >= t)
         u3 = u2 & (stage > Stage.MASKED_INPUT) & (1 + u2[:, nb].sum(axis=2) >= t)
         good = (u1.sum(1) >= t) & (u2.sum(1) >= t) & (u3.sum(1) >= t)
+        live3 = 1 + u3[:, nb].sum(axis=2) >= t
         if signed:
-            signers = u3 & (stage > Stage.CONSISTENCY_CHECK)
+            signers = u3 & (stage > Stage.CONSISTENCY_CHECK) & live3
             answer = signers & (stage > Stage.UNMASK) & (1 + signers[:, nb].sum(axis=2) >= t)
             good &= signers.sum(1) >= t
         else:
-            answer = u3 & (stage > Stage.UNMASK)
+            answer = u3 & (stage > Stage.UNMASK) & live3
         answering = answer + answer[:, nb].sum(axis=2)
         needed = u2 & (u3 | u3[:, nb].any(axis=2))
         good &= ~(needed & (answering < t)).any(axis=1)

@@ -52,6 +52,8 @@ from typing import TYPE_CHECKING, Union
 if TYPE_CHECKING:
     from typing import Mapping
 
+    import numpy as np
+
 from . import _primitives as prim
 from .base import Stage
 from .errors import ProtocolError

@@ -77,6 +77,7 @@ from .messages import (
     UnmaskResponse,
     message_kind,
     message_sender,
+    message_signature_digest,
     sign_message,
     survivor_digest,
     verify_message,
@@ -365,6 +366,8 @@ class SecAggClient:
                 f"threshold={s.threshold}; it leaves the round before sharing"
             )
         self._peers = peers
+        # one X25519 agreement per neighbour for transport, reused to open what it sends back
+        self._transport = {peer: prim.agree(self._enc_sk, ad.enc_public) for peer, ad in peers.items()}
         holders = sorted([self.client_id, *peers], key=self._index.__getitem__)
         xs = [self._index[h] + 1 for h in holders]
         table = shamir.split_many([self._seed, self._mask_sk.private_bytes_raw()], threshold=s.threshold, xs=xs)
@@ -381,7 +384,7 @@ class SecAggClient:
             if holder == self.client_id:
                 self._own_shares = (seed_share, key_share)
                 continue
-            key = _transport_key(prim.agree(self._enc_sk, peers[holder].enc_public), r, self.client_id, holder)
+            key = _transport_key(self._transport[holder], r, self.client_id, holder)
             blob = prim.seal(
                 key, _plaintext_share(self.client_id, holder, x, seed_share, key_share), _share_aad(r, self.client_id, holder)
             )
@@ -420,9 +423,7 @@ class SecAggClient:
                 raise ProtocolError(f"delivery holds a share from {sender!r}, not a neighbour that advertised")
             if sender in held:
                 raise ProtocolError(f"delivery holds two shares from {sender!r}")
-            key = _transport_key(
-                prim.agree(self._enc_sk, self._peers[sender].enc_public), s.round_index, sender, self.client_id
-            )
+            key = _transport_key(self._transport[sender], s.round_index, sender, self.client_id)
             plain = prim.open_sealed(key, entry.blob, _share_aad(s.round_index, sender, self.client_id))
             held[sender] = _parse_plaintext_share(plain, sender, self.client_id, self._me + 1)
         if len(held) + 1 < s.threshold:
@@ -482,19 +483,16 @@ class SecAggClient:
         self._stage = Stage.UNMASK
         return sign_message(SurvivorSignature(s.round_index, self.client_id, self._survivor_digest).to_bytes(), self._identity_key)
 
-    def _valid_signers(self, signatures: tuple[tuple[str, bytes], ...]) -> frozenset[int]:
-        """Indices of the signers whose survivor signature verifies over this client's own set."""
-        s = self._setup
-        seen: set[str] = set()
+    def _confirmations(self, signatures: tuple[tuple[str, bytes], ...]) -> "_Confirmations":
+        """The survivor signatures offered, checked for form now and verified as they are counted."""
+        offered: dict[int, bytes] = {}
         for signer, sig in signatures:
-            if signer in seen or signer == self.client_id:
+            if signer == self.client_id or self._index.get(signer) in offered:
                 raise ProtocolError(f"unmask request carries a survivor signature of {signer!r} twice or of the client itself")
-            seen.add(signer)
             if signer not in self._alive:
                 raise ProtocolError(f"unmask request carries a survivor signature of {signer!r}, not in the set it signed")
-            body = SurvivorSignature(s.round_index, signer, self._survivor_digest).body()
-            prim.verify(self._pki[signer], sig, prim.message_digest(prim.LABEL_MESSAGE, body), what=f"survivor set of {signer!r}")
-        return frozenset(self._index[c] for c in seen)
+            offered[self._index[signer]] = sig
+        return _Confirmations(self, offered)
 
     # -- stage 4 -------------------------------------------------------------------
     def unmask(self, request: bytes) -> bytes:
@@ -520,8 +518,8 @@ class SecAggClient:
                     f"unmask request lists {list(req.alive)!r} alive among the holders of client {self.client_id!r}; "
                     f"the survivor set it signed says {list(expected)!r}"
                 )
-            signers = self._valid_signers(req.signatures) | {self._me}
-            confirmed = len(signers & (self._graph.of(self._me) | {self._me}))
+            confirmations = self._confirmations(req.signatures)
+            confirmed = confirmations.count(self._graph.of(self._me) | {self._me}, t)
             if confirmed < t:
                 raise ProtocolError(
                     f"only {confirmed} holders of client {self.client_id!r} confirmed the survivor set it signed, "
@@ -537,7 +535,7 @@ class SecAggClient:
         dropped = sorted(set(self._held) - alive, key=self._index.__getitem__)
         if s.signed:
             for peer in dropped:
-                backing = len(signers & self._graph.of(self._index[peer]))
+                backing = confirmations.count(self._graph.of(self._index[peer]), t)
                 if backing < t:
                     raise ProtocolError(
                         f"only {backing} holders of dropped neighbour {peer!r} confirmed the survivor set, fewer than "
@@ -552,6 +550,40 @@ class SecAggClient:
                 keys.append((peer, self._held[peer][1]))
         self._stage = None
         return self._sign(UnmaskResponse(s.round_index, self.client_id, tuple(seeds), tuple(keys)).to_bytes())
+
+
+class _Confirmations:
+    """Survivor signatures a client counts: each verified once, only until enough are found.
+
+    Its own signature (over the set it signed) counts without verification. Any signature it
+    checks that does not verify makes it refuse the whole request.
+    """
+
+    def __init__(self, client: SecAggClient, offered: dict[int, bytes]) -> None:
+        self._client = client
+        self._offered = offered
+        self._valid: set[int] = {client._me}
+
+    def count(self, group: frozenset[int], need: int) -> int:
+        """How many of ``group`` confirmed the client's set, verifying until ``need`` are found.
+
+        Raises:
+            ProtocolError: a checked signature does not verify.
+        """
+        c = self._client
+        found = len(self._valid & group)
+        for i in sorted(group - self._valid):
+            if found >= need:
+                break
+            sig = self._offered.get(i)
+            if sig is None:
+                continue
+            signer = c._setup.participants[i]
+            body = SurvivorSignature(c._setup.round_index, signer, c._survivor_digest).body()
+            prim.verify(c._pki[signer], sig, message_signature_digest(body), what=f"survivor set of {signer!r}")
+            self._valid.add(i)
+            found += 1
+        return found
 
 
 # ----------------------------------------------------------------------------- server
@@ -864,6 +896,10 @@ class SecAggServer:
                 short[self._ids[v]] = count
         return short
 
+    def _with_live_holders(self, live: frozenset[int]) -> frozenset[int]:
+        """The members of ``live`` with t holders (themselves included) in it: only they may answer."""
+        return frozenset(w for w in live if 1 + sum(u in live for u in self._nbrs[w]) >= self._t)
+
     def _close_masked_input(self) -> None:
         self._expect(Stage.MASKED_INPUT, "a close of the masked inputs")
         self._u3 = frozenset(self._masked_from)
@@ -880,7 +916,8 @@ class SecAggServer:
 
     # -- stage 3 (signed) ------------------------------------------------------------
     def survivor_sets(self) -> dict[str, bytes]:
-        """Close MASKED_INPUT; send every client whose masked input arrived the survivor set to sign.
+        """Close MASKED_INPUT; send the survivor set to sign to every client whose masked input arrived
+        and that has t holders among them (the others would refuse it).
 
         Raises:
             DropoutError: fewer than t masked inputs, or a needed secret with fewer than t
@@ -893,7 +930,8 @@ class SecAggServer:
         alive = tuple(self._ids[i] for i in sorted(self._u3))
         self._survivor_digest = survivor_digest(self.round_index, self._setup_digest, alive)
         out = {
-            cid: self._send(MessageKind.SURVIVOR_SET, SurvivorSet(self.round_index, cid, alive).to_bytes()) for cid in alive
+            self._ids[w]: self._send(MessageKind.SURVIVOR_SET, SurvivorSet(self.round_index, self._ids[w], alive).to_bytes())
+            for w in sorted(self._with_live_holders(self._u3))
         }
         self._stage = Stage.CONSISTENCY_CHECK
         return out
@@ -918,9 +956,10 @@ class SecAggServer:
     def unmask_requests(self) -> dict[str, bytes]:
         """Close the previous stage; the unmask request for each client that can answer it.
 
-        Unsigned rounds: every client whose masked input arrived, told which of its holders
-        are alive. Signed rounds: every signer with t signers among its holders, also given
-        the signatures of its holders and of its dropped neighbours' holders.
+        Unsigned rounds: every client whose masked input arrived and that has t holders among
+        those, told which of its holders are alive. Signed rounds: every signer with t signers
+        among its holders, also given the signatures of its holders and of its dropped
+        neighbours' holders.
 
         Raises:
             DropoutError: fewer than t clients at the closed stage, or a needed secret with
@@ -930,12 +969,12 @@ class SecAggServer:
         if self._pki is None:
             self._close_masked_input()
             signers = None
-            answering = self._u3
+            answering = self._with_live_holders(self._u3)
         else:
             self._expect(Stage.CONSISTENCY_CHECK, "an unmask-request call")
             signers = frozenset(self._signatures)
             self._close(signers, Stage.CONSISTENCY_CHECK)
-            answering = frozenset(w for w in signers if 1 + sum(u in signers for u in self._nbrs[w]) >= self._t)
+            answering = self._with_live_holders(signers)
             self._abort_if_short(self._holders_short(answering, signers))
         out = {}
         for w in sorted(answering):
@@ -1083,7 +1122,7 @@ class SecAggClientSession:
 
     Wraps a :class:`SecAggClient` and dispatches each message on its kind byte; the ring words
     (the encoded input) are set before the masked-input stage. A client that leaves the round
-    (too few holders advertised) answers nothing from then on.
+    (too few of its holders advertised or shared) answers nothing from then on.
     """
 
     def __init__(self, client: SecAggClient) -> None:
@@ -1117,7 +1156,10 @@ class SecAggClientSession:
         if kind == MessageKind.SHARE_DELIVERY:
             if self._words is None:
                 raise ProtocolError(f"client {c.client_id!r} was asked for its masked input before it had an input")
-            return bytes(c.masked_input(message, vector=self._words))
+            try:
+                return bytes(c.masked_input(message, vector=self._words))
+            except DropoutError:
+                return None
         if kind == MessageKind.SURVIVOR_SET:
             return c.consistency_check(message)
         if kind == MessageKind.UNMASK_REQUEST:

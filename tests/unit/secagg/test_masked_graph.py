@@ -138,12 +138,16 @@ def test_small_rounds_fall_back_to_the_complete_graph():
     active=st.booleans(),
 )
 def test_planned_complete_thresholds_never_fall_below_the_secure_floor(n, rate, gamma, active):
+    if active and n == 1:  # 2t > n + 1 has no solution t <= 1: refused, never planned
+        with pytest.raises(ValueError, match="no threshold of at most n=1"):
+            plan_secagg_plus(n=n, dropout_rate=rate, corrupted_fraction=gamma, active_server=active)
+        return
     plan = plan_secagg_plus(n=n, dropout_rate=rate, corrupted_fraction=gamma, active_server=active)
     corrupted = math.floor(gamma * n)
     if plan.graph == "complete":
         assert plan.threshold >= n // 2 + 1 and plan.threshold > corrupted
         if active:
-            assert 2 * plan.threshold > n + corrupted
+            assert 2 * plan.threshold > n + 1 + corrupted
     else:
         assert plan.threshold > 1 or corrupted == 0
         assert plan.degree < n - 1 and plan.degree % 2 == 0

@@ -624,3 +624,58 @@ def test_masked_payload_is_aligned_and_padding_is_checked():
     bad[offset - 1] = 1  # a nonzero padding byte
     with pytest.raises(ProtocolError, match="padding"):
         MaskedInput.from_bytes(bytes(bad))
+
+
+# ----------------------------------------------------------------------------- the consistency check
+
+
+def _signed_at_consistency(n=5, t=3):
+    h = _Harness(_vectors(n, 4, seed=19), threshold=t, signed=True)
+    h.advertise()
+    h.share()
+    h.masked()
+    return h, h.server.survivor_sets()
+
+
+def test_survivor_sets_a_client_refuses_to_sign():
+    h, sets = _signed_at_consistency()
+    from secagg.messages import SurvivorSet
+
+    for alive, pattern in [
+        (("c01", "c02", "c03", "c04"), "does not list client 'c00' as alive"),
+        (("c00", "c01"), "lists 2 holders of client 'c00' alive, fewer than threshold=3"),
+        (("c00", "c01", "c02", "zz"), "non-participants"),
+    ]:
+        with pytest.raises(ProtocolError, match=pattern):
+            h.clients["c00"].consistency_check(SurvivorSet(h.round, "c00", alive).to_bytes())
+    h.clients["c00"].consistency_check(sets["c00"])
+    with pytest.raises(ProtocolError, match="while expecting UNMASK"):  # it signs one set only
+        h.clients["c00"].consistency_check(sets["c00"])
+
+
+def test_unmask_requests_a_signed_client_refuses():
+    h, sets = _signed_at_consistency()
+    for c, msg in sets.items():
+        h.server.receive_survivor_signature(h.clients[c].consistency_check(msg))
+    honest = UnmaskRequest.from_bytes(h.server.unmask_requests()["c00"])
+    client = h.clients["c00"]
+    flipped = tuple((s, sig[:-1] + bytes([sig[-1] ^ 1]) if s == "c01" else sig) for s, sig in honest.signatures)
+    cases = [
+        (UnmaskRequest(h.round, "c00", honest.alive, flipped), "survivor set of 'c01' signature is invalid"),
+        (UnmaskRequest(h.round, "c00", honest.alive, honest.signatures[:1]), "only 2 holders of client 'c00' confirmed"),
+        (UnmaskRequest(h.round, "c00", honest.alive[:-1], honest.signatures), "the survivor set it signed says"),
+        (UnmaskRequest(h.round, "c00", honest.alive, honest.signatures + honest.signatures[:1]), "twice"),
+    ]
+    for request, pattern in cases:
+        with pytest.raises(ProtocolError, match=pattern):
+            client.unmask(request.to_bytes())
+    UnmaskResponse.from_bytes(client.unmask(honest.to_bytes()))  # the refusals did not use up its answer
+
+
+def test_a_signature_over_another_survivor_set_is_refused_by_the_server():
+    h, sets = _signed_at_consistency()
+    from secagg.messages import SurvivorSet
+
+    other = h.clients["c00"].consistency_check(SurvivorSet(h.round, "c00", ("c00", "c01", "c02", "c03")).to_bytes())
+    with pytest.raises(ProtocolError, match="over another survivor set"):
+        h.server.receive_survivor_signature(other)

@@ -179,3 +179,20 @@ def test_backend_keeps_no_identity_key_after_a_signed_round():
     backend = MaskedSum(value_bound=1.0, max_clients=6, signed_keys=True)
     backend.aggregate(_updates(4, 5, seed=3), round_index=1, rng=np.random.default_rng(0))
     assert not any(isinstance(o, Ed25519PrivateKey) for o in _reachable(backend))
+
+
+def test_signed_server_session_needs_the_directory_and_refuses_a_bad_one():
+    backend = MaskedSum(value_bound=1.0, max_clients=4, signed_keys=True)
+    ids = ["c00", "c01", "c02"]
+    with pytest.raises(KeyMaterialError, match="needs public_context=backend.public_context"):
+        backend.server_session(round_index=1, participants=ids, length=2)
+    with pytest.raises(ProtocolError, match="not a secagg identity directory"):
+        backend.server_session(round_index=1, participants=ids, length=2, public_context=b"not a directory")
+    _, directory = next(iter(_keys(ids).values())), _keys(ids)["c00"].peer_identities
+    partial = backend.public_context({c: directory[c] for c in ids[:2]})
+    with pytest.raises(KeyMaterialError, match=r"identity key of every participant; missing \['c02'\]"):
+        backend.server_session(round_index=1, participants=ids, length=2, public_context=partial)
+    with pytest.raises(KeyMaterialError, match="takes no public_context"):
+        MaskedSum(value_bound=1.0, max_clients=4).server_session(round_index=1, participants=ids, length=2, public_context=partial)
+    with pytest.raises(KeyMaterialError, match="'c00' must be 32 raw Ed25519 public bytes"):
+        backend.public_context({"c00": b"short"})
