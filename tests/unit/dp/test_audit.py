@@ -17,7 +17,9 @@ import dp
 from dp.audit import (
     AuditResult,
     PrivacyAuditWarning,
+    audit_ceiling,
     audit_dp_fedavg,
+    audit_dp_sgd,
     audit_scores,
     default_guess_counts,
     draw_canaries,
@@ -116,8 +118,51 @@ def test_exceeding_the_claim_warns_loudly_and_reports():
     assert json.loads(json.dumps(data))["exceeds_claim"] is True
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        fine = audit_scores(scores, included, delta=1e-5, claimed_epsilon=50.0)
+        fine = audit_scores(scores, included, delta=1e-5, claimed_epsilon=3.5)
+        above = audit_scores(scores, included, delta=1e-5, claimed_epsilon=50.0)
     assert not fine.exceeds_claim and "consistent with the claim" in fine.summary()
+    # a claim above the ceiling cannot be refuted: the result says so instead of "consistent"
+    assert not above.exceeds_claim and not above.conclusive and above.summary().startswith("AUDIT INCONCLUSIVE")
+    assert data["ceiling"] == res.ceiling and data["conclusive"] is True
+
+
+@pytest.mark.parametrize("m", [10, 200, 5000])
+def test_ceiling_is_the_bound_with_every_guess_right(m):
+    ceiling = audit_ceiling(canaries=m, delta=1e-5)
+    best = max(epsilon_lower_bound(canaries=m, guesses=a + b, correct=a + b, delta=1e-5,
+                                   confidence=1 - 0.05 / len(default_guess_counts(m)))
+               for a, b in default_guess_counts(m))  # fmt: skip
+    assert ceiling == pytest.approx(best)
+    rng = np.random.default_rng(m)
+    included = rng.random(m) < 0.5
+    res = audit_scores(rng.standard_normal(m) + 5 * included, included, delta=1e-5)
+    assert res.ceiling == pytest.approx(ceiling) and res.epsilon_lower_bound <= ceiling
+    # at delta 1e-5 no canary count certifies the main job's epsilon 8 (issue 18 item 7)
+    assert ceiling < 6.0
+
+
+def test_sample_level_audit_flags_a_noise_free_dp_sgd_run_when_the_claim_is_within_reach():
+    """Main-job DP-SGD settings (q 0.2, 200 steps): noise off while the ledger claims it.
+
+    Claimed epsilon 2 (below the ceiling): the noise-free run is flagged, the noised one is not.
+    Claimed epsilon 8 (the main job's): above any one-run ceiling at delta 1e-5, so the audit reports
+    INCONCLUSIVE rather than a misleading "consistent", with the largest evidence it can give.
+    """
+    for target in (2.0, 8.0):
+        z = dp.calibrate_noise_multiplier(target_epsilon=target, delta=1e-5, steps=200, sample_rate=0.2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PrivacyAuditWarning)
+            broken = audit_dp_sgd(noise_multiplier=z, sample_rate=0.2, steps=200, rng=np.random.default_rng(1),
+                                  add_noise=False)
+        honest = audit_dp_sgd(noise_multiplier=z, sample_rate=0.2, steps=200, rng=np.random.default_rng(2))
+        assert broken.level == honest.level == "sample"
+        assert broken.claimed_epsilon == pytest.approx(target, rel=2e-3) and broken.claimed_epsilon <= target
+        assert not honest.exceeds_claim and honest.epsilon_lower_bound < broken.epsilon_lower_bound
+        if target < broken.ceiling:
+            assert broken.exceeds_claim and broken.summary().startswith("PRIVACY AUDIT FAILED")
+        else:
+            assert not broken.conclusive and broken.summary().startswith("AUDIT INCONCLUSIVE")
+            assert broken.epsilon_lower_bound >= 0.8 * broken.ceiling
 
 
 @pytest.mark.parametrize(
