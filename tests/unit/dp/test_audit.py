@@ -118,7 +118,9 @@ def test_exceeding_the_claim_warns_loudly_and_reports():
     assert json.loads(json.dumps(data))["exceeds_claim"] is True
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        fine = audit_scores(scores, included, delta=1e-5, claimed_epsilon=3.5)
+        noisy = scores.copy()
+        noisy[:15], noisy[-15:] = 0.0, 1.0  # 30 of 200 canaries scored the wrong way
+        fine = audit_scores(noisy, included, delta=1e-5, claimed_epsilon=3.0)
         above = audit_scores(scores, included, delta=1e-5, claimed_epsilon=50.0)
     assert not fine.exceeds_claim and "consistent with the claim" in fine.summary()
     # a claim above the ceiling cannot be refuted: the result says so instead of "consistent"
