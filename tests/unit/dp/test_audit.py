@@ -243,15 +243,19 @@ def test_correctly_noised_run_stays_under_its_claim_and_a_silently_unnoised_one_
 def test_audit_figure_goes_into_the_privacy_report():
     result = audit_dp_fedavg(noise_multiplier=3.0, rounds=2, rng=np.random.default_rng(1), num_canaries=200, dimension=1000)
     report = dp.PrivacyReport(
-        result.extra["ledger"], delta=1e-5, mode="plaintext", trust_model="the server sees every update",
-        audited_epsilon_lower_bound=result.epsilon_lower_bound,
+        result.extra["ledger"], delta=1e-5, mode="plaintext", trust_model="the server sees every update", audit=result,
     )  # fmt: skip
     data = json.loads(report.to_json())
-    assert data["audit"]["lower_bound"] == pytest.approx(result.epsilon_lower_bound)
-    assert data["audit"]["claimed_epsilon"] == data["client_level"]["epsilon"] >= result.epsilon_lower_bound
-    assert data["audit"]["exceeds_claim"] is False
-    assert "consistent with the claimed" in report.to_html()
+    assert data["audit"]["ran"] is True and data["audit"]["lower_bound"] == pytest.approx(result.epsilon_lower_bound)
+    assert data["audit"]["ceiling"] == pytest.approx(result.ceiling) and data["audit"]["canaries"] == 200
+    assert data["audit"]["claimed_epsilon"] == data["client_level"]["epsilon"] == pytest.approx(result.claimed_epsilon)
+    assert data["audit"]["exceeds_claim"] is False and data["audit"]["conclusive"] is True
+    page = report.to_html()
+    assert "A privacy audit ran" in page and "consistent with the claim" in page and f"{result.ceiling:.3g}" in page
     assert isinstance(result, AuditResult)
+    # the summary says so when no audit ran
+    assert "No privacy audit ran for this run." in dp.PrivacyReport(
+        result.extra["ledger"], delta=1e-5, mode="plaintext", trust_model="the server sees every update").to_html()
 
 
 def test_report_of_a_run_whose_audit_exceeds_its_claim_flags_it_loudly():
@@ -260,7 +264,7 @@ def test_report_of_a_run_whose_audit_exceeds_its_claim_flags_it_loudly():
                                  dimension=1000, add_noise=False)  # fmt: skip
     with pytest.warns(PrivacyAuditWarning, match=r"^PRIVACY AUDIT FAILED"):
         report = dp.PrivacyReport(broken.extra["ledger"], delta=1e-5, mode="plaintext", trust_model="the server sees every update",
-                                  audited_epsilon_lower_bound=broken.epsilon_lower_bound)  # fmt: skip
+                                  audit=broken.to_dict())  # fmt: skip
     assert json.loads(report.to_json())["audit"]["exceeds_claim"] is True
     assert "PRIVACY AUDIT FAILED" in report.to_html()
 
@@ -270,5 +274,10 @@ def test_an_audit_of_a_run_without_dp_has_no_claim_to_exceed():
         warnings.simplefilter("error")
         report = dp.PrivacyReport(dp.Ledger(), delta=1e-5, mode="plaintext", trust_model="the server sees every update",
                                   audited_epsilon_lower_bound=0.5)  # fmt: skip
-    assert json.loads(report.to_json())["audit"] == {"lower_bound": 0.5, "claimed_epsilon": None, "exceeds_claim": False}
-    assert "no DP claim to compare with" in report.to_html()
+    audit = json.loads(report.to_json())["audit"]
+    assert audit["ran"] is True and audit["lower_bound"] == 0.5 and audit["claimed_epsilon"] is None
+    assert audit["exceeds_claim"] is False and audit["ceiling"] is None
+    assert "no differential-privacy claim to compare it with" in report.to_html()
+    with pytest.raises(dp.DPValueError, match="give either audit= or audited_epsilon_lower_bound=, not both"):
+        dp.PrivacyReport(dp.Ledger(), delta=1e-5, mode="plaintext", trust_model="t", audited_epsilon_lower_bound=0.5,
+                         audit={"audited_epsilon_lower_bound": 0.5})  # fmt: skip
