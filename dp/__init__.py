@@ -6,15 +6,24 @@
 - Client-level DP (DP-FedAvg): ``L2Clip`` / ``AdaptiveClip``; ``CentralGaussian`` noise by
   the server, or ``SkellamNoise`` / ``DiscreteGaussianNoise`` added by clients before masking.
 - Every mechanism use is an immutable event in an append-only ``Ledger``; accountants
-  (``epsilon``, ``sample_level_epsilons``), a ``PrivacyBudget``, noise calibration, and a
-  ``PrivacyReport`` (JSON + self-contained HTML) read the ledger.
+  (``epsilon``, ``sample_level_epsilons``; PLD by default, RDP as the cross-check), a
+  ``PrivacyBudget``, noise calibration with the same accountant, and a ``PrivacyReport``
+  (JSON + self-contained HTML) read the ledger.
 - ``dp.audit``: a one-run canary audit giving an empirical lower bound on epsilon, shown in the
   report beside the accountant's figure and flagged (``PrivacyAuditWarning``) when above it.
 """
 
-from ._accounting import ACCOUNTANTS, RDP_ORDERS, epsilon, epsilon_by_accountant, sample_level_epsilons
-from ._budget import PrivacyBudget
-from ._calibration import calibrate_noise_multiplier
+from ._accounting import (
+    ACCOUNTANTS,
+    RDP_ORDERS,
+    accountant_used,
+    effective_noise_multiplier,
+    epsilon,
+    epsilon_by_accountant,
+    sample_level_epsilons,
+)
+from ._budget import BUDGET_LEVELS, PrivacyBudget
+from ._calibration import calibrate_noise_multiplier, smallest_noise_multiplier
 from ._clipping import AdaptiveClip, L2Clip
 from ._errors import (
     AccountingError,
@@ -71,9 +80,13 @@ __all__ = [
     "RDP_ORDERS",
     "epsilon",
     "epsilon_by_accountant",
+    "accountant_used",
+    "effective_noise_multiplier",
     "sample_level_epsilons",
     "PrivacyBudget",
+    "BUDGET_LEVELS",
     "calibrate_noise_multiplier",
+    "smallest_noise_multiplier",
     # report
     "PrivacyReport",
     "Reveal",

@@ -362,7 +362,7 @@ def _prv_error(rdp_eps: float) -> float:
 #: Discretization of the final PLD pass, relative to the coarse pass's epsilon, and its limits.
 _PLD_RELATIVE_INTERVAL = 1e-4
 _PLD_COARSE_INTERVAL = 1e-2
-_PLD_MIN_INTERVAL = 1e-6
+_PLD_MIN_INTERVAL = 1e-12
 
 
 @functools.lru_cache(maxsize=512)
@@ -383,11 +383,12 @@ def _pld_at(groups: Mapping[_Key, int], delta: float, interval: float) -> float:
     return float(composed.get_epsilon_for_delta(delta))
 
 
-def pld_epsilon(groups: Mapping[_Key, int], delta: float, *, interval: float | None = None) -> float:
+def pld_epsilon(groups: Mapping[_Key, int], delta: float, *, relative: float = _PLD_RELATIVE_INTERVAL) -> float:
     """Epsilon of Gaussian groups from ``dp_accounting``'s PLD with pessimistic rounding (an upper bound).
 
-    With ``interval=None`` a coarse pass (interval ``1e-2``) sizes the final pass's interval to
-    ``1e-4`` of its epsilon (between ``1e-6`` and ``0.1``), so the rounding adds about 0.01%.
+    The discretization interval is sized to the answer: a first pass at ``1e-2``, then passes
+    at ``relative`` times the last epsilon (between ``1e-12`` and ``0.1``) while that refines
+    the interval by more than half; at the default the rounding adds about 0.01%.
     """
     bad = sorted({k[0] for k in groups if k[0] != "gaussian"})
     if bad:
@@ -396,12 +397,15 @@ def pld_epsilon(groups: Mapping[_Key, int], delta: float, *, interval: float | N
         )
     if not groups:
         return 0.0
-    if interval is None:
-        coarse = _pld_at(groups, delta, _PLD_COARSE_INTERVAL)
-        if not math.isfinite(coarse):
-            return coarse
-        interval = min(0.1, max(_PLD_MIN_INTERVAL, _PLD_RELATIVE_INTERVAL * coarse))
-    return _pld_at(groups, delta, interval)
+    interval = _PLD_COARSE_INTERVAL
+    eps = _pld_at(groups, delta, interval)
+    for _ in range(6):
+        finer = min(0.1, max(_PLD_MIN_INTERVAL, relative * eps))
+        if not math.isfinite(eps) or eps <= 0 or finer >= 0.5 * interval:
+            break
+        interval = finer
+        eps = _pld_at(groups, delta, interval)
+    return eps
 
 
 # ----------------------------------------------------------------------------- public

@@ -88,6 +88,7 @@ def smallest_noise_multiplier(
 
     x = math.log(chk.positive("guess", guess))
     ev(x)
+    walk = 0.5
     for _ in range(60):
         hi, lo = bracket()
         if hi is not None and lo is not None and hi - lo <= step:
@@ -120,8 +121,9 @@ def smallest_noise_multiplier(
             continue
         # no bracket yet: walk (secant, or doubling) past the crossing
         x0 = hi if hi is not None else lo
-        if est is None or est == x0:  # one point: a small step gives the secant its slope
-            est = x0 - 0.9 * step if hi is not None else x0 + 0.9 * step
+        if est is None or est == x0:  # no usable slope: steps that double until the crossing is passed
+            walk *= 2.0
+            est = x0 - walk * step if hi is not None else x0 + walk * step
         overshoot = 0.45 * step if hi is None else -0.45 * step
         est = min(max(est + overshoot, x0 - math.log(16.0)), x0 + math.log(16.0))
         ev(est)
@@ -162,7 +164,7 @@ def calibrate_noise_multiplier(
     def groups(z: float) -> dict:
         return {("gaussian", float(z), q): n}
 
-    coarse = _safe(lambda z: pld_epsilon(groups(z), d, interval=max(1e-5, 3e-3 * target)))
+    coarse = _safe(lambda z: pld_epsilon(groups(z), d, relative=3e-3))
     guess = _root_guess(coarse, target)
     return smallest_noise_multiplier(
         lambda z: _epsilon_groups(groups(z), d, _used(groups(z), acc)),

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 from . import _checks as chk
-from ._accounting import ACCOUNTANTS, _epsilon_groups, _events_of, _groups
+from ._accounting import ACCOUNTANTS, _epsilon_groups, _events_of, _groups, _used, epsilon_by_accountant
 from ._budget import PrivacyBudget
 from ._errors import AccountingError, DPTypeError, DPValueError, PrivacyAuditWarning
 from ._events import (
@@ -39,9 +39,9 @@ from ._ledger import Ledger
 __all__ = ["PrivacyReport", "Reveal", "ReportPaths", "REPORT_SCHEMA"]
 
 #: Schema name and version of ``PrivacyReport.to_json`` (bump on incompatible change).
-REPORT_SCHEMA = "privfl.dp.report/1"
+REPORT_SCHEMA = "privfl.dp.report/2"
 
-_MAX_CURVE_POINTS_SLOW = 12  # PRV-based curves are evaluated at most at this many rounds
+_MAX_CURVE_POINTS_SLOW = 12  # PLD / PRV curves are evaluated at most at this many rounds
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -204,26 +204,160 @@ _CSS = """
 """
 
 
+# ----------------------------------------------------------------------------- inputs
+
+
+def _text(name: str, value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise DPValueError(f"{name} must be a non-empty str, got {value!r}")
+    return value
+
+
+def _releases(items: Iterable[str | Mapping[str, Any]]) -> list[dict[str, str]]:
+    """Non-private releases as ``{"what", "note"}`` records."""
+    if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
+        raise DPTypeError(f"non_private_releases must be a list of str or mappings, got {type(items).__name__}")
+    out = []
+    for i, item in enumerate(items):
+        if isinstance(item, str):
+            out.append({"what": _text(f"non_private_releases[{i}]", item), "note": ""})
+        elif isinstance(item, Mapping):
+            unknown = set(item) - {"what", "note"}
+            if unknown:
+                raise DPValueError(f"non_private_releases[{i}] takes what/note, got unknown keys {sorted(unknown)}")
+            note = item.get("note", "")
+            if not isinstance(note, str):
+                raise DPTypeError(f"non_private_releases[{i}]['note'] must be a str, got {type(note).__name__}")
+            out.append({"what": _text(f"non_private_releases[{i}]['what']", item.get("what")), "note": note})
+        else:
+            raise DPTypeError(f"non_private_releases[{i}] must be a str or a mapping what/note, got {type(item).__name__}")
+    return out
+
+
+def _parties(rows: Sequence[Mapping[str, str]]) -> list[dict[str, str]]:
+    if isinstance(rows, (str, bytes)) or not isinstance(rows, Sequence):
+        raise DPTypeError(f"parties must be a list of mappings party/sees, got {type(rows).__name__}")
+    out = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, Mapping) or set(row) != {"party", "sees"}:
+            raise DPValueError(f"parties[{i}] must be a mapping with exactly the keys 'party' and 'sees', got {row!r}")
+        out.append({"party": _text(f"parties[{i}]['party']", row["party"]), "sees": _text(f"parties[{i}]['sees']", row["sees"])})
+    return out
+
+
+def _audit_record(audit: Any, lower_bound: float | None) -> dict[str, Any]:
+    if audit is not None and lower_bound is not None:
+        raise DPValueError("give either audit= or audited_epsilon_lower_bound=, not both")
+    if audit is None and lower_bound is None:
+        return {"ran": False}
+    if audit is None:
+        return {"ran": True, "lower_bound": chk.non_negative("audited_epsilon_lower_bound", lower_bound), "ceiling": None,
+                "confidence": None, "canaries": None, "level": None, "method": None}  # fmt: skip
+    data = audit.to_dict() if hasattr(audit, "to_dict") else audit
+    if not isinstance(data, Mapping) or "audited_epsilon_lower_bound" not in data:
+        raise DPTypeError(f"audit must be a dp.audit.AuditResult or its to_dict(), got {type(audit).__name__}")
+    ceiling = data.get("ceiling")
+    return {
+        "ran": True,
+        "lower_bound": chk.non_negative("audit['audited_epsilon_lower_bound']", data["audited_epsilon_lower_bound"]),
+        "ceiling": None if ceiling is None else chk.non_negative("audit['ceiling']", ceiling),
+        "confidence": data.get("confidence"),
+        "canaries": data.get("canaries"),
+        "level": data.get("level"),
+        "method": data.get("method"),
+    }
+
+
+def _provenance(given: Mapping[str, Any] | None) -> dict[str, Any]:
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            lib = version("privfl")
+        except PackageNotFoundError:
+            lib = "unknown (not installed as a package)"
+    except ImportError:  # pragma: no cover
+        lib = "unknown"
+    out: dict[str, Any] = {"library": "privfl", "library_version": lib}
+    try:
+        from importlib.metadata import version as _v
+
+        out["dp_accounting_version"] = _v("dp-accounting")
+    except Exception:  # pragma: no cover - optional detail
+        pass
+    for k, v in _json_value("provenance", dict(given or {})).items():
+        out[k] = v
+    return out
+
+
+def _humanize(key: str) -> str:
+    return key.replace("_", " ").strip()
+
+
+def _fields(value: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """Flatten a backend description into readable (field, value) rows."""
+    rows: list[tuple[str, Any]] = []
+    for k, v in value.items():
+        name = f"{prefix}{_humanize(str(k))}"
+        if isinstance(v, Mapping) and v:
+            rows.extend(_fields(v, prefix=f"{name} › "))
+        elif isinstance(v, (list, tuple)) and v and all(isinstance(x, (str, int, float)) for x in v) and len(v) != 2:
+            rows.append((name, ", ".join(_fmt(x) for x in v)))
+        else:
+            rows.append((name, "—" if v is None else v))
+    return rows
+
+
+def _eps_words(eps: float, delta: float, unit: str) -> str:
+    factor = f"{math.exp(eps):.3g}" if eps < 700 else "an astronomically large number"
+    one_in = f"about 1 in {round(1 / delta):,}" if delta <= 0.5 else f"{delta:.3g}"
+    return (
+        f"epsilon = {eps:.3g}, delta = {delta:.3g}: adding or removing {unit} changes the probability of "
+        f"anything the protected outputs show by at most a factor of e^{eps:.3g} ≈ {factor}, except with a "
+        f"probability of at most {delta:.3g} ({one_in})."
+    )
+
+
 # ----------------------------------------------------------------------------- report
 
 
 class PrivacyReport:
     """The privacy budget report of a training run, computed once from the ledger.
 
+    Plain-language summary first (who is protected, against whom, epsilon and delta in words,
+    what is and is not covered, each non-private release), then what each party sees, then
+    the detail. One epsilon per run: the headline, the last point of the curve and the prose
+    are the same figure, from the same accountant.
+
     Args:
         ledger: the run's ledger (or its events).
         delta: the delta every epsilon is stated at.
-        accountant: accountant of the headline figures (``"tightest"`` by default: the
-            smallest valid bound, RDP or PRV); the other one is shown as a cross-check.
+        accountant: accountant of the headline figures (``"pld"`` by default; a history the
+            chosen one does not cover is accounted as ``dp.accountant_used`` says, and the
+            report names the one used); RDP (or PLD when RDP is the headline) is the cross-check.
         mode: name of the protection mode (``"plaintext"``, ``"masked"``, ``"ckks"``...).
         trust_model: the mode's trust-model text, as given by the secure-sum backend.
-        secure_aggregation: the backend's parameters (thresholds etc.), JSON data.
+        secure_aggregation: the backend's parameters (thresholds etc.), JSON data; shown as
+            readable fields (pass only what the run really had).
         dropouts: observed dropouts per round: ``{round: ids}`` or ``{round: count}``.
         reveals: individual model reveals (``Reveal`` or mappings with round/what/why).
         utility: ``{round: {metric: value}}``.
-        audited_epsilon_lower_bound: an empirical lower bound from a privacy audit (``dp.audit``), if
-            any; one above the claimed epsilon issues a ``PrivacyAuditWarning`` and a red banner.
+        utility_reference: ``{metric: value}`` of the same model without DP (a baseline), drawn
+            as dashed lines in the utility chart.
+        audit: a ``dp.audit.AuditResult`` (or its ``to_dict()``): lower bound, ceiling, canaries.
+        audited_epsilon_lower_bound: only the lower bound of an audit (older callers; give
+            ``audit`` or this, not both). One above the claimed epsilon issues a
+            ``PrivacyAuditWarning`` and a red banner.
         budget: the run's ``PrivacyBudget``, shown with spend and remainder.
+        unit_of_privacy: what one neighbouring change adds or removes, in words (e.g. ``"one
+            user's ratings inside a silo"``); default from the ledger's levels.
+        non_private_releases: what the run released outside the DP guarantee (str, or
+            ``{"what": ..., "note": ...}``), e.g. test metrics on private held-out data.
+        parties: rows ``{"party": ..., "sees": ...}`` of the "who sees what" table; default
+            rows from the mode and the mechanisms.
+        seed_derivable: the run's noise was derivable from a simulation seed.
+        provenance: e.g. ``{"config_sha256": ..., "data_sha256": ..., "model_sha256": ...}``;
+            the library version is added.
         title: page title.
         generated_at: ISO timestamp to print (default: now, UTC).
 
@@ -237,15 +371,22 @@ class PrivacyReport:
         ledger: Ledger | Iterable[Event],
         *,
         delta: float,
-        accountant: str = "tightest",
+        accountant: str = "pld",
         mode: str,
         trust_model: str,
         secure_aggregation: Mapping[str, Any] | None = None,
         dropouts: Mapping[int, Sequence[str] | int] | None = None,
         reveals: Iterable[Reveal | Mapping[str, Any]] = (),
         utility: Mapping[int, Mapping[str, float]] | None = None,
+        utility_reference: Mapping[str, float] | None = None,
+        audit: Any = None,
         audited_epsilon_lower_bound: float | None = None,
         budget: PrivacyBudget | None = None,
+        unit_of_privacy: str | None = None,
+        non_private_releases: Iterable[str | Mapping[str, Any]] = (),
+        parties: Sequence[Mapping[str, str]] | None = None,
+        seed_derivable: bool = False,
+        provenance: Mapping[str, Any] | None = None,
         title: str = "Privacy budget report",
         generated_at: str | None = None,
     ) -> None:
@@ -253,68 +394,24 @@ class PrivacyReport:
         d = chk.open_unit("delta", delta)
         acc = chk.one_of("accountant", accountant, ACCOUNTANTS)
         for name, v in (("mode", mode), ("trust_model", trust_model), ("title", title)):
-            if not isinstance(v, str) or not v.strip():
-                raise DPValueError(f"{name} must be a non-empty str, got {v!r}")
+            _text(name, v)
         if budget is not None and not isinstance(budget, PrivacyBudget):
             raise DPTypeError(f"budget must be a PrivacyBudget or None, got {type(budget).__name__}")
-        audited = None if audited_epsilon_lower_bound is None else chk.non_negative(
-            "audited_epsilon_lower_bound", audited_epsilon_lower_bound
-        )
+        if not isinstance(seed_derivable, bool):
+            raise DPTypeError(f"seed_derivable must be a bool, got {seed_derivable!r}")
+        if unit_of_privacy is not None:
+            _text("unit_of_privacy", unit_of_privacy)
+        releases = _releases(non_private_releases)
+        party_rows = None if parties is None else _parties(parties)
+        audit_rec = _audit_record(audit, audited_epsilon_lower_bound)
+        reference = {str(k): chk.real(f"utility_reference[{k!r}]", v) for k, v in (utility_reference or {}).items()}
         if generated_at is None:
             generated_at = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
-        cross = "rdp" if acc != "rdp" else "prv"
-
-        def eps(evs: Sequence[Event], which: str) -> float | None:
-            try:
-                return _epsilon_groups(_groups(evs), d, which)
-            except AccountingError:
-                if which == acc:
-                    raise
-                return None  # the cross-check accountant does not apply to this history
 
         client_events = [e for e in events if e.level == "client"]
         sample_events = [e for e in events if e.level == "sample"]
-
-        client: dict[str, Any] | None = None
-        if client_events:
-            rounds = sorted({e.round_index for e in client_events})
-            points = rounds
-            if acc != "rdp" and len(rounds) > _MAX_CURVE_POINTS_SLOW:
-                step = (len(rounds) - 1) / (_MAX_CURVE_POINTS_SLOW - 1)
-                points = sorted({rounds[round(i * step)] for i in range(_MAX_CURVE_POINTS_SLOW)})
-            curve = []
-            for r in points:
-                upto = [e for e in client_events if e.round_index <= r]
-                curve.append({"round": r, "epsilon": eps(upto, acc), "cross_check": eps(upto, cross)})
-            by_acc = {a: (eps(client_events, a) if a != acc else curve[-1]["epsilon"]) for a in ACCOUNTANTS}
-            client = {
-                "epsilon": by_acc[acc],
-                "cross_check": {"accountant": cross, "epsilon": by_acc[cross]},
-                "by_accountant": by_acc,
-                "rounds": len(rounds),
-                "events": len(client_events),
-                "epsilon_over_rounds": curve,
-            }
-
-        sample: dict[str, Any] | None = None
-        if sample_events:
-            per: dict[str, list[SampleLevelEvent]] = {}
-            for e in sample_events:
-                per.setdefault(e.client_id, []).append(e)  # type: ignore[arg-type]
-            per_client = {
-                cid: {
-                    "epsilon": eps(per[cid], acc),
-                    "cross_check": eps(per[cid], cross),
-                    "rounds": len({e.round_index for e in per[cid]}),
-                    "steps": sum(e.steps for e in per[cid]),
-                }
-                for cid in sorted(per)
-            }
-            sample = {
-                "per_client": per_client,
-                "max_epsilon": max(v["epsilon"] for v in per_client.values()),
-                "cross_check_accountant": cross,
-            }
+        client = self._client_section(client_events, d, acc)
+        sample = self._sample_section(sample_events, d, acc)
 
         drops = []
         for r, v in sorted((dropouts or {}).items()):
@@ -349,39 +446,54 @@ class PrivacyReport:
                 raise DPTypeError(f"utility[{r!r}] must be a mapping metric -> value, got {type(metrics).__name__}")
             util.append({"round": int(r), "metrics": {str(k): chk.real(f"utility[{r}][{k!r}]", v) for k, v in metrics.items()}})
 
-        audit = None
-        if audited is not None:
-            # without a DP event nothing is claimed (epsilon is unbounded), so nothing can be exceeded
-            claimed = client["epsilon"] if client else sample["max_epsilon"] if sample else None
-            audit = {"lower_bound": audited, "claimed_epsilon": claimed, "exceeds_claim": claimed is not None and audited > claimed}
-            if audit["exceeds_claim"]:
+        # the claim an audit is checked against: the run's headline figure at the audit's level
+        if audit_rec["ran"]:
+            claimed = (
+                sample["max_epsilon"] if sample and (audit_rec.get("level") == "sample" or not client)
+                else client["epsilon"] if client else None
+            )  # fmt: skip
+            ceiling = audit_rec["ceiling"]
+            audit_rec.update(
+                claimed_epsilon=claimed,
+                exceeds_claim=claimed is not None and audit_rec["lower_bound"] > claimed,
+                conclusive=claimed is None or ceiling is None or claimed < ceiling,
+            )
+            if audit_rec["exceeds_claim"]:
                 warnings.warn(
-                    f"PRIVACY AUDIT FAILED: audited epsilon lower bound {audited:.4g} exceeds the claimed epsilon "
-                    f"{claimed:.4g}; the noise or the accounting of this run is broken",
+                    f"PRIVACY AUDIT FAILED: audited epsilon lower bound {audit_rec['lower_bound']:.4g} exceeds the "
+                    f"claimed epsilon {claimed:.4g}; the noise or the accounting of this run is broken",
                     PrivacyAuditWarning,
                     stacklevel=2,
                 )
 
         budget_info = None
         if budget is not None:
-            spent = budget.spent(events)
+            by_level = budget.spent_by_level(events)
+            spent = max(by_level.values())
             budget_info = {
-                "epsilon": budget.epsilon,
-                "delta": budget.delta,
-                "accountant": budget.accountant,
-                "level": budget.level,
-                "spent": spent,
+                "epsilon": budget.epsilon, "delta": budget.delta, "accountant": budget.accountant,
+                "level": budget.level, "spent": spent, "spent_by_level": by_level,
                 "remaining": max(0.0, budget.epsilon - spent),
-            }
+            }  # fmt: skip
 
+        unit = unit_of_privacy or self._default_unit(client_events, sample_events)
+        warn = []
+        for section, name in ((client, "client-level"), (sample, "sample-level")):
+            if section and section.get("cross_check_below_headline"):
+                warn.append(f"the {name} cross-check ({section['cross_check_accountant']}) is below the headline "
+                            f"({section['accountant_used']}): one of the accountants is wrong; do not rely on this report")  # fmt: skip
         self.data: dict[str, Any] = {
             "schema": REPORT_SCHEMA,
             "title": title,
             "generated_at": generated_at,
             "delta": d,
             "accountant": acc,
-            "cross_check_accountant": cross,
             "mode": {"name": mode, "trust_model": trust_model},
+            "summary": self._summary(unit, client, sample, d, mode, client_events, sample_events, releases, rev,
+                                     seed_derivable, audit_rec),  # fmt: skip
+            "parties": party_rows or self._default_parties(mode, trust_model, client_events, sample_events, rev),
+            "non_private_releases": releases,
+            "seed_derivable": seed_derivable,
             "client_level": client,
             "sample_level": sample,
             "budget": budget_info,
@@ -393,12 +505,180 @@ class PrivacyReport:
             },
             "reveals": rev,
             "utility": util,
-            "audit": audit,
+            "utility_reference": reference,
+            "audit": audit_rec,
+            "provenance": _provenance(provenance),
+            "warnings": warn,
             "assumptions": self._assumptions(events, client_events, sample_events, under),
             "events": [event_to_dict(e) for e in events],
         }
 
-    # ------------------------------------------------------------------------- content
+    # ------------------------------------------------------------------------- epsilon
+
+    @staticmethod
+    def _curve_points(rounds: list[int], fast: bool) -> list[int]:
+        if fast or len(rounds) <= _MAX_CURVE_POINTS_SLOW:
+            return rounds
+        step = (len(rounds) - 1) / (_MAX_CURVE_POINTS_SLOW - 1)
+        return sorted({rounds[round(i * step)] for i in range(_MAX_CURVE_POINTS_SLOW)})
+
+    @staticmethod
+    def _eps(events: Sequence[Event], delta: float, which: str, *, strict: bool) -> float | None:
+        try:
+            return _epsilon_groups(_groups(events), delta, which)
+        except AccountingError:
+            if strict:
+                raise
+            return None  # the cross-check accountant does not apply to this history
+
+    @classmethod
+    def _client_section(cls, events: Sequence[Event], d: float, acc: str) -> dict[str, Any] | None:
+        if not events:
+            return None
+        used = _used(_groups(events), acc)
+        cross = "rdp" if used != "rdp" else ("pld" if _used(_groups(events), "pld") == "pld" else "prv")
+        rounds = sorted({e.round_index for e in events})
+        curve = []
+        for r in cls._curve_points(rounds, used == "rdp"):
+            upto = [e for e in events if e.round_index <= r]
+            curve.append({"round": r, "epsilon": cls._eps(upto, d, used, strict=True),
+                          "cross_check": cls._eps(upto, d, cross, strict=False)})  # fmt: skip
+        headline = curve[-1]["epsilon"]
+        by_acc = epsilon_by_accountant(events, delta=d)
+        by_acc[used] = headline
+        cc = curve[-1]["cross_check"]
+        return {
+            "epsilon": headline,
+            "accountant_used": used,
+            "cross_check_accountant": cross,
+            "cross_check": {"accountant": cross, "epsilon": cc},
+            "cross_check_below_headline": cc is not None and cc < headline * (1 - 1e-9),
+            "by_accountant": by_acc,
+            "rounds": len(rounds),
+            "events": len(events),
+            "epsilon_over_rounds": curve,
+        }
+
+    @classmethod
+    def _sample_section(cls, events: Sequence[Event], d: float, acc: str) -> dict[str, Any] | None:
+        if not events:
+            return None
+        cross = "rdp" if acc != "rdp" else "pld"
+        per: dict[str, list[Event]] = {}
+        for e in events:
+            per.setdefault(e.client_id, []).append(e)  # type: ignore[arg-type]
+        per_client = {
+            cid: {
+                "epsilon": cls._eps(per[cid], d, acc, strict=True),
+                "cross_check": cls._eps(per[cid], d, cross, strict=False),
+                "rounds": len({e.round_index for e in per[cid]}),
+                "steps": sum(e.steps for e in per[cid]),  # type: ignore[union-attr]
+            }
+            for cid in sorted(per)
+        }
+        rounds = sorted({e.round_index for e in events})
+        curve = []
+        for r in cls._curve_points(rounds, acc == "rdp"):
+            if r == rounds[-1]:
+                worst = max(v["epsilon"] for v in per_client.values())
+            else:
+                worst = max(cls._eps([e for e in evs if e.round_index <= r], d, acc, strict=True) for evs in per.values())
+            curve.append({"round": r, "max_epsilon": worst})
+        worst_id = max(per_client, key=lambda c: per_client[c]["epsilon"])
+        return {
+            "per_client": per_client,
+            "max_epsilon": per_client[worst_id]["epsilon"],
+            "max_epsilon_client": worst_id,
+            "accountant_used": acc,
+            "cross_check_accountant": cross,
+            "cross_check_below_headline": any(
+                v["cross_check"] is not None and v["cross_check"] < v["epsilon"] * (1 - 1e-9) for v in per_client.values()
+            ),
+            "epsilon_over_rounds": curve,
+        }
+
+    # ------------------------------------------------------------------------- words
+
+    @staticmethod
+    def _default_unit(client_events: Sequence[Event], sample_events: Sequence[Event]) -> str:
+        if client_events:
+            return "one whole client (all of its data)"
+        if sample_events:
+            return ("one training example of one client (it protects a person only if each person contributes one "
+                    "example built from their record alone)")  # fmt: skip
+        return "nothing (no differential-privacy mechanism ran)"
+
+    @staticmethod
+    def _summary(unit, client, sample, d, mode, client_events, sample_events, releases, rev, seed_derivable, audit):
+        guarantees = []
+        if client:
+            guarantees.append({"level": "client", "epsilon": client["epsilon"], "delta": d,
+                               "accountant": client["accountant_used"],
+                               "in_words": _eps_words(client["epsilon"], d, unit)})  # fmt: skip
+        if sample:
+            guarantees.append({"level": "sample", "epsilon": sample["max_epsilon"], "delta": d,
+                               "accountant": sample["accountant_used"],
+                               "in_words": _eps_words(sample["max_epsilon"], d, unit if not client else "one training example of one client")
+                               + f" (the largest over {len(sample['per_client'])} client(s), client {sample['max_epsilon_client']!r})"})  # fmt: skip
+        against = []
+        if sample_events:
+            against.append("Sample level (DP-SGD on each client): each client's update is noised before it leaves the "
+                           "client, so the guarantee holds against the server, the other clients and whoever receives "
+                           "the model.")  # fmt: skip
+        if any(isinstance(e, GaussianEvent) for e in client_events):
+            against.append("Client level, central noise: holds against the other clients and whoever receives the model, "
+                           "NOT against the server, which sees the un-noised sum before it adds the noise.")  # fmt: skip
+        if any(isinstance(e, (SkellamEvent, DiscreteGaussianEvent)) for e in client_events):
+            against.append(f"Client level, distributed noise in a {mode} sum: each client noises its own update before "
+                           "it is protected, so it holds against the server too, as long as at least the number of "
+                           "clients the noise was sized for survive each round.")  # fmt: skip
+        if not against:
+            against.append("No one: no differential-privacy mechanism ran; only the protection mode applies.")
+        not_covered = [f"{x['what']}" + (f" ({x['note']})" if x["note"] else "") for x in releases]
+        not_covered += [f"round {r['round']}: {r['what']} ({r['why']})" for r in rev]
+        if seed_derivable:
+            not_covered.append("Reproducible simulation: the noise is derivable from the seed; the guarantee holds only "
+                               "against whoever does not know it.")  # fmt: skip
+        if any(e.sampling == "fixed_size" for e in client_events + list(sample_events)):
+            not_covered.append("Fixed-size sampling was accounted as if it were Poisson sampling at the same rate (an "
+                               "approximation, not a proof).")  # fmt: skip
+        covered = ["Everything derived from the noised outputs recorded in the ledger: the trained model and what is "
+                   "computed from it without touching the private data again."] if guarantees else []  # fmt: skip
+        if audit["ran"]:
+            ceiling = "" if audit["ceiling"] is None else f" (the most it could certify: {audit['ceiling']:.3g})"
+            verdict = ("there is no differential-privacy claim to compare it with" if audit["claimed_epsilon"] is None
+                       else "it EXCEEDS the claim: the run is broken" if audit["exceeds_claim"]
+                       else "it could not have refuted the claim, which is above its ceiling" if not audit["conclusive"]
+                       else "consistent with the claim")  # fmt: skip
+            audit_line = f"A privacy audit ran: empirical lower bound {audit['lower_bound']:.3g}{ceiling}; {verdict}."
+        else:
+            audit_line = "No privacy audit ran for this run."
+        return {
+            "unit_of_privacy": unit,
+            "protected_against": against,
+            "guarantees": guarantees,
+            "covered": covered,
+            "not_covered": not_covered,
+            "audit": audit_line,
+        }
+
+    @staticmethod
+    def _default_parties(mode, trust_model, client_events, sample_events, rev) -> list[dict[str, str]]:
+        central = any(isinstance(e, GaussianEvent) for e in client_events)
+        server = trust_model + (" With central noise it also sees the sum before the noise is added." if central else "")
+        rows = [
+            {"party": "server", "sees": server},
+            {"party": "other clients", "sees": "the global model each round (the noised aggregate), never another "
+                                               "client's update"},
+            {"party": "key holder", "sees": "the decrypted aggregate, flooded with noise before it leaves" if mode == "ckks"
+                                            else f"there is no key holder in mode {mode!r}"},
+            {"party": "whoever receives the model",
+             "sees": "the final model, covered by the guarantee above" if (client_events or sample_events)
+             else "the final model, with no differential-privacy guarantee"},
+        ]  # fmt: skip
+        if rev:
+            rows[-1]["sees"] += f"; and {len(rev)} individually revealed model(s), listed under model reveals"
+        return rows
 
     @staticmethod
     def _assumptions(
@@ -407,6 +687,8 @@ class PrivacyReport:
         out = [
             "Adjacency is add/remove one client (client level) or one record of one client (sample level); "
             "the client-level guarantee and each client's sample-level guarantee are separate (epsilon, delta) statements.",
+            "Headline figures: the PLD accountant of dp_accounting with pessimistic rounding (an upper bound) for "
+            "Gaussian mechanisms; Skellam and discrete Gaussian noise through their RDP bounds; RDP is the cross-check.",
         ]
         if any(e.sampling == "poisson" and e.sample_rate < 1 for e in events):
             out.append("Sampling recorded as 'poisson' is independent per client (or record) with the recorded rate, "
@@ -416,7 +698,8 @@ class PrivacyReport:
                        "is accounted as Poisson sampling with the same rate: the usual approximation, not a proven bound.")
         if any(isinstance(e, QuantileEvent) for e in events):
             out.append("Adaptive clipping (Andrew et al. 2021): the server adds the count noise centrally and sees the raw "
-                       "count; the count is accounted as its own Gaussian mechanism, composed with the update's.")
+                       "count; the count and the round's update noise are accounted as one mechanism on the same "
+                       "clients (effective noise multiplier, Sec. 3.1).")
         if any(isinstance(e, GaussianEvent) for e in events):
             out.append("Central Gaussian noise: the server is trusted with the un-noised sum.")
         if any(isinstance(e, (SkellamEvent, DiscreteGaussianEvent)) for e in events):
@@ -436,139 +719,162 @@ class PrivacyReport:
         """Machine-readable report (strict JSON: non-finite numbers become strings)."""
         return json.dumps(_finite(self.data), indent=indent, sort_keys=False, allow_nan=False)
 
+    # ------------------------------------------------------------------------- plots
+
     def _plots(self) -> dict[str, str | None]:
         d = self.data
         out: dict[str, str | None] = {"epsilon": None, "sample": None, "utility": None}
-        client = d["client_level"]
-        if client and client["epsilon_over_rounds"]:
-            pts = client["epsilon_over_rounds"]
-            budget = d["budget"]
+        client, sample, budget = d["client_level"], d["sample_level"], d["budget"]
+        if client or sample:
 
             def draw_eps(ax: Any) -> None:
-                xs = [p["round"] for p in pts]
-                ys = [p["epsilon"] for p in pts]
-                ax.plot(xs, ys, marker="o", ms=3, label=f"epsilon ({d['accountant']})")
-                cc = [p["cross_check"] for p in pts]
-                if all(v is not None for v in cc):
-                    ax.plot(xs, cc, ls="--", label=f"cross-check ({d['cross_check_accountant']})")
-                if budget and budget["level"] == "client":
-                    ax.axhline(budget["epsilon"], color="#a40000", ls=":", label="budget")
+                if client:
+                    pts = client["epsilon_over_rounds"]
+                    xs = [p["round"] for p in pts]
+                    ax.plot(xs, [p["epsilon"] for p in pts], marker="o", ms=3,
+                            label=f"client level ({client['accountant_used']})")  # fmt: skip
+                    if all(p["cross_check"] is not None for p in pts):
+                        ax.plot(xs, [p["cross_check"] for p in pts], ls="--", color="#888888",
+                                label=f"client level, cross-check ({client['cross_check_accountant']})")  # fmt: skip
+                if sample:
+                    pts = sample["epsilon_over_rounds"]
+                    ax.plot([p["round"] for p in pts], [p["max_epsilon"] for p in pts], marker="s", ms=3, color="#4e9a06",
+                            label=f"sample level, largest client ({sample['accountant_used']})")  # fmt: skip
+                if budget:
+                    ax.axhline(budget["epsilon"], color="#a40000", ls=":", label=f"budget ({budget['epsilon']:g})")
                 ax.set_xlabel("round")
-                ax.set_ylabel(f"client-level epsilon (delta={d['delta']:.1g})")
+                ax.set_ylabel(f"epsilon spent (delta = {d['delta']:.1g})")
+                ax.set_ylim(bottom=0)
                 ax.grid(alpha=0.3)
-                ax.legend(fontsize=8)
+                ax.legend(fontsize=9)
 
             out["epsilon"] = _png(draw_eps)
-        sample = d["sample_level"]
         if sample:
             per = sample["per_client"]
+            ids = list(per)
+            vals = [per[c]["epsilon"] for c in ids]
+            limit = budget["epsilon"] if budget and budget["level"] in ("all", "sample") else None
 
             def draw_sample(ax: Any) -> None:
-                ids = list(per)
-                vals = [per[c]["epsilon"] for c in ids]
                 if len(ids) <= 40:
-                    ax.bar(range(len(ids)), vals, color="#3465a4")
-                    ax.set_xticks(range(len(ids)))
-                    ax.set_xticklabels(ids, rotation=60, fontsize=7, ha="right")
-                    ax.set_xlabel("client")
+                    ax.barh(range(len(ids)), vals, color="#3465a4")
+                    ax.set_yticks(range(len(ids)))
+                    ax.set_yticklabels(ids, fontsize=9)
+                    ax.invert_yaxis()
+                    ax.set_ylabel("client")
+                    ax.set_xlabel(f"sample-level epsilon (delta = {d['delta']:.1g})")
+                    if limit is not None:
+                        ax.axvline(limit, color="#a40000", ls=":", label=f"budget ({limit:g})")
+                        ax.legend(fontsize=9, loc="lower right")
+                    ax.grid(alpha=0.3, axis="x")
                 else:
                     ax.hist(vals, bins=30, color="#3465a4")
-                    ax.set_xlabel("sample-level epsilon")
+                    ax.set_xlabel(f"sample-level epsilon (delta = {d['delta']:.1g})")
                     ax.set_ylabel("clients")
-                if len(ids) <= 40:
-                    ax.set_ylabel(f"sample-level epsilon (delta={d['delta']:.1g})")
-                ax.grid(alpha=0.3, axis="y")
+                    if limit is not None:
+                        ax.axvline(limit, color="#a40000", ls=":", label=f"budget ({limit:g})")
+                        ax.legend(fontsize=9)
+                    ax.grid(alpha=0.3, axis="y")
 
-            out["sample"] = _png(draw_sample)
-        util = d["utility"]
+            height = max(2.6, 0.28 * len(ids) + 1.2) if len(ids) <= 40 else 3.2
+            out["sample"] = _png(draw_sample, height=height)
+        util, ref = d["utility"], d["utility_reference"]
         if util:
 
             def draw_util(ax: Any) -> None:
                 names = sorted({k for u in util for k in u["metrics"]})
-                for n in names:
+                for i, n in enumerate(names):
+                    color = f"C{i % 10}"
                     xs = [u["round"] for u in util if n in u["metrics"]]
                     ys = [u["metrics"][n] for u in util if n in u["metrics"]]
-                    ax.plot(xs, ys, marker="o", ms=3, label=n)
+                    ax.plot(xs, ys, marker="o", ms=3, color=color, label=f"{n} (with DP)")
+                    if n in ref:
+                        ax.axhline(ref[n], color=color, ls="--", label=f"{n} without DP (reference)")
                 ax.set_xlabel("round")
-                ax.set_ylabel("metric")
+                ax.set_ylabel("metric value")
                 ax.grid(alpha=0.3)
-                ax.legend(fontsize=8)
+                ax.legend(fontsize=9)
 
             out["utility"] = _png(draw_util)
         return out
 
+    # ------------------------------------------------------------------------- HTML
+
     def _fragment(self) -> str:
         d = self.data
         e = html.escape
+        s = d["summary"]
         parts = [f'<div class="privfl-dp-report"><style>{_CSS}</style>', f"<h1>{e(d['title'])}</h1>"]
         parts.append(f"<p>Generated {e(d['generated_at'])} · schema {e(d['schema'])}</p>")
-        client, sample = d["client_level"], d["sample_level"]
-        lines = []
-        if client:
-            lines.append(
-                f"Client-level: <b>epsilon = {e(_fmt(client['epsilon']))}</b> at delta = {e(_fmt(d['delta']))} "
-                f"({e(d['accountant'])} accountant; cross-check {e(d['cross_check_accountant'])}: "
-                f"{e(_fmt(client['cross_check']['epsilon']))}) over {client['rounds']} round(s)."
-            )
-        if sample:
-            lines.append(
-                f"Sample-level: largest per-client <b>epsilon = {e(_fmt(sample['max_epsilon']))}</b> at delta = "
-                f"{e(_fmt(d['delta']))} over {len(sample['per_client'])} client(s)."
-            )
-        if not lines:
-            lines.append("No differential-privacy mechanism was recorded in the ledger.")
+        for w in d["warnings"]:
+            parts.append(f'<p class="warn"><b>WARNING: {e(w)}</b></p>')
         audit = d["audit"]
-        if audit is not None and audit["exceeds_claim"]:
-            lines.append(
-                f'<span class="warn"><b>PRIVACY AUDIT FAILED: the audited lower bound on epsilon, '
-                f"{e(_fmt(audit['lower_bound']))}, exceeds the claimed epsilon {e(_fmt(audit['claimed_epsilon']))}. "
-                "The noise or the accounting of this run is broken; do not rely on the figures above.</b></span>"
+        if audit["ran"] and audit["exceeds_claim"]:
+            parts.append(
+                f'<p class="warn"><b>PRIVACY AUDIT FAILED: the audited lower bound on epsilon, {e(_fmt(audit["lower_bound"]))}, '
+                f"exceeds the claimed epsilon {e(_fmt(audit['claimed_epsilon']))}. The noise or the accounting of this run "
+                "is broken; do not rely on the figures below.</b></p>"
             )
-        elif audit is not None and audit["claimed_epsilon"] is not None:
-            lines.append(
-                f"Audited lower bound on epsilon: {e(_fmt(audit['lower_bound']))} "
-                f"(consistent with the claimed {e(_fmt(audit['claimed_epsilon']))})."
-            )
-        elif audit is not None:
-            lines.append(f"Audited lower bound on epsilon: {e(_fmt(audit['lower_bound']))} (no DP claim to compare with).")
+        parts.append('<h2>Summary</h2><div class="headline">')
+        parts.append(f"<p><b>Who is protected:</b> {e(s['unit_of_privacy'])}.</p>")
+        parts.append("<p><b>Against whom:</b></p><ul>" + "".join(f"<li>{e(x)}</li>" for x in s["protected_against"]) + "</ul>")
+        if s["guarantees"]:
+            parts.append("<p><b>The guarantee:</b></p><ul>" + "".join(
+                f"<li>{e(g['level'].capitalize())} level ({e(g['accountant'])} accountant): {e(g['in_words'])}</li>"
+                for g in s["guarantees"]) + "</ul>")  # fmt: skip
+        else:
+            parts.append("<p>No differential-privacy mechanism was recorded in the ledger.</p>")
+        if s["covered"]:
+            parts.append("<p><b>Covered:</b> " + e(" ".join(s["covered"])) + "</p>")
+        parts.append("<p><b>Not covered (released or assumed outside the guarantee):</b></p>")
+        parts.append("<ul>" + "".join(f"<li>{e(x)}</li>" for x in s["not_covered"]) + "</ul>" if s["not_covered"]
+                     else "<p>Nothing was reported as released outside the guarantee.</p>")  # fmt: skip
+        parts.append(f"<p><b>Audit:</b> {e(s['audit'])}</p>")
         if d["budget"]:
             b = d["budget"]
-            lines.append(
-                f"Budget ({e(b['level'])} level): epsilon {e(_fmt(b['epsilon']))} at delta {e(_fmt(b['delta']))}; "
-                f"spent {e(_fmt(b['spent']))}, remaining {e(_fmt(b['remaining']))} ({e(b['accountant'])})."
+            parts.append(
+                f"<p><b>Budget</b> ({e(b['level'])} levels): epsilon {e(_fmt(b['epsilon']))} at delta {e(_fmt(b['delta']))}; "
+                f"spent {e(_fmt(b['spent']))}, remaining {e(_fmt(b['remaining']))} ({e(b['accountant'])}).</p>"
             )
-        parts.append('<div class="headline">' + "<br>".join(lines) + "</div>")
+        parts.append("</div>")
 
-        parts.append("<h2>Mode and trust model</h2>")
+        parts.append("<h2>What each party sees</h2>")
+        parts.append(_table(["party", "sees"], [[p["party"], p["sees"]] for p in d["parties"]]))
+
+        parts.append("<h2>Detail</h2>")
+        parts.append("<h3>Mode and trust model</h3>")
         parts.append(f"<p>Mode: <b>{e(d['mode']['name'])}</b></p><div class=\"trust\">{e(d['mode']['trust_model'])}</div>")
-
         plots = self._plots()
-        parts.append("<h2>Epsilon over rounds</h2>")
+        client, sample = d["client_level"], d["sample_level"]
+        parts.append("<h3>Epsilon over rounds</h3>")
         parts.append(
-            f'<img alt="client-level epsilon over rounds" src="data:image/png;base64,{plots["epsilon"]}">'
-            if plots["epsilon"] else "<p>No client-level events.</p>"
+            f'<img alt="epsilon over rounds" src="data:image/png;base64,{plots["epsilon"]}">'
+            if plots["epsilon"] else "<p>No differential-privacy events.</p>"
         )
         if client:
             parts.append(_table(
-                ["accountant", "epsilon"],
-                [[a, v if v is not None else "n/a (not applicable)"] for a, v in client["by_accountant"].items()],
-            ))
-        parts.append("<h2>Per-client sample-level epsilon</h2>")
+                ["accountant", "client-level epsilon"],
+                [[a + (" (headline)" if a == client["accountant_used"] else ""),
+                  v if v is not None else "n/a (does not cover this history)"] for a, v in client["by_accountant"].items()],
+            ))  # fmt: skip
+        parts.append("<h3>Per-client sample-level epsilon</h3>")
         if plots["sample"]:
             parts.append(f'<img alt="per-client sample-level epsilon" src="data:image/png;base64,{plots["sample"]}">')
             parts.append(_table(
-                ["client", f"epsilon ({d['accountant']})", f"cross-check ({sample['cross_check_accountant']})", "rounds", "steps"],
+                ["client", f"epsilon ({sample['accountant_used']})", f"cross-check ({sample['cross_check_accountant']})", "rounds", "steps"],
                 [[c, v["epsilon"], v["cross_check"], v["rounds"], v["steps"]] for c, v in sample["per_client"].items()],
             ))
         else:
             parts.append("<p>No sample-level events.</p>")
-        parts.append("<h2>Utility over rounds</h2>")
+        parts.append("<h3>Utility over rounds</h3>")
         parts.append(
             f'<img alt="utility over rounds" src="data:image/png;base64,{plots["utility"]}">'
             if plots["utility"] else "<p>No utility history given.</p>"
         )
+        if d["utility"] and not d["utility_reference"]:
+            parts.append("<p>No non-DP reference was given to compare with.</p>")
 
-        parts.append("<h2>Mechanisms and parameters</h2>")
+        parts.append("<h3>Mechanisms and parameters</h3>")
         if d["mechanisms"]:
             parts.append(_table(
                 ["mechanism", "level", "parameters", "uses", "rounds", "participants", "survivors", "details"],
@@ -582,9 +888,9 @@ class PrivacyReport:
             parts.append("<p>None recorded.</p>")
 
         sa = d["secure_aggregation"]
-        parts.append("<h2>Secure aggregation</h2>")
-        parts.append(_table(["parameter", "value"], sa["parameters"].items()) if sa["parameters"] else "<p>No parameters given.</p>")
-        parts.append("<h3>Observed dropouts</h3>")
+        parts.append("<h3>Secure aggregation</h3>")
+        parts.append(_table(["setting", "value"], _fields(sa["parameters"])) if sa["parameters"] else "<p>No parameters given.</p>")
+        parts.append("<h4>Observed dropouts</h4>")
         parts.append(
             _table(["round", "dropped", "clients"], [[x["round"], x["dropped"], ", ".join(x["ids"]) if x["ids"] else "—"] for x in sa["dropouts"]])
             if sa["dropouts"] else "<p>None reported.</p>"
@@ -593,12 +899,19 @@ class PrivacyReport:
             parts.append('<p class="warn">Rounds with fewer survivors than the distributed noise was sized for:</p>')
             parts.append(_table(["round", "survivors", "min_clients"], [[x["round"], x["survivors"], x["min_clients"]] for x in sa["rounds_below_min_clients"]]))
 
-        parts.append("<h2>Model reveals</h2>")
+        parts.append("<h3>Model reveals</h3>")
         parts.append(
             _table(["round", "revealed", "why allowed"], [[r["round"], r["what"], r["why"]] for r in d["reveals"]])
             if d["reveals"] else "<p>No individual model was revealed.</p>"
         )
-        parts.append("<h2>Assumptions</h2><ul>" + "".join(f"<li>{e(a)}</li>" for a in d["assumptions"]) + "</ul>")
+        parts.append("<h3>Privacy audit</h3>")
+        if audit["ran"]:
+            parts.append(_table(["field", "value"], [[_humanize(k), "—" if v is None else v] for k, v in audit.items() if k != "ran"]))
+        else:
+            parts.append("<p>No privacy audit ran for this run.</p>")
+        parts.append("<h3>Provenance</h3>")
+        parts.append(_table(["field", "value"], [[_humanize(k), v] for k, v in d["provenance"].items()]))
+        parts.append("<h3>Assumptions</h3><ul>" + "".join(f"<li>{e(a)}</li>" for a in d["assumptions"]) + "</ul>")
         parts.append("</div>")
         return "".join(parts)
 

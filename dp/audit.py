@@ -49,6 +49,8 @@ __all__ = [
     "one_run_p_value",
     "epsilon_lower_bound",
     "default_guess_counts",
+    "audit_ceiling",
+    "audit_dp_sgd",
     "audit_scores",
     "draw_canaries",
     "run_canary_audit",
@@ -84,6 +86,8 @@ class AuditResult:
     negative_guesses: int
     candidates: int = 1
     claimed_epsilon: float | None = None
+    ceiling: float | None = None
+    level: str = "client"
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -91,11 +95,18 @@ class AuditResult:
         """Whether the audited lower bound is above the claimed epsilon (a broken run)."""
         return self.claimed_epsilon is not None and self.epsilon_lower_bound > self.claimed_epsilon
 
+    @property
+    def conclusive(self) -> bool:
+        """Whether this audit could have refuted the claim at all (claim below the ceiling)."""
+        return self.claimed_epsilon is None or self.ceiling is None or self.claimed_epsilon < self.ceiling
+
     def summary(self) -> str:
         """One line for logs and reports; starts with ``PRIVACY AUDIT FAILED`` when the claim is refuted."""
+        ceiling = "" if self.ceiling is None else f"; the most it could ever certify is {self.ceiling:.3f}"
         what = (
             f"audited epsilon lower bound {self.epsilon_lower_bound:.3f} at {self.confidence:.0%} confidence "
-            f"(delta={self.delta:.3g}; {self.canaries} canaries, {self.correct} of {self.guesses} guesses correct)"
+            f"(delta={self.delta:.3g}; {self.canaries} {self.level}-level canaries, {self.correct} of "
+            f"{self.guesses} guesses correct{ceiling})"
         )
         if self.claimed_epsilon is None:
             return what
@@ -103,6 +114,11 @@ class AuditResult:
             return (
                 f"PRIVACY AUDIT FAILED: {what} exceeds the accountant's epsilon {self.claimed_epsilon:.3f}: "
                 "the run leaks more than claimed, so its noise, clipping or accounting is broken"
+            )
+        if not self.conclusive:
+            return (
+                f"AUDIT INCONCLUSIVE: {what}; the accountant's epsilon {self.claimed_epsilon:.3f} is above what "
+                "this audit can certify, so it could not have refuted the claim"
             )
         return f"{what}; below the accountant's epsilon {self.claimed_epsilon:.3f}, consistent with the claim"
 
@@ -120,6 +136,9 @@ class AuditResult:
             "candidates": self.candidates,
             "claimed_epsilon": self.claimed_epsilon,
             "exceeds_claim": self.exceeds_claim,
+            "ceiling": self.ceiling,
+            "conclusive": self.conclusive,
+            "level": self.level,
             "method": "one-run canary audit (Steinke, Nasr, Jagielski 2023)",
         }
 
@@ -200,6 +219,37 @@ def _bound(m: int, r: int, v: int, delta: float, significance: float) -> float:
     return float(optimize.brentq(gap, lo, hi, xtol=1e-6))
 
 
+def audit_ceiling(
+    *, canaries: int, delta: float, confidence: float = 0.95, guess_counts: Sequence[tuple[int, int]] | None = None
+) -> float:
+    """The largest epsilon an audit with ``canaries`` canaries could ever certify: every guess right.
+
+    A claim at or above it cannot be refuted by the audit whatever the run does (at ``delta =
+    1e-5`` it stays near 5.8 for any number of canaries: the ``2 m delta`` term of the bound
+    grows with ``m``), so reports state it beside the audited bound.
+    """
+    m = chk.integer("canaries", canaries, minimum=1)
+    d = _delta(delta)
+    conf = chk.open_unit("confidence", confidence)
+    counts = _guess_counts(m, guess_counts)
+    significance = (1.0 - conf) / len(counts)
+    return max(_bound(m, a + b, a + b, d, significance) for a, b in counts)
+
+
+def _guess_counts(m: int, guess_counts: Sequence[tuple[int, int]] | None) -> tuple[tuple[int, int], ...]:
+    counts = default_guess_counts(m) if guess_counts is None else tuple(guess_counts)
+    if not counts:
+        raise DPValueError("guess_counts must hold at least one (k_plus, k_minus) pair, got none")
+    for pair in counts:
+        if (
+            not isinstance(pair, tuple) or len(pair) != 2
+            or any(isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0 for k in pair)
+            or not 1 <= pair[0] + pair[1] <= m
+        ):  # fmt: skip
+            raise DPValueError(f"each guess count must be a pair of ints (k_plus, k_minus) >= 0 with 1 <= k_plus + k_minus <= {m}, got {pair!r}")
+    return counts
+
+
 def default_guess_counts(num_canaries: int) -> tuple[tuple[int, int], ...]:
     """Guess counts ``(k+, k-)`` tried by default: 5%, 10%, 25%, 50% and all of the canaries, guessed
     either all "included" (top scores) or half each way (top and bottom scores).
@@ -224,6 +274,7 @@ def audit_scores(
     confidence: float = 0.95,
     guess_counts: Sequence[tuple[int, int]] | None = None,
     claimed_epsilon: float | None = None,
+    level: str = "client",
 ) -> AuditResult:
     """Audit from canary scores (higher = more likely included) and the true inclusion bits.
 
@@ -248,16 +299,8 @@ def audit_scores(
     m = s.size
     d = _delta(delta)
     conf = chk.open_unit("confidence", confidence)
-    counts = default_guess_counts(m) if guess_counts is None else tuple(guess_counts)
-    if not counts:
-        raise DPValueError("guess_counts must hold at least one (k_plus, k_minus) pair, got none")
-    for pair in counts:
-        if (
-            not isinstance(pair, tuple) or len(pair) != 2
-            or any(isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0 for k in pair)
-            or not 1 <= pair[0] + pair[1] <= m
-        ):  # fmt: skip
-            raise DPValueError(f"each guess count must be a pair of ints (k_plus, k_minus) >= 0 with 1 <= k_plus + k_minus <= {m}, got {pair!r}")
+    chk.one_of("level", level, ("client", "sample"))
+    counts = _guess_counts(m, guess_counts)
     claimed = None if claimed_epsilon is None else chk.non_negative("claimed_epsilon", claimed_epsilon)
     significance = (1.0 - conf) / len(counts)
     order = np.argsort(-s, kind="stable")
@@ -272,6 +315,7 @@ def audit_scores(
     result = AuditResult(
         epsilon_lower_bound=best[0], confidence=conf, delta=d, canaries=m, guesses=best[1], correct=best[2],
         positive_guesses=best[3], negative_guesses=best[4], candidates=len(counts), claimed_epsilon=claimed,
+        ceiling=max(_bound(m, a + b, a + b, d, significance) for a, b in counts), level=level,
     )  # fmt: skip
     if result.exceeds_claim:
         warnings.warn(result.summary(), PrivacyAuditWarning, stacklevel=2)
@@ -389,6 +433,7 @@ def run_canary_audit(
     claimed_epsilon: float | Callable[[], float] | None = None,
     confidence: float = 0.95,
     guess_counts: Sequence[tuple[int, int]] | None = None,
+    level: str = "client",
 ) -> AuditResult:
     """Run one training with the included canaries and audit it.
 
@@ -403,6 +448,7 @@ def run_canary_audit(
             ledger is filled by then), for example ``lambda: dp.epsilon(ledger, delta=delta)``.
         confidence: confidence of the bound.
         guess_counts: see :func:`audit_scores`.
+        level: ``"client"`` (canary clients) or ``"sample"`` (canary records or gradients in DP-SGD).
     """
     if not callable(train):
         raise DPTypeError(f"train must be callable, got {type(train).__name__}")
@@ -412,8 +458,75 @@ def run_canary_audit(
     claimed = claimed_epsilon() if callable(claimed_epsilon) else claimed_epsilon
     return audit_scores(
         canaries.scores(np.asarray(final_delta)), canaries.included, delta=delta, confidence=confidence,
-        guess_counts=guess_counts, claimed_epsilon=claimed,
+        guess_counts=guess_counts, claimed_epsilon=claimed, level=level,
     )  # fmt: skip
+
+
+def audit_dp_sgd(
+    *,
+    noise_multiplier: float,
+    sample_rate: float,
+    steps: int,
+    rng: np.random.Generator,
+    max_grad_norm: float = 1.0,
+    num_canaries: int = 1000,
+    dimension: int = 4000,
+    num_records: int = 2000,
+    delta: float = 1e-5,
+    add_noise: bool = True,
+    confidence: float = 0.95,
+) -> AuditResult:
+    """Audit a simulated DP-SGD run of one client with sample-level gradient canaries.
+
+    White-box canaries (Steinke, Nasr, Jagielski 2023, Sec. 7): canary record ``i`` has the
+    gradient ``max_grad_norm * u_i`` along its own direction; it is in the client's data set
+    with probability 1/2. Every step Poisson-samples each record (``sample_rate``); the honest
+    records' clipped gradients point along a common direction with their own spread; the step
+    sums the clipped gradients, adds ``N(0, (noise_multiplier * max_grad_norm)^2 I)`` and moves
+    the model. The score of a canary is how far the model moved against its gradient. The ledger
+    always records the claimed ``SampleLevelEvent``; ``add_noise=False`` skips the noise while
+    the accountant is told it was added (the broken run an audit must catch, when the claim is
+    below the audit's ceiling). ``extra`` of the result holds the ledger and the canaries.
+    """
+    from ._accounting import sample_level_epsilons
+    from ._events import SampleLevelEvent
+
+    sigma = chk.positive("noise_multiplier", noise_multiplier)
+    q = chk.probability("sample_rate", sample_rate)
+    t_max = chk.integer("steps", steps, minimum=1)
+    c = chk.positive("max_grad_norm", max_grad_norm)
+    n = chk.integer("num_records", num_records, minimum=0)
+    if not isinstance(add_noise, bool):
+        raise DPTypeError(f"add_noise must be a bool, got {add_noise!r}")
+    canaries = draw_canaries(num_canaries=num_canaries, dimension=dimension, clip_bound=c, rng=rng)
+    d, m = canaries.dimension, len(canaries.ids)
+    common = canaries.orthogonalize(rng.standard_normal(d))  # the task's direction, away from the canaries
+    common /= np.linalg.norm(common)
+    ledger = Ledger()
+
+    def train(canary_updates: dict[str, np.ndarray]) -> np.ndarray:
+        del canary_updates  # the gradients are added below in the canaries' own basis, one transform a step
+        moved = np.zeros(d)
+        for _ in range(t_max):
+            k = int(rng.binomial(n, q))
+            total = c * (k * common + math.sqrt(k) * rng.standard_normal(d) / math.sqrt(d)) / math.sqrt(1 + 1 / d)
+            sampled = canaries.included & (rng.random(m) < q)
+            if sampled.any():
+                basis = np.zeros(d)
+                basis[canaries.coordinates[sampled]] = c
+                total += canaries._forward(basis)
+            if add_noise:
+                total += rng.normal(0.0, sigma * c, size=d)
+            moved += total / max(q * (n + m / 2.0), 1.0)
+        ledger.record(SampleLevelEvent(client_id="audited", round_index=0, noise_multiplier=sigma, max_grad_norm=c,
+                                       sample_rate=q, steps=t_max))  # fmt: skip
+        return moved
+
+    result = run_canary_audit(
+        train, canaries=canaries, delta=delta, confidence=confidence, level="sample",
+        claimed_epsilon=lambda: sample_level_epsilons(ledger, delta=delta)["audited"],
+    )  # fmt: skip
+    return AuditResult(**{**result.__dict__, "extra": {"ledger": ledger, "canaries": canaries, "noise_added": add_noise}})
 
 
 def audit_dp_fedavg(

@@ -36,15 +36,18 @@ def test_rdp_known_answer_from_opacus():
     # (int(90 / 0.04) = 2250 steps), delta 1e-5 -> epsilon 7.32911117143.
     ev = gauss(1.5, 0.04, int(90 / 0.04))
     assert dp.epsilon([ev], delta=1e-5, accountant="rdp") == pytest.approx(7.32911117143, abs=1e-9)
+    # the PLD headline of the same history is tighter than the pinned RDP value, never above it
+    assert 6.7 < dp.epsilon([ev], delta=1e-5) <= 7.32911117143
 
 
 def test_rdp_known_answer_holds_step_by_step_and_as_sample_level_event():
     # The same history recorded as 2250 one-step events, or as one DP-SGD event of a client.
     events = [gauss(1.5, 0.04, 1, round_index=r) for r in range(2250)]
-    assert dp.epsilon(events, delta=1e-5) == pytest.approx(7.32911117143, abs=1e-9)
+    assert dp.epsilon(events, delta=1e-5, accountant="rdp") == pytest.approx(7.32911117143, abs=1e-9)
     sl = dp.SampleLevelEvent(client_id="c1", round_index=0, noise_multiplier=1.5, max_grad_norm=1.0,
                              sample_rate=0.04, steps=2250)
-    assert dp.sample_level_epsilons([sl], delta=1e-5) == {"c1": pytest.approx(7.32911117143, abs=1e-9)}
+    assert dp.sample_level_epsilons([sl], delta=1e-5, accountant="rdp") == {"c1": pytest.approx(7.32911117143, abs=1e-9)}
+    assert dp.sample_level_epsilons([sl], delta=1e-5) == {"c1": dp.epsilon(events, delta=1e-5)}
 
 
 def test_prv_known_answer_from_opacus():
@@ -68,21 +71,23 @@ def test_accountants_agree_and_never_under_report(z, q, n):
     events = [gauss(z, q, n)]
     rdp = dp.epsilon(events, delta=1e-5, accountant="rdp")
     prv = dp.epsilon(events, delta=1e-5, accountant="prv")
+    pld = dp.epsilon(events, delta=1e-5, accountant="pld")
     tight = dp.epsilon(events, delta=1e-5, accountant="tightest")
     lower, estimate, upper = prv_bounds(_groups(events), 1e-5, eps_error=0.003 * rdp)
-    # both are upper bounds, so neither may fall below PRV's certified lower bound
-    assert rdp >= lower and prv >= lower
+    # all are upper bounds, so none may fall below PRV's certified lower bound
+    assert rdp >= lower and prv >= lower and pld >= lower
     # PRV reports the upper end of its error interval, within 2% of its estimate
     assert estimate <= prv <= 1.02 * estimate
-    # the two accountants agree within tolerance on this grid (RDP is the looser one)
-    assert prv <= rdp <= 1.3 * prv
-    assert tight == min(rdp, prv)
+    # the accountants agree within tolerance on this grid (RDP is the looser one)
+    assert pld <= rdp <= 1.3 * pld and prv <= rdp
+    assert pld <= 1.003 * estimate
+    assert tight == min(rdp, prv, pld)
 
 
 def test_composition_order_and_grouping_do_not_matter():
     a = [gauss(1.0, 0.05, 30), gauss(2.0, 0.1, 20), gauss(1.0, 0.05, 10)]
     b = [gauss(2.0, 0.1, 20), gauss(1.0, 0.05, 40)]
-    for acc in ("rdp", "prv"):
+    for acc in ("pld", "rdp", "prv"):
         assert dp.epsilon(a, delta=1e-6, accountant=acc) == pytest.approx(dp.epsilon(b, delta=1e-6, accountant=acc))
 
 
@@ -107,9 +112,13 @@ def test_epsilon_by_accountant_marks_prv_not_applicable_for_skellam():
     noise = dp.SkellamNoise(noise_multiplier=1.0, clip_bound=1.0, dim=100, min_clients=5)
     ev = noise.event(round_index=0, scale=100.0, participants=5, survivors=5)
     out = dp.epsilon_by_accountant([ev], delta=1e-5)
-    assert out["prv"] is None and out["rdp"] == out["tightest"] and out["rdp"] > 0
+    assert out["prv"] is None and out["pld"] is None and out["rdp"] == out["tightest"] and out["rdp"] > 0
     with pytest.raises(dp.AccountingError, match="Gaussian mechanisms only"):
         dp.epsilon([ev], delta=1e-5, accountant="prv")
+    # the default headline ("pld") accounts this history with the Skellam RDP bound, and says so
+    assert dp.epsilon([ev], delta=1e-5) == out["rdp"]
+    assert dp.accountant_used([ev], accountant="pld") == "rdp"
+    assert dp.accountant_used([gauss(1.0, 0.1, 3)], accountant="pld") == "pld"
 
 
 # ------------------------------------------------------------------ Skellam and discrete Gaussian
@@ -136,8 +145,8 @@ def test_skellam_approaches_gaussian_for_large_variance():
     exact = np.asarray(RDP_ORDERS)[ints] / (2 * z * z)
     assert np.all(curve[ints] >= exact) and np.all(curve[ints] <= exact * 1.001)
     # in (epsilon, delta) the gap also includes rounding fractional orders up to integers
-    sk = dp.epsilon([ev], delta=1e-5)
-    ga = dp.epsilon([gauss(z, 1.0, rounds)], delta=1e-5)
+    sk = dp.epsilon([ev], delta=1e-5, accountant="rdp")
+    ga = dp.epsilon([gauss(z, 1.0, rounds)], delta=1e-5, accountant="rdp")
     assert ga <= sk <= 1.03 * ga
 
 
@@ -200,7 +209,7 @@ def test_subsampling_amplifies_skellam():
     [
         (dict(delta=0.0), r"delta must be in \(0, 1\), got 0.0"),
         (dict(delta=1.0), r"delta must be in \(0, 1\), got 1.0"),
-        (dict(delta=1e-5, accountant="gdp"), r"accountant must be one of \('rdp', 'prv', 'tightest'\), got 'gdp'"),
+        (dict(delta=1e-5, accountant="gdp"), r"accountant must be one of \('pld', 'rdp', 'prv', 'tightest'\), got 'gdp'"),
     ],
 )
 def test_bad_accounting_parameters_are_refused(kwargs, match):
@@ -220,3 +229,106 @@ def test_non_events_are_refused():
         dp.epsilon([{"mechanism": "gaussian"}], delta=1e-5)
     with pytest.raises(dp.DPTypeError, match="must be a Ledger or an iterable of events, got str"):
         dp.epsilon("ledger", delta=1e-5)
+
+
+# ------------------------------------------------------------------ PLD headline against independent computations
+
+
+def _dp_accounting_pld(z: float, q: float, n: int, delta: float) -> float:
+    """dp_accounting's own PLD accountant, built directly from its DpEvents (default discretization 1e-4)."""
+    import dp_accounting
+
+    event = dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), n)
+    return dp_accounting.pld.PLDAccountant().compose(event).get_epsilon(delta)
+
+
+def _dp_accounting_rdp(z: float, q: float, n: int, delta: float) -> float:
+    import dp_accounting
+
+    event = dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), n)
+    return dp_accounting.rdp.RdpAccountant().compose(event).get_epsilon(delta)
+
+
+def _exact_gaussian_epsilon(mu: float, delta: float) -> float:
+    """The exact epsilon of mu-GDP (Dong, Roth, Su 2022, Cor. 2.13): delta(eps) = Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2)."""
+    from scipy import optimize, stats
+
+    def gap(eps: float) -> float:
+        return stats.norm.cdf(-eps / mu + mu / 2) - math.exp(eps) * stats.norm.cdf(-eps / mu - mu / 2) - delta
+
+    return float(optimize.brentq(gap, 0.0, mu * mu + 10 * mu + 10, xtol=1e-12))
+
+
+@pytest.mark.parametrize("z,q,n", [(1.5, 0.04, 2250), (1.1, 0.2, 200), (3.0, 0.01, 1000), (0.8, 0.5, 30)])
+def test_pld_headline_matches_dp_accounting_and_is_below_rdp(z, q, n):
+    ours = dp.epsilon([gauss(z, q, n)], delta=1e-5)
+    theirs = _dp_accounting_pld(z, q, n, 1e-5)
+    assert ours == pytest.approx(theirs, rel=1e-3)
+    # both RDP figures (Opacus's orders in ours, dp_accounting's own) are looser valid bounds
+    assert ours <= dp.epsilon([gauss(z, q, n)], delta=1e-5, accountant="rdp")
+    assert ours <= _dp_accounting_rdp(z, q, n, 1e-5)
+
+
+@settings(max_examples=12, deadline=None)
+@given(z=st.floats(0.8, 20.0), n=st.integers(1, 200), delta=st.sampled_from([1e-3, 1e-5, 1e-7]))
+def test_pld_headline_is_never_below_the_exact_gaussian_epsilon(z, n, delta):
+    # Without sampling, n Gaussian rounds are exactly sqrt(n)/z-GDP: an independent closed form.
+    exact = _exact_gaussian_epsilon(math.sqrt(n) / z, delta)
+    ours = dp.epsilon([gauss(z, 1.0, n)], delta=delta)
+    assert exact * (1 - 1e-9) - 1e-9 <= ours <= exact * 1.001 + 1e-6
+
+
+@settings(max_examples=10, deadline=None)
+@given(z=st.floats(0.8, 6.0), q=st.floats(0.001, 0.3), n=st.integers(1, 500))
+def test_rdp_cross_check_is_never_below_the_pld_headline(z, q, n):
+    # Both are upper bounds; PLD is the tight one, so a cross-check below it would mean a bug.
+    events = [gauss(z, q, n)]
+    pld = dp.epsilon(events, delta=1e-5)
+    rdp = dp.epsilon(events, delta=1e-5, accountant="rdp")
+    assert pld <= rdp * (1 + 1e-9)
+
+
+def test_fixed_size_sampling_is_accounted_as_poisson_at_the_same_rate():
+    poisson = dp.epsilon([gauss(1.0, 0.1, 50)], delta=1e-5)
+    fixed = dp.GaussianEvent(round_index=0, noise_multiplier=1.0, clip_bound=1.0, sample_rate=0.1, participants=10,
+                             survivors=10, count=50, sampling="fixed_size")
+    assert dp.epsilon([fixed], delta=1e-5) == poisson
+
+
+# ------------------------------------------------------------------ adaptive clipping: count and update noise are one mechanism
+
+
+def quantile(r: int, z: float, q: float) -> dp.QuantileEvent:
+    return dp.QuantileEvent(round_index=r, noise_multiplier=z, sample_rate=q, participants=10, survivors=10,
+                            target_quantile=0.5, learning_rate=0.2, bound_before=1.0, bound_after=1.0)
+
+
+@pytest.mark.parametrize("accountant", ["pld", "rdp"])
+def test_adaptive_clip_count_is_joined_with_its_rounds_update_noise(accountant):
+    z, zb, q, rounds = 1.0, 4.0, 0.1, 30
+    joined = [e for r in range(rounds) for e in (gauss(z, q, 1, round_index=r), quantile(r, zb, q))]
+    z_eff = dp.effective_noise_multiplier(z, zb)
+    assert z_eff == pytest.approx((z**-2 + zb**-2) ** -0.5)
+    same = dp.epsilon([gauss(z_eff, q, rounds)], delta=1e-5, accountant=accountant)
+    assert dp.epsilon(joined, delta=1e-5, accountant=accountant) == pytest.approx(same, rel=1e-9)
+    # composing the two as independent mechanisms would under-report: they share the sampled clients
+    independent = dp.epsilon([gauss(z, q, rounds), gauss(zb, q, rounds)], delta=1e-5, accountant=accountant)
+    assert independent < same
+
+
+def test_adaptive_clip_count_joined_with_skellam_costs_more_than_skellam_alone():
+    noise = dp.SkellamNoise(noise_multiplier=1.0, clip_bound=1.0, dim=100, min_clients=5)
+    sk = [noise.event(round_index=r, scale=200.0, participants=5, survivors=5, sample_rate=0.2) for r in range(10)]
+    counts = [quantile(r, 5.0, 0.2) for r in range(10)]
+    alone = dp.epsilon(sk, delta=1e-5)
+    both = dp.epsilon(sk + counts, delta=1e-5)
+    assert alone < both < dp.epsilon(sk, delta=1e-5) + dp.epsilon(counts, delta=1e-5, accountant="rdp")
+
+
+def test_unpairable_adaptive_clip_counts_are_refused():
+    with pytest.raises(dp.AccountingError, match="round 0 holds more than one client-level update-noise event"):
+        dp.epsilon([gauss(1.0, 0.1, 1), gauss(2.0, 0.1, 1), quantile(0, 4.0, 0.1)], delta=1e-5)
+    with pytest.raises(dp.AccountingError, match=r"round 0: the adaptive-clipping count \(sample_rate \[0.2\]\) must share"):
+        dp.epsilon([gauss(1.0, 0.1, 1), quantile(0, 4.0, 0.2)], delta=1e-5)
+    with pytest.raises(dp.DPValueError, match="noise_multiplier must be > 0, got 0.0"):
+        dp.effective_noise_multiplier(1.0, 0.0)

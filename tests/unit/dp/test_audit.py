@@ -17,7 +17,9 @@ import dp
 from dp.audit import (
     AuditResult,
     PrivacyAuditWarning,
+    audit_ceiling,
     audit_dp_fedavg,
+    audit_dp_sgd,
     audit_scores,
     default_guess_counts,
     draw_canaries,
@@ -116,8 +118,53 @@ def test_exceeding_the_claim_warns_loudly_and_reports():
     assert json.loads(json.dumps(data))["exceeds_claim"] is True
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        fine = audit_scores(scores, included, delta=1e-5, claimed_epsilon=50.0)
+        noisy = scores.copy()
+        noisy[:15], noisy[-15:] = 0.0, 1.0  # 30 of 200 canaries scored the wrong way
+        fine = audit_scores(noisy, included, delta=1e-5, claimed_epsilon=3.0)
+        above = audit_scores(scores, included, delta=1e-5, claimed_epsilon=50.0)
     assert not fine.exceeds_claim and "consistent with the claim" in fine.summary()
+    # a claim above the ceiling cannot be refuted: the result says so instead of "consistent"
+    assert not above.exceeds_claim and not above.conclusive and above.summary().startswith("AUDIT INCONCLUSIVE")
+    assert data["ceiling"] == res.ceiling and data["conclusive"] is True
+
+
+@pytest.mark.parametrize("m", [10, 200, 5000])
+def test_ceiling_is_the_bound_with_every_guess_right(m):
+    ceiling = audit_ceiling(canaries=m, delta=1e-5)
+    best = max(epsilon_lower_bound(canaries=m, guesses=a + b, correct=a + b, delta=1e-5,
+                                   confidence=1 - 0.05 / len(default_guess_counts(m)))
+               for a, b in default_guess_counts(m))  # fmt: skip
+    assert ceiling == pytest.approx(best)
+    rng = np.random.default_rng(m)
+    included = rng.random(m) < 0.5
+    res = audit_scores(rng.standard_normal(m) + 5 * included, included, delta=1e-5)
+    assert res.ceiling == pytest.approx(ceiling) and res.epsilon_lower_bound <= ceiling
+    # at delta 1e-5 no canary count certifies the main job's epsilon 8 (issue 18 item 7)
+    assert ceiling < 6.0
+
+
+def test_sample_level_audit_flags_a_noise_free_dp_sgd_run_when_the_claim_is_within_reach():
+    """Main-job DP-SGD settings (q 0.2, 200 steps): noise off while the ledger claims it.
+
+    Claimed epsilon 2 (below the ceiling): the noise-free run is flagged, the noised one is not.
+    Claimed epsilon 8 (the main job's): above any one-run ceiling at delta 1e-5, so the audit reports
+    INCONCLUSIVE rather than a misleading "consistent", with the largest evidence it can give.
+    """
+    for target in (2.0, 8.0):
+        z = dp.calibrate_noise_multiplier(target_epsilon=target, delta=1e-5, steps=200, sample_rate=0.2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PrivacyAuditWarning)
+            broken = audit_dp_sgd(noise_multiplier=z, sample_rate=0.2, steps=200, rng=np.random.default_rng(1),
+                                  add_noise=False)
+        honest = audit_dp_sgd(noise_multiplier=z, sample_rate=0.2, steps=200, rng=np.random.default_rng(2))
+        assert broken.level == honest.level == "sample"
+        assert broken.claimed_epsilon == pytest.approx(target, rel=2e-3) and broken.claimed_epsilon <= target
+        assert not honest.exceeds_claim and honest.epsilon_lower_bound < broken.epsilon_lower_bound
+        if target < broken.ceiling:
+            assert broken.exceeds_claim and broken.summary().startswith("PRIVACY AUDIT FAILED")
+        else:
+            assert not broken.conclusive and broken.summary().startswith("AUDIT INCONCLUSIVE")
+            assert broken.epsilon_lower_bound >= 0.8 * broken.ceiling
 
 
 @pytest.mark.parametrize(
@@ -196,15 +243,19 @@ def test_correctly_noised_run_stays_under_its_claim_and_a_silently_unnoised_one_
 def test_audit_figure_goes_into_the_privacy_report():
     result = audit_dp_fedavg(noise_multiplier=3.0, rounds=2, rng=np.random.default_rng(1), num_canaries=200, dimension=1000)
     report = dp.PrivacyReport(
-        result.extra["ledger"], delta=1e-5, mode="plaintext", trust_model="the server sees every update",
-        audited_epsilon_lower_bound=result.epsilon_lower_bound,
+        result.extra["ledger"], delta=1e-5, mode="plaintext", trust_model="the server sees every update", audit=result,
     )  # fmt: skip
     data = json.loads(report.to_json())
-    assert data["audit"]["lower_bound"] == pytest.approx(result.epsilon_lower_bound)
-    assert data["audit"]["claimed_epsilon"] == data["client_level"]["epsilon"] >= result.epsilon_lower_bound
-    assert data["audit"]["exceeds_claim"] is False
-    assert "consistent with the claimed" in report.to_html()
+    assert data["audit"]["ran"] is True and data["audit"]["lower_bound"] == pytest.approx(result.epsilon_lower_bound)
+    assert data["audit"]["ceiling"] == pytest.approx(result.ceiling) and data["audit"]["canaries"] == 200
+    assert data["audit"]["claimed_epsilon"] == data["client_level"]["epsilon"] == pytest.approx(result.claimed_epsilon)
+    assert data["audit"]["exceeds_claim"] is False and data["audit"]["conclusive"] is True
+    page = report.to_html()
+    assert "A privacy audit ran" in page and "consistent with the claim" in page and f"{result.ceiling:.3g}" in page
     assert isinstance(result, AuditResult)
+    # the summary says so when no audit ran
+    assert "No privacy audit ran for this run." in dp.PrivacyReport(
+        result.extra["ledger"], delta=1e-5, mode="plaintext", trust_model="the server sees every update").to_html()
 
 
 def test_report_of_a_run_whose_audit_exceeds_its_claim_flags_it_loudly():
@@ -213,7 +264,7 @@ def test_report_of_a_run_whose_audit_exceeds_its_claim_flags_it_loudly():
                                  dimension=1000, add_noise=False)  # fmt: skip
     with pytest.warns(PrivacyAuditWarning, match=r"^PRIVACY AUDIT FAILED"):
         report = dp.PrivacyReport(broken.extra["ledger"], delta=1e-5, mode="plaintext", trust_model="the server sees every update",
-                                  audited_epsilon_lower_bound=broken.epsilon_lower_bound)  # fmt: skip
+                                  audit=broken.to_dict())  # fmt: skip
     assert json.loads(report.to_json())["audit"]["exceeds_claim"] is True
     assert "PRIVACY AUDIT FAILED" in report.to_html()
 
@@ -223,5 +274,10 @@ def test_an_audit_of_a_run_without_dp_has_no_claim_to_exceed():
         warnings.simplefilter("error")
         report = dp.PrivacyReport(dp.Ledger(), delta=1e-5, mode="plaintext", trust_model="the server sees every update",
                                   audited_epsilon_lower_bound=0.5)  # fmt: skip
-    assert json.loads(report.to_json())["audit"] == {"lower_bound": 0.5, "claimed_epsilon": None, "exceeds_claim": False}
-    assert "no DP claim to compare with" in report.to_html()
+    audit = json.loads(report.to_json())["audit"]
+    assert audit["ran"] is True and audit["lower_bound"] == 0.5 and audit["claimed_epsilon"] is None
+    assert audit["exceeds_claim"] is False and audit["ceiling"] is None
+    assert "no differential-privacy claim to compare it with" in report.to_html()
+    with pytest.raises(dp.DPValueError, match="give either audit= or audited_epsilon_lower_bound=, not both"):
+        dp.PrivacyReport(dp.Ledger(), delta=1e-5, mode="plaintext", trust_model="t", audited_epsilon_lower_bound=0.5,
+                         audit={"audited_epsilon_lower_bound": 0.5})  # fmt: skip

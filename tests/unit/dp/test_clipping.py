@@ -39,34 +39,73 @@ def test_zero_vector_is_guarded():
     assert norm == 0.0 and np.array_equal(clipped, np.zeros(5))
 
 
-def test_adaptive_clip_moves_geometrically_towards_the_target_quantile():
-    rng = np.random.default_rng(0)
-    clip = dp.AdaptiveClip(initial_bound=0.1, target_quantile=0.5, learning_rate=0.2, count_noise_multiplier=1.0)
+def run_adaptive(clip: dp.AdaptiveClip, rng: np.random.Generator, rounds: int, clients: int = 200):
+    """Rounds through the two halves: clients clip and send bits, the server noises the sum and updates."""
     events = []
-    for r in range(150):
-        norms = rng.lognormal(mean=0.0, sigma=0.3, size=200)  # median norm 1.0
-        bits = sum(clip.below(float(n)) for n in norms)
-        before = clip.bound
-        new, ev = clip.update(bits, expected_clients=200, participants=210, survivors=200, round_index=r, rng=rng)
-        assert new == clip.bound and ev.bound_before == before and ev.bound_after == new
+    for r in range(rounds):
+        norms = rng.lognormal(mean=0.0, sigma=0.3, size=clients)  # median norm 1.0
+        bound = clip.bound  # broadcast with the model
+        bits = 0
+        for n in norms:
+            clipped, bit = dp.AdaptiveClip.client_half(np.array([n, 0.0]), bound=bound)
+            assert np.linalg.norm(clipped) <= bound and bit == int(n <= bound)
+            bits += bit
+        noised = clip.noise_count(bits, rng=rng)
+        new, ev = clip.update(noised, expected_clients=clients, participants=clients + 10, survivors=clients, round_index=r)
+        assert new == clip.bound and ev.bound_before == bound and ev.bound_after == new
         events.append(ev)
-    # the tracked bound ends near the true median norm (1.0)
-    assert clip.bound == pytest.approx(1.0, rel=0.15)
-    # each update is geometric: log-step at most learning_rate * (1 - q + noise) in size
+    return events
+
+
+@pytest.mark.parametrize("target", [0.3, 0.5, 0.8])
+def test_adaptive_clip_bound_moves_to_its_target_quantile(target):
+    rng = np.random.default_rng(0)
+    clip = dp.AdaptiveClip(initial_bound=0.1, target_quantile=target, learning_rate=0.2, count_noise_multiplier=10.0)
+    events = run_adaptive(clip, rng, 150)
+    # the tracked bound ends near the target quantile of the norms (lognormal, sigma 0.3)
+    from scipy import stats
+
+    assert clip.bound == pytest.approx(float(np.exp(0.3 * stats.norm.ppf(target))), rel=0.15)
+    # each update is geometric: log-step at most learning_rate * (|b - target| <= 1 + noise)
     steps = np.abs(np.diff(np.log([e.bound_before for e in events] + [clip.bound])))
-    assert np.all(steps <= 0.2 * 0.6)
-    ledger = dp.Ledger(events)
-    assert dp.epsilon(ledger, delta=1e-5) > 0  # the count has its own privacy cost
-    assert all(isinstance(e, dp.QuantileEvent) and e.noise_multiplier == 1.0 for e in events)
+    assert np.all(steps <= 0.2 * 1.3)
+    assert steps[:5].min() > 0.05  # far from the target it moves, towards it
+    assert all(isinstance(e, dp.QuantileEvent) and e.noise_multiplier == 10.0 for e in events)
+    assert dp.epsilon(dp.Ledger(events), delta=1e-5) > 0  # the count has its own privacy cost
+
+
+@settings(max_examples=40, deadline=None)
+@given(bits=st.lists(st.integers(0, 1), min_size=0, max_size=60), new_bit=st.integers(0, 1),
+       m=st.floats(1.0, 100.0), noise_seed=st.integers(0, 2**32 - 1))
+def test_adding_one_client_moves_the_estimate_by_at_most_what_is_accounted(bits, new_bit, m, noise_seed):
+    """The accounting assumes sensitivity COUNT_SENSITIVITY of the count, i.e. 1/(2m) of the estimate,
+    with noise of standard deviation noise_multiplier * COUNT_SENSITIVITY: check both on neighbours."""
+    clip = dp.AdaptiveClip(initial_bound=1.0, count_noise_multiplier=3.0)
+    noise = np.random.default_rng(noise_seed).normal(0.0, clip.count_stddev)  # the same draw for both
+
+    def estimate(bs: list[int]) -> float:
+        return clip.estimate(sum(bs) + noise, survivors=len(bs), expected_clients=m)
+
+    moved = abs(estimate(bits + [new_bit]) - estimate(bits))
+    assert moved == pytest.approx(dp.AdaptiveClip.COUNT_SENSITIVITY / m)
+    ev = clip.plan(round_index=0, participants=len(bits) + 1, survivors=len(bits) + 1)
+    assert ev.noise_multiplier * dp.AdaptiveClip.COUNT_SENSITIVITY == pytest.approx(clip.count_stddev)
+
+
+def test_count_noise_has_the_accounted_standard_deviation():
+    clip = dp.AdaptiveClip(initial_bound=1.0, count_noise_multiplier=4.0)
+    rng = np.random.default_rng(3)
+    draws = np.array([clip.noise_count(10, rng=rng) - 10 for _ in range(20_000)])
+    assert draws.std() == pytest.approx(2.0, rel=0.03) and abs(draws.mean()) < 0.05
 
 
 def test_adaptive_clip_shrinks_when_everyone_is_below():
-    rng = np.random.default_rng(1)
     clip = dp.AdaptiveClip(initial_bound=2.0, target_quantile=0.5, learning_rate=0.2, count_noise_multiplier=0.01)
-    bound, _ = clip.update(50.0, expected_clients=50, participants=50, survivors=50, round_index=0, rng=rng)
+    bound, _ = clip.update(50.0, expected_clients=50, participants=50, survivors=50, round_index=0)
     assert bound == pytest.approx(2.0 * np.exp(-0.2 * 0.5), rel=1e-3)
     clipped, norm = clip.clip(np.full(4, 3.0))
     assert np.linalg.norm(clipped) <= bound and norm == pytest.approx(6.0)
+    assert clip.below(0.5) == 1 and clip.below(6.0) == 0
 
 
 @pytest.mark.parametrize(
@@ -83,11 +122,12 @@ def test_adaptive_clip_shrinks_when_everyone_is_below():
         (lambda: dp.AdaptiveClip(initial_bound=1.0, learning_rate=0.0, count_noise_multiplier=1.0),
          dp.DPValueError, r"learning_rate must be > 0, got 0.0"),
         (lambda: dp.AdaptiveClip(initial_bound=1.0, count_noise_multiplier=1.0).update(
-            5.0, expected_clients=3, participants=3, survivors=3, round_index=0, rng=np.random.default_rng()),
-         dp.DPValueError, r"bits_sum must be <= survivors=3, got 5.0"),
-        (lambda: dp.AdaptiveClip(initial_bound=1.0, count_noise_multiplier=1.0).update(
-            1.0, expected_clients=3, participants=3, survivors=3, round_index=0, rng=np.random.RandomState(0)),
+            1.0, expected_clients=0, participants=3, survivors=3, round_index=0),
+         dp.DPValueError, r"expected_clients must be > 0, got 0"),
+        (lambda: dp.AdaptiveClip(initial_bound=1.0, count_noise_multiplier=1.0).noise_count(
+            1.0, rng=np.random.RandomState(0)),
          dp.DPTypeError, r"rng must be a numpy.random.Generator, got RandomState"),
+        (lambda: dp.AdaptiveClip.client_half(np.ones(3), bound=0.0), dp.DPValueError, r"bound must be > 0, got 0.0"),
     ],
 )
 def test_bad_clipping_parameters_are_refused(make, exc, match):

@@ -332,3 +332,63 @@ def test_lazy_noise_refuses_non_linear_optimizers():
     with pytest.raises(dp.DPValueError, match="lazy_noise=True needs clipping='embedding' .* resolves to 'ghost'"):
         dp.SampleLevelDP(noise_multiplier=1.0, max_grad_norm=1.0, clipping="ghost", lazy_noise=True).attach(
             model, torch.optim.SGD(model.parameters(), lr=0.1), loader)
+
+
+class _Boom(RuntimeError):
+    pass
+
+
+def _clean(model: nn.Module) -> bool:
+    return (not any(hasattr(p, a) for p in model.parameters() for a in ("grad_sample", "_forward_counter"))
+            and not hasattr(model, "_dp_attached") and not hasattr(model, "autograd_grad_sample_hooks"))  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ("default", "ghost", "embedding"))
+def test_a_client_raising_mid_dp_sgd_leaves_no_state_and_the_next_trains(mode):
+    model = MF()
+    data = mf_data(n=64)
+    with pytest.raises(_Boom):
+        with attach(model, data, mode=mode) as private:
+            for i, (x, y) in enumerate(private.data_loader):
+                if i == 2:
+                    model(x)  # a forward whose loss never reaches step(): hooks hold activations
+                    raise _Boom("client failed mid DP-SGD")
+                private.step((model(x) - y) ** 2)
+    assert _clean(model) and all(p.grad is None for p in model.parameters())
+    with attach(model, data, mode=mode) as again:  # the next client attaches to the same model and trains
+        for x, y in again.data_loader:
+            again.step((model(x) - y) ** 2)
+        assert again.steps == 8
+    assert _clean(model)
+
+
+def test_federated_training_detaches_a_failed_client_in_finally():
+    """The call site (fedcore.training.train_local) runs the next client on the same model after one raises."""
+    from fedcore.task import ClientData
+    from fedcore.training import TrainConfig, train_local
+
+    class Task:
+        calls = 0
+
+        def loss(self, model, batch):
+            Task.calls += 1
+            if Task.calls == 3:
+                raise _Boom("client failed mid DP-SGD")
+            x, y = batch
+            return (model(x) - y) ** 2
+
+        def collate(self, items):
+            xs, ys = zip(*items)
+            return torch.stack(xs), torch.stack(ys)
+
+    model = MF()
+    data = ClientData(train=mf_data(n=64))
+    privacy = dp.SampleLevelDP(noise_multiplier=1.0, max_grad_norm=1.0, clipping="embedding")
+    config = TrainConfig(optimizer="sgd", lr=0.1, batch_size=8)
+    with pytest.raises(_Boom):
+        train_local(model, task=Task(), data=data, config=config, generator=torch.Generator().manual_seed(0),
+                    privacy=privacy, client_id="a")  # fmt: skip
+    assert _clean(model)
+    result = train_local(model, task=Task(), data=data, config=config, generator=torch.Generator().manual_seed(1),
+                         privacy=privacy, client_id="b")  # fmt: skip
+    assert result.privacy_event.client_id == "b" and result.steps == 8 and _clean(model)
