@@ -184,6 +184,8 @@ class PrivacySection:
     embedding rows get their noise when next read, for plain SGD with clipping 'embedding').
     client: DP-FedAvg (clip, noise_multiplier, noise = central | skellam | discrete_gaussian).
     target_epsilon: calibrate noise_multiplier to it instead. budget_epsilon: stop before it.
+    unit (sample level): ``record`` (one example) or ``user`` (all of a user's examples, clipped
+    together); default ``user`` for movielens, ``record`` for clothing (no user ids).
     """
 
     level: str = "none"
@@ -197,9 +199,14 @@ class PrivacySection:
     accountant: str = "rdp"
     budget_epsilon: float | None = None
     lazy_noise: bool = False
+    unit: str | None = None
 
     def __post_init__(self) -> None:
         _choice("privacy.level", self.level, ("none", "sample", "client"))
+        if self.unit is not None:
+            _choice("privacy.unit", self.unit, ("record", "user"))
+            if self.level != "sample":
+                raise ConfigError(f"privacy.unit applies to level 'sample' (DP-SGD inside a client), got level {self.level!r}")
         if not isinstance(self.lazy_noise, bool):
             raise ConfigError(f"privacy.lazy_noise must be true or false, got {self.lazy_noise!r}")
         if self.lazy_noise and self.level != "sample":
@@ -256,6 +263,15 @@ class ExperimentConfig:
             raise ConfigError(f"evaluate_every must be an integer >= 0 (0 = never), got {self.evaluate_every!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"seed must be an integer >= 0, got {self.seed!r}")
+        if self.privacy.unit == "user" and self.workload.case != "movielens":
+            raise ConfigError(f"privacy.unit 'user' needs user ids, which workload.case {self.workload.case!r} lacks; use 'record'")
+
+    @property
+    def privacy_unit(self) -> str | None:
+        """The unit of sample-level DP (``privacy.unit`` or the case's default); None without it."""
+        if self.privacy.level != "sample":
+            return None
+        return self.privacy.unit or ("user" if self.workload.case == "movielens" else "record")
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain data (sections as dicts), as written to ``summary.json``."""

@@ -177,6 +177,7 @@ class InteractionDataset(Dataset):
         if negatives == "unrated" and full.size:
             raise ValueError(f"user index {int(users[full[0]])} rated every item: no negative can be drawn")
         self._users = users
+        self._user_keys = split.user_ids[users].astype(np.uint64)  # original ids: stable when other users leave
         self._row = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
         self._pos = np.concatenate(positions) if positions else np.zeros(0, dtype=np.int64)
         self._seed = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
@@ -201,11 +202,14 @@ class InteractionDataset(Dataset):
         return _mix64(self._seed_key ^ salt)
 
     def _draw_negatives(self, row: np.ndarray, item: np.ndarray, key: np.uint64) -> np.ndarray:
-        """``(B, num_negatives)`` negatives, each a function of ``key`` and its own (user, item) only."""
-        record = _mix64(_mix64(key ^ self._users[row].astype(np.uint64)) ^ item.astype(np.uint64))
+        """``(B, num_negatives)`` negatives, each a function of ``key`` and its own (user id, item) only.
+
+        ``"unrated"`` also reads the user's training items (redrawing along each draw's hash chain).
+        """
+        record = _mix64(_mix64(key ^ self._user_keys[row]) ^ item.astype(np.uint64))
         draws = _mix64(record[:, None] ^ (np.arange(1, self.num_negatives + 1, dtype=np.uint64) * _GOLDEN))
         negatives = (draws % np.uint64(self.num_items)).astype(np.int64)
-        if self.negatives == "unrated":  # redraw along each entry's own hash chain
+        if self.negatives == "unrated":
             clash = self._rated[row[:, None], negatives]
             while clash.any():
                 draws[clash] = _mix64(draws[clash])
@@ -376,7 +380,7 @@ class MovieLensTask:
             raise ValueError("a batch grouped by user (user-level DP) needs model 'mf' or 'mf_text', got 'transformer'")
         mask = batch["mask"]
         items = torch.cat([batch["item"].unsqueeze(-1), batch["negatives"]], dim=2)
-        scores = model(batch["user"], batch["history"], items.reshape(mask.shape[0], -1))
+        scores = model(batch["user"], batch["history"], items.reshape(items.shape[0], items.shape[1] * items.shape[2]))
         per_example = self._example_loss(scores.reshape(*items.shape))
         return (per_example * mask.to(per_example.dtype)).sum(dim=1)
 
