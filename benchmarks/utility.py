@@ -2,7 +2,8 @@
 
 Rows: centralized (the figures of ``benchmarks/centralized.py``, whose functions run here on the
 same splits), federated plaintext, federated with masked aggregation (SecAgg), federated with
-CKKS, and federated with sample-level DP at epsilon 1, 4 and 8 (delta 1e-5), with the metric,
+CKKS, and federated with sample-level DP at epsilon 1, 4 and 8 (delta 1e-5; MovieLens: record level,
+one rating, on examples built from that rating alone, and user level, one person, at epsilon 8), with the metric,
 the epsilon actually spent (read from the run's ledger, largest silo) and the wall time per
 round. Cases:
 
@@ -16,7 +17,8 @@ Every federated run is built from an experiment config (``fedcore.config.parse_c
 ``examples/main.toml``) by ``fedcore.experiment.build_experiment``, runs in one process (clients
 train one after another), and is evaluated once at the end; "s/round" is the mean wall time of a
 round without evaluation. The last line is ``utility ml100k_central_hr10=A ml100k_fed_hr10=B
-ml100k_text_fed_hr10=C ml100k_dp8_hr10=D clothing_central_auc=E clothing_fed_auc=F``.
+ml100k_text_fed_hr10=C ml100k_dp8_hr10=D clothing_central_auc=E clothing_fed_auc=F ml100k_userdp8_hr10=G``
+(D: record-level DP at epsilon 8; G: user-level DP at epsilon 8).
 
 Usage: ``python benchmarks/utility.py`` (about 17 minutes on 2 shared CPU cores) or ``--quick``
 (about 2 minutes: fewer rounds and epochs, the 3,000-review clothing slice).
@@ -86,6 +88,11 @@ ML_TRAIN = {"optimizer": "adam", "lr": 0.01, "batch_size": 256, "epochs": 1}
 ML_DP_TRAIN = {"optimizer": "sgd", "lr": 300.0, "batch_size": 4096, "epochs": 4}
 ML_DP_GRAD_NORM = 0.3
 ML_DP_DIM = 8  # the DP rows' MF dimension (examples/main.toml's): fewer coordinates to noise per item
+# User-level DP (one person = all of a user's ratings, clipped together; user rows stay local and noise-free):
+# about 38 users per Poisson batch instead of about 4,000 ratings, so the noise on the average is ~100x larger and
+# the step must be ~100x smaller than the record-level rows' lr 300 x max_grad_norm 0.3.
+ML_USER_DP_TRAIN = {"optimizer": "sgd", "lr": 10.0, "batch_size": 4096, "epochs": 4}
+ML_USER_DP_GRAD_NORM = 0.05
 ML_CLIP = 100.0  # client-level L2 clip (= value bound) of the protected modes; not binding for MF
 CLOTHING_TRAIN = {"optimizer": "adam", "lr": 0.01, "batch_size": 64, "epochs": 2}
 CLOTHING_DP_TRAIN = {"optimizer": "sgd", "lr": 15.0, "batch_size": 1024, "epochs": 3}
@@ -265,17 +272,34 @@ def movielens_case(s: Settings, args: argparse.Namespace, ns: argparse.Namespace
     small_workload = build_workload(small_base)
     small = run(small_base, small_workload, federated_eval)
     rows.append(fed_row(f"federated plaintext, MF dim {ML_DP_DIM}", small, keys,
-                        f"as plaintext MF with dim {ML_DP_DIM}: the DP rows' model without DP"))  # fmt: skip
+                        f"as plaintext MF with dim {ML_DP_DIM}: the user-level DP row's model without DP"))  # fmt: skip
+    # Record level: each example built from one rating alone (negatives uniform over all items, own randomness).
+    record = {"level": "sample", "unit": "record", "delta": DELTA, "max_grad_norm": ML_DP_GRAD_NORM, "clip": ML_CLIP}
+    record_workload = build_workload(experiment_config(workload=small_regions, train=ML_TRAIN, rounds=1, seed=seed,
+                                                       privacy={**record, "target_epsilon": 8.0}))  # fmt: skip
+    uniform = run(small_base, record_workload, federated_eval)
+    rows.append(fed_row(f"federated plaintext, MF dim {ML_DP_DIM}, uniform negatives", uniform, keys,
+                        "as above on the record-level examples (negatives uniform over all items): the record-level "
+                        "rows' model without DP"))  # fmt: skip
     dp8 = math.nan
     for eps in EPSILONS:
-        privacy = {"level": "sample", "target_epsilon": eps, "delta": DELTA, "max_grad_norm": ML_DP_GRAD_NORM, "clip": ML_CLIP}
         dp_cfg = experiment_config(workload=small_regions, seed=seed, train=ML_DP_TRAIN, rounds=s.ml_dp_rounds,
-                                   aggregation={"mode": "masked"}, privacy=privacy)  # fmt: skip
-        out = run(dp_cfg, small_workload, federated_eval)
-        rows.append(fed_row(f"federated DP-SGD eps={eps:g} + masked, MF dim {ML_DP_DIM}", out, keys,
-                            f"{s.ml_dp_rounds} rounds, {_train_text(ML_DP_TRAIN)}, max_grad_norm {ML_DP_GRAD_NORM:g}"))  # fmt: skip
+                                   aggregation={"mode": "masked"}, privacy={**record, "target_epsilon": eps})  # fmt: skip
+        out = run(dp_cfg, record_workload, federated_eval)
+        rows.append(fed_row(f"federated DP-SGD eps={eps:g} record level + masked, MF dim {ML_DP_DIM}", out, keys,
+                            f"{s.ml_dp_rounds} rounds, {_train_text(ML_DP_TRAIN)}, max_grad_norm {ML_DP_GRAD_NORM:g}; "
+                            "unit: one rating"))  # fmt: skip
         if eps == 8.0:
             dp8 = out.metrics["hr@10"]
+    user = {"level": "sample", "unit": "user", "target_epsilon": 8.0, "delta": DELTA, "max_grad_norm": ML_USER_DP_GRAD_NORM,
+            "clip": ML_CLIP}  # fmt: skip
+    user_cfg = experiment_config(workload=small_regions, seed=seed, train=ML_USER_DP_TRAIN, rounds=s.ml_dp_rounds,
+                                 aggregation={"mode": "masked"}, privacy=user)  # fmt: skip
+    out = run(user_cfg, small_workload, federated_eval)
+    userdp8 = out.metrics["hr@10"]
+    rows.append(fed_row(f"federated DP-SGD eps=8 user level + masked, MF dim {ML_DP_DIM}", out, keys,
+                        f"{s.ml_dp_rounds} rounds, {_train_text(ML_USER_DP_TRAIN)}, per-user max_grad_norm "
+                        f"{ML_USER_DP_GRAD_NORM:g}; unit: one user (Poisson sampling of users, user rows local and noise-free)"))  # fmt: skip
     main_over = {"logging.tensorboard": False, "logging.jsonl": False, "logging.quiet": True, "seed": seed, "evaluate_every": 0}
     if s.main_job_rounds is not None:
         main_over["rounds"] = s.main_job_rounds
@@ -329,6 +353,7 @@ def movielens_case(s: Settings, args: argparse.Namespace, ns: argparse.Namespace
         "ml100k_fed_hr10": plain.metrics["hr@10"],
         "ml100k_text_fed_hr10": tr.metrics["hr@10"],  # the text-aware recommender: MiniLM item tower
         "ml100k_dp8_hr10": dp8,
+        "ml100k_userdp8_hr10": userdp8,
     }
 
 
@@ -445,7 +470,8 @@ def main(argv: list[str] | None = None) -> None:
             central_mf = (results["ml100k_central_hr10"], results["ml100k_central_ndcg10"])
         devices_case(s, args, central_mf)
     print(f"\n# total {time.perf_counter() - started:.0f} s")
-    order = ("ml100k_central_hr10", "ml100k_fed_hr10", "ml100k_text_fed_hr10", "ml100k_dp8_hr10", "clothing_central_auc", "clothing_fed_auc")
+    order = ("ml100k_central_hr10", "ml100k_fed_hr10", "ml100k_text_fed_hr10", "ml100k_dp8_hr10", "clothing_central_auc",
+             "clothing_fed_auc", "ml100k_userdp8_hr10")
     print("utility " + " ".join(f"{k}={_fmt(results.get(k, math.nan))}" for k in order))
 
 

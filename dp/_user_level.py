@@ -41,7 +41,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-import torch.nn as nn
+from torch import nn
 
 from ._errors import DPTypeError, DPValueError
 from ._events import SampleLevelEvent
@@ -82,7 +82,7 @@ class UserLevelDP(SampleLevelDP):
         data_loader: torch.utils.data.DataLoader,
         *,
         generator: torch.Generator | None = None,
-    ) -> "UserLevelTraining":
+    ) -> UserLevelTraining:
         """Make ``module``'s training differentially private per user.
 
         Args:

@@ -2,6 +2,14 @@
 
 Clients hold whole users: a user's training interactions, validation item (optional) and held-out
 test item all live on the client of that user, and the MF user embedding table is local-only.
+
+Unit of privacy of sample-level DP (``unit``): at record level each training example is built from
+one rating and the run's randomness alone (negatives uniform over the catalogue), so removing a
+rating removes exactly its example; the transformer refuses it (its history window copies each
+rating into later examples). At user level a sample is all of one user's examples
+(:class:`UserExamples`, clipped together by ``dp.UserLevelDP``), and an example may read the user's
+other ratings (negatives among the unrated items). Evaluation (leave-one-out, 99 fixed negatives
+from never-rated items) reads no training example and is the same for both.
 """
 
 from __future__ import annotations

@@ -7,9 +7,9 @@ import copy
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 import dp
 
@@ -35,7 +35,7 @@ class Toy(nn.Module):
 class Grouped(torch.utils.data.Dataset):
     """One item per user: all of its examples, padded; ``mask`` marks the real ones."""
 
-    def __init__(self, parent: "Examples") -> None:
+    def __init__(self, parent: Examples) -> None:
         self.parent = parent
 
     def __len__(self) -> int:
@@ -85,7 +85,7 @@ def collate(items):
     if isinstance(items[0], dict):
         keys = items[0].keys()
         longest = max(it["x"].shape[1] for it in items)
-        pad = lambda t: nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, longest - t.shape[1]))  # noqa: E731
+        pad = lambda t: nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, longest - t.shape[1]))
         return {k: torch.cat([pad(it[k]) if it[k].dim() > 1 else it[k] for it in items]) for k in keys}
     return items
 
