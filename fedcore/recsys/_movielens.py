@@ -374,22 +374,20 @@ class MovieLensTask:
         """Per-positive loss against its sampled negatives (BCE or sampled softmax), one value per example.
 
         A batch grouped by user (:class:`UserExamples`, with a ``mask``) gives one value per user:
-        the sum of that user's example losses, computed in one batch row per user (MF only), so
-        that per-sample clipping clips the user's whole contribution.
-
-        Raises:
-            ValueError: a grouped batch for the transformer (its user tower reads one history per
-                example, not one row per user).
+        the sum of that user's example losses, computed with one batch row per user in every layer,
+        so that per-sample clipping clips the user's whole contribution.
         """
         if "mask" not in batch:
             items = torch.cat([batch["item"].reshape(-1, 1), batch["negatives"]], dim=1)
             return self._example_loss(model(batch["user"], batch["history"], items))
-        if self.config.model == "transformer":
-            raise ValueError("a batch grouped by user (user-level DP) needs model 'mf' or 'mf_text', got 'transformer'")
         mask = batch["mask"]
-        items = torch.cat([batch["item"].unsqueeze(-1), batch["negatives"]], dim=2)
-        scores = model(batch["user"], batch["history"], items.reshape(items.shape[0], items.shape[1] * items.shape[2]))
-        per_example = self._example_loss(scores.reshape(*items.shape))
+        items = torch.cat([batch["item"].unsqueeze(-1), batch["negatives"]], dim=2)  # (U, N, 1 + K)
+        if self.config.model == "transformer":  # one history per example: (U, N, L)
+            scores = model(batch["user"], batch["history"], items)
+        else:  # one vector per user: score its examples' candidates in one row
+            flat = items.reshape(items.shape[0], items.shape[1] * items.shape[2])
+            scores = model(batch["user"], batch["history"], flat).reshape(*items.shape)
+        per_example = self._example_loss(scores)
         return (per_example * mask.to(per_example.dtype)).sum(dim=1)
 
     def _example_loss(self, scores: torch.Tensor) -> torch.Tensor:
@@ -446,8 +444,7 @@ class MovieLensFederation:
         client_users: client name -> user indices it holds.
         partition_rule: the partition, stated in words.
         units: the DP units of privacy its training examples support: ``"record"`` where each
-            example is built from one rating alone (uniform negatives, no history), ``"user"``
-            where per-user grouping applies (MF); empty for the transformer.
+            example is built from one rating alone (uniform negatives, no history), and ``"user"``.
     """
 
     task: MovieLensTask
@@ -532,21 +529,16 @@ def movielens_federation(
 
     Raises:
         ValueError: an unknown partition or unit, ``num_silos`` or ``max_users`` out of range, or
-            a unit the model cannot honour (the transformer's history window puts each rating into
-            up to ``history_length`` other examples; per-user clipping needs one batch row per user).
+            ``unit="record"`` with the transformer (its history window puts each rating into up to
+            ``history_length`` other examples).
     """
     if partition not in _PARTITIONS:
         raise ValueError(f"partition must be one of {_PARTITIONS}, got {partition!r}")
     if unit is not None and unit not in _UNITS:
         raise ValueError(f"unit must be one of {_UNITS} or None, got {unit!r}")
-    if unit is not None and config.model == "transformer":
-        why = (
-            f"its history window puts each rating into up to {config.history_length} other examples"
-            if unit == "record"
-            else "per-user clipping needs one batch row per user and its user tower reads one history per example"
-        )
-        raise ValueError(f"privacy unit {unit!r} (privacy.unit) is not supported for model 'transformer': {why}; "
-                         "use model 'mf' or 'mf_text' for DP")  # fmt: skip
+    if unit == "record" and config.model == "transformer":
+        raise ValueError(f"privacy unit 'record' (privacy.unit) is not supported for model 'transformer': its history "
+                         f"window puts each rating into up to {config.history_length} other examples; use unit 'user'")  # fmt: skip
     split = leave_one_out(data.ratings, 99, negative_seed, item_ids=data.items["movie_id"].to_numpy())
     n_users = split.num_users
     if max_users is not None:
@@ -599,5 +591,5 @@ def movielens_federation(
         split=split,
         client_users=dict(zip(names, groups)),
         partition_rule=rule,
-        units=() if config.model == "transformer" else (("record", "user") if unit == "record" else ("user",)),
+        units=("record", "user") if unit == "record" else ("user",),
     )

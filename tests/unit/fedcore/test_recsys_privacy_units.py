@@ -115,15 +115,23 @@ def test_at_user_level_removing_a_user_changes_only_that_users_examples(data):
                 assert np.array_equal(after[uid][key], before[uid][key])
 
 
-def test_a_users_grouped_item_holds_exactly_its_examples_and_its_loss_is_their_sum(data):
-    fed = movielens_federation(data, config=RecommenderConfig(dim=8, num_train_negatives=3), unit="user")
+FEATURES = np.random.default_rng(0).normal(size=(N_ITEMS, 6)).astype(np.float32)
+MODELS = {
+    "mf": RecommenderConfig(dim=8, num_train_negatives=3),
+    "transformer": RecommenderConfig(model="transformer", dim=8, history_length=4, dropout=0.0, num_train_negatives=3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_a_users_grouped_item_holds_exactly_its_examples_and_its_loss_is_their_sum(data, name):
+    fed = movielens_federation(data, config=MODELS[name], item_features=FEATURES, unit="user")
     train, task = fed.central.train, fed.task
     view = train.by_user()
     assert len(view) == fed.split.num_users
     users = [0, 3, 7]
     torch.manual_seed(5)
     grouped = view.__getitems__(users).batch
-    flat_rows = [i for u in users for i in range(len(train)) if int(train._row[i]) == u]
+    flat_rows = [i for u in users for i in range(len(train)) if int(train.users[train._row[i]]) == u]
     torch.manual_seed(5)  # the same batch key: the same negatives per record
     flat = train.__getitems__(flat_rows).batch
     torch.manual_seed(0)
@@ -132,24 +140,36 @@ def test_a_users_grouped_item_holds_exactly_its_examples_and_its_loss_is_their_s
     per_example = task.loss(model, flat)
     sums = torch.stack([per_example[flat["user"] == u].sum() for u in users])
     torch.testing.assert_close(per_user, sums)
+    skip = 1 if MODELS[name].model == "transformer" else 0  # the first item has no history
     for r, u in enumerate(users):
-        assert sorted(grouped["item"][r][grouped["mask"][r] > 0].tolist()) == sorted(fed.split.train_sequence(u).tolist())
+        assert sorted(grouped["item"][r][grouped["mask"][r] > 0].tolist()) == sorted(fed.split.train_sequence(u)[skip:].tolist())
 
 
-def test_history_models_refuse_record_and_user_level_naming_the_setting(data):
+def test_history_models_refuse_record_level_naming_the_setting(data):
     cfg = RecommenderConfig(model="transformer", history_length=5)
     with pytest.raises(ValueError, match=r"privacy unit 'record' \(privacy.unit\) is not supported for model 'transformer': "
-                                         r"its history window puts each rating into up to 5 other examples"):  # fmt: skip
-        movielens_federation(data, config=cfg, item_features=np.zeros((N_ITEMS, 4), dtype=np.float32), unit="record")
-    with pytest.raises(ValueError, match=r"privacy unit 'user' \(privacy.unit\) is not supported for model 'transformer'"):
-        movielens_federation(data, config=cfg, item_features=np.zeros((N_ITEMS, 4), dtype=np.float32), unit="user")
+                                         r"its history window puts each rating into up to 5 other examples; use unit 'user'"):  # fmt: skip
+        movielens_federation(data, config=cfg, item_features=FEATURES, unit="record")
+    assert movielens_federation(data, config=cfg, item_features=FEATURES, unit="user").units == ("user",)
     with pytest.raises(ValueError, match=r"unit must be one of \('record', 'user'\) or None, got 'rating'"):
         movielens_federation(data, unit="rating")
-    fed = movielens_federation(data, config=RecommenderConfig(dim=8))
-    with pytest.raises(ValueError, match="a batch grouped by user .* needs model 'mf' or 'mf_text', got 'transformer'"):
-        movielens_federation(data, config=cfg, item_features=np.zeros((N_ITEMS, 4), dtype=np.float32)).task.loss(
-            None, {**fed.central.train.by_user()[0], "mask": torch.ones(1, 1)}
-        )
+
+
+def test_user_level_dp_trains_the_transformer_one_row_per_user(data):
+    fed = movielens_federation(data, config=MODELS["transformer"], item_features=FEATURES, unit="user")
+    client, task = next(iter(fed.clients.values())), fed.task
+    torch.manual_seed(0)
+    model = task.build_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    privacy = dp.UserLevelDP(noise_multiplier=1e-9, max_grad_norm=0.5)
+    result = train_local(model, task=task, data=client, config=TrainConfig(optimizer="sgd", lr=1.0, batch_size=64),
+                         generator=torch.Generator().manual_seed(0), privacy=privacy)  # fmt: skip
+    assert result.privacy_event.unit == "user" and result.privacy_event.clipping == "embedding"
+    moved = torch.cat([(model.state_dict()[k] - v).flatten() for k, v in before.items()])
+    users = len(client.train.by_user())
+    expected_users = users // len(DataLoader(client.train, batch_size=64))
+    # a step moves the model by lr * |sum of clipped per-user gradients| / expected users <= C * users / expected users
+    assert 0 < float(moved.norm()) <= result.steps * 0.5 * users / expected_users * (1 + 1e-4)
 
 
 def test_user_level_dp_on_a_silo_clips_per_user_and_keeps_user_rows_noise_free(data):
