@@ -8,7 +8,10 @@ import torch
 from torch.utils.data import DataLoader
 
 import dp
+from fedcore.config import parse_config
 from fedcore.datasets import MovieLens100K
+from fedcore.errors import ConfigError
+from fedcore.experiment import Workload, build_experiment
 from fedcore.recsys import RecommenderConfig, movielens_federation
 from fedcore.training import TrainConfig, train_local
 
@@ -191,3 +194,55 @@ def test_user_level_dp_on_a_silo_clips_per_user_and_keeps_user_rows_noise_free(d
     assert torch.equal(after[others], rows[others])  # rows of other silos' users: no noise, no update
     assert not torch.equal(after[silo_users], rows[silo_users])
     assert all(p.grad is None for p in model.parameters()) and not any(m._forward_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize(
+    "raw,match",
+    [
+        ({"privacy": {"level": "sample", "target_epsilon": 8.0, "unit": "rating"}}, r"privacy.unit must be one of \['record', 'user'\], got 'rating'"),
+        ({"privacy": {"level": "client", "noise_multiplier": 1.0, "unit": "user"}}, "privacy.unit applies to level 'sample' .*, got level 'client'"),
+        ({"workload": {"case": "clothing"}, "privacy": {"level": "sample", "target_epsilon": 8.0, "unit": "user"}},
+         "privacy.unit 'user' needs user ids, which workload.case 'clothing' lacks; use 'record'"),
+    ],
+)
+def test_bad_units_are_refused_naming_the_key(raw, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_config(raw)
+
+
+def test_user_level_is_the_default_unit_for_movielens_and_record_for_clothing():
+    dp_on = {"level": "sample", "target_epsilon": 8.0}
+    assert parse_config({"privacy": dp_on}).privacy_unit == "user"
+    assert parse_config({"workload": {"case": "clothing"}, "privacy": dp_on}).privacy_unit == "record"
+    assert parse_config({"privacy": {**dp_on, "unit": "record"}}).privacy_unit == "record"
+    assert parse_config({}).privacy_unit is None
+
+
+def experiment(data, tmp_path, privacy: dict, *, built_for: str | None = "config"):
+    config = parse_config({
+        "rounds": 1, "output_dir": str(tmp_path), "workload": {"case": "movielens", "num_silos": 2, "dim": 8},
+        "train": {"optimizer": "sgd", "lr": 1.0, "batch_size": 128}, "privacy": {"level": "sample", **privacy},
+        "logging": {"jsonl": False, "tensorboard": False, "quiet": True},
+    })  # fmt: skip
+    unit = config.privacy_unit if built_for == "config" else built_for
+    fed = movielens_federation(data, config=RecommenderConfig(dim=8), num_silos=2, unit=unit)
+    workload = Workload(fed.task, fed.clients, fed.central, "synthetic", {}, config.workload, units=fed.units)
+    return build_experiment(config, workload=workload)
+
+
+def test_the_experiment_runs_user_level_dp_by_default_and_records_the_unit(data, tmp_path):
+    exp = experiment(data, tmp_path, {"target_epsilon": 8.0})
+    privacy = exp.federation.sample_privacy
+    assert isinstance(privacy, dp.UserLevelDP) and privacy.unit == "user" and privacy.user_parameters == ("user_embedding",)
+    exp.federation.run_round()
+    events = exp.ledger.events
+    assert events and all(e.unit == "user" for e in events if e.level == "sample")
+    assert 0 < exp.budget.spent(exp.ledger) <= 8.0
+
+
+def test_record_level_needs_examples_built_for_it(data, tmp_path):
+    exp = experiment(data, tmp_path / "a", {"target_epsilon": 8.0, "unit": "record"})
+    assert type(exp.federation.sample_privacy) is dp.SampleLevelDP
+    assert all(c.train.negatives == "uniform" for c in exp.workload.clients.values())
+    with pytest.raises(ConfigError, match=r"privacy.unit 'record': the workload's examples support \['user'\]; build it from this config"):
+        experiment(data, tmp_path / "b", {"target_epsilon": 8.0, "unit": "record"}, built_for=None)
