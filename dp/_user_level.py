@@ -117,6 +117,27 @@ class _UserBatches(torch.utils.data.Sampler):
             yield part.tolist()
 
 
+class _GroupedPoissonLoader:
+    """The Poisson batches of users of Opacus's loader, collated by the grouped dataset itself.
+
+    Opacus's loader answers an empty first batch with a list of zero tensors, which a task's loss
+    cannot read; with a few dozen users per step an empty batch is not rare. Here every batch,
+    empty or not, is what ``collate_fn(dataset.__getitems__(indices))`` makes of it.
+    """
+
+    def __init__(self, loader: torch.utils.data.DataLoader, users: torch.utils.data.Dataset, collate_fn: Any) -> None:
+        self.loader, self.dataset, self.collate_fn = loader, users, collate_fn
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        fetch = getattr(self.dataset, "__getitems__", None)
+        for indices in self.loader.batch_sampler:
+            indices = list(indices)
+            yield self.collate_fn(fetch(indices) if fetch is not None else [self.dataset[i] for i in indices])
+
+
 class UserLevelTraining:
     """A ``PrivateTraining`` over users; made by ``UserLevelDP.attach``.
 
@@ -177,6 +198,10 @@ class UserLevelTraining:
         finally:
             for w in frozen:
                 w.requires_grad_(True)
+        self._loader = (
+            _GroupedPoissonLoader(self._inner.data_loader, users, data_loader.collate_fn)
+            if config.poisson_sampling else self._inner.data_loader
+        )  # fmt: skip
         self._tables = [(name, t) for name, t in tables if t.weight.requires_grad]
         self._lookups: dict[str, list[torch.Tensor]] = {}
         self._handles = [t.register_forward_hook(self._record(name)) for name, t in self._tables]
@@ -189,7 +214,7 @@ class UserLevelTraining:
 
     @property
     def data_loader(self) -> Any:
-        return self._inner.data_loader
+        return self._loader
 
     @property
     def steps(self) -> int:

@@ -260,3 +260,25 @@ def test_a_user_row_read_by_another_users_examples_is_refused():
     with pytest.raises(dp.DPValueError, match=r"user parameter 'user_bias' must read one distinct row per user"):
         private.step(per_user_loss(private.module, b))
     private.detach()
+
+
+def test_an_empty_poisson_batch_keeps_the_grouped_format_and_adds_noise_only():
+    class Fetching(Grouped):
+        def __getitems__(self, users):
+            return [self.batch(list(users))]
+
+    class Data(Examples):
+        def by_user(self):
+            return Fetching(self)
+
+    data = Data([2, 2, 2])
+    model = Toy(users=3)
+    private = attach(model, data, z=1.0, batch_size=2)  # 3 steps, q = 1/3: P(empty) = 8/27 per step
+    shapes = []
+    for _ in range(10):
+        for b in private.data_loader:
+            assert isinstance(b, dict) and set(b) == {"user", "x", "item", "y", "mask"}
+            shapes.append(b["user"].shape[0])
+            private.step(per_user_loss(private.module, b))
+    private.detach()
+    assert 0 in shapes and private.steps == len(shapes) == 30
