@@ -325,6 +325,6 @@ def _check_user_optimizer(optimizer: torch.optim.Optimizer) -> None:
     if not isinstance(optimizer, _ELEMENTWISE):
         allowed = ", ".join(c.__name__ for c in _ELEMENTWISE)
         raise DPValueError(
-            f"user_parameters need an optimizer whose update is per element ({allowed}), so that one user's row "
-            f"depends on that user alone; got {type(optimizer).__name__}"
+            f"user_parameters need an optimizer known to update each element on its own ({allowed}), so that one "
+            f"user's row depends on that user alone; got {type(optimizer).__name__}"
         )
