@@ -42,7 +42,8 @@ class Workload:
             model must clear (MovieLens: popularity ranking, ``hr@10``/``ndcg@10``; clothing: the
             majority class, ``accuracy`` and ``auc`` 0.5).
         section: the ``[workload]`` settings it was built from.
-        units: the units of sample-level DP its training examples support (see ``privacy.unit``).
+        units: the units of sample-level DP its training examples support (see ``privacy.unit``);
+            none unless the builder states them.
     """
 
     task: Task
@@ -51,7 +52,7 @@ class Workload:
     description: str
     baseline: dict[str, float]
     section: WorkloadSection
-    units: tuple[str, ...] = ("record",)
+    units: tuple[str, ...] = ()
 
 
 def build_workload(config: ExperimentConfig) -> Workload:
