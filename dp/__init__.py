@@ -101,3 +101,5 @@ __all__ = [
     "UnsupportedModelError",
     "PrivacyAuditWarning",
 ]
+from ._user_level import UserLevelDP, UserLevelTraining  # noqa: E402  (user-level DP-SGD inside a silo)
+__all__ += ["UserLevelDP", "UserLevelTraining"]

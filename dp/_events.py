@@ -159,6 +159,8 @@ class SampleLevelEvent:
         clipping: the per-sample clipping mode used ("default", "ghost", "embedding").
         sampling: ``"poisson"`` or ``"fixed_size"`` (shuffled batches, accounted as Poisson).
         level: ``"sample"``.
+        unit: what one "sample" is: ``"record"`` (one example) or ``"user"`` (all of one user's
+            examples, clipped together: ``dp.UserLevelDP``; ``sample_rate`` is then per user).
     """
 
     mechanism: ClassVar[str] = "dp_sgd"
@@ -171,6 +173,7 @@ class SampleLevelEvent:
     clipping: str = "default"
     sampling: str = "poisson"
     level: str = "sample"
+    unit: str = "record"
 
     def __post_init__(self) -> None:
         if not isinstance(self.client_id, str) or not self.client_id:
@@ -181,6 +184,7 @@ class SampleLevelEvent:
         _f(self, "steps", chk.integer, minimum=0)
         _f(self, "clipping", chk.one_of, ("default", "ghost", "embedding"))
         _f(self, "level", chk.one_of, ("sample",))
+        _f(self, "unit", chk.one_of, ("record", "user"))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -206,6 +206,8 @@ class PrivacySection:
     ``target_quantile`` of the update norms (Andrew et al. 2021), moved by ``clip_learning_rate``
     from a count noised with ``count_noise_multiplier`` (required); a calibrated noise multiplier
     is the effective one, split between the update and the count.
+    unit (sample level): ``record`` (one example) or ``user`` (all of a user's examples, clipped
+    together); default ``user`` for movielens, ``record`` for clothing (no user ids).
     """
 
     level: str = "none"
@@ -223,9 +225,14 @@ class PrivacySection:
     target_quantile: float = 0.5
     clip_learning_rate: float = 0.2
     count_noise_multiplier: float | None = None
+    unit: str | None = None
 
     def __post_init__(self) -> None:
         _choice("privacy.level", self.level, ("none", "sample", "client"))
+        if self.unit is not None:
+            _choice("privacy.unit", self.unit, ("record", "user"))
+            if self.level != "sample":
+                raise ConfigError(f"privacy.unit applies to level 'sample' (DP-SGD inside a client), got level {self.level!r}")
         if not isinstance(self.lazy_noise, bool):
             raise ConfigError(f"privacy.lazy_noise must be true or false, got {self.lazy_noise!r}")
         if self.lazy_noise and self.level != "sample":
@@ -303,6 +310,15 @@ class ExperimentConfig:
             raise ConfigError(f"seed must be an integer >= 0, got {self.seed!r}")
         if not isinstance(self.reproducible, bool):
             raise ConfigError(f"reproducible must be true or false, got {self.reproducible!r}")
+        if self.privacy.unit == "user" and self.workload.case != "movielens":
+            raise ConfigError(f"privacy.unit 'user' needs user ids, which workload.case {self.workload.case!r} lacks; use 'record'")
+
+    @property
+    def privacy_unit(self) -> str | None:
+        """The unit of sample-level DP (``privacy.unit`` or the case's default); None without it."""
+        if self.privacy.level != "sample":
+            return None
+        return self.privacy.unit or ("user" if self.workload.case == "movielens" else "record")
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain data (sections as dicts), as written to ``summary.json``."""

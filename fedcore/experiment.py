@@ -42,6 +42,8 @@ class Workload:
             model must clear (MovieLens: popularity ranking, ``hr@10``/``ndcg@10``; clothing: the
             majority class, ``accuracy`` and ``auc`` 0.5).
         section: the ``[workload]`` settings it was built from.
+        units: the units of sample-level DP its training examples support (see ``privacy.unit``);
+            none unless the builder states them.
     """
 
     task: Task
@@ -50,6 +52,7 @@ class Workload:
     description: str
     baseline: dict[str, float]
     section: WorkloadSection
+    units: tuple[str, ...] = ()
 
 
 def build_workload(config: ExperimentConfig) -> Workload:
@@ -69,11 +72,13 @@ def build_workload(config: ExperimentConfig) -> Workload:
             validation=config.train.early_stopping_metric is not None or config.strategy.name == "selection",
             negative_seed=0,
             sampling_seed=config.seed,
+            unit=config.privacy_unit,
         )
         users = np.sort(np.concatenate(list(fed.client_users.values())))
         hr, ndcg = recsys.hit_rate_ndcg(recsys.popularity_scores(fed.split)[fed.split.candidates(users)], k=10)
         return Workload(
-            fed.task, fed.clients, fed.central, f"{fed.partition_rule}. Protocol: {fed.protocol}", {"hr@10": hr, "ndcg@10": ndcg}, w
+            fed.task, fed.clients, fed.central, f"{fed.partition_rule}. Protocol: {fed.protocol}", {"hr@10": hr, "ndcg@10": ndcg}, w,
+            units=fed.units,
         )
     frozen = w.model == "frozen"
     fed = recsys.clothing_federation(
@@ -87,7 +92,7 @@ def build_workload(config: ExperimentConfig) -> Workload:
     )
     positive = float(np.mean(fed.central.test.labels, dtype=np.float64))
     baseline = {"accuracy": max(positive, 1.0 - positive), "auc": 0.5}
-    return Workload(fed.task, fed.clients, fed.central, fed.partition_rule, baseline, w)
+    return Workload(fed.task, fed.clients, fed.central, fed.partition_rule, baseline, w, units=("record",))
 
 
 def _train_config(config: ExperimentConfig, task: Task) -> TrainConfig:
@@ -219,10 +224,15 @@ def build_experiment(config: ExperimentConfig, *, workload: Workload | None = No
     noise_multiplier = None
     client_level = p.level == "client"
     if p.level == "sample":
+        unit = config.privacy_unit
+        if unit not in workload.units:
+            raise ConfigError(f"privacy.unit {unit!r}: the workload's examples support {list(workload.units)}; build it from this config")
         noise_multiplier = _sample_noise_multiplier(config, clients)
-        sample_privacy = dp.SampleLevelDP(
-            noise_multiplier=noise_multiplier, max_grad_norm=p.max_grad_norm, clipping=p.clipping, lazy_noise=p.lazy_noise
-        )
+        dp_args = dict(noise_multiplier=noise_multiplier, max_grad_norm=p.max_grad_norm, clipping=p.clipping, lazy_noise=p.lazy_noise)
+        sample_privacy = (
+            dp.UserLevelDP(**dp_args, user_parameters=getattr(task, "user_parameters", ()))
+            if unit == "user" else dp.SampleLevelDP(**dp_args)
+        )  # fmt: skip
         limit = p.budget_epsilon or p.target_epsilon
         if limit is not None:
             budget = dp.PrivacyBudget(epsilon=limit, delta=p.delta, accountant=p.accountant, level="sample")

@@ -77,14 +77,15 @@ class _SelfAttentionBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
+        """``x`` ``(..., T, D)``, ``valid`` ``(..., T)``: any leading dims (a batch of users' examples too)."""
+        *lead, t, d = x.shape
         h = self.norm1(x)
-        split = lambda z: z.view(b, t, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
+        split = lambda z: z.reshape(*lead, t, self.heads, d // self.heads).transpose(-3, -2)  # noqa: E731
         q, k, v = split(self.query(h)), split(self.key(h)), split(self.value(h))
         logits = q @ k.transpose(-1, -2) / math.sqrt(d // self.heads)
-        logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
+        logits = logits.masked_fill(~valid[..., None, None, :], float("-inf"))
         attn = self.dropout(torch.softmax(logits, dim=-1))
-        x = x + self.dropout(self.out((attn @ v).transpose(1, 2).reshape(b, t, d)))
+        x = x + self.dropout(self.out((attn @ v).transpose(-3, -2).reshape(*lead, t, d)))
         return x + self.dropout(self.ff2(torch.nn.functional.gelu(self.ff1(self.norm2(x)))))
 
 
@@ -140,22 +141,27 @@ class SequenceRecommender(nn.Module):
         return vectors
 
     def user_vectors(self, history: torch.Tensor) -> torch.Tensor:
-        """User vectors from the attention user tower over each user's recent items."""
-        b, t = history.shape
+        """User vectors from the attention user tower over each user's recent items (``(..., L)`` -> ``(..., D)``)."""
+        t = history.shape[-1]
         if t != self.history_length:
             raise ValueError(f"history must have {self.history_length} columns, got {t}")
         valid = history != self.num_items
-        positions = torch.arange(t, device=history.device).expand(b, t)
+        positions = torch.arange(t, device=history.device).expand(history.shape)
         x = self.dropout(self.item_vectors(history) + self.position(positions))
         x = x * valid.unsqueeze(-1).to(x.dtype)
         # The most recent position is always valid for a non-empty history, so no softmax row is empty.
         valid = valid | (torch.arange(t, device=history.device) == t - 1)
-        return self.user_norm(self.block(x, valid)[:, -1])
+        return self.user_norm(self.block(x, valid)[..., -1, :])
 
     def forward(self, users: torch.Tensor, history: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Scores ``(..., C)`` for ``history`` ``(..., L)`` and ``items`` ``(..., C)``.
+
+        Leading dims beyond the batch are allowed: a batch grouped by user, ``(U, N, ...)``, keeps
+        one row per user in every layer, which is what per-user clipping needs.
+        """
         del users  # no per-user parameter: the history stands for the user
         user = self.user_vectors(history)
-        return torch.einsum("bd,bcd->bc", user, self.item_vectors(items)) + self.item_bias(items).squeeze(-1)
+        return torch.einsum("...d,...cd->...c", user, self.item_vectors(items)) + self.item_bias(items).squeeze(-1)
 
 
 def _check_features(features: torch.Tensor, num_items: int) -> torch.Tensor:

@@ -2,6 +2,14 @@
 
 Clients hold whole users: a user's training interactions, validation item (optional) and held-out
 test item all live on the client of that user, and the MF user embedding table is local-only.
+
+Unit of privacy of sample-level DP (``unit``): at record level each training example is built from
+one rating and the run's randomness alone (negatives uniform over the catalogue), so removing a
+rating removes exactly its example; the transformer refuses it (its history window copies each
+rating into later examples). At user level a sample is all of one user's examples
+(:class:`UserExamples`, clipped together by ``dp.UserLevelDP``), and an example may read the user's
+other ratings (negatives among the unrated items). Evaluation (leave-one-out, 99 fixed negatives
+from never-rated items) reads no training example and is the same for both.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from ._text import cached_text_embeddings
 __all__ = [
     "RecommenderConfig",
     "InteractionDataset",
+    "UserExamples",
     "CandidateDataset",
     "MovieLensTask",
     "MovieLensFederation",
@@ -51,8 +60,9 @@ class RecommenderConfig:
         history_length: items the transformer's user tower reads (ignored by MF).
         heads: attention heads of the user tower.
         dropout: dropout of the transformer.
-        num_train_negatives: items drawn per training positive, uniformly among items the user
-            did not interact with in training.
+        num_train_negatives: items drawn per training positive (uniformly among items the user
+            did not interact with in training, or over all items for record-level DP: see
+            :class:`InteractionDataset`).
         loss: ``"bce"`` (positive vs. each negative) or ``"softmax"`` (sampled softmax over them).
         use_item_ids: whether the transformer's item tower adds a trainable item-id embedding.
         eval_batch_size: users scored per batch in evaluation.
@@ -100,13 +110,40 @@ def _history(seq: np.ndarray, end: int, length: int, pad: int) -> np.ndarray:
     return out
 
 
+_NEGATIVE_RULES = ("unrated", "uniform")
+_UNITS = ("record", "user")
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser (Steele, Lea, Flood, OOPSLA 2014): a bijection of uint64 scrambling every bit.
+
+    Used as a counter-based generator: an example's negatives are a function of the batch's key
+    and of that example's own record, never of its position in the batch or of other records.
+    """
+    with np.errstate(over="ignore"):  # arithmetic modulo 2**64 is the point
+        x = np.asarray(x, dtype=np.uint64) + _GOLDEN
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
 class InteractionDataset(Dataset):
     """Training examples of some users: (user, recent history, positive item, sampled negatives).
 
     One example per training interaction (the transformer skips each user's first one, which has
-    no history). Negatives are drawn at access time from a generator seeded once, uniformly among
-    the items the user did not interact with in training (the held-out items are not consulted).
-    ``__getitems__`` draws a whole batch at once (the DataLoader uses it), which is much faster.
+    no history). Negatives are drawn at access time, keyed by this dataset's seed, a per-batch key
+    from torch's RNG, and the example's own (user, item) record:
+
+    - ``negatives="unrated"``: uniformly among the items the user did not interact with in
+      training (the held-out items are not consulted). An example then depends on the user's other
+      records: fine at user level, not at record level.
+    - ``negatives="uniform"``: uniformly over the whole catalogue, so an example is built from its
+      own record and the run's randomness alone (what record-level DP needs); a negative may be one
+      of the user's positives (label noise, about ``rated / num_items`` of the draws).
+
+    ``__getitems__`` draws a whole batch at once (the DataLoader uses it), which is much faster;
+    :meth:`by_user` gives the same examples grouped by user (one item per user, for user-level DP).
     """
 
     def __init__(
@@ -118,16 +155,20 @@ class InteractionDataset(Dataset):
         history_length: int = 0,
         num_negatives: int = 4,
         min_history: int = 0,
+        negatives: str = "unrated",
         seed: int | np.random.SeedSequence = 0,
     ) -> None:
         if holdout not in (1, 2):
             raise ValueError(f"holdout must be 1 (test) or 2 (validation and test), got {holdout!r}")
         if num_negatives < 1:
             raise ValueError(f"num_negatives must be >= 1, got {num_negatives!r}")
+        if negatives not in _NEGATIVE_RULES:
+            raise ValueError(f"negatives must be one of {_NEGATIVE_RULES}, got {negatives!r}")
         users = np.asarray(users, dtype=np.int64)
         self.num_items = split.num_items
         self.history_length = history_length
         self.num_negatives = num_negatives
+        self.negatives = negatives
         seqs = [split.sequences[int(u)][:-holdout] for u in users]
         longest = max((q.size for q in seqs), default=0)
         # Row r: history_length pads, then user r's training items, then pads.
@@ -141,27 +182,59 @@ class InteractionDataset(Dataset):
             rows.append(np.full(pos.size, r, dtype=np.int64))
             positions.append(pos)
         full = np.flatnonzero(self._rated.all(axis=1))
-        if full.size:
+        if negatives == "unrated" and full.size:
             raise ValueError(f"user index {int(users[full[0]])} rated every item: no negative can be drawn")
         self._users = users
+        self._user_keys = split.user_ids[users].astype(np.uint64)  # original ids: stable when other users leave
         self._row = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
         self._pos = np.concatenate(positions) if positions else np.zeros(0, dtype=np.int64)
         self._seed = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
+        self._seed_key = self._seed.generate_state(1, np.uint64)[0]
 
     def __len__(self) -> int:
         return int(self._row.size)
 
-    def _batch_rng(self) -> np.random.Generator:
-        """A generator for one batch's negatives, keyed by this dataset's seed and torch's RNG.
+    @property
+    def users(self) -> np.ndarray:
+        """The user indices this dataset holds, one per row of :meth:`by_user`."""
+        return self._users
 
-        Drawing the key from torch's (seeded) generator keeps the dataset stateless: a client
-        seeded the same way draws the same negatives, whichever federation, executor or resumed
-        run it trains in.
+    def _batch_key(self) -> np.uint64:
+        """One batch's key, from this dataset's seed and torch's RNG.
+
+        Drawing it from torch's (seeded) generator keeps the dataset stateless: a client seeded
+        the same way draws the same negatives, whichever federation, executor or resumed run it
+        trains in.
         """
-        salt = int(torch.randint(0, 2**62, (1,)).item())
-        return np.random.default_rng(
-            np.random.SeedSequence(self._seed.entropy, spawn_key=tuple(self._seed.spawn_key) + (salt,))
-        )
+        salt = np.uint64(int(torch.randint(0, 2**62, (1,)).item()))
+        return _mix64(self._seed_key ^ salt)
+
+    def _draw_negatives(self, row: np.ndarray, item: np.ndarray, key: np.uint64) -> np.ndarray:
+        """``(B, num_negatives)`` negatives, each a function of ``key`` and its own (user id, item) only.
+
+        ``"unrated"`` also reads the user's training items (redrawing along each draw's hash chain).
+        """
+        record = _mix64(_mix64(key ^ self._user_keys[row]) ^ item.astype(np.uint64))
+        draws = _mix64(record[:, None] ^ (np.arange(1, self.num_negatives + 1, dtype=np.uint64) * _GOLDEN))
+        negatives = (draws % np.uint64(self.num_items)).astype(np.int64)
+        if self.negatives == "unrated":
+            clash = self._rated[row[:, None], negatives]
+            while clash.any():
+                draws[clash] = _mix64(draws[clash])
+                negatives[clash] = (draws[clash] % np.uint64(self.num_items)).astype(np.int64)
+                clash = self._rated[row[:, None], negatives]
+        return negatives
+
+    def _examples(self, idx: np.ndarray, key: np.uint64) -> dict[str, np.ndarray]:
+        row, pos = self._row[idx], self._pos[idx]
+        window = pos[:, None] + np.arange(self.history_length)  # the L items before pos
+        item = self._padded[row, pos + self.history_length]
+        return {
+            "user": self._users[row],
+            "history": self._padded[row[:, None], window],
+            "item": item,
+            "negatives": self._draw_negatives(row, item, key),
+        }
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         batch = self.__getitems__([index]).batch
@@ -169,21 +242,60 @@ class InteractionDataset(Dataset):
 
     def __getitems__(self, indices: list[int]) -> PreBatched:
         idx = np.asarray(indices, dtype=np.int64)
-        row, pos = self._row[idx], self._pos[idx]
-        rng = self._batch_rng()
-        negatives = rng.integers(0, self.num_items, size=(idx.size, self.num_negatives))
-        clash = self._rated[row[:, None], negatives]
-        while clash.any():
-            negatives[clash] = rng.integers(0, self.num_items, size=int(clash.sum()))
-            clash = self._rated[row[:, None], negatives]
-        window = pos[:, None] + np.arange(self.history_length)  # the L items before pos
-        batch = {
-            "user": torch.from_numpy(self._users[row]),
-            "history": torch.from_numpy(self._padded[row[:, None], window]),
-            "item": torch.from_numpy(self._padded[row, pos + self.history_length]),
-            "negatives": torch.from_numpy(negatives),
-        }
+        batch = {k: torch.from_numpy(v) for k, v in self._examples(idx, self._batch_key()).items()}
         return PreBatched(batch, idx.size)
+
+    def by_user(self) -> UserExamples:
+        """The same examples grouped by user: item ``r`` is every example of user ``users[r]``."""
+        return UserExamples(self)
+
+
+class UserExamples(Dataset):
+    """An :class:`InteractionDataset` grouped by user: one item per user, holding all its examples.
+
+    For user-level DP (``dp.UserLevelDP``): one "sample" is one person, so per-sample clipping
+    clips the user's whole contribution. A batch of ``U`` users is padded to the longest of them:
+    ``user`` ``(U,)``, ``history`` ``(U, N, L)``, ``item`` ``(U, N)``, ``negatives`` ``(U, N, K)``
+    and ``mask`` ``(U, N)`` (1 for a real example). An item depends on that user's records alone.
+    """
+
+    def __init__(self, examples: InteractionDataset) -> None:
+        self.examples = examples
+        order = np.argsort(examples._row, kind="stable")
+        bounds = np.searchsorted(examples._row[order], np.arange(examples.users.size + 1))
+        self._of_user = [order[bounds[r] : bounds[r + 1]] for r in range(examples.users.size)]
+
+    def __len__(self) -> int:
+        return len(self._of_user)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        batch = self.__getitems__([index]).batch
+        return {key: value[0] for key, value in batch.items()}
+
+    def __getitems__(self, indices: list[int]) -> PreBatched:
+        ex = self.examples
+        parts = [self._of_user[int(r)] for r in indices]
+        longest = max((p.size for p in parts), default=0)
+        flat = self.examples._examples(np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64), ex._batch_key())
+        u = len(parts)
+        user_row = np.repeat(np.arange(u), [p.size for p in parts])
+        slot = np.concatenate([np.arange(p.size) for p in parts]) if parts else np.zeros(0, dtype=np.int64)
+        history = np.zeros((u, longest, ex.history_length), dtype=np.int64)
+        item = np.zeros((u, longest), dtype=np.int64)
+        negatives = np.zeros((u, longest, ex.num_negatives), dtype=np.int64)
+        mask = np.zeros((u, longest), dtype=np.float32)
+        history[user_row, slot] = flat["history"]
+        item[user_row, slot] = flat["item"]
+        negatives[user_row, slot] = flat["negatives"]
+        mask[user_row, slot] = 1.0
+        batch = {
+            "user": torch.from_numpy(ex.users[np.asarray(indices, dtype=np.int64)]),
+            "history": torch.from_numpy(history),
+            "item": torch.from_numpy(item),
+            "negatives": torch.from_numpy(negatives),
+            "mask": torch.from_numpy(mask),
+        }
+        return PreBatched(batch, u)
 
 
 class CandidateDataset(Dataset):
@@ -237,7 +349,10 @@ class MovieLensTask:
         self.num_items = int(num_items)
         self.item_features = None if item_features is None else torch.as_tensor(np.asarray(item_features), dtype=torch.float32)
         self.name = f"movielens100k-{config.model}"
-        self.local_only: tuple[str, ...] = ("user_embedding.*",) if config.model in ("mf", "mf_text") else ()
+        mf = config.model in ("mf", "mf_text")
+        self.local_only: tuple[str, ...] = ("user_embedding.*",) if mf else ()
+        # Row u of the MF user table is read by user u's examples alone (dp.UserLevelDP's user_parameters).
+        self.user_parameters: tuple[str, ...] = ("user_embedding",) if mf else ()
 
     def build_model(self) -> nn.Module:
         """A fresh recommender of the configured kind."""
@@ -256,12 +371,30 @@ class MovieLensTask:
         return MatrixFactorization(self.num_users, self.num_items, dim=cfg.dim, item_features=features)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Per-positive loss against its sampled negatives (BCE or sampled softmax), one value per example."""
-        items = torch.cat([batch["item"].reshape(-1, 1), batch["negatives"]], dim=1)
-        scores = model(batch["user"], batch["history"], items)
+        """Per-positive loss against its sampled negatives (BCE or sampled softmax), one value per example.
+
+        A batch grouped by user (:class:`UserExamples`, with a ``mask``) gives one value per user:
+        the sum of that user's example losses, computed with one batch row per user in every layer,
+        so that per-sample clipping clips the user's whole contribution.
+        """
+        if "mask" not in batch:
+            items = torch.cat([batch["item"].reshape(-1, 1), batch["negatives"]], dim=1)
+            return self._example_loss(model(batch["user"], batch["history"], items))
+        mask = batch["mask"]
+        items = torch.cat([batch["item"].unsqueeze(-1), batch["negatives"]], dim=2)  # (U, N, 1 + K)
+        if self.config.model == "transformer":  # one history per example: (U, N, L)
+            scores = model(batch["user"], batch["history"], items)
+        else:  # one vector per user: score its examples' candidates in one row
+            flat = items.reshape(items.shape[0], items.shape[1] * items.shape[2])
+            scores = model(batch["user"], batch["history"], flat).reshape(*items.shape)
+        per_example = self._example_loss(scores)
+        return (per_example * mask.to(per_example.dtype)).sum(dim=1)
+
+    def _example_loss(self, scores: torch.Tensor) -> torch.Tensor:
+        """Loss of the positive (last axis position 0) against the negatives after it."""
         if self.config.loss == "softmax":
-            return torch.logsumexp(scores, dim=1) - scores[:, 0]
-        return nn.functional.softplus(-scores[:, 0]) + nn.functional.softplus(scores[:, 1:]).sum(dim=1)
+            return torch.logsumexp(scores, dim=-1) - scores[..., 0]
+        return nn.functional.softplus(-scores[..., 0]) + nn.functional.softplus(scores[..., 1:]).sum(dim=-1)
 
     def predict(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Scores of the batch's candidate items for its users."""
@@ -310,6 +443,8 @@ class MovieLensFederation:
         split: the leave-one-out split (indices, negatives).
         client_users: client name -> user indices it holds.
         partition_rule: the partition, stated in words.
+        units: the DP units of privacy its training examples support: ``"record"`` where each
+            example is built from one rating alone (uniform negatives, no history), and ``"user"``.
     """
 
     task: MovieLensTask
@@ -318,6 +453,7 @@ class MovieLensFederation:
     split: LeaveOneOut
     client_users: dict[str, np.ndarray] = field(repr=False)
     partition_rule: str = ""
+    units: tuple[str, ...] = ()
 
     @property
     def protocol(self) -> str:
@@ -365,6 +501,7 @@ def movielens_federation(
     sampling_seed: int = 0,
     item_features: np.ndarray | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
+    unit: str | None = None,
 ) -> MovieLensFederation:
     """Build the MovieLens task, its clients and its centralized twin under the exact protocol.
 
@@ -386,12 +523,22 @@ def movielens_federation(
         sampling_seed: seed of the training negatives (each client derives its own stream).
         item_features: ``(1682, F)`` item text features; computed with MiniLM and cached when the
             model needs them and none are given.
+        unit: the unit of privacy the examples are built for: ``"record"`` (negatives uniform over
+            all items, so an example depends on its own rating alone), ``"user"`` or ``None``
+            (negatives among the user's unrated items: an example depends on that user's data).
 
     Raises:
-        ValueError: an unknown partition, ``num_silos`` or ``max_users`` out of range.
+        ValueError: an unknown partition or unit, ``num_silos`` or ``max_users`` out of range, or
+            ``unit="record"`` with the transformer (its history window puts each rating into up to
+            ``history_length`` other examples).
     """
     if partition not in _PARTITIONS:
         raise ValueError(f"partition must be one of {_PARTITIONS}, got {partition!r}")
+    if unit is not None and unit not in _UNITS:
+        raise ValueError(f"unit must be one of {_UNITS} or None, got {unit!r}")
+    if unit == "record" and config.model == "transformer":
+        raise ValueError(f"privacy unit 'record' (privacy.unit) is not supported for model 'transformer': its history "
+                         f"window puts each rating into up to {config.history_length} other examples; use unit 'user'")  # fmt: skip
     split = leave_one_out(data.ratings, 99, negative_seed, item_ids=data.items["movie_id"].to_numpy())
     n_users = split.num_users
     if max_users is not None:
@@ -429,7 +576,7 @@ def movielens_federation(
     def client_data(users: np.ndarray, stream: np.random.SeedSequence) -> ClientData:
         train = InteractionDataset(
             split, users, holdout=holdout, history_length=hist, num_negatives=config.num_train_negatives,
-            min_history=min_history, seed=stream,
+            min_history=min_history, negatives="uniform" if unit == "record" else "unrated", seed=stream,
         )  # fmt: skip
         val = CandidateDataset(split, users, target="validation", history_length=hist) if validation else None
         return ClientData(train=train, validation=val, test=CandidateDataset(split, users, target="test", history_length=hist))
@@ -444,4 +591,5 @@ def movielens_federation(
         split=split,
         client_users=dict(zip(names, groups)),
         partition_rule=rule,
+        units=("record", "user") if unit == "record" else ("user",),
     )
