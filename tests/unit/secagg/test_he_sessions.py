@@ -202,7 +202,7 @@ def test_selective_with_plaintext_rest_runs_both_paths():
     exact = np.sum(list(vectors.values()), axis=0)
     assert np.array_equal(np.delete(result.total, 1), np.delete(exact, 1))  # plaintext path is exact
     assert abs(result.total[1] - exact[1]) <= result.max_abs_error
-    with pytest.raises(TypeError, match="has no client_session"):
+    with pytest.raises(TypeError, match="must implement secagg.SecureSum, got _NoSessions"):
         SelectiveSum(encrypted=_NoSessions(), rest=PlaintextSum(), mask=[0])
 
 
