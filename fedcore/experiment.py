@@ -189,8 +189,32 @@ class Experiment:
             utility={int(h["round"]): {k[5:]: float(v) for k, v in h.items() if k.startswith("test_")} for h in fed.history},
             audited_epsilon_lower_bound=audited_epsilon_lower_bound,
             budget=self.budget,
+            unit_of_privacy=self._unit_of_privacy(),
+            non_private_releases=self._non_private_releases(),
+            seed_derivable=fed.randomness.reproducible,
             title=f"Privacy budget report: {self.config.name}",
         )
+
+    def _unit_of_privacy(self) -> str | None:
+        level = self.config.privacy.level
+        if level == "client":
+            return "a whole client (all of its data)"
+        unit = self.config.privacy_unit
+        return None if unit is None else {"user": "a user inside a silo (all of that user's ratings)", "record": "one record of a client"}[unit]
+
+    def _non_private_releases(self) -> list[str]:
+        """What the run released that no DP mechanism covers."""
+        out = [
+            "federated test metrics of every evaluated round, computed on the clients' held-out private data",
+            "per-round counts of participants, contributors and dropouts, and bytes uploaded",
+        ]
+        if self.config.privacy.level == "sample":
+            out.append("each client's DP-SGD sampling rate and step count in its ledger events (they reveal its dataset size)")
+        if self.config.strategy.name in ("selection", "ensemble"):
+            out.append("individual local models revealed to the server for model selection or ensembles (listed under reveals)")
+        if self.federation.pipeline.weighting == "examples":
+            out.append("the sum of the contributors' bounded example weights (the weight coordinate of the protected sum)")
+        return out
 
 
 def build_experiment(config: ExperimentConfig, *, workload: Workload | None = None, quiet: bool | None = None) -> Experiment:
