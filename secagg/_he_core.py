@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Container, Mapping, Protocol, Sequence, TypedDict
 
 import numpy as np
 
@@ -53,7 +53,9 @@ from .session import KEY_HOLDER, ClientKeys, drive_round
 __all__ = [
     "ContextInfo",
     "DecryptedSum",
+    "HEEngine",
     "HEServer",
+    "KeyFields",
     "KeyHolderBase",
     "ClientBase",
     "ckks_error_bound",
@@ -184,6 +186,30 @@ def ckks_largest_scale_bits(
 # ---------------------------------------------------------------------------------------------
 # context headers
 # ---------------------------------------------------------------------------------------------
+class _RequiredKeyFields(TypedDict):
+    scheme: str
+    preset: str
+    engine: str
+    encryption: str
+    poly_modulus_degree: int
+    coeff_mod_bit_sizes: tuple[int, ...]
+    plain_modulus_bits: int | None
+    reals_per_slot: int
+    values_per_ciphertext: int
+    scale: float
+    value_bound: float
+    max_clients: int
+
+
+class KeyFields(_RequiredKeyFields, total=False):
+    """What a scheme tells :class:`KeyHolderBase` about its preset: :class:`ContextInfo` less the
+    fields of one key set (fingerprint, key_id, holder)."""
+
+    quant_bits: int
+    step: float
+    levels: int
+
+
 @dataclass(frozen=True)
 class ContextInfo:
     """The public facts of a key set, as carried in every context header."""
@@ -255,9 +281,16 @@ class ContextInfo:
         if count <= 0:
             return 0.0
         if self.scheme == "bfv":
-            return count * self.step * (1 + 1e-9)
+            step, _levels = self.quantization()
+            return count * step * (1 + 1e-9)
         per_client = ckks_rounding_error(grid=self.grid, value_bound=self.value_bound)
         return count * (per_client + self.value_bound * 2.0**-40)
+
+    def quantization(self) -> tuple[float, int]:
+        """BFV: (step, levels), which every BFV key set carries (:meth:`parse` checks it)."""
+        if self.step is None or self.levels is None:
+            raise ProtocolError(f"{self.scheme} key set of preset {self.preset!r} carries no quantization step/levels")
+        return self.step, self.levels
 
     @classmethod
     def parse(cls, header: Mapping[str, object], *, what: str) -> "ContextInfo":
@@ -312,7 +345,27 @@ class ContextInfo:
         return info
 
 
-def build_engine(info: ContextInfo, envelope: wire.Envelope, *, what: str):
+class HEEngine(Protocol):
+    """What the roles use of an engine (:class:`SealEngine`, :class:`TensealEngine`)."""
+
+    @property
+    def holds_secret_key(self) -> bool: ...
+
+    @property
+    def can_encrypt(self) -> bool: ...
+
+    def export(self, *, secret_key: bool, public_key: bool) -> dict[str, bytes]: ...
+
+    def encrypt(self, plain: np.ndarray) -> list[bytes]: ...
+
+    def accumulate(self, acc: list | None, blobs: Sequence[bytes], *, what: str) -> list: ...
+
+    def dump(self, acc: Sequence) -> list[bytes]: ...
+
+    def decrypt(self, blobs: Sequence[bytes], *, what: str) -> np.ndarray: ...
+
+
+def build_engine(info: ContextInfo, envelope: wire.Envelope, *, what: str) -> HEEngine:
     """The engine for a parsed context: SEAL via sealapi, or TenSEAL for the compatibility preset."""
     names = envelope.header.get("blobs")
     if (
@@ -331,7 +384,7 @@ def build_engine(info: ContextInfo, envelope: wire.Envelope, *, what: str):
     return SealEngine.from_blobs(info.spec(), blobs, scale=info.scale, what=what)
 
 
-def generate_engine(info_fields: Mapping[str, object]):
+def generate_engine(info_fields: KeyFields) -> HEEngine:
     """Fresh keys for the preset described by ``info_fields`` (a key holder's job)."""
     if info_fields["engine"] == "tenseal":
         return TensealEngine.generate(
@@ -400,7 +453,11 @@ class _Decrypting:
     """Decryption shared by key holders and secret-key-holding clients."""
 
     _info: ContextInfo
-    _engine: object
+    _engine: HEEngine
+
+    @property
+    def info(self) -> ContextInfo:
+        return self._info
 
     def _decrypt(self, aggregate: bytes) -> DecryptedSum:
         what = "aggregate"
@@ -424,19 +481,20 @@ class _Decrypting:
             raise ProtocolError(f"{what}: {len(env.blobs)} ciphertexts cannot hold {length} values ({per} each)")
         raw = self._engine.decrypt(env.blobs, what=what)
         if self._info.scheme == "bfv":
-            limit = count * self._info.levels
+            step, levels = self._info.quantization()
+            limit = count * levels
             if np.any(np.abs(raw[:length]) > limit) or np.any(raw[length:] != 0):
                 raise ProtocolError(
                     f"{what} decrypts outside the possible range (|sum| <= {limit}): wrong key, or tampered"
                 )
-            total = raw[:length].astype(np.float64) * self._info.step
+            total = raw[:length].astype(np.float64) * step
             integer_total = raw[:length].copy()
         else:
             radius = self._info.noise_radius(count)
-            limit = count * self._info.value_bound + radius
-            if np.any(np.abs(raw[:length]) > limit) or np.any(np.abs(raw[length:]) > radius):
+            bound = count * self._info.value_bound + radius
+            if np.any(np.abs(raw[:length]) > bound) or np.any(np.abs(raw[length:]) > radius):
                 raise ProtocolError(
-                    f"{what} decrypts outside the possible range (|sum| <= {limit:.6g}): wrong key, or tampered"
+                    f"{what} decrypts outside the possible range (|sum| <= {bound:.6g}): wrong key, or tampered"
                 )
             # release only the grid point: a raw decryption gives the server the key (Li-Micciancio 2021)
             grid = self._info.grid
@@ -457,24 +515,20 @@ class _Decrypting:
 class KeyHolderBase(_Decrypting):
     """Creates a key set; hands out the public and client contexts; decrypts the aggregate."""
 
-    def __init__(self, info_fields: Mapping[str, object], *, name: str) -> None:
+    def __init__(self, info_fields: KeyFields, *, name: str) -> None:
         if not isinstance(name, str) or not name:
             raise TypeError(f"name must be a non-empty str, got {name!r}")
-        fields = dict(info_fields)
+        fields = info_fields.copy()
         self._engine = generate_engine(fields)
-        fields.update(key_id=new_key_id(), holder=name)
+        key_id = new_key_id()
         fields["coeff_mod_bit_sizes"] = tuple(fields["coeff_mod_bit_sizes"])
-        fields["fingerprint"] = spec_fingerprint(
+        fingerprint = spec_fingerprint(
             SealSpec(scheme=fields["scheme"], poly_modulus_degree=fields["poly_modulus_degree"],
                      coeff_mod_bit_sizes=fields["coeff_mod_bit_sizes"],
                      plain_modulus_bits=fields.get("plain_modulus_bits"))
         )
-        self._info = ContextInfo(**fields)
+        self._info = ContextInfo(**fields, fingerprint=fingerprint, key_id=key_id, holder=name)
         self.name = name
-
-    @property
-    def info(self) -> ContextInfo:
-        return self._info
 
     @property
     def key_id(self) -> str:
@@ -546,10 +600,6 @@ class ClientBase(_Decrypting):
         self.client_id = client_id
 
     @property
-    def info(self) -> ContextInfo:
-        return self._info
-
-    @property
     def holds_secret_key(self) -> bool:
         return self._engine.holds_secret_key
 
@@ -609,7 +659,8 @@ class HEServer:
             )
         what = "server context"
         env = wire.unpack(public_context, what=what)
-        if env.header.get("has_secret_key") is not False or "secret_key" in env.header.get("blobs", []):
+        names = env.header.get("blobs", [])
+        if env.header.get("has_secret_key") is not False or (isinstance(names, Container) and "secret_key" in names):
             raise KeyMaterialError(
                 f"{what} holds a secret key ({env.kind_name}); the server accepts only the public context "
                 "from key_holder.public_context()"

@@ -29,6 +29,7 @@ from ._he_core import (
     HEClientSession,
     HEServer,
     HEServerSession,
+    KeyFields,
     KeyHolderBase,
     KeyHolderSession,
     data_modulus,
@@ -185,7 +186,7 @@ def quantize(values: np.ndarray, *, step: float, levels: int, rng: np.random.Gen
     return np.clip(low + up, -levels, levels).astype(np.int64)
 
 
-def _info_fields(encoder: BFVEncoder, *, max_clients: int) -> dict[str, object]:
+def _info_fields(encoder: BFVEncoder, *, max_clients: int) -> KeyFields:
     preset = encoder.preset
     return {
         "scheme": "bfv",
@@ -253,7 +254,8 @@ class BFVClient(ClientBase):
             ValueError: NaN/Inf, a coordinate beyond value_bound, or a bad weight.
         """
         length = self._check_vector(update)
-        ints = quantize(update, step=self._info.step, levels=self._info.levels, rng=rng)
+        step, levels = self._info.quantization()
+        ints = quantize(update, step=step, levels=levels, rng=rng)
         return self._seal(self._padded(ints, np.int64), length=length, weight=weight, round_index=round_index)
 
 

@@ -50,6 +50,7 @@ from ._he_core import (
     HEClientSession,
     HEServer,
     HEServerSession,
+    KeyFields,
     KeyHolderBase,
     KeyHolderSession,
     ckks_largest_scale_bits,
@@ -233,7 +234,7 @@ def _check_bounds(value_bound: float, max_clients: int) -> None:
         raise ValueError(f"max_clients must be >= 1, got {max_clients!r}")
 
 
-def _info_fields(preset: CKKSPreset, *, value_bound: float, max_clients: int) -> dict[str, object]:
+def _info_fields(preset: CKKSPreset, *, value_bound: float, max_clients: int) -> KeyFields:
     return {
         "scheme": "ckks",
         "preset": preset.name,
