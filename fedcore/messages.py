@@ -49,7 +49,7 @@ import numpy as np
 
 from .errors import RoundFailedError
 
-__all__ = ["Kind", "Message", "encode", "decode", "is_fedcore_message", "MessageError"]
+__all__ = ["Kind", "Message", "encode", "decode", "kind_of", "is_fedcore_message", "MessageError"]
 
 MAGIC = b"PFFC"
 VERSION = 1
@@ -99,6 +99,17 @@ def encode(kind: Kind, header: dict[str, Any], payload: np.ndarray | None = None
 def is_fedcore_message(data: bytes) -> bool:
     """Whether ``data`` starts with this format's magic (else it is a protection-session message)."""
     return bytes(data[:4]) == MAGIC
+
+
+def kind_of(data: bytes) -> Kind | None:
+    """The kind of a party message read from its envelope alone (no parse, no payload copy);
+    None for a protection-session message or an unknown kind (:func:`decode` then says why)."""
+    if not is_fedcore_message(data) or len(data) < _HEAD.size:
+        return None
+    try:
+        return Kind(data[5])
+    except ValueError:
+        return None
 
 
 def decode(data: bytes, *, expect: Kind | tuple[Kind, ...] | None = None) -> Message:

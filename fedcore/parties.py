@@ -163,7 +163,7 @@ class ClientSide:
     def handle_batch(self, batch: Mapping[str, bytes]) -> dict[str, bytes | None]:
         """Deliver a batch of messages by recipient; return each recipient's reply."""
         replies: dict[str, bytes | None] = {}
-        kinds = {r: msg.decode(m).kind if msg.is_fedcore_message(m) else None for r, m in batch.items()}
+        kinds = {r: msg.kind_of(m) for r, m in batch.items()}  # the envelope only: TRAIN payloads are parsed once, below
         train = {r: m for r, m in batch.items() if kinds[r] == msg.Kind.TRAIN}
         if train:
             replies.update(self._train(train))
