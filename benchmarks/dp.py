@@ -68,8 +68,9 @@ LABEL = {"plain": "plain", "default": "opacus", "ghost": "ghost", "embedding": "
 class MLP(nn.Module):
     def __init__(self, d_in: int, hidden: int, classes: int) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                                 nn.Linear(hidden, classes))
+        self.net = nn.Sequential(
+            nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, classes)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -102,8 +103,14 @@ class BertClassifier(nn.Module):
 def tiny_bert_config():
     from transformers import BertConfig
 
-    return BertConfig(vocab_size=500, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      intermediate_size=64, max_position_embeddings=64)
+    return BertConfig(
+        vocab_size=500,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
 
 
 class Case:
@@ -121,8 +128,16 @@ def cases(quick: bool) -> list[Case]:
     b, d_in, hidden = (32, 16, 32) if quick else (256, 128, 256)
     x = torch.randn(b, d_in, generator=g)
     y = torch.randint(0, 10, (b,), generator=g)
-    out.append(Case("mlp", lambda: MLP(d_in, hidden, 10), x, y,
-                    lambda m, x, y: nn.functional.cross_entropy(m(x), y, reduction="none"), 60_000))
+    out.append(
+        Case(
+            "mlp",
+            lambda: MLP(d_in, hidden, 10),
+            x,
+            y,
+            lambda m, x, y: nn.functional.cross_entropy(m(x), y, reduction="none"),
+            60_000,
+        )
+    )
     users, items, dim, b = (50, 80, 8, 32) if quick else (943, 1682, 64, 256)
     x = torch.stack([torch.randint(0, users, (b,), generator=g), torch.randint(0, items, (b,), generator=g)], 1)
     y = torch.rand(b, generator=g) * 4 + 1
@@ -150,8 +165,9 @@ def cases(quick: bool) -> list[Case]:
         model.train()
         return model
 
-    out.append(Case("bert", make_bert, (ids, mask), y,
-                    lambda m, x, y: nn.functional.cross_entropy(m(x), y, reduction="none"), 20_000))
+    out.append(
+        Case("bert", make_bert, (ids, mask), y, lambda m, x, y: nn.functional.cross_entropy(m(x), y, reduction="none"), 20_000)
+    )
     return out
 
 
@@ -172,8 +188,9 @@ def stepper(case: Case, mode: str) -> Callable[[], None]:
         return step
     # a loader over n_data records with the case's batch size sets q = batch / n_data
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(case.n_data)), batch_size=case.batch)
-    private = dp.SampleLevelDP(noise_multiplier=1.0, max_grad_norm=1.0, clipping="embedding" if mode == "lazy" else mode,
-                               lazy_noise=mode == "lazy").attach(model, opt, loader, generator=torch.Generator().manual_seed(2))
+    private = dp.SampleLevelDP(
+        noise_multiplier=1.0, max_grad_norm=1.0, clipping="embedding" if mode == "lazy" else mode, lazy_noise=mode == "lazy"
+    ).attach(model, opt, loader, generator=torch.Generator().manual_seed(2))
 
     def dp_step() -> None:
         private.step(case.loss(model, case.x, case.y))
@@ -224,32 +241,58 @@ def accounting_rows(quick: bool) -> list[tuple[str, float, float, float, float, 
     delta = 1e-5
     histories = {
         "opacus known answer (sigma 1.5, q 0.04, 2250 steps)": [
-            dp.GaussianEvent(round_index=0, noise_multiplier=1.5, clip_bound=1.0, sample_rate=0.04,
-                             participants=1, survivors=1, count=2250)],
+            dp.GaussianEvent(
+                round_index=0, noise_multiplier=1.5, clip_bound=1.0, sample_rate=0.04, participants=1, survivors=1, count=2250
+            )
+        ],
         "main job DP-SGD (sigma 1.886, q 0.2, 200 steps)": [
-            dp.SampleLevelEvent(client_id="c", round_index=0, noise_multiplier=1.886, max_grad_norm=1.0,
-                                sample_rate=0.2, steps=200)],
+            dp.SampleLevelEvent(
+                client_id="c", round_index=0, noise_multiplier=1.886, max_grad_norm=1.0, sample_rate=0.2, steps=200
+            )
+        ],
         "DP-SGD (sigma 1.1, q 256/60000, 3 epochs)": [
-            dp.SampleLevelEvent(client_id="c", round_index=0, noise_multiplier=1.1, max_grad_norm=1.0,
-                                sample_rate=256 / 60000, steps=3 * 60000 // 256)],
+            dp.SampleLevelEvent(
+                client_id="c",
+                round_index=0,
+                noise_multiplier=1.1,
+                max_grad_norm=1.0,
+                sample_rate=256 / 60000,
+                steps=3 * 60000 // 256,
+            )
+        ],
         "DP-FedAvg (z 1.0, q 0.1, 100 rounds)": [
-            dp.GaussianEvent(round_index=r, noise_multiplier=1.0, clip_bound=1.0, sample_rate=0.1,
-                             participants=10, survivors=10) for r in range(100)],
+            dp.GaussianEvent(round_index=r, noise_multiplier=1.0, clip_bound=1.0, sample_rate=0.1, participants=10, survivors=10)
+            for r in range(100)
+        ],
         "small epsilon (z 4.0, q 0.01, 500 steps)": [
-            dp.GaussianEvent(round_index=0, noise_multiplier=4.0, clip_bound=1.0, sample_rate=0.01,
-                             participants=1, survivors=1, count=500)],
+            dp.GaussianEvent(
+                round_index=0, noise_multiplier=4.0, clip_bound=1.0, sample_rate=0.01, participants=1, survivors=1, count=500
+            )
+        ],
         "no sampling (z 2.0, 10 rounds)": [
-            dp.GaussianEvent(round_index=0, noise_multiplier=2.0, clip_bound=1.0, sample_rate=1.0, sampling="full",
-                             participants=1, survivors=1, count=10)],
+            dp.GaussianEvent(
+                round_index=0,
+                noise_multiplier=2.0,
+                clip_bound=1.0,
+                sample_rate=1.0,
+                sampling="full",
+                participants=1,
+                survivors=1,
+                count=10,
+            )
+        ],
     }
     if quick:
         histories = dict(list(histories.items())[:3])
     rows = []
     for name, events in histories.items():
         sample = events[0].level == "sample"
-        reported = (dp.sample_level_epsilons(events, delta=delta)["c"] if sample else dp.epsilon(events, delta=delta))
-        rdp = (dp.sample_level_epsilons(events, delta=delta, accountant="rdp")["c"] if sample
-               else dp.epsilon(events, delta=delta, accountant="rdp"))
+        reported = dp.sample_level_epsilons(events, delta=delta)["c"] if sample else dp.epsilon(events, delta=delta)
+        rdp = (
+            dp.sample_level_epsilons(events, delta=delta, accountant="rdp")["c"]
+            if sample
+            else dp.epsilon(events, delta=delta, accountant="rdp")
+        )
         lo, est, up = prv_bounds(_groups(events), delta, eps_error=_prv_error(rdp))
         fine = _reference_pld(events, delta)
         rows.append((name, reported, rdp, lo, est, up, fine, reported / fine))
@@ -265,8 +308,9 @@ def calibration_rows(quick: bool) -> list[tuple[str, float, float, float]]:
         z = dp.calibrate_noise_multiplier(target_epsilon=8.0, delta=1e-5, steps=steps, sample_rate=q)
         seconds = time.perf_counter() - t0
         ev = dp.SampleLevelEvent(client_id="c", round_index=0, noise_multiplier=z, max_grad_norm=1.0, sample_rate=q, steps=steps)
-        rows.append((f"DP-SGD to epsilon 8: {steps} steps at q {q:.3g}", seconds, z,
-                     dp.sample_level_epsilons([ev], delta=1e-5)["c"]))
+        rows.append(
+            (f"DP-SGD to epsilon 8: {steps} steps at q {q:.3g}", seconds, z, dp.sample_level_epsilons([ev], delta=1e-5)["c"])
+        )
     return rows
 
 
@@ -281,8 +325,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rounds, budget = (3, 0.3) if args.quick else (7, 6.0)
 
-    print(f"# dp benchmark ({'quick' if args.quick else 'full'}; torch {torch.__version__}, {args.threads} thread(s); "
-          f"CPU seconds per step, median of {rounds} interleaved rounds)")
+    print(
+        f"# dp benchmark ({'quick' if args.quick else 'full'}; torch {torch.__version__}, {args.threads} thread(s); "
+        f"CPU seconds per step, median of {rounds} interleaved rounds)"
+    )
     print(f"{'model':<6} {'mode':<10} {'cpu ms/step':>12} {'wall ms/step':>13} {'x plain (cpu)':>14} {'x plain (wall)':>15}")
     ratios: dict[str, dict[str, float]] = {}
     for case in cases(args.quick):
@@ -294,13 +340,19 @@ def main() -> None:
                 continue
             cpu, wall = res[mode]
             ratios[case.name][mode] = cpu / plain_cpu
-            print(f"{case.name:<6} {LABEL[mode]:<10} {cpu * 1e3:>12.3f} {wall * 1e3:>13.3f} "
-                  f"{cpu / plain_cpu:>14.2f} {wall / plain_wall:>15.2f}")
+            print(
+                f"{case.name:<6} {LABEL[mode]:<10} {cpu * 1e3:>12.3f} {wall * 1e3:>13.3f} "
+                f"{cpu / plain_cpu:>14.2f} {wall / plain_wall:>15.2f}"
+            )
 
     print()
-    print("# headline epsilon (default accountant 'pld') against every accountant, delta=1e-5; "
-          "fine_pld: dp_accounting's PLD at discretization 1e-5, built from its own events")
-    print(f"{'history':<56} {'headline':>9} {'rdp':>9} {'prv_lo':>9} {'prv_est':>9} {'prv_up':>9} {'fine_pld':>9} {'head/pld':>9}")
+    print(
+        "# headline epsilon (default accountant 'pld') against every accountant, delta=1e-5; "
+        "fine_pld: dp_accounting's PLD at discretization 1e-5, built from its own events"
+    )
+    print(
+        f"{'history':<56} {'headline':>9} {'rdp':>9} {'prv_lo':>9} {'prv_est':>9} {'prv_up':>9} {'fine_pld':>9} {'head/pld':>9}"
+    )
     acc_rows = accounting_rows(args.quick)
     for name, rep, rdp, lo, est, up, fine, ratio in acc_rows:
         print(f"{name:<56} {rep:>9.4f} {rdp:>9.4f} {lo:>9.4f} {est:>9.4f} {up:>9.4f} {fine:>9.4f} {ratio:>9.5f}")
@@ -312,8 +364,10 @@ def main() -> None:
     mf = ratios["mf"]
     print()
     print(f"# ours with lazy_noise=True (opt-in, plain SGD only): mf_step_ratio_ours_lazy={mf['lazy']:.2f}")
-    print(f"dp mf_step_ratio_ours={mf['embedding']:.2f} mf_step_ratio_opacus={mf['default']:.2f} "
-          f"mf_step_ratio_ghost={mf['ghost']:.2f} headline_over_pld={max(r[-1] for r in acc_rows):.5f}")
+    print(
+        f"dp mf_step_ratio_ours={mf['embedding']:.2f} mf_step_ratio_opacus={mf['default']:.2f} "
+        f"mf_step_ratio_ghost={mf['ghost']:.2f} headline_over_pld={max(r[-1] for r in acc_rows):.5f}"
+    )
 
 
 if __name__ == "__main__":

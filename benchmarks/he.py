@@ -129,10 +129,18 @@ def run_preset(name: str, updates: dict[str, np.ndarray], exact: np.ndarray, n: 
     out = holder.decrypt(aggregate)
     dec_time = time.perf_counter() - t0
     return Row(
-        name=name, d=d, n=n, encrypt_pps=n * d / enc_time, encrypt_cpu_pps=n * d / enc_cpu,
-        add_pps=n * d / add_time, decrypt_pps=d / dec_time,
-        up_bpp=up_bytes / n / d, down_bpp=len(aggregate) / d, max_err=float(np.max(np.abs(out.total - exact))),
-        stated=out.max_abs_error, keygen_s=keygen,
+        name=name,
+        d=d,
+        n=n,
+        encrypt_pps=n * d / enc_time,
+        encrypt_cpu_pps=n * d / enc_cpu,
+        add_pps=n * d / add_time,
+        decrypt_pps=d / dec_time,
+        up_bpp=up_bytes / n / d,
+        down_bpp=len(aggregate) / d,
+        max_err=float(np.max(np.abs(out.total - exact))),
+        stated=out.max_abs_error,
+        keygen_s=keygen,
     )
 
 
@@ -145,13 +153,15 @@ def run_common(updates: dict[str, np.ndarray], exact: np.ndarray, n: int, *, sym
     t0 = time.perf_counter()
     kind = ts.ENCRYPTION_TYPE.SYMMETRIC if symmetric else ts.ENCRYPTION_TYPE.ASYMMETRIC
     ctx = ts.context(
-        ts.SCHEME_TYPE.CKKS, poly_modulus_degree=8192, coeff_mod_bit_sizes=[60, 40, 40], encryption_type=kind,
+        ts.SCHEME_TYPE.CKKS,
+        poly_modulus_degree=8192,
+        coeff_mod_bit_sizes=[60, 40, 40],
+        encryption_type=kind,
         n_threads=1,
     )
     ctx.global_scale = 2**40
     server_ctx = ts.context_from(
-        ctx.serialize(save_public_key=not symmetric, save_secret_key=False, save_galois_keys=False,
-                      save_relin_keys=False),
+        ctx.serialize(save_public_key=not symmetric, save_secret_key=False, save_galois_keys=False, save_relin_keys=False),
         n_threads=1,
     )
     keygen = time.perf_counter() - t0
@@ -181,11 +191,18 @@ def run_common(updates: dict[str, np.ndarray], exact: np.ndarray, n: int, *, sym
         total = np.concatenate([np.asarray(ts.ckks_vector_from(ctx, blob).decrypt()) for blob in aggregate])
         dec_time = time.perf_counter() - t0
     return Row(
-        name="common-sym" if symmetric else "common", d=d, n=n,
-        encrypt_pps=n * d / enc_time, encrypt_cpu_pps=n * d / enc_cpu,
-        add_pps=n * d / add_time, decrypt_pps=d / dec_time,
-        up_bpp=up_bytes / n / d, down_bpp=sum(map(len, aggregate)) / d, max_err=float(np.max(np.abs(total - exact))),
-        stated=None, keygen_s=keygen,
+        name="common-sym" if symmetric else "common",
+        d=d,
+        n=n,
+        encrypt_pps=n * d / enc_time,
+        encrypt_cpu_pps=n * d / enc_cpu,
+        add_pps=n * d / add_time,
+        decrypt_pps=d / dec_time,
+        up_bpp=up_bytes / n / d,
+        down_bpp=sum(map(len, aggregate)) / d,
+        max_err=float(np.max(np.abs(total - exact))),
+        stated=None,
+        keygen_s=keygen,
     )
 
 

@@ -137,7 +137,9 @@ def main(argv: list[str] | None = None) -> None:
     masked = MaskedSum(value_bound=1.0, max_clients=n, graph="secagg+", signed_keys=args.signed)
     if not args.quick:
         plain = one_round("plaintext (reference)", clients=clients, features=features, backend=PlaintextSum(), seed=args.seed)
-    result = one_round("masked SecAgg+" + (", signed" if args.signed else ""), clients=clients, features=features, backend=masked, seed=args.seed)
+    result = one_round(
+        "masked SecAgg+" + (", signed" if args.signed else ""), clients=clients, features=features, backend=masked, seed=args.seed
+    )
     if not args.quick:
         dropped = one_round(
             "masked SecAgg+, 5% drop", clients=clients, features=features,

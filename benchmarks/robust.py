@@ -85,7 +85,9 @@ def evaluate_on(fed: Federation, ids) -> dict[str, float]:
     return {k: sum(m[k] * n for m, n in scores) / total for k in ("hr@10", "ndcg@10")}
 
 
-def run(name: str, attack, *, ml, train: TrainConfig, rounds: int, seed: int, attackers, bound: float) -> tuple[dict, dict, float]:
+def run(
+    name: str, attack, *, ml, train: TrainConfig, rounds: int, seed: int, attackers, bound: float
+) -> tuple[dict, dict, float]:
     strategy, pipeline, reveal = build(name, ml=ml, bound=bound)
     executor = InProcessExecutor(ml.task)
     if attack is not None:
@@ -113,7 +115,12 @@ def main(argv: list[str] | None = None) -> None:
     rounds = args.rounds or (6 if args.quick else 15)
     train = TrainConfig(lr=1e-2, epochs=1, batch_size=256)
 
-    ml = movielens_federation(load_movielens100k(args.cache_dir), config=RecommenderConfig(model="mf", dim=32), partition="regions", num_silos=args.silos)
+    ml = movielens_federation(
+        load_movielens100k(args.cache_dir),
+        config=RecommenderConfig(model="mf", dim=32),
+        partition="regions",
+        num_silos=args.silos,
+    )
     attackers = choose_attackers(sorted(ml.clients), fraction=0.1, rng=np.random.default_rng(args.seed))
     bound = honest_update_norm(ml, train, args.seed)
     print(f"# robust aggregation benchmark: MovieLens-100K, MF dim 32, {ml.partition_rule}")
@@ -127,14 +134,18 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[tuple[str, str], tuple[dict, dict]] = {}
     for name in names:
         for label, attack in attacks.items():
-            metrics, honest, seconds = run(name, attack, ml=ml, train=train, rounds=rounds, seed=args.seed, attackers=attackers, bound=bound)
+            metrics, honest, seconds = run(
+                name, attack, ml=ml, train=train, rounds=rounds, seed=args.seed, attackers=attackers, bound=bound
+            )
             results[(name, label)] = (metrics, honest)
             print(f"#   {name:<20} {label:<15} HR@10 {metrics['hr@10']:.4f}  NDCG@10 {metrics['ndcg@10']:.4f}  "
                   f"honest users HR@10 {honest['hr@10']:.4f}  ({seconds:.0f} s)", flush=True)  # fmt: skip
 
     reference, reference_honest = (m["hr@10"] for m in results[("FedAvg", "clean")])
     print()
-    print("| aggregator | clean HR@10 | sign flip HR@10 (drop) | scaling x(-10) HR@10 (drop) | worst drop, honest silos' users | NDCG@10 clean / flip / scaling |")
+    print(
+        "| aggregator | clean HR@10 | sign flip HR@10 (drop) | scaling x(-10) HR@10 (drop) | worst drop, honest silos' users | NDCG@10 clean / flip / scaling |"
+    )
     print("|---|---|---|---|---|---|")
     drops = []
     for name in names:

@@ -59,7 +59,7 @@ def ray_overhead(data, *, clients_per_round: int, timed_rounds: int, max_users: 
     for workers in (1, 2):
         executor = RayExecutor(ml.task, num_workers=workers, torch_threads=1)
         local, remote = federation(), federation(executor)
-        executor.workspace  # pin the template now: the in-process federation built its workspace at this point too
+        _ = executor.workspace  # pin the template now: the in-process federation built its workspace at this point too
         local.run_round()
         remote.run_round()  # warm-up: actor start-up, first data shipped
         times: dict[str, list[float]] = {"in-process": [], "ray": []}
@@ -137,7 +137,9 @@ def main() -> None:
     print(f"## FedBuff vs synchronous FedAvg: MovieLens MF, {buff['silos']} regional silos, same number of client updates")
     print(f"{'run':>10} {'client_upd':>10} {'server_upd':>10} {'HR@10':>7} {'wall_s':>7}")
     print(f"{'sync':>10} {buff['client_updates_sync']:>10} {buff['rounds']:>10} {buff['hr_sync']:>7.4f} {buff['sync_s']:>7.1f}")
-    print(f"{'fedbuff':>10} {buff['client_updates_fedbuff']:>10} {buff['server_updates']:>10} {buff['hr_fedbuff']:>7.4f} {buff['fedbuff_s']:>7.1f}")
+    print(
+        f"{'fedbuff':>10} {buff['client_updates_fedbuff']:>10} {buff['server_updates']:>10} {buff['hr_fedbuff']:>7.4f} {buff['fedbuff_s']:>7.1f}"
+    )
     print(f"# FedBuff: K=2, concurrency {buff['silos']}, staleness mean {buff['staleness_mean']:.2f} max {buff['staleness_max']}, "
           f"virtual time {buff['virtual_time']:.1f}s, results per silo {buff['updates_per_silo']}")  # fmt: skip
     overhead = ray_rows[0]["ratio"]

@@ -83,9 +83,7 @@ def run_round(words, *, threshold, degree, drop, round_index, check, signed=True
     d = next(iter(words.values())).size
     keys = {c: prim.new_identity_key() for c in ids} if signed else {}
     pki = {c: prim.identity_public_raw(k) for c, k in keys.items()} if signed else None
-    server = SecAggServer(
-        round_index=round_index, participants=ids, threshold=threshold, degree=degree, length=d, identities=pki
-    )
+    server = SecAggServer(round_index=round_index, participants=ids, threshold=threshold, degree=degree, length=d, identities=pki)
     policy = RoundPolicy(tuple(ids), threshold, min(degree, len(ids) - 1), 32, signed)
     clients = {
         c: SecAggClient(c, round_index=round_index, policy=policy, identity_key=keys.get(c), identity_keys=pki) for c in ids
@@ -145,9 +143,7 @@ def run_round(words, *, threshold, degree, drop, round_index, check, signed=True
     total = server.finish()
     unmask += cpu() - t0
     alive = set(ids) - set(drop)
-    server_streams = len(alive) + sum(
-        sum(1 for u in server.neighbours_of(v) if u in alive) for v in drop
-    )
+    server_streams = len(alive) + sum(sum(1 for u in server.neighbours_of(v) if u in alive) for v in drop)
     server_floor = keystream_floor(server_streams, d, buf)
     expect = np.zeros(d, np.uint32)
     for c in sorted(alive):
@@ -200,7 +196,9 @@ def scale_round(n: int, d: int, rng) -> float:
     words = {c: pool[i % 4] for i, c in enumerate(ids)}
     drop = {c: Stage.MASKED_INPUT for c in rng.choice(ids, size=n // 10, replace=False).tolist()}
     keys = {c: prim.new_identity_key() for c in ids}
-    res = secure_sum_integers(words, round_index=1, threshold=plan.threshold, degree=plan.degree, dropouts=drop, identity_keys=keys)
+    res = secure_sum_integers(
+        words, round_index=1, threshold=plan.threshold, degree=plan.degree, dropouts=drop, identity_keys=keys
+    )
     expect = np.zeros(d, np.uint32)
     for c in res.contributors:
         expect += words[c]
@@ -285,16 +283,28 @@ def main() -> None:
                 r10 = run_round(words, threshold=t, degree=k, drop=drop, round_index=2, check=True)
                 sim, (ok, total) = completion[name]
                 row = {
-                    "n": n, "d": d, "graph": name, "k": min(k, n - 1), "t": t,
+                    "n": n,
+                    "d": d,
+                    "graph": name,
+                    "k": min(k, n - 1),
+                    "t": t,
                     "setup_ms": 1e3 * r0["setup"],
-                    "mask_ms": 1e3 * r0["mask"], "floor_ms": 1e3 * r0["floor"],
-                    "vs_floor": r0["mask"] / r0["floor"], "cc_over": r0["consistency_overhead"],
-                    "enc_ms": 1e3 * encode_s, "vs_floor_enc": (r0["mask"] + encode_s) / r0["floor"],
-                    "srv_sum_ms": 1e3 * r0["server_sum"], "plain_ms": 1e3 * plain_sum,
-                    "unmask0_s": r0["unmask"], "floor0_s": r0["server_floor"],
-                    "unmask10_s": r10["unmask"], "floor10_s": r10["server_floor"],
-                    "up_B": r0["upload"], "B_coord": r0["upload"] / d,
-                    "sim": sim, "real": f"{ok}/{total}",
+                    "mask_ms": 1e3 * r0["mask"],
+                    "floor_ms": 1e3 * r0["floor"],
+                    "vs_floor": r0["mask"] / r0["floor"],
+                    "cc_over": r0["consistency_overhead"],
+                    "enc_ms": 1e3 * encode_s,
+                    "vs_floor_enc": (r0["mask"] + encode_s) / r0["floor"],
+                    "srv_sum_ms": 1e3 * r0["server_sum"],
+                    "plain_ms": 1e3 * plain_sum,
+                    "unmask0_s": r0["unmask"],
+                    "floor0_s": r0["server_floor"],
+                    "unmask10_s": r10["unmask"],
+                    "floor10_s": r10["server_floor"],
+                    "up_B": r0["upload"],
+                    "B_coord": r0["upload"] / d,
+                    "sim": sim,
+                    "real": f"{ok}/{total}",
                 }
                 rows.append(row)
                 summary[(n, d, name)] = (row, r10)
@@ -304,13 +314,28 @@ def main() -> None:
                 )
             del words
     cols = [
-        ("n", "{:>4}"), ("d", "{:>8}"), ("graph", "{:>9}"), ("k", "{:>3}"), ("t", "{:>3}"),
-        ("setup_ms", "{:>8.1f}"), ("mask_ms", "{:>8.1f}"), ("floor_ms", "{:>8.1f}"), ("vs_floor", "{:>8.2f}"),
+        ("n", "{:>4}"),
+        ("d", "{:>8}"),
+        ("graph", "{:>9}"),
+        ("k", "{:>3}"),
+        ("t", "{:>3}"),
+        ("setup_ms", "{:>8.1f}"),
+        ("mask_ms", "{:>8.1f}"),
+        ("floor_ms", "{:>8.1f}"),
+        ("vs_floor", "{:>8.2f}"),
         ("cc_over", "{:>7.3f}"),
-        ("enc_ms", "{:>6.1f}"), ("vs_floor_enc", "{:>12.2f}"),
-        ("srv_sum_ms", "{:>10.1f}"), ("plain_ms", "{:>8.1f}"),
-        ("unmask0_s", "{:>9.3f}"), ("floor0_s", "{:>8.3f}"), ("unmask10_s", "{:>10.3f}"), ("floor10_s", "{:>9.3f}"),
-        ("up_B", "{:>10.0f}"), ("B_coord", "{:>7.3f}"), ("sim", "{:>8.6f}"), ("real", "{:>6}"),
+        ("enc_ms", "{:>6.1f}"),
+        ("vs_floor_enc", "{:>12.2f}"),
+        ("srv_sum_ms", "{:>10.1f}"),
+        ("plain_ms", "{:>8.1f}"),
+        ("unmask0_s", "{:>9.3f}"),
+        ("floor0_s", "{:>8.3f}"),
+        ("unmask10_s", "{:>10.3f}"),
+        ("floor10_s", "{:>9.3f}"),
+        ("up_B", "{:>10.0f}"),
+        ("B_coord", "{:>7.3f}"),
+        ("sim", "{:>8.6f}"),
+        ("real", "{:>6}"),
     ]
     print()
     print(" ".join(f"{name:>{len(fmt.format(rows[0][name]))}}" for name, fmt in cols))

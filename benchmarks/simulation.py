@@ -88,9 +88,14 @@ def main() -> None:
     wiretapped = _federation(fed_data, min(clients, 20), pipeline=masked, record_inbox=True)
     wiretapped.run_round()
     plaintext_updates = sum(1 for r in wiretapped.channel.inbox if r.data[:4] == b"PFPT")
-    print(f"masked round of {min(clients, 20)} clients: the server received {len(wiretapped.channel.inbox)} messages, "
-          f"{wiretapped.channel.bytes_received:,} bytes, {plaintext_updates} plaintext updates")
-    print(f"parties overhead_ratio={in_process / train:.3f} ray_ratio={ray_ratio:.3f} server_plaintext_updates={plaintext_updates}")
+    print(
+        f"masked round of {min(clients, 20)} clients: the server received {len(wiretapped.channel.inbox)} messages, "
+        f"{wiretapped.channel.bytes_received:,} bytes, {plaintext_updates} plaintext updates"
+    )
+    print(
+        f"parties overhead_ratio={in_process / train:.3f} ray_ratio={ray_ratio:.3f} server_plaintext_updates={plaintext_updates}"
+    )
+
 
 if __name__ == "__main__":
     main()

@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the packages, not benchmarks/secagg.py
 
 from fedcore.config import ExperimentConfig, load_config, parse_config  # noqa: E402
-from fedcore.experiment import Experiment, build_experiment, build_workload  # noqa: E402
+from fedcore.experiment import Experiment, Workload, build_experiment, build_workload  # noqa: E402
 
 
 def _load_centralized():
@@ -131,7 +131,9 @@ class Outcome:
     stop_reason: str | None
 
 
-def experiment_config(*, workload: dict[str, Any], train: dict[str, Any], rounds: int, seed: int, **sections: dict[str, Any]) -> ExperimentConfig:
+def experiment_config(
+    *, workload: dict[str, Any], train: dict[str, Any], rounds: int, seed: int, **sections: dict[str, Any]
+) -> ExperimentConfig:
     """An experiment config with quiet logging and no files beyond the run's checkpoint."""
     raw: dict[str, Any] = {
         "name": "utility", "seed": seed, "rounds": rounds, "output_dir": "unused", "evaluate_every": 0,
@@ -252,7 +254,13 @@ def movielens_case(s: Settings, args: argparse.Namespace, ns: argparse.Namespace
     keys = ("hr@10", "ndcg@10")
     popularity = central.find("popularity")
     rows = [
-        Row("popularity (training counts)", (popularity[1], popularity[2]), None, None, "benchmarks/centralized.py: the trivial floor"),
+        Row(
+            "popularity (training counts)",
+            (popularity[1], popularity[2]),
+            None,
+            None,
+            "benchmarks/centralized.py: the trivial floor",
+        ),
         central_row("centralized MF", central.find("MF dim 32 (BCE")),
         central_row("centralized MF + MiniLM text features", central.find("MF dim 32 + frozen")),
         central_row("centralized transformer (MiniLM item tower)", central.find("transformer")),
@@ -264,7 +272,9 @@ def movielens_case(s: Settings, args: argparse.Namespace, ns: argparse.Namespace
     masked = run(ml(train=ML_TRAIN, rounds=s.ml_rounds, **protected), workload, federated_eval)
     rows.append(fed_row("federated masked (SecAgg), MF", masked, keys,
                         f"as plaintext; 32-bit ring, clip = value bound {ML_CLIP:g}; {max_diff(masked, plain)}"))  # fmt: skip
-    ckks = run(ml(train=ML_TRAIN, rounds=s.ml_rounds, aggregation={"mode": "ckks"}, privacy={"clip": ML_CLIP}), workload, federated_eval)
+    ckks = run(
+        ml(train=ML_TRAIN, rounds=s.ml_rounds, aggregation={"mode": "ckks"}, privacy={"clip": ML_CLIP}), workload, federated_eval
+    )
     rows.append(fed_row("federated CKKS, MF", ckks, keys,
                         f"as plaintext; preset 'compact', clip = value bound {ML_CLIP:g}; {max_diff(ckks, plain)}"))  # fmt: skip
     small_regions = {**regions, "dim": ML_DP_DIM}
@@ -315,7 +325,14 @@ def movielens_case(s: Settings, args: argparse.Namespace, ns: argparse.Namespace
     rows.append(fed_row("federated plaintext, MF + MiniLM text features", text, keys, f"FedAvg, {s.ml_rounds} rounds, {train}"))
 
     tr_train = {"optimizer": "adam", "lr": 1e-3, "batch_size": 256, "epochs": 1}
-    transformer = {**regions, "model": "transformer", "dim": 64, "loss": "softmax", "num_train_negatives": 16, "history_length": 20}
+    transformer = {
+        **regions,
+        "model": "transformer",
+        "dim": 64,
+        "loss": "softmax",
+        "num_train_negatives": 16,
+        "history_length": 20,
+    }
     tr_cfg = experiment_config(workload=transformer, train=tr_train, rounds=s.transformer_rounds, seed=seed)
     tr_workload = build_workload(tr_cfg)
     tr = run(tr_cfg, tr_workload, federated_eval)
@@ -389,12 +406,24 @@ def clothing_case(s: Settings, args: argparse.Namespace, ns: argparse.Namespace)
     rows.append(fed_row("federated plaintext, frozen + head", plain, keys, f"FedAvg, {s.clothing_rounds} rounds, {train}"))
     protected = {"privacy": {"clip": CLOTHING_CLIP}}
     for mode, label in (("masked", "masked (SecAgg)"), ("ckks", "CKKS")):
-        out = run(cl(train=CLOTHING_TRAIN, rounds=s.clothing_rounds, aggregation={"mode": mode}, **protected), workload, pooled_eval)
+        out = run(
+            cl(train=CLOTHING_TRAIN, rounds=s.clothing_rounds, aggregation={"mode": mode}, **protected), workload, pooled_eval
+        )
         rows.append(fed_row(f"federated {label}, frozen + head", out, keys,
                             f"as plaintext; clip = value bound {CLOTHING_CLIP:g}; {max_diff(out, plain)}"))  # fmt: skip
     for eps in EPSILONS:
-        privacy = {"level": "sample", "target_epsilon": eps, "delta": DELTA, "max_grad_norm": CLOTHING_DP_GRAD_NORM, "clip": CLOTHING_CLIP}
-        out = run(cl(train=CLOTHING_DP_TRAIN, rounds=s.clothing_rounds, aggregation={"mode": "masked"}, privacy=privacy), workload, pooled_eval)
+        privacy = {
+            "level": "sample",
+            "target_epsilon": eps,
+            "delta": DELTA,
+            "max_grad_norm": CLOTHING_DP_GRAD_NORM,
+            "clip": CLOTHING_CLIP,
+        }
+        out = run(
+            cl(train=CLOTHING_DP_TRAIN, rounds=s.clothing_rounds, aggregation={"mode": "masked"}, privacy=privacy),
+            workload,
+            pooled_eval,
+        )
         rows.append(fed_row(f"federated DP-SGD eps={eps:g} + masked, frozen + head", out, keys,
                             f"FedAvg, {s.clothing_rounds} rounds, {_train_text(CLOTHING_DP_TRAIN)}, max_grad_norm "
                             f"{CLOTHING_DP_GRAD_NORM:g}"))  # fmt: skip
@@ -436,7 +465,9 @@ def devices_case(s: Settings, args: argparse.Namespace, central_mf: tuple[float,
     plain = run(base, workload, federated_eval)
     rows.append(fed_row("federated plaintext, MF, Poisson q=0.3", plain, keys, f"FedAvg, {s.device_rounds} rounds, {train}"))
     privacy = {"level": "client", "target_epsilon": 8.0, "delta": DELTA, "clip": DEVICE_CLIP, "noise": "central"}
-    cfg = experiment_config(workload=users, train=DEVICE_TRAIN, rounds=s.device_rounds, seed=seed, sampling=sampling, privacy=privacy)
+    cfg = experiment_config(
+        workload=users, train=DEVICE_TRAIN, rounds=s.device_rounds, seed=seed, sampling=sampling, privacy=privacy
+    )
     out = run(cfg, workload, federated_eval)
     rows.append(fed_row("federated DP-FedAvg eps=8 (client level), MF", out, keys,
                         f"as plaintext; clip {DEVICE_CLIP:g}, uniform weights, Gaussian noise added by the server"))  # fmt: skip
@@ -468,7 +499,9 @@ def main(argv: list[str] | None = None) -> None:
     s = QUICK if args.quick else FULL
     ns = centralized_namespace(s, args)
     started = time.perf_counter()
-    print(f"# utility benchmark ({'quick' if args.quick else 'full'}): {os.cpu_count()} CPUs, {args.threads} torch thread(s), seed {args.seed}")
+    print(
+        f"# utility benchmark ({'quick' if args.quick else 'full'}): {os.cpu_count()} CPUs, {args.threads} torch thread(s), seed {args.seed}"
+    )
     results: dict[str, float] = {}
     if args.only in (None, "movielens"):
         results |= movielens_case(s, args, ns)
@@ -480,8 +513,15 @@ def main(argv: list[str] | None = None) -> None:
             central_mf = (results["ml100k_central_hr10"], results["ml100k_central_ndcg10"])
         devices_case(s, args, central_mf)
     print(f"\n# total {time.perf_counter() - started:.0f} s")
-    order = ("ml100k_central_hr10", "ml100k_fed_hr10", "ml100k_text_fed_hr10", "ml100k_dp8_hr10", "clothing_central_auc",
-             "clothing_fed_auc", "ml100k_userdp8_hr10")
+    order = (
+        "ml100k_central_hr10",
+        "ml100k_fed_hr10",
+        "ml100k_text_fed_hr10",
+        "ml100k_dp8_hr10",
+        "clothing_central_auc",
+        "clothing_fed_auc",
+        "ml100k_userdp8_hr10",
+    )
     print("utility " + " ".join(f"{k}={_fmt(results.get(k, math.nan))}" for k in order))
 
 

@@ -102,4 +102,5 @@ __all__ = [
     "PrivacyAuditWarning",
 ]
 from ._user_level import UserLevelDP, UserLevelTraining  # noqa: E402  (user-level DP-SGD inside a silo)
+
 __all__ += ["UserLevelDP", "UserLevelTraining"]

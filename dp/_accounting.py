@@ -92,9 +92,7 @@ def _events_of(ledger_or_events: Ledger | Iterable[Event]) -> tuple[Event, ...]:
     if isinstance(ledger_or_events, Ledger):
         return ledger_or_events.events
     if isinstance(ledger_or_events, (str, bytes)) or not isinstance(ledger_or_events, Iterable):
-        raise DPTypeError(
-            f"ledger_or_events must be a Ledger or an iterable of events, got {type(ledger_or_events).__name__}"
-        )
+        raise DPTypeError(f"ledger_or_events must be a Ledger or an iterable of events, got {type(ledger_or_events).__name__}")
     events = tuple(ledger_or_events)
     for e in events:
         if not is_event(e):
@@ -153,8 +151,7 @@ def _joined(events: Sequence[Event]) -> list[tuple[Event, float]]:
         if isinstance(e, QuantileEvent):
             if e.count != 1:
                 raise AccountingError(
-                    f"a QuantileEvent is one round's count and must have count=1, got count={e.count} "
-                    f"in round {e.round_index}"
+                    f"a QuantileEvent is one round's count and must have count=1, got count={e.count} in round {e.round_index}"
                 )
             counts.setdefault(e.round_index, []).append(e)
     if not counts:
@@ -251,7 +248,9 @@ def poisson_subsampled_rdp(eps_at: np.ndarray, order: int, *, q: float) -> float
         return float(eps_at[a])
     log_q, log_1q = math.log(q), math.log1p(-q)
     terms = [(a - 1) * log_1q + math.log(a * q - q + 1)]
-    terms.append(float(special.gammaln(a + 1) - special.gammaln(3) - special.gammaln(a - 1)) + 2 * log_q + (a - 2) * log_1q + eps_at[2])
+    terms.append(
+        float(special.gammaln(a + 1) - special.gammaln(3) - special.gammaln(a - 1)) + 2 * log_q + (a - 2) * log_1q + eps_at[2]
+    )
     if a >= 3:
         ls = np.arange(3, a + 1)
         log_comb = special.gammaln(a + 1) - special.gammaln(ls + 1) - special.gammaln(a - ls + 1)
@@ -278,9 +277,7 @@ def _curve(key: _Key) -> tuple[float, ...]:
             eps_at = skellam_rdp(a, l1_sensitivity=d1, l2_sensitivity=d2, variance=mu)
         elif kind == "discrete_gaussian":
             _, d1, d2, sigma, n, dim, q, extra = key
-            eps_at = discrete_gaussian_rdp(
-                a, l1_sensitivity=d1, l2_sensitivity=d2, local_stddev=sigma, num_clients=n, dim=dim
-            )
+            eps_at = discrete_gaussian_rdp(a, l1_sensitivity=d1, l2_sensitivity=d2, local_stddev=sigma, num_clients=n, dim=dim)
         else:  # pragma: no cover - keys are built by _key
             raise AccountingError(f"unknown mechanism {kind!r}")
     eps_at = eps_at + a * extra / 2.0  # the joined adaptive-clipping counts: Gaussian, a / (2 z^2) each
@@ -321,8 +318,7 @@ def prv_bounds(groups: Mapping[_Key, int], delta: float, *, eps_error: float) ->
     bad = sorted({k[0] for k, _ in items if k[0] != "gaussian"})
     if bad:
         raise AccountingError(
-            f"accountant 'prv' covers Gaussian mechanisms only; the history holds {bad}; "
-            f"use accountant='rdp' or 'tightest'"
+            f"accountant 'prv' covers Gaussian mechanisms only; the history holds {bad}; use accountant='rdp' or 'tightest'"
         )
     if not items:
         return 0.0, 0.0, 0.0
@@ -332,9 +328,7 @@ def prv_bounds(groups: Mapping[_Key, int], delta: float, *, eps_error: float) ->
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Optimal order is the")
         try:
-            size = compute_safe_domain_size(
-                prvs=prvs, max_self_compositions=counts, eps_error=eps_error, delta_error=delta_error
-            )
+            size = compute_safe_domain_size(prvs=prvs, max_self_compositions=counts, eps_error=eps_error, delta_error=delta_error)
             mesh = eps_error / math.sqrt(sum(counts) * math.log(12 / delta_error) / 2)
             domain = Domain.create_aligned(-size, size, mesh)
             dprvs = [discretize(TruncatedPrivacyRandomVariable(p, domain.t_min, domain.t_max), domain) for p in prvs]
@@ -377,7 +371,7 @@ def _gaussian_pld(z: float, q: float, interval: float) -> Any:
 
 def _pld_at(groups: Mapping[_Key, int], delta: float, interval: float) -> float:
     composed = None
-    for (kind, z, q), count in sorted(groups.items()):
+    for (_kind, z, q), count in sorted(groups.items()):
         part = _gaussian_pld(float(z), float(q), interval).self_compose(int(count))
         composed = part if composed is None else composed.compose(part)
     return float(composed.get_epsilon_for_delta(delta))
@@ -392,9 +386,7 @@ def pld_epsilon(groups: Mapping[_Key, int], delta: float, *, relative: float = _
     """
     bad = sorted({k[0] for k in groups if k[0] != "gaussian"})
     if bad:
-        raise AccountingError(
-            f"accountant 'pld' covers Gaussian mechanisms only; the history holds {bad}; use accountant='rdp'"
-        )
+        raise AccountingError(f"accountant 'pld' covers Gaussian mechanisms only; the history holds {bad}; use accountant='rdp'")
     if not groups:
         return 0.0
     interval = _PLD_COARSE_INTERVAL
@@ -513,9 +505,7 @@ def sample_level_epsilons(
     return {cid: _epsilon_groups(_groups(per_client[cid]), d, a) for cid in sorted(per_client)}
 
 
-def epsilon_by_accountant(
-    ledger_or_events: Ledger | Iterable[Event], *, delta: float
-) -> dict[str, float | None]:
+def epsilon_by_accountant(ledger_or_events: Ledger | Iterable[Event], *, delta: float) -> dict[str, float | None]:
     """Client-level epsilon under every accountant (``None`` where one does not cover the history)."""
     d = chk.open_unit("delta", delta)
     groups = _groups(_client_events(_events_of(ledger_or_events)))

@@ -59,9 +59,7 @@ def _participants(ev: Any) -> None:
     _f(ev, "participants", chk.integer, minimum=0)
     _f(ev, "survivors", chk.integer, minimum=0)
     if ev.survivors > ev.participants:
-        raise DPValueError(
-            f"survivors must be <= participants={ev.participants}, got {ev.survivors!r}"
-        )
+        raise DPValueError(f"survivors must be <= participants={ev.participants}, got {ev.survivors!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -302,8 +300,7 @@ class DiscreteGaussianEvent(_DistributedNoiseEvent):
 
 Event = Union[GaussianEvent, QuantileEvent, SampleLevelEvent, SkellamEvent, DiscreteGaussianEvent]
 EVENT_TYPES: dict[str, type] = {
-    cls.mechanism: cls
-    for cls in (GaussianEvent, QuantileEvent, SampleLevelEvent, SkellamEvent, DiscreteGaussianEvent)
+    cls.mechanism: cls for cls in (GaussianEvent, QuantileEvent, SampleLevelEvent, SkellamEvent, DiscreteGaussianEvent)
 }
 
 
@@ -336,7 +333,8 @@ def event_from_dict(data: Mapping[str, Any]) -> Event:
     if unknown:
         raise DPValueError(f"{kind} event record has unknown fields {unknown}; allowed: {sorted(names)}")
     required = {
-        f.name for f in dataclasses.fields(cls)
+        f.name
+        for f in dataclasses.fields(cls)
         if f.init and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     }
     missing = sorted(required - set(fields))

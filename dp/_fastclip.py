@@ -129,12 +129,9 @@ def _embedding_rule(name: str, layer: nn.Embedding, calls: list[_Call], grads: l
     return norm_sq, clipped
 
 
-def _embedding_bag_rule(
-    name: str, layer: nn.EmbeddingBag, calls: list[_Call], grads: list[torch.Tensor], batch: int
-) -> _Work:
+def _embedding_bag_rule(name: str, layer: nn.EmbeddingBag, calls: list[_Call], grads: list[torch.Tensor], batch: int) -> _Work:
     if layer.mode not in ("sum", "mean"):  # pragma: no cover - refused at attach
         raise UnsupportedModelError(f"layer {name!r}: EmbeddingBag mode={layer.mode!r} not supported")
-    dim = layer.embedding_dim
     sids, rows, vals = [], [], []
     for call, g in zip(calls, grads):
         args = list(call.args) + [None] * (3 - len(call.args))
@@ -152,9 +149,7 @@ def _embedding_bag_rule(
             flat = inp
             offs = offsets[:-1] if layer.include_last_offset else offsets
             if offs.shape[0] != batch:
-                raise UnsupportedModelError(
-                    f"layer {name!r} got {offs.shape[0]} bags but the batch has {batch} samples"
-                )
+                raise UnsupportedModelError(f"layer {name!r} got {offs.shape[0]} bags but the batch has {batch} samples")
             ends = torch.cat([offs[1:], offs.new_tensor([flat.shape[0]])])
             sample_ids = torch.arange(batch, device=flat.device).repeat_interleave(ends - offs)
             psw_flat = psw
@@ -258,11 +253,7 @@ def _rule_for(layer: nn.Module) -> Callable[..., _Work] | None:
 
 
 def _trainable_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [
-        (name, m)
-        for name, m in module.named_modules()
-        if any(p.requires_grad for p in m.parameters(recurse=False))
-    ]
+    return [(name, m) for name, m in module.named_modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
 
 
 def tied_parameters(module: nn.Module) -> list[str]:
@@ -307,15 +298,14 @@ class BookKeepingClipper:
         problems = unsupported_layers(module)
         if problems:
             raise UnsupportedModelError(
-                "clipping='embedding' cannot handle: " + "; ".join(problems)
+                "clipping='embedding' cannot handle: "
+                + "; ".join(problems)
                 + ". Use clipping='ghost' or 'default' (Opacus) for this model."
             )
         self.max_grad_norm = float(max_grad_norm)
         self._layers = [(name, m, _rule_for(m)) for name, m in _trainable_layers(module)]
         self._calls: dict[nn.Module, list[_Call]] = {}
-        self._handles = [
-            m.register_forward_hook(self._capture, with_kwargs=True) for _, m, _ in self._layers
-        ]
+        self._handles = [m.register_forward_hook(self._capture, with_kwargs=True) for _, m, _ in self._layers]
         self.last_norms: torch.Tensor | None = None
 
     def _capture(self, layer: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
@@ -345,9 +335,7 @@ class BookKeepingClipper:
         """Forget the recorded forward passes (for an empty batch)."""
         self._calls = {}
 
-    def accumulate(
-        self, per_sample_loss: torch.Tensor, into: Mapping[nn.Parameter, Any], *, scale: float = 1.0
-    ) -> torch.Tensor:
+    def accumulate(self, per_sample_loss: torch.Tensor, into: Mapping[nn.Parameter, Any], *, scale: float = 1.0) -> torch.Tensor:
         """Add ``scale * sum_i clip(grad loss_i)`` into ``into[p]`` for every parameter in ``into``.
 
         Targets are parameter-shaped tensors, or objects with the same ``index_add_(dim,

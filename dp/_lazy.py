@@ -48,8 +48,7 @@ def check_lazy_optimizer(optimizer: torch.optim.Optimizer, tables: list[nn.Modul
                 for key, ok in (("momentum", 0), ("weight_decay", 0), ("nesterov", False), ("maximize", False)):
                     if group.get(key, ok) != ok:
                         raise DPValueError(
-                            f"lazy_noise=True needs plain SGD for embedding tables: {key} must be {ok!r}, "
-                            f"got {group[key]!r}"
+                            f"lazy_noise=True needs plain SGD for embedding tables: {key} must be {ok!r}, got {group[key]!r}"
                         )
                 groups[table] = group
     return groups
@@ -82,8 +81,7 @@ class LazyTableNoise:
         if self._secure:
             from opacus.optimizers.optimizer import _generate_noise
 
-            return _generate_noise(std=1.0, reference=torch.empty(shape, dtype=like.dtype), generator=self._gen,
-                                   secure_mode=True)
+            return _generate_noise(std=1.0, reference=torch.empty(shape, dtype=like.dtype), generator=self._gen, secure_mode=True)
         return torch.empty(shape, dtype=like.dtype, device=like.device).normal_(0.0, 1.0, generator=self._gen)
 
     @torch.no_grad()

@@ -64,9 +64,7 @@ def resolve_clipping(module: nn.Module, clipping: str = "auto") -> str:
     chk.one_of("clipping", clipping, CLIPPING_MODES)
     if clipping != "auto":
         return clipping
-    has_table = any(
-        isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.weight.requires_grad for m in module.modules()
-    )
+    has_table = any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.weight.requires_grad for m in module.modules())
     if has_table and not unsupported_layers(module):
         return "embedding"
     return "default" if tied_parameters(module) else "ghost"
@@ -94,9 +92,7 @@ def bert_dp_inputs(
     out = {
         "input_ids": input_ids,
         "position_ids": torch.arange(length, device=input_ids.device).unsqueeze(0).expand(batch, length).contiguous(),
-        "token_type_ids": (
-            token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
-        ),
+        "token_type_ids": (token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)),
     }
     if attention_mask is not None:
         out["attention_mask"] = attention_mask
@@ -254,9 +250,7 @@ class PrivateTraining:
 
         self._rng = rng
         if config.lazy_noise and self.clipping != "embedding":
-            raise DPValueError(
-                f"lazy_noise=True needs clipping='embedding' (ours), but clipping resolves to {self.clipping!r}"
-            )
+            raise DPValueError(f"lazy_noise=True needs clipping='embedding' (ours), but clipping resolves to {self.clipping!r}")
         if self.clipping == "embedding":
             # Ours computes the clipped sum; Opacus provides the loader, the accountant and
             # (in secure mode) the noise generator. Noise is written straight into p.grad.
@@ -264,7 +258,8 @@ class PrivateTraining:
             if config.lazy_noise:
                 in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
                 tables = [
-                    m for m in module.modules()
+                    m
+                    for m in module.modules()
                     if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.weight.requires_grad and id(m.weight) in in_opt
                 ]
                 lazy_groups = check_lazy_optimizer(optimizer, tables)
@@ -305,9 +300,7 @@ class PrivateTraining:
         else:
             self.data_loader = plain_loader
         self._params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
-        self._layers = [
-            (n, m) for n, m in module.named_modules() if any(p.requires_grad for p in m.parameters(recurse=False))
-        ]
+        self._layers = [(n, m) for n, m in module.named_modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
 
     # ----------------------------------------------------------------------------- training
 
@@ -431,11 +424,17 @@ class PrivateTraining:
             self._clipper.accumulate(per_sample_loss, into, scale=1.0 / denom)
         self.optimizer.step()
         if self._lazy is not None:
-            self._lazy.add_step({
-                t: update_stddev(lr=self._lazy.lr(t), noise_multiplier=self.noise_multiplier,
-                                 max_grad_norm=self.max_grad_norm, expected_batch_size=self.expected_batch_size)
-                for t in self._lazy.tables
-            })
+            self._lazy.add_step(
+                {
+                    t: update_stddev(
+                        lr=self._lazy.lr(t),
+                        noise_multiplier=self.noise_multiplier,
+                        max_grad_norm=self.max_grad_norm,
+                        expected_batch_size=self.expected_batch_size,
+                    )
+                    for t in self._lazy.tables
+                }
+            )
         self._engine.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
 
     def flush(self) -> None:

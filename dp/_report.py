@@ -129,7 +129,10 @@ def _mechanism_rows(events: Sequence[Event]) -> list[dict[str, Any]]:
         if isinstance(e, SampleLevelEvent):
             row.setdefault("clients", set()).add(e.client_id)
             row["steps"] = row.get("steps", 0) + e.steps
-            row["sample_rate"] = [min(row.get("sample_rate", [1.0])[0], e.sample_rate), max(row.get("sample_rate", [0.0])[-1], e.sample_rate)]
+            row["sample_rate"] = [
+                min(row.get("sample_rate", [1.0])[0], e.sample_rate),
+                max(row.get("sample_rate", [0.0])[-1], e.sample_rate),
+            ]
         else:
             for n in ("participants", "survivors"):
                 v = getattr(e, n)
@@ -142,7 +145,9 @@ def _mechanism_rows(events: Sequence[Event]) -> list[dict[str, Any]]:
             row["l2_sensitivity"] = e.l2_sensitivity
         if isinstance(e, GaussianEvent):
             cur = row.get("clip_bound")
-            row["clip_bound"] = [e.clip_bound, e.clip_bound] if cur is None else [min(cur[0], e.clip_bound), max(cur[1], e.clip_bound)]
+            row["clip_bound"] = (
+                [e.clip_bound, e.clip_bound] if cur is None else [min(cur[0], e.clip_bound), max(cur[1], e.clip_bound)]
+            )
         if isinstance(e, QuantileEvent):
             cur = row.get("clip_bound")
             lo, hi = min(e.bound_before, e.bound_after), max(e.bound_before, e.bound_after)
@@ -184,9 +189,7 @@ def _fmt(x: Any) -> str:
 
 def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in row) + "</tr>" for row in rows
-    )
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -489,8 +492,9 @@ class PrivacyReport:
             "delta": d,
             "accountant": acc,
             "mode": {"name": mode, "trust_model": trust_model},
-            "summary": self._summary(unit, client, sample, d, mode, client_events, sample_events, releases, rev,
-                                     seed_derivable, audit_rec),  # fmt: skip
+            "summary": self._summary(
+                unit, client, sample, d, mode, client_events, sample_events, releases, rev, seed_derivable, audit_rec
+            ),  # fmt: skip
             "parties": party_rows or self._default_parties(mode, trust_model, client_events, sample_events, rev),
             "non_private_releases": releases,
             "seed_derivable": seed_derivable,
@@ -691,28 +695,40 @@ class PrivacyReport:
             "Gaussian mechanisms; Skellam and discrete Gaussian noise through their RDP bounds; RDP is the cross-check.",
         ]
         if any(e.sampling == "poisson" and e.sample_rate < 1 for e in events):
-            out.append("Sampling recorded as 'poisson' is independent per client (or record) with the recorded rate, "
-                       "as the accountants assume.")
+            out.append(
+                "Sampling recorded as 'poisson' is independent per client (or record) with the recorded rate, "
+                "as the accountants assume."
+            )
         if any(e.sampling == "fixed_size" for e in events):
-            out.append("Sampling recorded as 'fixed_size' (a fixed number drawn without replacement, or shuffled batches) "
-                       "is accounted as Poisson sampling with the same rate: the usual approximation, not a proven bound.")
+            out.append(
+                "Sampling recorded as 'fixed_size' (a fixed number drawn without replacement, or shuffled batches) "
+                "is accounted as Poisson sampling with the same rate: the usual approximation, not a proven bound."
+            )
         if any(isinstance(e, QuantileEvent) for e in events):
-            out.append("Adaptive clipping (Andrew et al. 2021): the server adds the count noise centrally and sees the raw "
-                       "count; the count and the round's update noise are accounted as one mechanism on the same "
-                       "clients (effective noise multiplier, Sec. 3.1).")
+            out.append(
+                "Adaptive clipping (Andrew et al. 2021): the server adds the count noise centrally and sees the raw "
+                "count; the count and the round's update noise are accounted as one mechanism on the same "
+                "clients (effective noise multiplier, Sec. 3.1)."
+            )
         if any(isinstance(e, GaussianEvent) for e in events):
             out.append("Central Gaussian noise: the server is trusted with the un-noised sum.")
         if any(isinstance(e, (SkellamEvent, DiscreteGaussianEvent)) for e in events):
-            out.append("Distributed integer noise: each client noises its own encoded vector before masking; the accountant "
-                       "uses the noise present in the sum of the survivors and the L2 sensitivity inflated by rounding "
-                       "(Kairouz, Liu, Steinke 2021). Client-level sampling amplification for Skellam and discrete Gaussian "
-                       "uses the general Poisson-subsampling RDP bound of Zhu & Wang 2019.")
+            out.append(
+                "Distributed integer noise: each client noises its own encoded vector before masking; the accountant "
+                "uses the noise present in the sum of the survivors and the L2 sensitivity inflated by rounding "
+                "(Kairouz, Liu, Steinke 2021). Client-level sampling amplification for Skellam and discrete Gaussian "
+                "uses the general Poisson-subsampling RDP bound of Zhu & Wang 2019."
+            )
         if under:
-            out.append(f"WARNING: {len(under)} round(s) had fewer survivors than the noise was sized for; the accountant "
-                       "used the smaller noise actually present.")
+            out.append(
+                f"WARNING: {len(under)} round(s) had fewer survivors than the noise was sized for; the accountant "
+                "used the smaller noise actually present."
+            )
         if sample_events:
-            out.append("Sample-level DP-SGD runs through Opacus; per-client epsilons compose each client's runs over the "
-                       "rounds it took part in (no amplification from client sampling is claimed).")
+            out.append(
+                "Sample-level DP-SGD runs through Opacus; per-client epsilons compose each client's runs over the "
+                "rounds it took part in (no amplification from client sampling is claimed)."
+            )
         return out
 
     def to_json(self, *, indent: int | None = 2) -> str:
@@ -843,13 +859,14 @@ class PrivacyReport:
 
         parts.append("<h2>Detail</h2>")
         parts.append("<h3>Mode and trust model</h3>")
-        parts.append(f"<p>Mode: <b>{e(d['mode']['name'])}</b></p><div class=\"trust\">{e(d['mode']['trust_model'])}</div>")
+        parts.append(f'<p>Mode: <b>{e(d["mode"]["name"])}</b></p><div class="trust">{e(d["mode"]["trust_model"])}</div>')
         plots = self._plots()
         client, sample = d["client_level"], d["sample_level"]
         parts.append("<h3>Epsilon over rounds</h3>")
         parts.append(
             f'<img alt="epsilon over rounds" src="data:image/png;base64,{plots["epsilon"]}">'
-            if plots["epsilon"] else "<p>No differential-privacy events.</p>"
+            if plots["epsilon"]
+            else "<p>No differential-privacy events.</p>"
         )
         if client:
             parts.append(_table(
@@ -860,53 +877,92 @@ class PrivacyReport:
         parts.append("<h3>Per-client sample-level epsilon</h3>")
         if plots["sample"]:
             parts.append(f'<img alt="per-client sample-level epsilon" src="data:image/png;base64,{plots["sample"]}">')
-            parts.append(_table(
-                ["client", f"epsilon ({sample['accountant_used']})", f"cross-check ({sample['cross_check_accountant']})", "rounds", "steps"],
-                [[c, v["epsilon"], v["cross_check"], v["rounds"], v["steps"]] for c, v in sample["per_client"].items()],
-            ))
+            parts.append(
+                _table(
+                    [
+                        "client",
+                        f"epsilon ({sample['accountant_used']})",
+                        f"cross-check ({sample['cross_check_accountant']})",
+                        "rounds",
+                        "steps",
+                    ],
+                    [[c, v["epsilon"], v["cross_check"], v["rounds"], v["steps"]] for c, v in sample["per_client"].items()],
+                )
+            )
         else:
             parts.append("<p>No sample-level events.</p>")
         parts.append("<h3>Utility over rounds</h3>")
         parts.append(
             f'<img alt="utility over rounds" src="data:image/png;base64,{plots["utility"]}">'
-            if plots["utility"] else "<p>No utility history given.</p>"
+            if plots["utility"]
+            else "<p>No utility history given.</p>"
         )
         if d["utility"] and not d["utility_reference"]:
             parts.append("<p>No non-DP reference was given to compare with.</p>")
 
         parts.append("<h3>Mechanisms and parameters</h3>")
         if d["mechanisms"]:
-            parts.append(_table(
-                ["mechanism", "level", "parameters", "uses", "rounds", "participants", "survivors", "details"],
-                [[
-                    m["mechanism"], m["level"], m["parameters"], m["uses"], m["rounds"],
-                    m.get("participants", "—"), m.get("survivors", "—"),
-                    {k: v for k, v in m.items() if k in ("clients", "steps", "sample_rate", "noise_multiplier_present", "l2_sensitivity", "clip_bound")} or "—",
-                ] for m in d["mechanisms"]],
-            ))
+            parts.append(
+                _table(
+                    ["mechanism", "level", "parameters", "uses", "rounds", "participants", "survivors", "details"],
+                    [
+                        [
+                            m["mechanism"],
+                            m["level"],
+                            m["parameters"],
+                            m["uses"],
+                            m["rounds"],
+                            m.get("participants", "—"),
+                            m.get("survivors", "—"),
+                            {
+                                k: v
+                                for k, v in m.items()
+                                if k
+                                in ("clients", "steps", "sample_rate", "noise_multiplier_present", "l2_sensitivity", "clip_bound")
+                            }
+                            or "—",
+                        ]
+                        for m in d["mechanisms"]
+                    ],
+                )
+            )
         else:
             parts.append("<p>None recorded.</p>")
 
         sa = d["secure_aggregation"]
         parts.append("<h3>Secure aggregation</h3>")
-        parts.append(_table(["setting", "value"], _fields(sa["parameters"])) if sa["parameters"] else "<p>No parameters given.</p>")
+        parts.append(
+            _table(["setting", "value"], _fields(sa["parameters"])) if sa["parameters"] else "<p>No parameters given.</p>"
+        )
         parts.append("<h4>Observed dropouts</h4>")
         parts.append(
-            _table(["round", "dropped", "clients"], [[x["round"], x["dropped"], ", ".join(x["ids"]) if x["ids"] else "—"] for x in sa["dropouts"]])
-            if sa["dropouts"] else "<p>None reported.</p>"
+            _table(
+                ["round", "dropped", "clients"],
+                [[x["round"], x["dropped"], ", ".join(x["ids"]) if x["ids"] else "—"] for x in sa["dropouts"]],
+            )
+            if sa["dropouts"]
+            else "<p>None reported.</p>"
         )
         if sa["rounds_below_min_clients"]:
             parts.append('<p class="warn">Rounds with fewer survivors than the distributed noise was sized for:</p>')
-            parts.append(_table(["round", "survivors", "min_clients"], [[x["round"], x["survivors"], x["min_clients"]] for x in sa["rounds_below_min_clients"]]))
+            parts.append(
+                _table(
+                    ["round", "survivors", "min_clients"],
+                    [[x["round"], x["survivors"], x["min_clients"]] for x in sa["rounds_below_min_clients"]],
+                )
+            )
 
         parts.append("<h3>Model reveals</h3>")
         parts.append(
             _table(["round", "revealed", "why allowed"], [[r["round"], r["what"], r["why"]] for r in d["reveals"]])
-            if d["reveals"] else "<p>No individual model was revealed.</p>"
+            if d["reveals"]
+            else "<p>No individual model was revealed.</p>"
         )
         parts.append("<h3>Privacy audit</h3>")
         if audit["ran"]:
-            parts.append(_table(["field", "value"], [[_humanize(k), "—" if v is None else v] for k, v in audit.items() if k != "ran"]))
+            parts.append(
+                _table(["field", "value"], [[_humanize(k), "—" if v is None else v] for k, v in audit.items() if k != "ran"])
+            )
         else:
             parts.append("<p>No privacy audit ran for this run.</p>")
         parts.append("<h3>Provenance</h3>")
@@ -918,7 +974,7 @@ class PrivacyReport:
     def to_html(self) -> str:
         """One self-contained HTML page (inline CSS and base64 PNG plots, no external resources)."""
         return (
-            "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+            '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
             f"<title>{html.escape(self.data['title'])}</title></head><body>{self._fragment()}</body></html>"
         )
 

@@ -246,7 +246,9 @@ def _guess_counts(m: int, guess_counts: Sequence[tuple[int, int]] | None) -> tup
             or any(isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0 for k in pair)
             or not 1 <= pair[0] + pair[1] <= m
         ):  # fmt: skip
-            raise DPValueError(f"each guess count must be a pair of ints (k_plus, k_minus) >= 0 with 1 <= k_plus + k_minus <= {m}, got {pair!r}")
+            raise DPValueError(
+                f"each guess count must be a pair of ints (k_plus, k_minus) >= 0 with 1 <= k_plus + k_minus <= {m}, got {pair!r}"
+            )
     return counts
 
 

@@ -15,8 +15,8 @@ from .asynchronous import (
 )
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .client import Client, ClientResult, Workspace
-from .errors import ConfigError, DataUnavailableError, FedcoreError, RoundFailedError
 from .cuda import CudaSum, CudaUnavailableError
+from .errors import ConfigError, DataUnavailableError, FedcoreError, RoundFailedError
 from .executors import Executor, InProcessExecutor
 from .layout import ParameterLayout
 from .observability import JsonlLogger, MetricsLogger, MultiLogger, TensorBoardLogger, WandbLogger

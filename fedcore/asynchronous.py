@@ -31,7 +31,6 @@ than ``max_staleness`` are refused before upload and cost nothing.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import heapq
 import math
@@ -40,9 +39,9 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, Union, runtime_checkable
 
 import numpy as np
-import torch
 
 import dp
+
 from . import messages as msg
 from .errors import ConfigError, RoundFailedError
 from .server import Federation
@@ -536,7 +535,9 @@ class AsyncFederation:
             for job in group:
                 report = msg.decode(replies.get(job.client_id) or b"", expect=msg.Kind.TRAIN_REPORT).header
                 if report.get("client") != job.client_id:
-                    raise RoundFailedError(f"job {job.index}: {job.client_id!r} answered with a report of {report.get('client')!r}")
+                    raise RoundFailedError(
+                        f"job {job.index}: {job.client_id!r} answered with a report of {report.get('client')!r}"
+                    )
                 job.report = report
 
     def _release(self) -> None:

@@ -166,7 +166,9 @@ class _Wrapper:
             raise AttributeError(attr)
         return getattr(self.inner, attr)
 
-    def evaluate(self, clients: Sequence[Client], *, global_vector: torch.Tensor, split: str) -> list[tuple[dict[str, float], int]]:
+    def evaluate(
+        self, clients: Sequence[Client], *, global_vector: torch.Tensor, split: str
+    ) -> list[tuple[dict[str, float], int]]:
         return self.inner.evaluate(clients, global_vector=global_vector, split=split)
 
     def predict(self, client: Client, *, vector: torch.Tensor, batch: Any) -> torch.Tensor:
@@ -237,7 +239,9 @@ class InjectedUpdates(_Wrapper):
     def fit(self, clients: Sequence[Client], *, round_index: int, seeds: Sequence[int], **kwargs: Any) -> list[ClientResult]:
         """Train like the wrapped executor; the injected clients send their fixed updates instead."""
         train = [(c, s) for c, s in zip(clients, seeds) if c.client_id not in self.updates]
-        trained = iter(self.inner.fit([c for c, _ in train], round_index=round_index, seeds=[s for _, s in train], **kwargs) if train else [])
+        trained = iter(
+            self.inner.fit([c for c, _ in train], round_index=round_index, seeds=[s for _, s in train], **kwargs) if train else []
+        )
         out = []
         for c in clients:
             if c.client_id in self.updates:

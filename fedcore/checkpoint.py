@@ -135,8 +135,6 @@ def load_checkpoint(folder: str | Path) -> Checkpoint:
     )
 
 
-
-
 def save_local_state(folder: str | Path, client_id: str, params: Mapping[str, np.ndarray]) -> Path:
     """Write one client's local-only parameters to its own file, ``<folder>/<client_id>.npz``."""
     folder = Path(folder)

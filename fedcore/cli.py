@@ -57,8 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run.add_argument("config", help="path to the experiment file (.toml, .yaml or .yml); see examples/main.toml")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                     help="override one setting, e.g. --set privacy.target_epsilon=4 --set rounds=10 (repeatable; values parsed as JSON when possible)")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one setting, e.g. --set privacy.target_epsilon=4 --set rounds=10 (repeatable; values parsed as JSON when possible)",
+    )
     run.add_argument("--out", dest="output_dir", help="output folder (overrides output_dir)")
     run.add_argument("--rounds", type=int, help="number of rounds (overrides rounds)")
     run.add_argument("--seed", type=int, help="random seed (overrides seed)")

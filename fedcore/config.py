@@ -102,7 +102,11 @@ class WorkloadSection:
         _choice("workload.loss", self.loss, ("bce", "softmax"))
         _positive("workload.num_train_negatives", self.num_train_negatives, integer=True)
         _positive("workload.history_length", self.history_length, integer=True)
-        if isinstance(self.trainable_layers, bool) or not isinstance(self.trainable_layers, int) or not 0 <= self.trainable_layers <= 6:
+        if (
+            isinstance(self.trainable_layers, bool)
+            or not isinstance(self.trainable_layers, int)
+            or not 0 <= self.trainable_layers <= 6
+        ):
             raise ConfigError(f"workload.trainable_layers must be an integer in [0, 6], got {self.trainable_layers!r}")
 
 
@@ -311,7 +315,9 @@ class ExperimentConfig:
         if not isinstance(self.reproducible, bool):
             raise ConfigError(f"reproducible must be true or false, got {self.reproducible!r}")
         if self.privacy.unit == "user" and self.workload.case != "movielens":
-            raise ConfigError(f"privacy.unit 'user' needs user ids, which workload.case {self.workload.case!r} lacks; use 'record'")
+            raise ConfigError(
+                f"privacy.unit 'user' needs user ids, which workload.case {self.workload.case!r} lacks; use 'record'"
+            )
 
     @property
     def privacy_unit(self) -> str | None:
@@ -356,7 +362,9 @@ def parse_config(raw: Mapping[str, Any], *, overrides: Mapping[str, Any] | None 
             allowed = {f.name for f in dataclasses.fields(_SECTIONS[key])}
             unknown = sorted(set(value) - allowed)
             if unknown:
-                raise ConfigError(f"unknown key(s) {unknown} in [{key}]{_did_you_mean(unknown, allowed)}; allowed: {sorted(allowed)}")
+                raise ConfigError(
+                    f"unknown key(s) {unknown} in [{key}]{_did_you_mean(unknown, allowed)}; allowed: {sorted(allowed)}"
+                )
             kwargs[key] = _SECTIONS[key](**value)
         elif key in top_fields:
             kwargs[key] = value

@@ -41,7 +41,9 @@ def _found() -> str:
     if not built:
         return f"torch {torch.__version__} is a CPU-only build (torch.version.cuda is None)"
     if not torch.cuda.is_available():
-        return f"torch {torch.__version__} is built with CUDA {built} but torch.cuda.is_available() is False (no driver or no GPU)"
+        return (
+            f"torch {torch.__version__} is built with CUDA {built} but torch.cuda.is_available() is False (no driver or no GPU)"
+        )
     names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return f"{len(names)} CUDA device(s): " + ", ".join(f"cuda:{i} {n}" for i, n in enumerate(names))
 
@@ -58,9 +60,7 @@ def cuda_device(device: str | torch.device) -> torch.device:
     except (RuntimeError, TypeError) as exc:
         raise ConfigError(f"device must name a CUDA device such as 'cuda:0', got {device!r}") from exc
     if dev.type != "cuda":
-        raise ConfigError(
-            f"device must name a CUDA device such as 'cuda:0', got {device!r}; the CPU path is secagg.PlaintextSum"
-        )
+        raise ConfigError(f"device must name a CUDA device such as 'cuda:0', got {device!r}; the CPU path is secagg.PlaintextSum")
     if not torch.cuda.is_available():
         raise CudaUnavailableError(f"device {str(device)!r} was asked for, but CUDA is not available: {_found()}")
     index = torch.cuda.current_device() if dev.index is None else dev.index
@@ -189,8 +189,10 @@ def _stream_weighted_sum(
 
     def fill(slot: int, start: int, n: int) -> None:
         stage = bufs.staging[slot].numpy()[: k * n].reshape(k, n)
+
         def row(i: int) -> None:
             np.copyto(stage[i], vectors[i][start : start + n], casting="same_kind")
+
         if threads > 1 and k > 1:
             list(pool.map(row, range(k)))
         else:
@@ -253,13 +255,12 @@ class CudaSum:
     """
 
     mode = "plaintext"
-    trust_model = (
-        "Plaintext aggregation (on a GPU): the server sees every participating client's individual "
-        "update in the clear."
-    )
+    trust_model = "Plaintext aggregation (on a GPU): the server sees every participating client's individual update in the clear."
 
     def __init__(self, *, device: str, chunk_elements: int | None = None, memory_fraction: float = 0.5) -> None:
-        if chunk_elements is not None and (isinstance(chunk_elements, bool) or not isinstance(chunk_elements, int) or chunk_elements < 1):
+        if chunk_elements is not None and (
+            isinstance(chunk_elements, bool) or not isinstance(chunk_elements, int) or chunk_elements < 1
+        ):
             raise ConfigError(f"chunk_elements must be an int >= 1 or None, got {chunk_elements!r}")
         if not (isinstance(memory_fraction, (int, float)) and 0.0 < memory_fraction <= 0.9):
             raise ConfigError(f"memory_fraction must be in (0, 0.9], got {memory_fraction!r}")

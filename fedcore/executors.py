@@ -39,7 +39,9 @@ class Executor(Protocol):
         not raised.
         """
 
-    def evaluate(self, clients: Sequence[Client], *, global_vector: torch.Tensor, split: str) -> list[tuple[dict[str, float], int]]:
+    def evaluate(
+        self, clients: Sequence[Client], *, global_vector: torch.Tensor, split: str
+    ) -> list[tuple[dict[str, float], int]]:
         """Each client's metrics of the global model on its ``split`` and the number of examples scored."""
 
     def predict(self, client: Client, *, vector: torch.Tensor, batch: Any) -> torch.Tensor:
@@ -86,7 +88,9 @@ class InProcessExecutor:
                 progress.update(1)
         return results
 
-    def evaluate(self, clients: Sequence[Client], *, global_vector: torch.Tensor, split: str) -> list[tuple[dict[str, float], int]]:
+    def evaluate(
+        self, clients: Sequence[Client], *, global_vector: torch.Tensor, split: str
+    ) -> list[tuple[dict[str, float], int]]:
         """Evaluate clients one after another in this process."""
         return [c.evaluate(self.workspace, global_vector=global_vector, split=split) for c in clients]
 

@@ -77,7 +77,12 @@ def build_workload(config: ExperimentConfig) -> Workload:
         users = np.sort(np.concatenate(list(fed.client_users.values())))
         hr, ndcg = recsys.hit_rate_ndcg(recsys.popularity_scores(fed.split)[fed.split.candidates(users)], k=10)
         return Workload(
-            fed.task, fed.clients, fed.central, f"{fed.partition_rule}. Protocol: {fed.protocol}", {"hr@10": hr, "ndcg@10": ndcg}, w,
+            fed.task,
+            fed.clients,
+            fed.central,
+            f"{fed.partition_rule}. Protocol: {fed.protocol}",
+            {"hr@10": hr, "ndcg@10": ndcg},
+            w,
             units=fed.units,
         )
     frozen = w.model == "frozen"
@@ -185,7 +190,10 @@ class Experiment:
             trust_model=backend.trust_model,
             secure_aggregation={**fed.pipeline.describe(), "workload": self.workload.description},
             dropouts={int(h["round"]): int(h.get("dropped", 0)) for h in fed.history},
-            reveals=[dp.Reveal(round_index=r.round_index, what=f"{r.what}: {', '.join(r.client_ids)}", why=r.why_allowed) for r in fed.reveals],
+            reveals=[
+                dp.Reveal(round_index=r.round_index, what=f"{r.what}: {', '.join(r.client_ids)}", why=r.why_allowed)
+                for r in fed.reveals
+            ],
             utility={int(h["round"]): {k[5:]: float(v) for k, v in h.items() if k.startswith("test_")} for h in fed.history},
             audited_epsilon_lower_bound=audited_epsilon_lower_bound,
             budget=self.budget,
@@ -200,7 +208,11 @@ class Experiment:
         if level == "client":
             return "a whole client (all of its data)"
         unit = self.config.privacy_unit
-        return None if unit is None else {"user": "a user inside a silo (all of that user's ratings)", "record": "one record of a client"}[unit]
+        return (
+            None
+            if unit is None
+            else {"user": "a user inside a silo (all of that user's ratings)", "record": "one record of a client"}[unit]
+        )
 
     def _non_private_releases(self) -> list[str]:
         """What the run released that no DP mechanism covers."""
@@ -250,9 +262,13 @@ def build_experiment(config: ExperimentConfig, *, workload: Workload | None = No
     if p.level == "sample":
         unit = config.privacy_unit
         if unit not in workload.units:
-            raise ConfigError(f"privacy.unit {unit!r}: the workload's examples support {list(workload.units)}; build it from this config")
+            raise ConfigError(
+                f"privacy.unit {unit!r}: the workload's examples support {list(workload.units)}; build it from this config"
+            )
         noise_multiplier = _sample_noise_multiplier(config, clients)
-        dp_args = dict(noise_multiplier=noise_multiplier, max_grad_norm=p.max_grad_norm, clipping=p.clipping, lazy_noise=p.lazy_noise)
+        dp_args = dict(
+            noise_multiplier=noise_multiplier, max_grad_norm=p.max_grad_norm, clipping=p.clipping, lazy_noise=p.lazy_noise
+        )
         sample_privacy = (
             dp.UserLevelDP(**dp_args, user_parameters=getattr(task, "user_parameters", ()))
             if unit == "user" else dp.SampleLevelDP(**dp_args)
@@ -265,7 +281,11 @@ def build_experiment(config: ExperimentConfig, *, workload: Workload | None = No
             float(p.noise_multiplier)
             if p.noise_multiplier is not None
             else dp.calibrate_noise_multiplier(
-                target_epsilon=float(p.target_epsilon), delta=p.delta, steps=config.rounds, sample_rate=rate, accountant=p.accountant
+                target_epsilon=float(p.target_epsilon),
+                delta=p.delta,
+                steps=config.rounds,
+                sample_rate=rate,
+                accountant=p.accountant,
             )  # type: ignore[arg-type]
         )
         limit = p.budget_epsilon or p.target_epsilon
@@ -281,7 +301,8 @@ def build_experiment(config: ExperimentConfig, *, workload: Workload | None = No
         )  # fmt: skip
         if p.noise_multiplier is None:  # the calibrated multiplier is the effective one of update and count
             noise_multiplier = dp.AdaptiveClip.update_noise_multiplier(
-                effective_noise_multiplier=float(noise_multiplier), count_noise_multiplier=count  # type: ignore[arg-type]
+                effective_noise_multiplier=float(noise_multiplier),
+                count_noise_multiplier=count,  # type: ignore[arg-type]
             )
     value_bound = a.value_bound if a.value_bound is not None else max(p.clip, 1.0)
 
@@ -294,7 +315,9 @@ def build_experiment(config: ExperimentConfig, *, workload: Workload | None = No
             expected = max(1, round(rate * len(clients)))
             min_clients = a.threshold or secagg.MaskedSum(**masked_kwargs).plan(expected).threshold
             noise_cls = dp.SkellamNoise if p.noise == "skellam" else dp.DiscreteGaussianNoise
-            integer_noise = noise_cls(noise_multiplier=noise_multiplier, clip_bound=p.clip, dim=dimension, min_clients=min_clients)
+            integer_noise = noise_cls(
+                noise_multiplier=noise_multiplier, clip_bound=p.clip, dim=dimension, min_clients=min_clients
+            )
         backend: secagg.SecureSum = secagg.MaskedSum(**masked_kwargs, integer_noise=integer_noise)
     elif a.mode == "ckks":
         backend = secagg.CKKSSum(value_bound=value_bound, max_clients=max_clients, preset=a.preset or "compact")

@@ -102,11 +102,7 @@ class ParameterLayout:
 
     def local_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Copies of the local-only trainable parameters (kept by the client between rounds)."""
-        return {
-            name: p.detach().clone()
-            for name, p in model.named_parameters()
-            if p.requires_grad and self._is_local(name)
-        }
+        return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad and self._is_local(name)}
 
     def _params(self, model: nn.Module) -> dict[str, nn.Parameter]:
         params = dict(model.named_parameters())
@@ -130,8 +126,6 @@ def _local_predicate(local_only: LocalOnly) -> Callable[[str], bool]:
     if callable(local_only):
         return local_only
     if isinstance(local_only, str) or not isinstance(local_only, Iterable):
-        raise TypeError(
-            f"local_only must be a sequence of glob patterns or a predicate on names, got {local_only!r}"
-        )
+        raise TypeError(f"local_only must be a sequence of glob patterns or a predicate on names, got {local_only!r}")
     patterns = tuple(local_only)
     return lambda name: any(fnmatch.fnmatchcase(name, p) for p in patterns)

@@ -73,7 +73,9 @@ class WandbLogger:
         ImportError: wandb is not installed (with the command that installs it).
     """
 
-    def __init__(self, *, project: str, mode: str = "offline", config: Mapping[str, Any] | None = None, dir: str | None = None) -> None:
+    def __init__(
+        self, *, project: str, mode: str = "offline", config: Mapping[str, Any] | None = None, dir: str | None = None
+    ) -> None:
         try:
             import wandb
         except ImportError as exc:

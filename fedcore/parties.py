@@ -336,6 +336,7 @@ class ClientSide:
             for c, state in zip(clients, before):
                 c.local_state = state
 
+
 @dataclass(frozen=True)
 class Received:
     """One message the server party received: who sent it, and its bytes."""
@@ -390,4 +391,3 @@ class InProcessChannel:
     def send(self, recipient: str, message: bytes) -> bytes | None:
         """One message, one reply."""
         return self.exchange({recipient: message}).get(recipient)
-

@@ -40,7 +40,9 @@ def iid(n_items: int, num_clients: int, rng: np.random.Generator) -> list[np.nda
     if num_clients < 1:
         raise ValueError(f"num_clients must be >= 1, got {num_clients!r}")
     if n_items < num_clients:
-        raise ValueError(f"num_clients must be <= n_items so no client is empty, got num_clients={num_clients} > n_items={n_items}")
+        raise ValueError(
+            f"num_clients must be <= n_items so no client is empty, got num_clients={num_clients} > n_items={n_items}"
+        )
     perm = rng.permutation(n_items)
     return [np.sort(part).astype(np.int64) for part in np.array_split(perm, num_clients)]
 
@@ -78,9 +80,7 @@ def dirichlet_by_label(
     if labels.ndim != 1:
         raise ValueError(f"labels must be 1-D, got shape {labels.shape}")
     if num_clients * min_size > labels.size:
-        raise ValueError(
-            f"num_clients * min_size must be <= len(labels), got {num_clients} * {min_size} > {labels.size}"
-        )
+        raise ValueError(f"num_clients * min_size must be <= len(labels), got {num_clients} * {min_size} > {labels.size}")
     codes = pd.factorize(labels, sort=True, use_na_sentinel=False)[0]
     by_label = [np.flatnonzero(codes == c) for c in range(codes.max() + 1)]
     for _ in range(max_tries):
@@ -181,7 +181,10 @@ def nested_silos(groups: Sequence[np.ndarray], parents: Sequence[Any], num_silos
     Raises:
         ValueError: lengths differ, ``num_silos < 1``, overlapping groups, or fewer groups than silos.
     """
-    return [np.sort(np.concatenate([np.asarray(groups[g], dtype=np.int64) for g in m])) for m in nested_silo_members(groups, parents, num_silos)]
+    return [
+        np.sort(np.concatenate([np.asarray(groups[g], dtype=np.int64) for g in m]))
+        for m in nested_silo_members(groups, parents, num_silos)
+    ]
 
 
 def nested_silo_members(groups: Sequence[np.ndarray], parents: Sequence[Any], num_silos: int) -> list[list[int]]:

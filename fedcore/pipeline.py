@@ -13,7 +13,6 @@ from typing import Any, Protocol
 import numpy as np
 
 import dp
-
 from secagg import PlaintextSum, SecureSum, SumResult
 
 from .errors import ConfigError, RoundFailedError
@@ -30,8 +29,6 @@ class Clipper(Protocol):
     @property
     def bound(self) -> float:
         """The L2 bound of this round."""
-
-
 
 
 @dataclass(frozen=True)
@@ -268,7 +265,9 @@ class UpdatePipeline:
             mean = total / max(float(denominator or 1), 1.0)
         return RoundAggregate(Aggregate(mean=mean, contributors=contributors), summed, tuple(events))
 
-    def noise_events(self, *, round_index: int, participants: int, survivors: int, sample_rate: float, sampling: str) -> list[Any]:
+    def noise_events(
+        self, *, round_index: int, participants: int, survivors: int, sample_rate: float, sampling: str
+    ) -> list[Any]:
         """The ledger event of the client-level update noise for one protected sum (none without it)."""
         if self.central_noise is not None:
             noise = self.central_noise
@@ -281,14 +280,16 @@ class UpdatePipeline:
             )]  # fmt: skip
         integer_noise = getattr(self.backend, "integer_noise", None)
         if integer_noise is not None:
-            encoder: Any = getattr(self.backend, "encoder")
+            encoder: Any = self.backend.encoder
             return [integer_noise.event(
                 round_index=round_index, scale=encoder.scale, participants=participants,
                 survivors=survivors, sample_rate=sample_rate, sampling=sampling,
             )]  # fmt: skip
         return []
 
-    def planned_events(self, *, round_index: int, participants: int, survivors: int, sample_rate: float, sampling: str) -> list[Any]:
+    def planned_events(
+        self, *, round_index: int, participants: int, survivors: int, sample_rate: float, sampling: str
+    ) -> list[Any]:
         """The events a round would record with ``survivors`` survivors (the budget's worst case)."""
         events = self.noise_events(
             round_index=round_index, participants=participants, survivors=survivors, sample_rate=sample_rate,

@@ -111,11 +111,15 @@ class _Worker:
             out.append((result, _to_numpy(client.local_state)))
         return out
 
-    def evaluate(self, jobs: list[tuple[str, list[Any], dict[str, np.ndarray]]], global_vector: np.ndarray, split: str) -> list[tuple[dict[str, float], int]]:
+    def evaluate(
+        self, jobs: list[tuple[str, list[Any], dict[str, np.ndarray]]], global_vector: np.ndarray, split: str
+    ) -> list[tuple[dict[str, float], int]]:
         vector = _vector(global_vector)
         return [c.evaluate(self.workspace, global_vector=vector, split=split) for c in self._clients(jobs)]
 
-    def predict(self, jobs: list[tuple[str, list[Any], dict[str, np.ndarray]]], vector: np.ndarray, batch: Any) -> list[torch.Tensor]:
+    def predict(
+        self, jobs: list[tuple[str, list[Any], dict[str, np.ndarray]]], vector: np.ndarray, batch: Any
+    ) -> list[torch.Tensor]:
         weights = _vector(vector)
         return [c.predict(self.workspace, vector=weights, batch=batch).cpu() for c in self._clients(jobs)]
 
@@ -160,7 +164,11 @@ class RayExecutor:
         clients_per_call: int | None = None,
     ) -> None:
         ray = _import_ray()
-        for label, value in (("num_workers", num_workers), ("torch_threads", torch_threads), ("clients_per_call", clients_per_call)):
+        for label, value in (
+            ("num_workers", num_workers),
+            ("torch_threads", torch_threads),
+            ("clients_per_call", clients_per_call),
+        ):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ConfigError(f"{label} must be an int >= 1 or None, got {value!r}")
         for label, amount in (("num_cpus_per_client", num_cpus_per_client), ("num_gpus_per_client", num_gpus_per_client)):
@@ -301,7 +309,9 @@ class RayExecutor:
             results.append(result)
         return results
 
-    def evaluate(self, clients: Sequence[Client], *, global_vector: torch.Tensor, split: str) -> list[tuple[dict[str, float], int]]:
+    def evaluate(
+        self, clients: Sequence[Client], *, global_vector: torch.Tensor, split: str
+    ) -> list[tuple[dict[str, float], int]]:
         """Evaluate clients in parallel on the Ray actors; one entry per client, in order."""
         if not clients:
             return []

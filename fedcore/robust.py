@@ -109,8 +109,7 @@ class _RobustRule:
             vec = np.asarray(m.vector)
             if vec.shape != base.shape:
                 raise RoundFailedError(
-                    f"{self.name}: local model of client {m.client_id!r} has shape {vec.shape}, "
-                    f"the global model has {base.shape}"
+                    f"{self.name}: local model of client {m.client_id!r} has shape {vec.shape}, the global model has {base.shape}"
                 )
             if not np.all(np.isfinite(vec)):
                 rejected.append(m.client_id)
@@ -120,8 +119,7 @@ class _RobustRule:
         self.last_rejected = tuple(rejected)
         if not rows:
             raise RoundFailedError(
-                f"{self.name}: all {len(local_models)} updates hold NaN or Inf (clients {rejected[:5]}); "
-                "nothing to aggregate"
+                f"{self.name}: all {len(local_models)} updates hold NaN or Inf (clients {rejected[:5]}); nothing to aggregate"
             )
         deltas = np.stack(rows)
         self.last_clipped = 0
@@ -264,5 +262,7 @@ class MultiKrum(Krum):
     name = "multikrum"
     reveal_reason = "Multi-Krum compares every client's individual update with the others'"
 
-    def __init__(self, *, num_byzantine: int, multi: int | None = None, norm_bound: float | None = None, server_lr: float = 1.0) -> None:
+    def __init__(
+        self, *, num_byzantine: int, multi: int | None = None, norm_bound: float | None = None, server_lr: float = 1.0
+    ) -> None:
         super().__init__(num_byzantine=num_byzantine, multi=multi, norm_bound=norm_bound, server_lr=server_lr)  # type: ignore[arg-type]

@@ -310,7 +310,9 @@ class Federation:
         """
         t = self.round_index + 1
         started = time.perf_counter()
-        participants = self.sampler.sample(self.client_ids, self.randomness.generator(round_index=t, party="server", purpose="sampling"))
+        participants = self.sampler.sample(
+            self.client_ids, self.randomness.generator(round_index=t, party="server", purpose="sampling")
+        )
         rate = self.sampler.rate(len(self.client_ids))
 
         def body() -> tuple[np.ndarray, list[Any], dict[str, Any]]:
@@ -374,7 +376,9 @@ class Federation:
                 raise RoundFailedError(f"round {t}: no training report from {cid!r}")
             header = msg.decode(reply, expect=msg.Kind.TRAIN_REPORT).header
             if header.get("client") != cid or header.get("round") != t:
-                raise RoundFailedError(f"round {t}: {cid!r} answered with a report of {header.get('client')!r} for round {header.get('round')}")
+                raise RoundFailedError(
+                    f"round {t}: {cid!r} answered with a report of {header.get('client')!r} for round {header.get('round')}"
+                )
             reports[cid] = header
         return reports
 
@@ -406,16 +410,22 @@ class Federation:
         if he:  # this round's keys: the server gets the public context, each client its own from the key holder
             self.public_context = self.channel.send(KEY_HOLDER, msg.encode(msg.Kind.KEYS, {"round": t}))
         elif self.public_keys:  # signed masking: the identity directory the server checks signatures with
-            self.public_context = getattr(backend, "public_context")(self.public_keys)
+            self.public_context = backend.public_context(self.public_keys)
         dropouts = self.dropouts.draw(ids, self._rng(t, _STREAM_DROPOUT)) if self.dropouts else {}
         clip_bound = self.pipeline.broadcast_bound()
         requests = {
-            cid: msg.encode(msg.Kind.PROTECT, {
-                "round": t, "participants": ids, "staleness_weight": weights.get(cid, 1.0), "clip_bound": clip_bound,
-            })  # fmt: skip
+            cid: msg.encode(
+                msg.Kind.PROTECT,
+                {
+                    "round": t,
+                    "participants": ids,
+                    "staleness_weight": weights.get(cid, 1.0),
+                    "clip_bound": clip_bound,
+                },
+            )  # fmt: skip
             for cid in ids
         }
-        for cid, reply in self.channel.exchange(requests).items():
+        for reply in self.channel.exchange(requests).values():
             msg.decode(reply if reply is not None else b"", expect=msg.Kind.ACK)
         session = self.pipeline.backend.server_session(
             round_index=t, participants=ids, length=self.pipeline.vector_length(self.layout.size),
@@ -427,7 +437,9 @@ class Federation:
         summed = drive_round(session, parties, dropouts=dropouts)
         noise_rng = self.randomness.generator(round_index=t, party="server", purpose="central-noise")
         n = len(ids) if participants is None else participants
-        return self.pipeline.finish(summed, round_index=t, rng=noise_rng, participants=n, sample_rate=sample_rate, sampling=sampling)
+        return self.pipeline.finish(
+            summed, round_index=t, rng=noise_rng, participants=n, sample_rate=sample_rate, sampling=sampling
+        )
 
     def client_updates(self, client_ids: Sequence[str] | None = None) -> list[ClientResult]:
         """What the given clients (default: all) would hand to the protection pipeline next round.
@@ -458,12 +470,16 @@ class Federation:
         for cid in alive:
             revealed = msg.decode(replies.get(cid) or b"", expect=msg.Kind.REVEALED)
             if revealed.payload.size != self.layout.size:
-                raise RoundFailedError(f"round {t}: {cid!r} revealed {revealed.payload.size} coordinates, the model has {self.layout.size}")
+                raise RoundFailedError(
+                    f"round {t}: {cid!r} revealed {revealed.payload.size} coordinates, the model has {self.layout.size}"
+                )
             local_models.append(LocalModel(
                 cid, self.global_vector + revealed.payload, float(revealed.header["num_examples"]), revealed.header["metrics"]
             ))  # fmt: skip
         new_vector = self.strategy.combine(self.global_vector, local_models)
-        self.reveals.append(Reveal(t, tuple(alive), what=f"local models ({self.strategy.name})", why_allowed=self._reveal_basis()))
+        self.reveals.append(
+            Reveal(t, tuple(alive), what=f"local models ({self.strategy.name})", why_allowed=self._reveal_basis())
+        )
         return new_vector, len(alive), len(ids) - len(alive)
 
     def _reveal_basis(self) -> str:

@@ -187,6 +187,7 @@ class _AdaptiveServer:
 
 class FedAdam(_AdaptiveServer):
     """Adam on the server: the mean update is the pseudo-gradient, ``v`` its squares' EMA (Reddi et al., ICLR 2021)."""
+
     name = "fedadam"
 
     def _second_moment(self, v: np.ndarray, delta_sq: np.ndarray) -> np.ndarray:
@@ -195,6 +196,7 @@ class FedAdam(_AdaptiveServer):
 
 class FedYogi(_AdaptiveServer):
     """Yogi on the server: like FedAdam with a sign-controlled, additive second moment (Reddi et al., ICLR 2021)."""
+
     name = "fedyogi"
 
     def _second_moment(self, v: np.ndarray, delta_sq: np.ndarray) -> np.ndarray:
@@ -203,6 +205,7 @@ class FedYogi(_AdaptiveServer):
 
 class FedAdagrad(_AdaptiveServer):
     """Adagrad on the server: ``v`` accumulates the squared mean updates (Reddi et al., ICLR 2021)."""
+
     name = "fedadagrad"
 
     def _second_moment(self, v: np.ndarray, delta_sq: np.ndarray) -> np.ndarray:

@@ -91,7 +91,9 @@ class TrainConfig:
         if isinstance(self.momentum, bool) or not isinstance(self.momentum, (int, float)) or not 0 <= self.momentum < 1:
             raise ConfigError(f"momentum must be a number in [0, 1), got {self.momentum!r}")
         if self.momentum and self.optimizer != "sgd":
-            raise ConfigError(f"momentum applies to optimizer 'sgd' only, got optimizer {self.optimizer!r} with momentum {self.momentum!r}")
+            raise ConfigError(
+                f"momentum applies to optimizer 'sgd' only, got optimizer {self.optimizer!r} with momentum {self.momentum!r}"
+            )
         try:
             torch.device(self.device)
         except RuntimeError as exc:
@@ -127,7 +129,12 @@ class SampleLevelPrivacy(Protocol):
     """Makes local training differentially private per example (``dp.SampleLevelDP``)."""
 
     def attach(
-        self, module: nn.Module, optimizer: torch.optim.Optimizer, data_loader: DataLoader, *, generator: torch.Generator | None = None
+        self,
+        module: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        data_loader: DataLoader,
+        *,
+        generator: torch.Generator | None = None,
     ) -> PrivateTraining:
         """Wrap module, optimizer and loader for DP-SGD (Poisson batches drawn with ``generator``)."""
 

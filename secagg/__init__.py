@@ -5,11 +5,15 @@ A leaf library: it imports neither :mod:`fedcore` nor :mod:`dp`. Every backend i
 """
 
 from .base import IntegerNoise, PlaintextSum, SecureSum, Stage, SumResult, check_updates
-from .errors import DropoutError, KeyMaterialError, OverflowRiskError, ProtocolError, SecAggError
-from .session import KEY_HOLDER, ClientKeys, ClientSession, Respond, ServerSession, drive_round
+
+# masked exports: end
+# homomorphic (CKKS / BFV) exports: begin
+from .bfv import BFV_PRESETS, BFVClient, BFVEncoder, BFVKeyHolder, BFVPreset, BFVSum, bfv_preset
+from .ckks import CKKS_PRESETS, CKKSClient, CKKSKeyHolder, CKKSPreset, CKKSSum, DecryptedSum, HEServer, ckks_preset
 
 # masked (SecAgg / SecAgg+) exports: begin
 from .encoding import FixedPointEncoder
+from .errors import DropoutError, KeyMaterialError, OverflowRiskError, ProtocolError, SecAggError
 from .graph import SecAggPlan, neighbours, plan_complete, plan_secagg_plus, round_completes, simulate_completion
 from .masked import MaskedSum
 from .messages import (
@@ -26,12 +30,9 @@ from .messages import (
     decode_message,
 )
 from .protocol import IntegerSumResult, SecAggClient, SecAggServer, secure_sum_integers
-# masked exports: end
-
-# homomorphic (CKKS / BFV) exports: begin
-from .bfv import BFV_PRESETS, BFVClient, BFVEncoder, BFVKeyHolder, BFVPreset, BFVSum, bfv_preset
-from .ckks import CKKS_PRESETS, CKKSClient, CKKSKeyHolder, CKKSPreset, CKKSSum, DecryptedSum, HEServer, ckks_preset
 from .selective import Selection, SelectiveSum, select_by_name, select_indices, select_top_fraction
+from .session import KEY_HOLDER, ClientKeys, ClientSession, Respond, ServerSession, drive_round
+
 # homomorphic exports: end
 
 __all__ = [

@@ -146,8 +146,12 @@ def ckks_release_grid(
     accepted outcomes are farther apart than any noise can move a decryption.
     """
     radius = ckks_error_bound(
-        poly_modulus_degree=poly_modulus_degree, encryption=encryption, reals_per_slot=reals_per_slot,
-        scale=scale, value_bound=value_bound, count=max_clients,
+        poly_modulus_degree=poly_modulus_degree,
+        encryption=encryption,
+        reals_per_slot=reals_per_slot,
+        scale=scale,
+        value_bound=value_bound,
+        count=max_clients,
     )
     return 2.0 ** (math.floor(math.log2(4 * radius)) + 1)
 
@@ -164,8 +168,13 @@ def ckks_rounding_error(*, grid: float, value_bound: float) -> float:
 
 
 def ckks_largest_scale_bits(
-    *, poly_modulus_degree: int, coeff_mod_bit_sizes: tuple[int, ...], encryption: str,
-    reals_per_slot: int, value_bound: float, max_clients: int,
+    *,
+    poly_modulus_degree: int,
+    coeff_mod_bit_sizes: tuple[int, ...],
+    encryption: str,
+    reals_per_slot: int,
+    value_bound: float,
+    max_clients: int,
 ) -> int:
     """Largest k such that the sum of ``max_clients`` encodings at scale 2^k cannot wrap mod q.
 
@@ -242,8 +251,13 @@ class ContextInfo:
 
     def link(self) -> dict[str, object]:
         """The fields a ciphertext or aggregate repeats to bind itself to this key set."""
-        return {"scheme": self.scheme, "preset": self.preset, "fingerprint": self.fingerprint,
-                "scale": self.scale, "key_id": self.key_id}
+        return {
+            "scheme": self.scheme,
+            "preset": self.preset,
+            "fingerprint": self.fingerprint,
+            "scale": self.scale,
+            "key_id": self.key_id,
+        }
 
     def spec(self) -> SealSpec:
         return SealSpec(
@@ -259,8 +273,11 @@ class ContextInfo:
     def grid(self) -> float:
         """CKKS: the release grid (:func:`ckks_release_grid`), fixed by the public parameters."""
         return ckks_release_grid(
-            poly_modulus_degree=self.poly_modulus_degree, encryption=self.encryption,
-            reals_per_slot=self.reals_per_slot, scale=self.scale, value_bound=self.value_bound,
+            poly_modulus_degree=self.poly_modulus_degree,
+            encryption=self.encryption,
+            reals_per_slot=self.reals_per_slot,
+            scale=self.scale,
+            value_bound=self.value_bound,
             max_clients=self.max_clients,
         )
 
@@ -268,8 +285,12 @@ class ContextInfo:
         """CKKS: bound on |decryption - sum of the grid inputs| for ``count`` contributions (worst
         case for symmetric presets, high probability for public-key ones)."""
         return ckks_error_bound(
-            poly_modulus_degree=self.poly_modulus_degree, encryption=self.encryption,
-            reals_per_slot=self.reals_per_slot, scale=self.scale, value_bound=self.value_bound, count=count,
+            poly_modulus_degree=self.poly_modulus_degree,
+            encryption=self.encryption,
+            reals_per_slot=self.reals_per_slot,
+            scale=self.scale,
+            value_bound=self.value_bound,
+            count=count,
         )
 
     def error_bound(self, count: int) -> float:
@@ -308,23 +329,31 @@ class ContextInfo:
         if not bits or not all(isinstance(b, int) and not isinstance(b, bool) and 1 <= b <= 61 for b in bits):
             raise ProtocolError(f"{what}: header field 'coeff_mod_bit_sizes' is malformed ({bits!r})")
         info = cls(
-            scheme=get("scheme", str), preset=get("preset", str), engine=get("engine", str),
-            encryption=get("encryption", str), poly_modulus_degree=get("poly_modulus_degree", int),
-            coeff_mod_bit_sizes=tuple(bits), plain_modulus_bits=get("plain_modulus_bits", int, optional=True),
-            reals_per_slot=get("reals_per_slot", int), values_per_ciphertext=get("values_per_ciphertext", int),
-            fingerprint=get("fingerprint", str), key_id=get("key_id", str), holder=get("holder", str),
-            scale=float(get("scale", (int, float))), value_bound=float(get("value_bound", (int, float))),
-            max_clients=get("max_clients", int), quant_bits=get("quant_bits", int, optional=True),
-            step=get("step", (int, float), optional=True), levels=get("levels", int, optional=True),
+            scheme=get("scheme", str),
+            preset=get("preset", str),
+            engine=get("engine", str),
+            encryption=get("encryption", str),
+            poly_modulus_degree=get("poly_modulus_degree", int),
+            coeff_mod_bit_sizes=tuple(bits),
+            plain_modulus_bits=get("plain_modulus_bits", int, optional=True),
+            reals_per_slot=get("reals_per_slot", int),
+            values_per_ciphertext=get("values_per_ciphertext", int),
+            fingerprint=get("fingerprint", str),
+            key_id=get("key_id", str),
+            holder=get("holder", str),
+            scale=float(get("scale", (int, float))),
+            value_bound=float(get("value_bound", (int, float))),
+            max_clients=get("max_clients", int),
+            quant_bits=get("quant_bits", int, optional=True),
+            step=get("step", (int, float), optional=True),
+            levels=get("levels", int, optional=True),
         )
         if info.scheme not in ("ckks", "bfv") or info.engine not in ("sealapi", "tenseal"):
             raise ProtocolError(f"{what}: unknown scheme/engine {info.scheme!r}/{info.engine!r}")
         if info.encryption not in ("symmetric", "public-key"):
             raise ProtocolError(f"{what}: unknown encryption {info.encryption!r}")
         if info.poly_modulus_degree not in (1024, 2048, 4096, 8192, 16384, 32768):
-            raise ProtocolError(
-                f"{what}: poly_modulus_degree {info.poly_modulus_degree} is not a supported power of two"
-            )
+            raise ProtocolError(f"{what}: poly_modulus_degree {info.poly_modulus_degree} is not a supported power of two")
         if info.scheme == "bfv" and (info.plain_modulus_bits is None or info.step is None or info.levels is None):
             raise ProtocolError(f"{what}: a BFV header needs plain_modulus_bits, step and levels")
         for name in ("scale", "value_bound"):
@@ -378,8 +407,11 @@ def build_engine(info: ContextInfo, envelope: wire.Envelope, *, what: str) -> HE
     blobs = dict(zip(names, envelope.blobs))
     if info.engine == "tenseal":
         return TensealEngine.from_blobs(
-            poly_modulus_degree=info.poly_modulus_degree, coeff_mod_bit_sizes=info.coeff_mod_bit_sizes,
-            scale=info.scale, blobs=blobs, what=what,
+            poly_modulus_degree=info.poly_modulus_degree,
+            coeff_mod_bit_sizes=info.coeff_mod_bit_sizes,
+            scale=info.scale,
+            blobs=blobs,
+            what=what,
         )
     return SealEngine.from_blobs(info.spec(), blobs, scale=info.scale, what=what)
 
@@ -393,10 +425,12 @@ def generate_engine(info_fields: KeyFields) -> HEEngine:
             scale=info_fields["scale"],
         )
     spec = SealSpec(
-        scheme=info_fields["scheme"], poly_modulus_degree=info_fields["poly_modulus_degree"],
+        scheme=info_fields["scheme"],
+        poly_modulus_degree=info_fields["poly_modulus_degree"],
         coeff_mod_bit_sizes=tuple(info_fields["coeff_mod_bit_sizes"]),
         plain_modulus_bits=info_fields.get("plain_modulus_bits"),
-        reals_per_slot=info_fields["reals_per_slot"], encryption=info_fields["encryption"],
+        reals_per_slot=info_fields["reals_per_slot"],
+        encryption=info_fields["encryption"],
     )
     return SealEngine.generate(spec, scale=info_fields["scale"] if info_fields["scheme"] == "ckks" else None)
 
@@ -468,13 +502,18 @@ class _Decrypting:
         _check_link(self._info, head, what=what)
         count, length, weight_sum = head.get("count"), head.get("length"), head.get("weight_sum")
         contributors = head.get("contributors")
-        if not (isinstance(count, int) and isinstance(length, int) and isinstance(weight_sum, (int, float))
-                and isinstance(contributors, list) and len(contributors) == count and length >= 1):
+        if not (
+            isinstance(count, int)
+            and isinstance(length, int)
+            and isinstance(weight_sum, (int, float))
+            and isinstance(contributors, list)
+            and len(contributors) == count
+            and length >= 1
+        ):
             raise ProtocolError(f"{what}: malformed count/length/weight_sum/contributors in its header")
         if count < 1 or count > self._info.max_clients:
             raise OverflowRiskError(
-                f"{what} sums {count} contributions; this key set was made for 1..max_clients="
-                f"{self._info.max_clients}"
+                f"{what} sums {count} contributions; this key set was made for 1..max_clients={self._info.max_clients}"
             )
         per = self._info.values_per_ciphertext
         if len(env.blobs) != -(-length // per):
@@ -484,18 +523,14 @@ class _Decrypting:
             step, levels = self._info.quantization()
             limit = count * levels
             if np.any(np.abs(raw[:length]) > limit) or np.any(raw[length:] != 0):
-                raise ProtocolError(
-                    f"{what} decrypts outside the possible range (|sum| <= {limit}): wrong key, or tampered"
-                )
+                raise ProtocolError(f"{what} decrypts outside the possible range (|sum| <= {limit}): wrong key, or tampered")
             total = raw[:length].astype(np.float64) * step
             integer_total = raw[:length].copy()
         else:
             radius = self._info.noise_radius(count)
             bound = count * self._info.value_bound + radius
             if np.any(np.abs(raw[:length]) > bound) or np.any(np.abs(raw[length:]) > radius):
-                raise ProtocolError(
-                    f"{what} decrypts outside the possible range (|sum| <= {bound:.6g}): wrong key, or tampered"
-                )
+                raise ProtocolError(f"{what} decrypts outside the possible range (|sum| <= {bound:.6g}): wrong key, or tampered")
             # release only the grid point: a raw decryption gives the server the key (Li-Micciancio 2021)
             grid = self._info.grid
             total = np.round(raw[:length] / grid) * grid
@@ -507,8 +542,12 @@ class _Decrypting:
                 )
             integer_total = None
         return DecryptedSum(
-            total=total, count=count, weight_sum=float(weight_sum), contributors=tuple(contributors),
-            max_abs_error=self._info.error_bound(count), integer_total=integer_total,
+            total=total,
+            count=count,
+            weight_sum=float(weight_sum),
+            contributors=tuple(contributors),
+            max_abs_error=self._info.error_bound(count),
+            integer_total=integer_total,
         )
 
 
@@ -523,9 +562,12 @@ class KeyHolderBase(_Decrypting):
         key_id = new_key_id()
         fields["coeff_mod_bit_sizes"] = tuple(fields["coeff_mod_bit_sizes"])
         fingerprint = spec_fingerprint(
-            SealSpec(scheme=fields["scheme"], poly_modulus_degree=fields["poly_modulus_degree"],
-                     coeff_mod_bit_sizes=fields["coeff_mod_bit_sizes"],
-                     plain_modulus_bits=fields.get("plain_modulus_bits"))
+            SealSpec(
+                scheme=fields["scheme"],
+                poly_modulus_degree=fields["poly_modulus_degree"],
+                coeff_mod_bit_sizes=fields["coeff_mod_bit_sizes"],
+                plain_modulus_bits=fields.get("plain_modulus_bits"),
+            )
         )
         self._info = ContextInfo(**fields, fingerprint=fingerprint, key_id=key_id, holder=name)
         self.name = name
@@ -541,8 +583,7 @@ class KeyHolderBase(_Decrypting):
     def public_context(self) -> bytes:
         """Bytes for the server: parameters (and the public key in public-key presets), no secret key."""
         blobs = self._engine.export(secret_key=False, public_key=True)
-        return wire.pack(wire.PUBLIC_CONTEXT, self._info.header(has_secret_key=False, blobs=list(blobs)),
-                         list(blobs.values()))
+        return wire.pack(wire.PUBLIC_CONTEXT, self._info.header(has_secret_key=False, blobs=list(blobs)), list(blobs.values()))
 
     def client_context(self, *, include_secret_key: bool) -> bytes:
         """Bytes for a client. The secret key is serialized only with ``include_secret_key=True``.
@@ -560,8 +601,9 @@ class KeyHolderBase(_Decrypting):
                 "public-key preset such as 'compact-pk'"
             )
         blobs = self._engine.export(secret_key=include_secret_key, public_key=True)
-        return wire.pack(wire.CLIENT_CONTEXT, self._info.header(has_secret_key=include_secret_key, blobs=list(blobs)),
-                         list(blobs.values()))
+        return wire.pack(
+            wire.CLIENT_CONTEXT, self._info.header(has_secret_key=include_secret_key, blobs=list(blobs)), list(blobs.values())
+        )
 
     def decrypt(self, aggregate: bytes) -> DecryptedSum:
         """Decrypt the server's aggregate (the only ciphertext a key holder should be handed).
@@ -610,8 +652,12 @@ class ClientBase(_Decrypting):
         if round_index is not None:
             _check_round_index(round_index)
         blobs = self._engine.encrypt(plain)
-        head = self._info.link() | {"client": self.client_id, "length": length, "weight": float(weight),
-                                    "blobs": [str(i) for i in range(len(blobs))]}
+        head = self._info.link() | {
+            "client": self.client_id,
+            "length": length,
+            "weight": float(weight),
+            "blobs": [str(i) for i in range(len(blobs))],
+        }
         if round_index is not None:
             head["round"] = round_index
         return wire.pack(wire.CIPHERTEXT, head, blobs)
@@ -747,8 +793,11 @@ class HEServer:
             raise DropoutError("no client ciphertext was added; there is no aggregate to decrypt")
         blobs = self._engine.dump(self._acc)
         head = self._info.link() | {
-            "length": self._length, "count": len(self._contributors), "weight_sum": self._weight_sum,
-            "contributors": list(self._contributors), "blobs": [str(i) for i in range(len(blobs))],
+            "length": self._length,
+            "count": len(self._contributors),
+            "weight_sum": self._weight_sum,
+            "contributors": list(self._contributors),
+            "blobs": [str(i) for i in range(len(blobs))],
         }
         if self._round is not None:
             head["round"] = self._round
@@ -806,8 +855,13 @@ def decryption_message(info: ContextInfo, result: DecryptedSum, *, round_index: 
     else:
         values, dtype = np.ascontiguousarray(result.total, dtype="<f8"), "f8"
     head = info.link() | {
-        "round": round_index, "count": result.count, "contributors": list(result.contributors),
-        "length": int(values.size), "weight_sum": result.weight_sum, "dtype": dtype, "blobs": ["values"],
+        "round": round_index,
+        "count": result.count,
+        "contributors": list(result.contributors),
+        "length": int(values.size),
+        "weight_sum": result.weight_sum,
+        "dtype": dtype,
+        "blobs": ["values"],
     }
     return wire.pack(wire.DECRYPTION, head, [values.tobytes()])
 
@@ -1045,8 +1099,11 @@ class HEServerSession:
             who = "key holder or contributor" if info.encryption == "symmetric" else "key holder"
             raise DropoutError(
                 f"round {self.round_index}: no {who} answered the decryption request; in preset {info.preset!r} "
-                + ("every contributor was asked in turn" if info.encryption == "symmetric"
-                   else "no one else holds the secret key to decrypt the aggregate")
+                + (
+                    "every contributor was asked in turn"
+                    if info.encryption == "symmetric"
+                    else "no one else holds the secret key to decrypt the aggregate"
+                )
             )
         self._asked = self._decryptors.pop(0)
         self.bytes_down["aggregate"] += len(self._aggregate)
@@ -1067,8 +1124,11 @@ class HEServerSession:
         if sender != self._asked or self._values is not None:
             raise ProtocolError(f"a decrypted sum from {sender!r}, who was not asked for one")
         self._values = read_decryption(
-            self._server.info, message, round_index=self.round_index,
-            contributors=self._server.contributors, length=self._length,
+            self._server.info,
+            message,
+            round_index=self.round_index,
+            contributors=self._server.contributors,
+            length=self._length,
         )
         self.bytes_up["decryption"] += len(message)
 
@@ -1085,8 +1145,13 @@ class HEServerSession:
             total = self._values * info.step if info.scheme == "bfv" else self._values
             bound = info.error_bound(len(contributors))
         return SumResult(
-            total=np.asarray(total, dtype=np.float64), contributors=contributors, dropped=dropped,
-            bytes_up=dict(self.bytes_up), bytes_down=dict(self.bytes_down), max_abs_error=bound, mode=self.mode,
+            total=np.asarray(total, dtype=np.float64),
+            contributors=contributors,
+            dropped=dropped,
+            bytes_up=dict(self.bytes_up),
+            bytes_down=dict(self.bytes_down),
+            max_abs_error=bound,
+            mode=self.mode,
         )
 
 
@@ -1128,9 +1193,7 @@ def run_session_round(
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
     if max_clients is not None and len(ids) > max_clients:
-        raise OverflowRiskError(
-            f"{len(ids)} clients in this round, but the encoding was sized for max_clients={max_clients}"
-        )
+        raise OverflowRiskError(f"{len(ids)} clients in this round, but the encoding was sized for max_clients={max_clients}")
     if key_holder is not None and dropouts.get(key_holder) == Stage.ADVERTISE_KEYS:
         raise DropoutError(
             f"key holder {key_holder!r} went silent at ADVERTISE_KEYS, before any key was distributed; "

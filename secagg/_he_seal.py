@@ -175,9 +175,7 @@ def _context(params, *, what: str):
     except SEAL_ERRORS as exc:
         raise KeyMaterialError(f"{what}: SEAL refuses these parameters: {exc}") from None
     if not context.parameters_set():
-        raise KeyMaterialError(
-            f"{what}: SEAL refuses these parameters at 128-bit security: {context.parameters_error_message()}"
-        )
+        raise KeyMaterialError(f"{what}: SEAL refuses these parameters at 128-bit security: {context.parameters_error_message()}")
     return context
 
 
@@ -230,9 +228,7 @@ class SealEngine:
         return cls(spec, scale=scale, secret_key=secret_key, public_key=public_key)
 
     @classmethod
-    def from_blobs(
-        cls, spec: SealSpec, blobs: Mapping[str, bytes], *, scale: float | None, what: str
-    ) -> "SealEngine":
+    def from_blobs(cls, spec: SealSpec, blobs: Mapping[str, bytes], *, scale: float | None, what: str) -> "SealEngine":
         """Rebuild from context blobs: ``params`` always, ``secret_key``/``public_key`` if present.
 
         Raises:
@@ -329,9 +325,7 @@ class SealEngine:
         try:
             _SCRATCH.load(ct, self._context, blob)
         except SEAL_ERRORS as exc:
-            raise ProtocolError(
-                f"{what}: SEAL rejects the bytes ({exc}); tampered, or made under other parameters"
-            ) from None
+            raise ProtocolError(f"{what}: SEAL rejects the bytes ({exc}); tampered, or made under other parameters") from None
         if ct.parms_id() != self._first_parms_id:
             raise ProtocolError(f"{what}: ciphertext is at another modulus level than fresh ciphertexts")
         if ct.size() != 2:

@@ -30,9 +30,7 @@ def is_private_tenseal_context(obj: object) -> bool:
 class TensealEngine:
     """CKKS through ``tenseal.ckks_vector`` with public-key encryption (single-threaded)."""
 
-    def __init__(
-        self, *, poly_modulus_degree: int, coeff_mod_bit_sizes: tuple[int, ...], scale: float, context
-    ) -> None:
+    def __init__(self, *, poly_modulus_degree: int, coeff_mod_bit_sizes: tuple[int, ...], scale: float, context) -> None:
         self.poly_modulus_degree = poly_modulus_degree
         self.coeff_mod_bit_sizes = coeff_mod_bit_sizes
         self.scale = scale
@@ -40,9 +38,7 @@ class TensealEngine:
         self._ctx = context
 
     @classmethod
-    def generate(
-        cls, *, poly_modulus_degree: int, coeff_mod_bit_sizes: tuple[int, ...], scale: float
-    ) -> "TensealEngine":
+    def generate(cls, *, poly_modulus_degree: int, coeff_mod_bit_sizes: tuple[int, ...], scale: float) -> "TensealEngine":
         ctx = ts.context(
             ts.SCHEME_TYPE.CKKS,
             poly_modulus_degree=poly_modulus_degree,
@@ -51,9 +47,7 @@ class TensealEngine:
             n_threads=1,
         )
         ctx.global_scale = scale
-        return cls(
-            poly_modulus_degree=poly_modulus_degree, coeff_mod_bit_sizes=coeff_mod_bit_sizes, scale=scale, context=ctx
-        )
+        return cls(poly_modulus_degree=poly_modulus_degree, coeff_mod_bit_sizes=coeff_mod_bit_sizes, scale=scale, context=ctx)
 
     @classmethod
     def from_blobs(
@@ -73,12 +67,8 @@ class TensealEngine:
         except SEAL_ERRORS as exc:
             raise ProtocolError(f"{what}: TenSEAL cannot parse the context ({exc})") from None
         if ctx.global_scale != scale:
-            raise KeyMaterialError(
-                f"{what}: TenSEAL context scale {ctx.global_scale!r} differs from the header's {scale!r}"
-            )
-        return cls(
-            poly_modulus_degree=poly_modulus_degree, coeff_mod_bit_sizes=coeff_mod_bit_sizes, scale=scale, context=ctx
-        )
+            raise KeyMaterialError(f"{what}: TenSEAL context scale {ctx.global_scale!r} differs from the header's {scale!r}")
+        return cls(poly_modulus_degree=poly_modulus_degree, coeff_mod_bit_sizes=coeff_mod_bit_sizes, scale=scale, context=ctx)
 
     @property
     def holds_secret_key(self) -> bool:
@@ -109,9 +99,7 @@ class TensealEngine:
         try:
             vec = ts.ckks_vector_from(self._ctx, blob)
         except SEAL_ERRORS as exc:
-            raise ProtocolError(
-                f"{what}: TenSEAL rejects the bytes ({exc}); tampered, or made under other parameters"
-            ) from None
+            raise ProtocolError(f"{what}: TenSEAL rejects the bytes ({exc}); tampered, or made under other parameters") from None
         if vec.size() != self.values_per_ciphertext:
             raise ProtocolError(f"{what}: vector holds {vec.size()} values, expected {self.values_per_ciphertext}")
         return vec

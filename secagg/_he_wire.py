@@ -150,9 +150,7 @@ def unpack(data: bytes, *, what: str) -> Envelope:
         (length,) = _LENGTH.unpack_from(body, offset)
         offset += _LENGTH.size
         if offset + length > len(body):
-            raise ProtocolError(
-                f"{what} is truncated: blob {index} declares {length} bytes, {len(body) - offset} remain"
-            )
+            raise ProtocolError(f"{what} is truncated: blob {index} declares {length} bytes, {len(body) - offset} remain")
         blobs.append(body[offset : offset + length])
         offset += length
     if offset != len(body):

@@ -109,7 +109,13 @@ class SecureSum(Protocol):
         """The backend's parameters (bounds, thresholds, presets), JSON data for reports."""
 
     def client_session(
-        self, client_id: str, *, round_index: int, participants: Sequence[str], rng: np.random.Generator, keys: "ClientKeys | None"
+        self,
+        client_id: str,
+        *,
+        round_index: int,
+        participants: Sequence[str],
+        rng: np.random.Generator,
+        keys: "ClientKeys | None",
     ) -> "ClientSession":
         """One client's half of one round (see :mod:`secagg.session`); it holds that client's secrets."""
 
@@ -119,9 +125,7 @@ class SecureSum(Protocol):
         """The server's half of one round: bytes in, the decoded sum out."""
 
 
-def check_updates(
-    updates: Mapping[str, np.ndarray], *, value_bound: float | None = None
-) -> tuple[list[str], int]:
+def check_updates(updates: Mapping[str, np.ndarray], *, value_bound: float | None = None) -> tuple[list[str], int]:
     """Validate a round's inputs; return the sorted ids and the common length.
 
     Raises:
@@ -164,10 +168,7 @@ class PlaintextSum:
     """The reference: the server sees every client's update and sums it in float64."""
 
     mode = "plaintext"
-    trust_model = (
-        "Plaintext aggregation: the server sees every participating client's individual "
-        "update in the clear."
-    )
+    trust_model = "Plaintext aggregation: the server sees every participating client's individual update in the clear."
 
     def client_session(
         self,

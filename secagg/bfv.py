@@ -334,7 +334,9 @@ class BFVSum:
             raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
         client = BFVClient(he_context(keys, client_id), client_id=client_id)
         return HEClientSession(
-            client, round_index=round_index, participants=participants,
+            client,
+            round_index=round_index,
+            participants=participants,
             encrypt=lambda vec: client.encrypt(vec, rng=rng, round_index=round_index),
         )
 
@@ -358,8 +360,14 @@ class BFVSum:
     ) -> SumResult:
         """Run one round through the parties' sessions; ``rng`` is split among the clients' roundings."""
         return run_session_round(
-            self, updates, round_index=round_index, rng=rng, dropouts=dropouts,
-            value_bound=self.value_bound, max_clients=self.max_clients, key_holder=self.key_holder,
+            self,
+            updates,
+            round_index=round_index,
+            rng=rng,
+            dropouts=dropouts,
+            value_bound=self.value_bound,
+            max_clients=self.max_clients,
+            key_holder=self.key_holder,
         )
 
     def describe(self) -> dict[str, object]:

@@ -136,9 +136,12 @@ class CKKSPreset:
         """
         _check_bounds(value_bound, max_clients)
         largest = ckks_largest_scale_bits(
-            poly_modulus_degree=self.poly_modulus_degree, coeff_mod_bit_sizes=self.coeff_mod_bit_sizes,
-            encryption=self.encryption, reals_per_slot=self.reals_per_slot,
-            value_bound=value_bound, max_clients=max_clients,
+            poly_modulus_degree=self.poly_modulus_degree,
+            coeff_mod_bit_sizes=self.coeff_mod_bit_sizes,
+            encryption=self.encryption,
+            reals_per_slot=self.reals_per_slot,
+            value_bound=value_bound,
+            max_clients=max_clients,
         )
         q_bits = math.log2(data_modulus(self.poly_modulus_degree, self.coeff_mod_bit_sizes))
         need = self.scale_bits if self.scale_bits is not None else self.min_scale_bits
@@ -155,8 +158,12 @@ class CKKSPreset:
     def release_grid(self, *, scale: float, value_bound: float, max_clients: int) -> float:
         """The grid inputs are rounded to and sums are released on (:func:`secagg._he_core.ckks_release_grid`)."""
         return ckks_release_grid(
-            poly_modulus_degree=self.poly_modulus_degree, encryption=self.encryption,
-            reals_per_slot=self.reals_per_slot, scale=scale, value_bound=value_bound, max_clients=max_clients,
+            poly_modulus_degree=self.poly_modulus_degree,
+            encryption=self.encryption,
+            reals_per_slot=self.reals_per_slot,
+            scale=scale,
+            value_bound=value_bound,
+            max_clients=max_clients,
         )
 
     def max_abs_error(self, *, scale: float, num_clients: int, value_bound: float, max_clients: int) -> float:
@@ -358,7 +365,9 @@ class CKKSSum:
         """
         client = CKKSClient(he_context(keys, client_id), client_id=client_id)
         return HEClientSession(
-            client, round_index=round_index, participants=participants,
+            client,
+            round_index=round_index,
+            participants=participants,
             encrypt=lambda vec: client.encrypt(vec, round_index=round_index),
         )
 
@@ -394,8 +403,14 @@ class CKKSSum:
             DropoutError: the key holder is gone and no one else can decrypt.
         """
         return run_session_round(
-            self, updates, round_index=round_index, rng=rng, dropouts=dropouts,
-            value_bound=self.value_bound, max_clients=self.max_clients, key_holder=self.key_holder,
+            self,
+            updates,
+            round_index=round_index,
+            rng=rng,
+            dropouts=dropouts,
+            value_bound=self.value_bound,
+            max_clients=self.max_clients,
+            key_holder=self.key_holder,
         )
 
     def max_abs_error(self, num_clients: int) -> float:
@@ -461,8 +476,12 @@ def _trust_model(preset: CKKSPreset, key_holder: str | None) -> str:
             "grid, such as one caused by a colluding client's unrounded input, is refused, which tells the "
             "server one bit (refused or not). "
         )
-    return common + who + (
-        "Message digests detect corruption, not an active attacker: a malicious server can alter the "
-        "aggregate undetected, or pass one client's ciphertext off as the aggregate, and the key holder "
-        "cannot tell. The released sum is within the stated max_abs_error of the exact sum (the rounding)."
+    return (
+        common
+        + who
+        + (
+            "Message digests detect corruption, not an active attacker: a malicious server can alter the "
+            "aggregate undetected, or pass one client's ciphertext off as the aggregate, and the key holder "
+            "cannot tell. The released sum is within the stated max_abs_error of the exact sum (the rounding)."
+        )
     )

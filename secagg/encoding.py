@@ -205,9 +205,7 @@ class FixedPointEncoder:
         if x.size:
             peak = float(np.max(np.abs(x)))
             if peak > self._value_bound:
-                raise ValueError(
-                    f"{who} has a coordinate of magnitude {peak:.6g}, above value_bound={self._value_bound!r}"
-                )
+                raise ValueError(f"{who} has a coordinate of magnitude {peak:.6g}, above value_bound={self._value_bound!r}")
         v = np.multiply(x, self._scale, dtype=np.float64)
         v += rng.random(v.size)
         np.floor(v, out=v)
@@ -250,8 +248,7 @@ class FixedPointEncoder:
         """
         if num_clients > self._max_clients:
             raise OverflowRiskError(
-                f"cannot decode a sum of {num_clients} inputs: the encoder was sized for "
-                f"max_clients={self._max_clients}"
+                f"cannot decode a sum of {num_clients} inputs: the encoder was sized for max_clients={self._max_clients}"
             )
         return self.to_signed(words).astype(np.float64) / self._scale
 

@@ -279,9 +279,7 @@ def _check_threshold(threshold: object, degree: int) -> int:
     if isinstance(threshold, bool) or not isinstance(threshold, int):
         raise TypeError(f"threshold must be an int, got {type(threshold).__name__}")
     if not 1 <= threshold <= degree + 1:
-        raise ValueError(
-            f"threshold must be in [1, {degree + 1}] (the {degree + 1} holders of each secret), got {threshold}"
-        )
+        raise ValueError(f"threshold must be in [1, {degree + 1}] (the {degree + 1} holders of each secret), got {threshold}")
     return threshold
 
 
@@ -290,9 +288,7 @@ def _active_secure(k: int, t: int, corrupted: int) -> bool:
     return 2 * t > k + 2 + corrupted
 
 
-def _describe_complete(
-    n: int, t: int, rate: float, gamma: float, corrupted: int, active_server: bool = False
-) -> SecAggPlan:
+def _describe_complete(n: int, t: int, rate: float, gamma: float, corrupted: int, active_server: bool = False) -> SecAggPlan:
     k = n - 1
     survive = _log_binom_pmf(n, 1.0 - rate)
     completion = 1.0 - _cdf_below(survive)[t]
@@ -364,7 +360,9 @@ def plan_secagg_plus(
         if degree >= n - 1:
             if threshold is None:
                 return _fallback(n, rate, gamma, active_server, None, completion_bits=comp, note="")
-            return plan_complete(n=n, dropout_rate=rate, corrupted_fraction=gamma, threshold=threshold, active_server=active_server)
+            return plan_complete(
+                n=n, dropout_rate=rate, corrupted_fraction=gamma, threshold=threshold, active_server=active_server
+            )
         if degree % 2:
             raise ValueError(f"degree must be even below n - 1 (Harary graph), got {degree} for n={n}")
         candidates = [degree]
@@ -376,10 +374,10 @@ def plan_secagg_plus(
         cdf = _cdf_below(_log_binom_pmf(k, 1.0 - rate))
         tail = _hyper_tail_at_least(n - 1, corrupted, k)
 
-        def completes(t: int) -> bool:
+        def completes(t: int, k: int = k, cdf=cdf) -> bool:  # bound per candidate degree
             return _completion_fail(n, k, t, rate, cdf) <= eps_c
 
-        def secure(t: int) -> bool:
+        def secure(t: int, k: int = k, tail=tail, split: float = split) -> bool:
             if n * tail[min(t, k + 1)] > eps_s or split > eps_s or 2 * t <= k + 1:
                 return False
             return not active_server or _active_secure(k, t, corrupted)
@@ -456,9 +454,7 @@ def _describe_sparse(
         f"<= {_fmt(split)} (target 2^-{sec}); otherwise it learns only the sum of all honest survivors"
         f"{'' if 2 * t > k + 1 else ' (t is NOT a majority of the holders)'}. "
     )
-    text += _mode_text(
-        active_server, active, f"2t={2 * t} {'>' if active else '<='} k + 2 + corrupted = {k + 2 + corrupted}"
-    )
+    text += _mode_text(active_server, active, f"2t={2 * t} {'>' if active else '<='} k + 2 + corrupted = {k + 2 + corrupted}")
     return SecAggPlan(
         graph="secagg+",
         n=n,
@@ -530,9 +526,7 @@ def neighbours(n: int, *, degree: int, seed: bytes) -> tuple[tuple[int, ...], ..
     for p, node in enumerate(ring):
         position[node] = p
     half = degree // 2
-    return tuple(
-        tuple(sorted(ring[(position[node] + s) % n] for s in range(-half, half + 1) if s)) for node in range(n)
-    )
+    return tuple(tuple(sorted(ring[(position[node] + s) % n] for s in range(-half, half + 1) if s)) for node in range(n))
 
 
 def neighbours_of(n: int, *, degree: int, seed: bytes, node: int) -> tuple[int, ...]:

@@ -268,9 +268,7 @@ class MaskedSum:
             TypeError: ``rng`` is not a numpy Generator.
             KeyMaterialError: signed mode without an identity key or directory.
         """
-        return MaskedClientSession(
-            self, client_id, round_index=round_index, participants=participants, rng=rng, keys=keys
-        )
+        return MaskedClientSession(self, client_id, round_index=round_index, participants=participants, rng=rng, keys=keys)
 
     def server_session(
         self,
@@ -299,7 +297,11 @@ class MaskedSum:
             raise KeyMaterialError("signed_keys=False: server_session takes no public_context")
         identities = decode_directory(public_context) if public_context is not None else None
         return MaskedServerSession(
-            self, round_index=round_index, participants=participants, length=length, identities=identities,
+            self,
+            round_index=round_index,
+            participants=participants,
+            length=length,
+            identities=identities,
             keep_masked=keep_masked,
         )
 
@@ -345,9 +347,7 @@ class MaskedSum:
         ints = self._encoder.quantize(vector, rng=rng, who=who)
         noise = np.asarray(self._noise.sample(ints.size, scale=self._encoder.scale, rng=rng))
         if noise.shape != ints.shape or noise.dtype.kind not in "iu":
-            raise TypeError(
-                f"integer_noise.sample must return {ints.size} integers, got {noise.dtype} of shape {noise.shape}"
-            )
+            raise TypeError(f"integer_noise.sample must return {ints.size} integers, got {noise.dtype} of shape {noise.shape}")
         return self._encoder.wrap(ints + noise.astype(np.int64))
 
     def _throwaway_keys(self, ids: Sequence[str]) -> dict[str, "ClientKeys | None"]:
@@ -424,7 +424,9 @@ class MaskedSum:
         keys = self._throwaway_keys(ids)
         directory = next(iter(keys.values())).peer_identities if self._signed else None
         server = self.server_session(
-            round_index=round_index, participants=ids, length=length,
+            round_index=round_index,
+            participants=ids,
+            length=length,
             public_context=None if directory is None else self.public_context(directory),
         )
         parties = {}
@@ -466,8 +468,11 @@ class MaskedClientSession:
         self._rng = rng
         self._session = SecAggClientSession(
             SecAggClient(
-                client_id, round_index=round_index, policy=backend.policy(participants),
-                identity_key=identity, identity_keys=directory,
+                client_id,
+                round_index=round_index,
+                policy=backend.policy(participants),
+                identity_key=identity,
+                identity_keys=directory,
             )
         )
 

@@ -199,9 +199,7 @@ class SecAggClient:
         self._policy = policy
         self._identity_key = None if identity_key is None else prim.check_identity_private(identity_key, client_id)
         self._pki = (
-            {cid: prim.check_identity_public(pk, cid) for cid, pk in identity_keys.items()}
-            if identity_keys is not None
-            else None
+            {cid: prim.check_identity_public(pk, cid) for cid, pk in identity_keys.items()} if identity_keys is not None else None
         )
         self._stage: Stage | None = Stage.ADVERTISE_KEYS
         self._setup: RoundSetup | None = None
@@ -298,7 +296,11 @@ class SecAggClient:
         self._mask_sk, mask_pk = prim.new_x25519()
         self._seed = prim.random_secret()
         ad = KeyAdvertisement(
-            s.round_index, self.client_id, enc_pk, mask_pk, _commitment(self._seed, s.round_index, self.client_id),
+            s.round_index,
+            self.client_id,
+            enc_pk,
+            mask_pk,
+            _commitment(self._seed, s.round_index, self.client_id),
             self._setup_digest,
         )
         if s.signed:
@@ -317,7 +319,9 @@ class SecAggClient:
         if dict(roster).get(self.client_id) != self._own_ad.digest():
             raise ProtocolError(f"key list roster does not hold the advertisement client {self.client_id!r} sent")
         if len(roster) < self._setup.threshold:
-            raise ProtocolError(f"key list roster holds {len(roster)} advertisements, fewer than threshold={self._setup.threshold}")
+            raise ProtocolError(
+                f"key list roster holds {len(roster)} advertisements, fewer than threshold={self._setup.threshold}"
+            )
 
     def share_keys(self, key_list: bytes) -> bytes:
         """Check the roster and the neighbours' keys; return the sealed shares (:class:`ShareBundle` bytes).
@@ -481,7 +485,9 @@ class SecAggClient:
         self._alive = frozenset(msg.alive)
         self._survivor_digest = survivor_digest(s.round_index, self._setup_digest, msg.alive)
         self._stage = Stage.UNMASK
-        return sign_message(SurvivorSignature(s.round_index, self.client_id, self._survivor_digest).to_bytes(), self._identity_key)
+        return sign_message(
+            SurvivorSignature(s.round_index, self.client_id, self._survivor_digest).to_bytes(), self._identity_key
+        )
 
     def _confirmations(self, signatures: tuple[tuple[str, bytes], ...]) -> "_Confirmations":
         """The survivor signatures offered, checked for form now and verified as they are counted."""
@@ -1381,8 +1387,14 @@ def secure_sum_integers(
     server = _TimedServer(
         SecAggServerSession(
             SecAggServer(
-                round_index=round_index, participants=ids, threshold=threshold, degree=degree, bits=bits,
-                length=length, identities=pki, keep_masked=keep_masked,
+                round_index=round_index,
+                participants=ids,
+                threshold=threshold,
+                degree=degree,
+                bits=bits,
+                length=length,
+                identities=pki,
+                keep_masked=keep_masked,
             )
         ),
         cpu,
@@ -1394,8 +1406,11 @@ def secure_sum_integers(
     for cid in ids:
         session = SecAggClientSession(
             SecAggClient(
-                cid, round_index=round_index, policy=policy,
-                identity_key=identity_keys[cid] if signed else None, identity_keys=pki,
+                cid,
+                round_index=round_index,
+                policy=policy,
+                identity_key=identity_keys[cid] if signed else None,
+                identity_keys=pki,
             )
         )
         session.set_words(vectors[cid])

@@ -166,9 +166,7 @@ def select_by_name(layout: Mapping[str, int] | Sequence[tuple[str, int]], names:
     return Selection(indices=_frozen(indices), size=start, criterion="by parameter name", names=tuple(chosen))
 
 
-def select_top_fraction(
-    scores: np.ndarray, *, fraction: float, criterion: str = "largest absolute score"
-) -> Selection:
+def select_top_fraction(scores: np.ndarray, *, fraction: float, criterion: str = "largest absolute score") -> Selection:
     """The ``ceil(fraction * d)`` coordinates with the largest ``|scores|`` (ties: lower index first).
 
     ``scores`` must be public or aggregated (FedML-HE: the clients' summed sensitivity maps; or
@@ -186,7 +184,8 @@ def select_top_fraction(
     k = math.ceil(round(fraction * scores.size, 9))  # 0.07 * 100 is 7.000000000000001 in floats
     order = np.argsort(-np.abs(scores), kind="stable")[:k]
     return Selection(
-        indices=_frozen(order), size=scores.size,
+        indices=_frozen(order),
+        size=scores.size,
         criterion=f"top {fraction:.4g} fraction by {criterion}",
     )
 
@@ -294,8 +293,16 @@ class SelectiveKeyHolderSession:
 class SelectiveClientSession:
     """A client's half: it splits its vector and runs one sub-session per path that has coordinates."""
 
-    def __init__(self, owner: SelectiveSum, client_id: str, *, round_index: int, participants: Sequence[str],
-                 rng: np.random.Generator, keys: ClientKeys | None) -> None:
+    def __init__(
+        self,
+        owner: SelectiveSum,
+        client_id: str,
+        *,
+        round_index: int,
+        participants: Sequence[str],
+        rng: np.random.Generator,
+        keys: ClientKeys | None,
+    ) -> None:
         if not isinstance(rng, np.random.Generator):
             raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
         self.client_id = client_id
@@ -343,7 +350,9 @@ class SelectiveServerSession:
     dropout from stage s silences a party on both paths at once), one envelope per recipient.
     """
 
-    def __init__(self, owner: SelectiveSum, sessions: Mapping[str, ServerSession], masks: Mapping[str, np.ndarray], length: int) -> None:
+    def __init__(
+        self, owner: SelectiveSum, sessions: Mapping[str, ServerSession], masks: Mapping[str, np.ndarray], length: int
+    ) -> None:
         self._owner = owner
         self._sessions = dict(sessions)
         self._masks = dict(masks)
@@ -414,9 +423,7 @@ class SelectiveSum:
 
     mode = "selective"
 
-    def __init__(
-        self, *, encrypted: SecureSum, rest: SecureSum, mask: Selection | np.ndarray | Sequence[int]
-    ) -> None:
+    def __init__(self, *, encrypted: SecureSum, rest: SecureSum, mask: Selection | np.ndarray | Sequence[int]) -> None:
         for name, backend in (("encrypted", encrypted), ("rest", rest)):
             if not isinstance(backend, SecureSum):
                 raise TypeError(f"{name} must implement secagg.SecureSum, got {type(backend).__name__}")
@@ -470,7 +477,9 @@ class SelectiveSum:
             if part.any():
                 masks[path] = part
                 sessions[path] = self.backends[path].server_session(
-                    round_index=round_index, participants=participants, length=int(part.sum()),
+                    round_index=round_index,
+                    participants=participants,
+                    length=int(part.sum()),
                     public_context=contexts[path],
                 )
         return SelectiveServerSession(self, sessions, masks, length)
@@ -497,8 +506,14 @@ class SelectiveSum:
         self.selection.mask(size)
         named = [getattr(b, "key_holder", None) for b in self.backends.values()]
         return run_session_round(
-            self, updates, round_index=round_index, rng=rng, dropouts=dropouts,
-            value_bound=None, max_clients=None, key_holder=next((n for n in named if n is not None), None),
+            self,
+            updates,
+            round_index=round_index,
+            rng=rng,
+            dropouts=dropouts,
+            value_bound=None,
+            max_clients=None,
+            key_holder=next((n for n in named if n is not None), None),
         )
 
     def _assemble(self, results: Mapping[str, SumResult], masks: Mapping[str, np.ndarray], length: int) -> SumResult:
@@ -513,8 +528,7 @@ class SelectiveSum:
         for other in others:
             if other.contributors != first.contributors:
                 raise ProtocolError(
-                    f"the encrypted and rest backends disagree on contributors ({first.contributors} vs "
-                    f"{other.contributors})"
+                    f"the encrypted and rest backends disagree on contributors ({first.contributors} vs {other.contributors})"
                 )
         return SumResult(
             total=total,

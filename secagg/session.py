@@ -196,7 +196,9 @@ def _parse_plain(data: bytes) -> _Plain:
         raise ProtocolError(f"plaintext message of {len(data)} bytes is shorter than its {_HEAD.size}-byte header")
     magic, version, kind, round_index, name_len = _HEAD.unpack_from(data)
     if magic != _PLAIN_MAGIC or version != _PLAIN_VERSION or kind not in (_REQUEST, _UPDATE):
-        raise ProtocolError(f"not a plaintext message of version {_PLAIN_VERSION} (magic {magic!r}, version {version}, kind {kind})")
+        raise ProtocolError(
+            f"not a plaintext message of version {_PLAIN_VERSION} (magic {magic!r}, version {version}, kind {kind})"
+        )
     at = _HEAD.size + name_len
     if len(data) < at + _LENGTH.size:
         raise ProtocolError("plaintext message truncated inside its header")
@@ -288,7 +290,9 @@ class PlaintextServerSession:
         """
         msg = _parse_plain(message)
         if msg.kind != _UPDATE or msg.round_index != self.round_index:
-            raise ProtocolError(f"expected a plaintext update for round {self.round_index}, got kind {msg.kind} for round {msg.round_index}")
+            raise ProtocolError(
+                f"expected a plaintext update for round {self.round_index}, got kind {msg.kind} for round {msg.round_index}"
+            )
         if msg.sender != sender or sender not in self._participants:
             raise ProtocolError(f"update signed {msg.sender!r} arrived from {sender!r}; only participants may send their own")
         if sender in self._from:

@@ -98,7 +98,9 @@ def _lagrange_at_zero(xs: tuple[int, ...]) -> tuple[int, ...]:
 
 def _share_int(share: bytes) -> int:
     if not isinstance(share, (bytes, bytearray)) or len(share) != SHARE_BYTES:
-        raise ValueError(f"shares must be {SHARE_BYTES} bytes, got {len(share) if isinstance(share, (bytes, bytearray)) else share!r}")
+        raise ValueError(
+            f"shares must be {SHARE_BYTES} bytes, got {len(share) if isinstance(share, (bytes, bytearray)) else share!r}"
+        )
     value = int.from_bytes(share, "big")
     if value >= PRIME:
         raise ValueError("share is not a field element (>= 2^521 - 1)")

@@ -61,7 +61,9 @@ class ClothingConfig:
 
     def __post_init__(self) -> None:
         layers = self.trainable_layers
-        if layers != "all" and (isinstance(layers, bool) or not isinstance(layers, int) or not 0 <= layers <= _NUM_ENCODER_LAYERS):
+        if layers != "all" and (
+            isinstance(layers, bool) or not isinstance(layers, int) or not 0 <= layers <= _NUM_ENCODER_LAYERS
+        ):
             raise ValueError(f"trainable_layers must be an int in [0, {_NUM_ENCODER_LAYERS}] or 'all', got {layers!r}")
         if self.max_length < 8:
             raise ValueError(f"max_length must be >= 8, got {self.max_length!r}")
@@ -143,7 +145,9 @@ class TokenizedReviews(Dataset):
         if not idx:
             empty = torch.zeros(0, 1, dtype=torch.long)
             return PreBatched({"input_ids": empty, "attention_mask": empty.clone(), "label": labels}, 0)
-        enc = self._tokenizer([self._texts[i] for i in idx], truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
+        enc = self._tokenizer(
+            [self._texts[i] for i in idx], truncation=True, max_length=self.max_length, padding=True, return_tensors="pt"
+        )
         batch = {"input_ids": enc["input_ids"].long(), "attention_mask": enc["attention_mask"].long(), "label": labels}
         return PreBatched(batch, len(idx))
 
@@ -191,7 +195,9 @@ class ClothingTask:
         if self.config.cached_features:
             return _Head(self.config.dropout)
         _, encoder = load_minilm()
-        model = MiniLMClassifier(copy.deepcopy(encoder), trainable_layers=self.config.trainable_layers, dropout=self.config.dropout)
+        model = MiniLMClassifier(
+            copy.deepcopy(encoder), trainable_layers=self.config.trainable_layers, dropout=self.config.dropout
+        )
         return model.train()  # the shared encoder is in eval mode; a fresh model is in train mode
 
     def _logits(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -301,7 +307,9 @@ def _class_groups(reviews: pd.DataFrame) -> tuple[list[np.ndarray], list[str], l
     return groups, parents, labels_of
 
 
-def clothing_split(data: ClothingReviews, *, test_size: float = 0.2, seed: int = 42) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+def clothing_split(
+    data: ClothingReviews, *, test_size: float = 0.2, seed: int = 42
+) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
     """The reviews with a text and the fixed stratified split: ``(reviews, train_rows, test_rows)``.
 
     Rows are positions in the returned frame, in ``train_test_split``'s shuffled order.
@@ -381,9 +389,16 @@ def clothing_federation(
         root = default_cache_dir() if cache_dir is None else cache_dir
         emb = cached_text_embeddings([texts[i] for i in needed], cache_dir=root, max_length=config.max_length)
         table = dict(zip(needed.tolist(), emb))
-        make = lambda rows: EmbeddedReviews(np.stack([table[int(r)] for r in rows]) if rows.size else np.zeros((0, EMBEDDING_DIM), np.float32), labels[rows])  # noqa: E731
+
+        def make(rows: np.ndarray) -> Dataset:
+            features = np.stack([table[int(r)] for r in rows]) if rows.size else np.zeros((0, EMBEDDING_DIM), np.float32)
+            return EmbeddedReviews(features, labels[rows])
     else:
-        make = lambda rows: TokenizedReviews([texts[int(r)] for r in rows], labels[rows], tokenizer=task.tokenizer, max_length=config.max_length)  # noqa: E731
+
+        def make(rows: np.ndarray) -> Dataset:
+            return TokenizedReviews(
+                [texts[int(r)] for r in rows], labels[rows], tokenizer=task.tokenizer, max_length=config.max_length
+            )
 
     rng = np.random.default_rng(seed)
 
@@ -414,4 +429,6 @@ def clothing_federation(
     rule = (f"{num_silos} shops: one per department, the largest departments split by product class "
             f"(fedcore.partition.nested_silos; reviews without a class join the smallest department); "
             + "; ".join(sizes))  # fmt: skip
-    return ClothingFederation(task=task, clients=clients, central=central, reviews=reviews, client_rows=client_rows, partition_rule=rule)
+    return ClothingFederation(
+        task=task, clients=clients, central=central, reviews=reviews, client_rows=client_rows, partition_rule=rule
+    )

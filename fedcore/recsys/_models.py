@@ -25,7 +25,9 @@ class MatrixFactorization(nn.Module):
     frozen text features when ``item_features`` is given (MF + MiniLM features).
     """
 
-    def __init__(self, num_users: int, num_items: int, *, dim: int = 32, item_features: torch.Tensor | None = None, init_std: float = 0.1) -> None:
+    def __init__(
+        self, num_users: int, num_items: int, *, dim: int = 32, item_features: torch.Tensor | None = None, init_std: float = 0.1
+    ) -> None:
         super().__init__()
         if num_users < 1 or num_items < 1:
             raise ValueError(f"num_users and num_items must be >= 1, got {num_users!r} and {num_items!r}")

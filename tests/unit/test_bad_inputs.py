@@ -175,7 +175,9 @@ def test_nan_or_inf_update_is_refused_by_every_backend(bad, ckks):
     with pytest.raises(ValueError, match=message):
         PlaintextSum().aggregate({"a": vec, "b": np.zeros(2)}, round_index=1, rng=RNG)
     with pytest.raises(ValueError, match=message):
-        MaskedSum(value_bound=1.0, max_clients=4).aggregate({"a": vec, "b": np.zeros(2), "c": np.zeros(2)}, round_index=1, rng=RNG)
+        MaskedSum(value_bound=1.0, max_clients=4).aggregate(
+            {"a": vec, "b": np.zeros(2), "c": np.zeros(2)}, round_index=1, rng=RNG
+        )
     with pytest.raises(ValueError, match=message):
         CKKSClient(ckks[1], client_id="a").encrypt(vec)
     with pytest.raises(dp.DPValueError, match=re.escape("vec must be finite")):
@@ -270,7 +272,9 @@ def test_he_server_refuses_duplicate_and_swapped_senders(ckks):
     holder, ctx, ct = ckks
     server = HEServer(holder.public_context())
     server.add("c1", ct)
-    with pytest.raises(ProtocolError, match=re.escape("ciphertext of client 'c1': client 'c1' already contributed to this aggregate")):
+    with pytest.raises(
+        ProtocolError, match=re.escape("ciphertext of client 'c1': client 'c1' already contributed to this aggregate")
+    ):
         server.add("c1", ct)
     with pytest.raises(ProtocolError, match=re.escape("ciphertext of client 'c2' names client 'c1' inside: swapped or replayed")):
         server.add("c2", ct)
@@ -353,14 +357,18 @@ def test_masked_input_longer_than_the_round_is_refused():
 def test_truncated_and_oversized_he_messages_are_refused(ckks):
     holder, _, ct = ckks
     server = HEServer(holder.public_context())
-    with pytest.raises(ProtocolError, match=re.escape("ciphertext of client 'c1' is truncated: 10 bytes, a message has at least 46")):
+    with pytest.raises(
+        ProtocolError, match=re.escape("ciphertext of client 'c1' is truncated: 10 bytes, a message has at least 46")
+    ):
         server.add("c1", ct[:10])
     for edited in (ct[:-1], ct + b"\x00"):
         with pytest.raises(ProtocolError, match=re.escape("ciphertext of client 'c1' fails its SHA-256 check")):
             server.add("c1", edited)
     body = bytearray(ct[:-32])
     body[6:10] = struct.pack(">I", 70_000)
-    with pytest.raises(ProtocolError, match=re.escape("ciphertext of client 'c1' declares a 70000-byte header that does not fit the message")):
+    with pytest.raises(
+        ProtocolError, match=re.escape("ciphertext of client 'c1' declares a 70000-byte header that does not fit the message")
+    ):
         server.add("c1", _reseal(bytes(body)))
 
 
@@ -370,8 +378,11 @@ def test_truncated_ledger_is_refused():
         dp.Ledger.from_json(ledger.to_json()[:-3])
 
 
-@pytest.mark.parametrize("edit", [lambda e: e.pop("clip_bound"), lambda e: e.update(mechanism=["gaussian"])],
-                         ids=["missing-field", "unhashable-mechanism"])
+@pytest.mark.parametrize(
+    "edit",
+    [lambda e: e.pop("clip_bound"), lambda e: e.update(mechanism=["gaussian"])],
+    ids=["missing-field", "unhashable-mechanism"],
+)
 def test_damaged_ledger_record_is_refused(edit):
     ledger = dp.Ledger([dp.GaussianEvent(round_index=1, noise_multiplier=1.0, clip_bound=1.0, participants=3, survivors=3)])
     data = json.loads(ledger.to_json())
@@ -403,7 +414,9 @@ def test_wrong_protocol_or_format_version_is_refused(ckks, tmp_path):
     holder, _, ct = ckks
     edited = bytearray(ct)
     edited[4] = 2
-    with pytest.raises(ProtocolError, match=re.escape("ciphertext of client 'c1' has format version 2, this library reads version 1")):
+    with pytest.raises(
+        ProtocolError, match=re.escape("ciphertext of client 'c1' has format version 2, this library reads version 1")
+    ):
         HEServer(holder.public_context()).add("c1", bytes(edited))
     with pytest.raises(dp.DPValueError, match=re.escape("ledger schema must be 'privfl.dp.ledger/1', got 'privfl.dp.ledger/2'")):
         dp.Ledger.from_json(json.dumps({"schema": "privfl.dp.ledger/2", "events": []}))
@@ -454,7 +467,9 @@ def test_he_parties_refuse_contexts_of_the_wrong_kind(ckks):
     )):  # fmt: skip
         CKKSClient(holder.public_context(), client_id="c1")
     bfv = BFVKeyHolder(value_bound=1.0, max_clients=4)
-    with pytest.raises(KeyMaterialError, match=re.escape("context of client 'c1': this is a bfv context, this client speaks ckks")):
+    with pytest.raises(
+        KeyMaterialError, match=re.escape("context of client 'c1': this is a bfv context, this client speaks ckks")
+    ):
         CKKSClient(bfv.client_context(include_secret_key=True), client_id="c1")
     with pytest.raises(ProtocolError, match=re.escape("expected an aggregate ciphertext, got a client ciphertext")):
         holder.decrypt(ct)
@@ -499,11 +514,27 @@ def test_context_whose_blob_names_are_not_strings_is_refused(ckks):
         (lambda: MaskedSum(value_bound=1.0, max_clients=2, threshold=5), ValueError, "threshold=5 exceeds max_clients=2"),
         (lambda: MaskedSum(value_bound=0.0, max_clients=2), ValueError, "value_bound must be a finite number > 0, got 0.0"),
         (lambda: MaskedSum(value_bound=1.0, max_clients=2, bits=16), ValueError, "bits must be one of (32, 64), got 16"),
-        (lambda: MaskedSum(value_bound=1.0, max_clients=20, graph="star"), ValueError, "graph must be one of ('complete', 'secagg+'), got 'star'"),
-        (lambda: MaskedSum(value_bound=1.0, max_clients=20, graph="secagg+", degree=3), ValueError, "degree must be an even int >= 2, got 3"),
-        (lambda: MaskedSum(value_bound=1.0, max_clients=20, dropout_rate=1.5), ValueError, "dropout_rate must be in [0, 1), got 1.5"),
+        (
+            lambda: MaskedSum(value_bound=1.0, max_clients=20, graph="star"),
+            ValueError,
+            "graph must be one of ('complete', 'secagg+'), got 'star'",
+        ),
+        (
+            lambda: MaskedSum(value_bound=1.0, max_clients=20, graph="secagg+", degree=3),
+            ValueError,
+            "degree must be an even int >= 2, got 3",
+        ),
+        (
+            lambda: MaskedSum(value_bound=1.0, max_clients=20, dropout_rate=1.5),
+            ValueError,
+            "dropout_rate must be in [0, 1), got 1.5",
+        ),
         (lambda: CKKSKeyHolder(value_bound=1.0, max_clients=0), ValueError, "max_clients must be >= 1, got 0"),
-        (lambda: CKKSKeyHolder("nope", value_bound=1.0, max_clients=4), ValueError, "preset must be one of ['compact', 'compact-pk', 'compat'], got 'nope'"),
+        (
+            lambda: CKKSKeyHolder("nope", value_bound=1.0, max_clients=4),
+            ValueError,
+            "preset must be one of ['compact', 'compact-pk', 'compat'], got 'nope'",
+        ),
         (lambda: TrainConfig(lr=0.0), ConfigError, "lr must be a finite number > 0, got 0.0"),
         (lambda: TrainConfig(epochs=0), ConfigError, "epochs must be >= 1, got 0"),
         (lambda: DropoutSimulator(rate=1.0), ConfigError, "dropout rate must be in [0, 1), got 1.0"),
@@ -512,7 +543,11 @@ def test_context_whose_blob_names_are_not_strings_is_refused(ckks):
         (lambda: UpdatePipeline(weighting="bogus"), ConfigError, "weighting must be one of ('examples', 'uniform'), got 'bogus'"),
         (lambda: FedAdam(beta1=1.0), ConfigError, "beta1 must be in [0, 1), got 1.0"),
         (lambda: Krum(num_byzantine=-1), ConfigError, "num_byzantine must be an int >= 0, got -1"),
-        (lambda: dp.CentralGaussian(noise_multiplier=-1.0, clip_bound=1.0), dp.DPValueError, "noise_multiplier must be > 0, got -1.0"),
+        (
+            lambda: dp.CentralGaussian(noise_multiplier=-1.0, clip_bound=1.0),
+            dp.DPValueError,
+            "noise_multiplier must be > 0, got -1.0",
+        ),
         (lambda: dp.L2Clip(0.0), dp.DPValueError, "bound must be > 0, got 0.0"),
         (lambda: dp.PrivacyBudget(epsilon=1.0, delta=1.5), dp.DPValueError, "delta must be in (0, 1), got 1.5"),
     ],
@@ -530,7 +565,9 @@ def test_impossible_federations_are_refused_before_any_round():
     with pytest.raises(ConfigError, match=re.escape("aggregation mode 'masked' needs a bound on every coordinate: set a clip")):
         Federation(task=task, clients=toy_clients(4), strategy=FedAvg(), train=TRAIN, quiet=True,
                    pipeline=UpdatePipeline(backend=MaskedSum(value_bound=1.0, max_clients=4), weighting="uniform"))  # fmt: skip
-    noisy = UpdatePipeline(clip=dp.L2Clip(1.0), max_examples=10, central_noise=dp.CentralGaussian(noise_multiplier=1.0, clip_bound=1.0))
+    noisy = UpdatePipeline(
+        clip=dp.L2Clip(1.0), max_examples=10, central_noise=dp.CentralGaussian(noise_multiplier=1.0, clip_bound=1.0)
+    )
     with pytest.raises(ConfigError, match=re.escape("client-level DP needs weighting='uniform'")):
         Federation(task=task, clients=toy_clients(4), strategy=FedAvg(), train=TRAIN, quiet=True, pipeline=noisy)
     fed = Federation(task=task, clients=toy_clients(4), strategy=FedAvg(), train=TRAIN, quiet=True)

@@ -23,8 +23,13 @@ from dp._accounting import (
 
 def gauss(z: float, q: float, count: int, *, round_index: int = 0) -> dp.GaussianEvent:
     return dp.GaussianEvent(
-        round_index=round_index, noise_multiplier=z, clip_bound=1.0, sample_rate=q,
-        participants=10, survivors=10, count=count,
+        round_index=round_index,
+        noise_multiplier=z,
+        clip_bound=1.0,
+        sample_rate=q,
+        participants=10,
+        survivors=10,
+        count=count,
     )
 
 
@@ -44,8 +49,7 @@ def test_rdp_known_answer_holds_step_by_step_and_as_sample_level_event():
     # The same history recorded as 2250 one-step events, or as one DP-SGD event of a client.
     events = [gauss(1.5, 0.04, 1, round_index=r) for r in range(2250)]
     assert dp.epsilon(events, delta=1e-5, accountant="rdp") == pytest.approx(7.32911117143, abs=1e-9)
-    sl = dp.SampleLevelEvent(client_id="c1", round_index=0, noise_multiplier=1.5, max_grad_norm=1.0,
-                             sample_rate=0.04, steps=2250)
+    sl = dp.SampleLevelEvent(client_id="c1", round_index=0, noise_multiplier=1.5, max_grad_norm=1.0, sample_rate=0.04, steps=2250)
     assert dp.sample_level_epsilons([sl], delta=1e-5, accountant="rdp") == {"c1": pytest.approx(7.32911117143, abs=1e-9)}
     assert dp.sample_level_epsilons([sl], delta=1e-5) == {"c1": dp.epsilon(events, delta=1e-5)}
 
@@ -99,8 +103,7 @@ def test_epsilon_grows_with_rounds_and_is_zero_when_empty():
 
 
 def test_client_and_sample_levels_are_accounted_separately():
-    sl = dp.SampleLevelEvent(client_id="a", round_index=0, noise_multiplier=1.0, max_grad_norm=1.0,
-                             sample_rate=0.1, steps=50)
+    sl = dp.SampleLevelEvent(client_id="a", round_index=0, noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.1, steps=50)
     g = gauss(1.0, 0.1, 50)
     assert dp.epsilon([sl, g], delta=1e-5) == pytest.approx(dp.epsilon([g], delta=1e-5))
     per = dp.sample_level_epsilons([sl, g, sl], delta=1e-5)
@@ -136,9 +139,20 @@ def test_skellam_approaches_gaussian_for_large_variance():
     # With q = 1 the Gaussian RDP is exactly a / (2 z^2); Skellam's bound tends to it from above.
     z, rounds = 1.2, 20
     d2 = 1000.0
-    ev = dp.SkellamEvent(round_index=0, scale=1.0, clip_bound=d2, dim=10_000, l2_sensitivity=d2,
-                         l1_sensitivity=d2 * 100, per_client_variance=(z * d2) ** 2, min_clients=1,
-                         target_noise_multiplier=z, participants=1, survivors=1, count=rounds)
+    ev = dp.SkellamEvent(
+        round_index=0,
+        scale=1.0,
+        clip_bound=d2,
+        dim=10_000,
+        l2_sensitivity=d2,
+        l1_sensitivity=d2 * 100,
+        per_client_variance=(z * d2) ** 2,
+        min_clients=1,
+        target_noise_multiplier=z,
+        participants=1,
+        survivors=1,
+        count=rounds,
+    )
     key = _groups([ev]).most_common(1)[0][0]
     curve = np.asarray(_curve(key))
     ints = np.array([float(a).is_integer() for a in RDP_ORDERS])
@@ -290,8 +304,16 @@ def test_rdp_cross_check_is_never_below_the_pld_headline(z, q, n):
 
 def test_fixed_size_sampling_is_accounted_as_poisson_at_the_same_rate():
     poisson = dp.epsilon([gauss(1.0, 0.1, 50)], delta=1e-5)
-    fixed = dp.GaussianEvent(round_index=0, noise_multiplier=1.0, clip_bound=1.0, sample_rate=0.1, participants=10,
-                             survivors=10, count=50, sampling="fixed_size")
+    fixed = dp.GaussianEvent(
+        round_index=0,
+        noise_multiplier=1.0,
+        clip_bound=1.0,
+        sample_rate=0.1,
+        participants=10,
+        survivors=10,
+        count=50,
+        sampling="fixed_size",
+    )
     assert dp.epsilon([fixed], delta=1e-5) == poisson
 
 
@@ -299,8 +321,17 @@ def test_fixed_size_sampling_is_accounted_as_poisson_at_the_same_rate():
 
 
 def quantile(r: int, z: float, q: float) -> dp.QuantileEvent:
-    return dp.QuantileEvent(round_index=r, noise_multiplier=z, sample_rate=q, participants=10, survivors=10,
-                            target_quantile=0.5, learning_rate=0.2, bound_before=1.0, bound_after=1.0)
+    return dp.QuantileEvent(
+        round_index=r,
+        noise_multiplier=z,
+        sample_rate=q,
+        participants=10,
+        survivors=10,
+        target_quantile=0.5,
+        learning_rate=0.2,
+        bound_before=1.0,
+        bound_after=1.0,
+    )
 
 
 @pytest.mark.parametrize("accountant", ["pld", "rdp"])

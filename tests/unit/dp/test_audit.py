@@ -33,7 +33,9 @@ from dp.audit import (
 
 def test_p_value_without_delta_is_the_binomial_tail():
     q = math.exp(1.0) / (1 + math.exp(1.0))
-    assert one_run_p_value(canaries=100, guesses=40, correct=33, epsilon=1.0, delta=0.0) == pytest.approx(stats.binom.sf(32, 40, q))
+    assert one_run_p_value(canaries=100, guesses=40, correct=33, epsilon=1.0, delta=0.0) == pytest.approx(
+        stats.binom.sf(32, 40, q)
+    )
     assert one_run_p_value(canaries=100, guesses=40, correct=0, epsilon=1.0, delta=1e-5) == 1.0
 
 
@@ -104,7 +106,18 @@ def test_audit_scores_counts_guesses_from_the_top_and_bottom():
 
 
 def test_default_guess_counts_depend_on_m_only():
-    assert default_guess_counts(100) == ((5, 0), (3, 2), (10, 0), (5, 5), (25, 0), (13, 12), (50, 0), (25, 25), (100, 0), (50, 50))
+    assert default_guess_counts(100) == (
+        (5, 0),
+        (3, 2),
+        (10, 0),
+        (5, 5),
+        (25, 0),
+        (13, 12),
+        (50, 0),
+        (25, 25),
+        (100, 0),
+        (50, 50),
+    )
     assert default_guess_counts(1) == ((1, 0),)
 
 
@@ -154,8 +167,7 @@ def test_sample_level_audit_flags_a_noise_free_dp_sgd_run_when_the_claim_is_with
         z = dp.calibrate_noise_multiplier(target_epsilon=target, delta=1e-5, steps=200, sample_rate=0.2)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", PrivacyAuditWarning)
-            broken = audit_dp_sgd(noise_multiplier=z, sample_rate=0.2, steps=200, rng=np.random.default_rng(1),
-                                  add_noise=False)
+            broken = audit_dp_sgd(noise_multiplier=z, sample_rate=0.2, steps=200, rng=np.random.default_rng(1), add_noise=False)
         honest = audit_dp_sgd(noise_multiplier=z, sample_rate=0.2, steps=200, rng=np.random.default_rng(2))
         assert broken.level == honest.level == "sample"
         assert broken.claimed_epsilon == pytest.approx(target, rel=2e-3) and broken.claimed_epsilon <= target
@@ -170,21 +182,72 @@ def test_sample_level_audit_flags_a_noise_free_dp_sgd_run_when_the_claim_is_with
 @pytest.mark.parametrize(
     "call, error, message",
     [
-        (lambda: epsilon_lower_bound(canaries=5, guesses=6, correct=1, delta=0.0), dp.DPValueError, "guesses must be <= canaries=5, got 6"),
-        (lambda: epsilon_lower_bound(canaries=5, guesses=3, correct=4, delta=0.0), dp.DPValueError, "correct must be <= guesses=3, got 4"),
-        (lambda: epsilon_lower_bound(canaries=5, guesses=3, correct=1, delta=1.0), dp.DPValueError, "delta must be in [0, 1), got 1.0"),
-        (lambda: epsilon_lower_bound(canaries=5, guesses=3, correct=1, delta=0.0, confidence=1.0), dp.DPValueError, "confidence must be in (0, 1), got 1.0"),
-        (lambda: epsilon_lower_bound(canaries=0, guesses=0, correct=0, delta=0.0), dp.DPValueError, "canaries must be >= 1, got 0"),
-        (lambda: one_run_p_value(canaries=5, guesses=3, correct=1, epsilon=-1.0, delta=0.0), dp.DPValueError, "epsilon must be >= 0, got -1.0"),
+        (
+            lambda: epsilon_lower_bound(canaries=5, guesses=6, correct=1, delta=0.0),
+            dp.DPValueError,
+            "guesses must be <= canaries=5, got 6",
+        ),
+        (
+            lambda: epsilon_lower_bound(canaries=5, guesses=3, correct=4, delta=0.0),
+            dp.DPValueError,
+            "correct must be <= guesses=3, got 4",
+        ),
+        (
+            lambda: epsilon_lower_bound(canaries=5, guesses=3, correct=1, delta=1.0),
+            dp.DPValueError,
+            "delta must be in [0, 1), got 1.0",
+        ),
+        (
+            lambda: epsilon_lower_bound(canaries=5, guesses=3, correct=1, delta=0.0, confidence=1.0),
+            dp.DPValueError,
+            "confidence must be in (0, 1), got 1.0",
+        ),
+        (
+            lambda: epsilon_lower_bound(canaries=0, guesses=0, correct=0, delta=0.0),
+            dp.DPValueError,
+            "canaries must be >= 1, got 0",
+        ),
+        (
+            lambda: one_run_p_value(canaries=5, guesses=3, correct=1, epsilon=-1.0, delta=0.0),
+            dp.DPValueError,
+            "epsilon must be >= 0, got -1.0",
+        ),
         (lambda: audit_scores(np.array([1.0, np.nan]), [True, False], delta=0.0), dp.DPValueError, "scores must be finite"),
-        (lambda: audit_scores(np.ones(3), [True, False], delta=0.0), dp.DPValueError, "included must have the shape of scores (3,), got (2,)"),
-        (lambda: audit_scores(np.ones(2), [2, 0], delta=0.0), dp.DPTypeError, "included must hold booleans (or 0/1), got dtype int64"),
-        (lambda: audit_scores(np.ones(2), [True, False], delta=0.0, guess_counts=[(2, 1)]), dp.DPValueError, "each guess count must be a pair of ints"),
-        (lambda: audit_scores(np.ones(2), [True, False], delta=0.0, guess_counts=[]), dp.DPValueError, "guess_counts must hold at least one"),
-        (lambda: draw_canaries(num_canaries=5, dimension=4, clip_bound=1.0, rng=np.random.default_rng(0)), dp.DPValueError,
-         "num_canaries must be <= dimension=4 so that canary directions are orthonormal, got 5"),
-        (lambda: draw_canaries(num_canaries=2, dimension=4, clip_bound=0.0, rng=np.random.default_rng(0)), dp.DPValueError, "clip_bound must be > 0, got 0.0"),
-        (lambda: draw_canaries(num_canaries=2, dimension=4, clip_bound=1.0, rng=0), dp.DPTypeError, "rng must be a numpy.random.Generator, got int"),
+        (
+            lambda: audit_scores(np.ones(3), [True, False], delta=0.0),
+            dp.DPValueError,
+            "included must have the shape of scores (3,), got (2,)",
+        ),
+        (
+            lambda: audit_scores(np.ones(2), [2, 0], delta=0.0),
+            dp.DPTypeError,
+            "included must hold booleans (or 0/1), got dtype int64",
+        ),
+        (
+            lambda: audit_scores(np.ones(2), [True, False], delta=0.0, guess_counts=[(2, 1)]),
+            dp.DPValueError,
+            "each guess count must be a pair of ints",
+        ),
+        (
+            lambda: audit_scores(np.ones(2), [True, False], delta=0.0, guess_counts=[]),
+            dp.DPValueError,
+            "guess_counts must hold at least one",
+        ),
+        (
+            lambda: draw_canaries(num_canaries=5, dimension=4, clip_bound=1.0, rng=np.random.default_rng(0)),
+            dp.DPValueError,
+            "num_canaries must be <= dimension=4 so that canary directions are orthonormal, got 5",
+        ),
+        (
+            lambda: draw_canaries(num_canaries=2, dimension=4, clip_bound=0.0, rng=np.random.default_rng(0)),
+            dp.DPValueError,
+            "clip_bound must be > 0, got 0.0",
+        ),
+        (
+            lambda: draw_canaries(num_canaries=2, dimension=4, clip_bound=1.0, rng=0),
+            dp.DPTypeError,
+            "rng must be a numpy.random.Generator, got int",
+        ),
     ],
 )
 def test_bad_arguments_are_refused(call, error, message):
@@ -254,8 +317,12 @@ def test_audit_figure_goes_into_the_privacy_report():
     assert "A privacy audit ran" in page and "consistent with the claim" in page and f"{result.ceiling:.3g}" in page
     assert isinstance(result, AuditResult)
     # the summary says so when no audit ran
-    assert "No privacy audit ran for this run." in dp.PrivacyReport(
-        result.extra["ledger"], delta=1e-5, mode="plaintext", trust_model="the server sees every update").to_html()
+    assert (
+        "No privacy audit ran for this run."
+        in dp.PrivacyReport(
+            result.extra["ledger"], delta=1e-5, mode="plaintext", trust_model="the server sees every update"
+        ).to_html()
+    )
 
 
 def test_report_of_a_run_whose_audit_exceeds_its_claim_flags_it_loudly():

@@ -11,8 +11,7 @@ import dp
 
 
 def round_event(r: int, z: float = 1.0, q: float = 0.1) -> dp.GaussianEvent:
-    return dp.GaussianEvent(round_index=r, noise_multiplier=z, clip_bound=1.0, sample_rate=q,
-                            participants=10, survivors=9)
+    return dp.GaussianEvent(round_index=r, noise_multiplier=z, clip_bound=1.0, sample_rate=q, participants=10, survivors=9)
 
 
 def test_training_stops_before_the_budget_is_exceeded():
@@ -46,8 +45,7 @@ def test_check_returns_the_would_be_epsilon():
 
 
 def sgd(cid: str, r: int, steps: int, z: float = 1.5) -> dp.SampleLevelEvent:
-    return dp.SampleLevelEvent(client_id=cid, round_index=r, noise_multiplier=z, max_grad_norm=1.0,
-                               sample_rate=0.05, steps=steps)
+    return dp.SampleLevelEvent(client_id=cid, round_index=r, noise_multiplier=z, max_grad_norm=1.0, sample_rate=0.05, steps=steps)
 
 
 def test_default_budget_binds_dp_sgd_events_too():
@@ -77,8 +75,13 @@ def test_default_budget_binds_dp_sgd_events_too():
 )
 def test_a_budget_refuses_a_history_it_does_not_bind(level, events, match):
     budget = dp.PrivacyBudget(epsilon=3.0, delta=1e-5, level=level)
-    for call in (lambda: budget.spent(events), lambda: budget.check([], events), lambda: budget.check(events, []),
-                 lambda: budget.rounds_that_fit([], events), lambda: budget.remaining(events)):
+    for call in (
+        lambda: budget.spent(events),
+        lambda: budget.check([], events),
+        lambda: budget.check(events, []),
+        lambda: budget.rounds_that_fit([], events),
+        lambda: budget.remaining(events),
+    ):
         with pytest.raises(dp.DPValueError, match=match):
             call()
 

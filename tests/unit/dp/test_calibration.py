@@ -10,8 +10,9 @@ import dp
 
 
 def eps_of(z: float, *, steps: int, q: float, delta: float, accountant: str = "pld") -> float:
-    ev = dp.GaussianEvent(round_index=0, noise_multiplier=z, clip_bound=1.0, sample_rate=q,
-                          participants=1, survivors=1, count=steps)
+    ev = dp.GaussianEvent(
+        round_index=0, noise_multiplier=z, clip_bound=1.0, sample_rate=q, participants=1, survivors=1, count=steps
+    )
     return dp.epsilon([ev], delta=delta, accountant=accountant)
 
 
@@ -43,8 +44,9 @@ def test_calibration_matches_opacus_reference_value():
 
 
 def test_calibration_with_prv_never_overshoots_prv():
-    z = dp.calibrate_noise_multiplier(target_epsilon=3.0, delta=1e-5, steps=200, sample_rate=0.05,
-                                      accountant="prv", rel_tolerance=0.01)
+    z = dp.calibrate_noise_multiplier(
+        target_epsilon=3.0, delta=1e-5, steps=200, sample_rate=0.05, accountant="prv", rel_tolerance=0.01
+    )
     assert eps_of(z, steps=200, q=0.05, delta=1e-5, accountant="prv") <= 3.0
     assert z < dp.calibrate_noise_multiplier(target_epsilon=3.0, delta=1e-5, steps=200, sample_rate=0.05, accountant="rdp")
 
@@ -56,8 +58,9 @@ def test_distributed_noise_is_calibrated_with_the_bound_it_is_charged_with(cls):
     base = cls(noise_multiplier=1.0, clip_bound=1.0, dim=10_000, min_clients=8)
 
     def charged(noise, survivors: int) -> float:
-        events = [noise.event(round_index=r, scale=scale, participants=10, survivors=survivors, sample_rate=q)
-                  for r in range(rounds)]
+        events = [
+            noise.event(round_index=r, scale=scale, participants=10, survivors=survivors, sample_rate=q) for r in range(rounds)
+        ]
         return dp.epsilon(events, delta=1e-5)
 
     noise = base.calibrated(target_epsilon=target, delta=1e-5, rounds=rounds, scale=scale, sample_rate=q)
@@ -92,8 +95,11 @@ def test_adaptive_clipping_split_never_overshoots_the_calibrated_effective_noise
     clip = dp.AdaptiveClip(initial_bound=1.0, count_noise_multiplier=zb)
     events = []
     for r in range(40):
-        events.append(dp.CentralGaussian(noise_multiplier=z, clip_bound=clip.bound).event(
-            round_index=r, participants=10, survivors=10, sample_rate=0.1))
+        events.append(
+            dp.CentralGaussian(noise_multiplier=z, clip_bound=clip.bound).event(
+                round_index=r, participants=10, survivors=10, sample_rate=0.1
+            )
+        )
         events.append(clip.plan(round_index=r, participants=10, survivors=10, sample_rate=0.1))
     assert dp.epsilon(events, delta=1e-5) <= 5.0
     with pytest.raises(dp.DPValueError, match=r"count_noise_multiplier must be > effective_noise_multiplier=2.0"):

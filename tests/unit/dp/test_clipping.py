@@ -75,8 +75,12 @@ def test_adaptive_clip_bound_moves_to_its_target_quantile(target):
 
 
 @settings(max_examples=40, deadline=None)
-@given(bits=st.lists(st.integers(0, 1), min_size=0, max_size=60), new_bit=st.integers(0, 1),
-       m=st.floats(1.0, 100.0), noise_seed=st.integers(0, 2**32 - 1))
+@given(
+    bits=st.lists(st.integers(0, 1), min_size=0, max_size=60),
+    new_bit=st.integers(0, 1),
+    m=st.floats(1.0, 100.0),
+    noise_seed=st.integers(0, 2**32 - 1),
+)
 def test_adding_one_client_moves_the_estimate_by_at_most_what_is_accounted(bits, new_bit, m, noise_seed):
     """The accounting assumes sensitivity COUNT_SENSITIVITY of the count, i.e. 1/(2m) of the estimate,
     with noise of standard deviation noise_multiplier * COUNT_SENSITIVITY: check both on neighbours."""
@@ -114,19 +118,35 @@ def test_adaptive_clip_shrinks_when_everyone_is_below():
         (lambda: dp.L2Clip(0.0), dp.DPValueError, r"bound must be > 0, got 0.0"),
         (lambda: dp.L2Clip("1"), dp.DPTypeError, r"bound must be a real number, got '1' \(str\)"),
         (lambda: dp.L2Clip(1.0).clip(np.array([1.0, np.nan])), dp.DPValueError, r"vec must be finite"),
-        (lambda: dp.L2Clip(1.0).clip(np.ones((2, 2))), dp.DPValueError, r"vec must be a non-empty 1-D vector, got shape \(2, 2\)"),
+        (
+            lambda: dp.L2Clip(1.0).clip(np.ones((2, 2))),
+            dp.DPValueError,
+            r"vec must be a non-empty 1-D vector, got shape \(2, 2\)",
+        ),
         (lambda: dp.L2Clip(1.0).clip([1.0, 2.0]), dp.DPTypeError, r"vec must be a numpy array, got list"),
         (lambda: dp.L2Clip(1.0).clip(np.array([1, 2])), dp.DPTypeError, r"vec must have a float dtype, got int64"),
-        (lambda: dp.AdaptiveClip(initial_bound=1.0, target_quantile=1.0, count_noise_multiplier=1.0),
-         dp.DPValueError, r"target_quantile must be in \(0, 1\), got 1.0"),
-        (lambda: dp.AdaptiveClip(initial_bound=1.0, learning_rate=0.0, count_noise_multiplier=1.0),
-         dp.DPValueError, r"learning_rate must be > 0, got 0.0"),
-        (lambda: dp.AdaptiveClip(initial_bound=1.0, count_noise_multiplier=1.0).update(
-            1.0, expected_clients=0, participants=3, survivors=3, round_index=0),
-         dp.DPValueError, r"expected_clients must be > 0, got 0"),
-        (lambda: dp.AdaptiveClip(initial_bound=1.0, count_noise_multiplier=1.0).noise_count(
-            1.0, rng=np.random.RandomState(0)),
-         dp.DPTypeError, r"rng must be a numpy.random.Generator, got RandomState"),
+        (
+            lambda: dp.AdaptiveClip(initial_bound=1.0, target_quantile=1.0, count_noise_multiplier=1.0),
+            dp.DPValueError,
+            r"target_quantile must be in \(0, 1\), got 1.0",
+        ),
+        (
+            lambda: dp.AdaptiveClip(initial_bound=1.0, learning_rate=0.0, count_noise_multiplier=1.0),
+            dp.DPValueError,
+            r"learning_rate must be > 0, got 0.0",
+        ),
+        (
+            lambda: dp.AdaptiveClip(initial_bound=1.0, count_noise_multiplier=1.0).update(
+                1.0, expected_clients=0, participants=3, survivors=3, round_index=0
+            ),
+            dp.DPValueError,
+            r"expected_clients must be > 0, got 0",
+        ),
+        (
+            lambda: dp.AdaptiveClip(initial_bound=1.0, count_noise_multiplier=1.0).noise_count(1.0, rng=np.random.RandomState(0)),
+            dp.DPTypeError,
+            r"rng must be a numpy.random.Generator, got RandomState",
+        ),
         (lambda: dp.AdaptiveClip.client_half(np.ones(3), bound=0.0), dp.DPValueError, r"bound must be > 0, got 0.0"),
     ],
 )

@@ -106,7 +106,7 @@ def test_linear_paths_match_opacus_default_grad_sampler(steps, d_in, d_out):
     model = nn.Sequential(nn.Linear(d_in, d_out), nn.Tanh(), nn.Linear(d_out, 1))
     x = torch.randn(8, steps, d_in)
     y = torch.randn(8)
-    loss = lambda m: ((m(x).squeeze(-1).sum(1) - y) ** 2)  # noqa: E731
+    loss = lambda m: (m(x).squeeze(-1).sum(1) - y) ** 2  # noqa: E731
 
     gsm = GradSampleModule(model, loss_reduction="sum")
     loss(gsm).sum().backward()

@@ -16,12 +16,27 @@ def sample_events() -> list:
     sk = dp.SkellamNoise(noise_multiplier=1.1, clip_bound=0.5, dim=64, min_clients=3)
     dg = dp.DiscreteGaussianNoise(noise_multiplier=0.9, clip_bound=0.5, dim=64, min_clients=3, beta=0.01)
     return [
-        dp.GaussianEvent(round_index=0, noise_multiplier=1.0, clip_bound=0.5, sample_rate=0.1,
-                         participants=10, survivors=8),
-        dp.QuantileEvent(round_index=0, noise_multiplier=20.0, sample_rate=0.1, participants=10, survivors=8,
-                         target_quantile=0.5, learning_rate=0.2, bound_before=1.0, bound_after=0.9),
-        dp.SampleLevelEvent(client_id="c3", round_index=7, noise_multiplier=1.1, max_grad_norm=1.0,
-                            sample_rate=0.02, steps=120, clipping="embedding"),
+        dp.GaussianEvent(round_index=0, noise_multiplier=1.0, clip_bound=0.5, sample_rate=0.1, participants=10, survivors=8),
+        dp.QuantileEvent(
+            round_index=0,
+            noise_multiplier=20.0,
+            sample_rate=0.1,
+            participants=10,
+            survivors=8,
+            target_quantile=0.5,
+            learning_rate=0.2,
+            bound_before=1.0,
+            bound_after=0.9,
+        ),
+        dp.SampleLevelEvent(
+            client_id="c3",
+            round_index=7,
+            noise_multiplier=1.1,
+            max_grad_norm=1.0,
+            sample_rate=0.02,
+            steps=120,
+            clipping="embedding",
+        ),
         sk.event(round_index=1, scale=256.0, participants=5, survivors=4, sample_rate=0.5),
         dg.event(round_index=2, scale=256.0, participants=5, survivors=5, sampling="fixed_size", sample_rate=0.5),
     ]
@@ -64,8 +79,9 @@ def test_ledger_is_append_only_and_round_trips_without_pickle():
     lost=st.integers(0, 1000),
 )
 def test_gaussian_event_json_round_trip(r, z, c, q, n, lost):
-    ev = dp.GaussianEvent(round_index=r, noise_multiplier=z, clip_bound=c, sample_rate=q,
-                          participants=n, survivors=max(0, n - lost))
+    ev = dp.GaussianEvent(
+        round_index=r, noise_multiplier=z, clip_bound=c, sample_rate=q, participants=n, survivors=max(0, n - lost)
+    )
     assert dp.event_from_dict(json.loads(json.dumps(dp.event_to_dict(ev)))) == ev
 
 
@@ -109,8 +125,8 @@ def test_bad_event_parameters_are_refused(changes, exc, match):
 
 def test_sample_level_event_requires_a_client():
     with pytest.raises(dp.DPTypeError, match="client_id must be a non-empty str, got ''"):
-        dp.SampleLevelEvent(client_id="", round_index=0, noise_multiplier=1.0, max_grad_norm=1.0,
-                            sample_rate=0.1, steps=1)
+        dp.SampleLevelEvent(client_id="", round_index=0, noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.1, steps=1)
     with pytest.raises(dp.DPValueError, match=r"clipping must be one of \('default', 'ghost', 'embedding'\)"):
-        dp.SampleLevelEvent(client_id="a", round_index=0, noise_multiplier=1.0, max_grad_norm=1.0,
-                            sample_rate=0.1, steps=1, clipping="auto")
+        dp.SampleLevelEvent(
+            client_id="a", round_index=0, noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.1, steps=1, clipping="auto"
+        )

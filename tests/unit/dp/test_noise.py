@@ -38,9 +38,7 @@ def test_distributed_noise_matches_the_secagg_protocol(cls):
     for name in ("sample", "sum_bound"):
         ours = inspect.signature(getattr(cls, name))
         theirs = inspect.signature(getattr(IntegerNoise, name))
-        assert [(p.name, p.kind) for p in ours.parameters.values()] == [
-            (p.name, p.kind) for p in theirs.parameters.values()
-        ]
+        assert [(p.name, p.kind) for p in ours.parameters.values()] == [(p.name, p.kind) for p in theirs.parameters.values()]
     out = noise.sample(10, scale=100.0, rng=np.random.default_rng(0))
     assert out.dtype == np.int64 and out.shape == (10,)
 
@@ -71,8 +69,11 @@ def test_discrete_gaussian_sampler_variance_and_symmetry():
         x = sample_discrete_gaussian(sigma, 60_000, rng=rng)
         lo, hi = variance_ci(x.astype(np.float64))
         # for sigma >= 1 the discrete Gaussian's variance is sigma^2 to within 1e-8 (CKS20 Fact 19)
-        expected = sigma**2 if sigma >= 1 else sum(k * k * math.exp(-k * k / (2 * sigma**2)) for k in range(-40, 41)) / sum(
-            math.exp(-k * k / (2 * sigma**2)) for k in range(-40, 41)
+        expected = (
+            sigma**2
+            if sigma >= 1
+            else sum(k * k * math.exp(-k * k / (2 * sigma**2)) for k in range(-40, 41))
+            / sum(math.exp(-k * k / (2 * sigma**2)) for k in range(-40, 41))
         )
         assert lo <= expected <= hi
         assert abs(float(x.mean())) < 5 * sigma / math.sqrt(x.size)
@@ -126,20 +127,58 @@ def test_short_rounds_are_recorded_with_the_noise_present():
 @pytest.mark.parametrize(
     "make,exc,match",
     [
-        (lambda: dp.SkellamNoise(noise_multiplier=1.0, clip_bound=1.0, dim=0, min_clients=1), dp.DPValueError, r"dim must be >= 1, got 0"),
-        (lambda: dp.SkellamNoise(noise_multiplier=1.0, clip_bound=1.0, dim=4, min_clients=0), dp.DPValueError, r"min_clients must be >= 1, got 0"),
-        (lambda: dp.SkellamNoise(noise_multiplier=-1.0, clip_bound=1.0, dim=4, min_clients=1), dp.DPValueError, r"noise_multiplier must be > 0, got -1.0"),
-        (lambda: dp.DiscreteGaussianNoise(noise_multiplier=1.0, clip_bound=1.0, dim=4, min_clients=1, beta=1.0), dp.DPValueError, r"beta must be in \[0, 1\), got 1.0"),
-        (lambda: dp.SkellamNoise(noise_multiplier=1.0, clip_bound=1.0, dim=4, min_clients=1).sample(5, scale=1.0, rng=np.random.default_rng()),
-         dp.DPValueError, r"size must equal dim=4 \(the noise is sized for it\), got 5"),
-        (lambda: dp.SkellamNoise(noise_multiplier=1.0, clip_bound=1.0, dim=4, min_clients=1).sample(4, scale=0.0, rng=np.random.default_rng()),
-         dp.DPValueError, r"scale must be > 0, got 0.0"),
-        (lambda: dp.SkellamNoise(noise_multiplier=1.0, clip_bound=1.0, dim=4, min_clients=1).sample(4, scale=1.0, rng=0),
-         dp.DPTypeError, r"rng must be a numpy.random.Generator, got int"),
-        (lambda: dp.SkellamNoise(noise_multiplier=1.0, clip_bound=1.0, dim=4, min_clients=1).event(round_index=0, scale=1.0, participants=3, survivors=0),
-         dp.DPValueError, r"survivors must be >= 1, got 0"),
+        (
+            lambda: dp.SkellamNoise(noise_multiplier=1.0, clip_bound=1.0, dim=0, min_clients=1),
+            dp.DPValueError,
+            r"dim must be >= 1, got 0",
+        ),
+        (
+            lambda: dp.SkellamNoise(noise_multiplier=1.0, clip_bound=1.0, dim=4, min_clients=0),
+            dp.DPValueError,
+            r"min_clients must be >= 1, got 0",
+        ),
+        (
+            lambda: dp.SkellamNoise(noise_multiplier=-1.0, clip_bound=1.0, dim=4, min_clients=1),
+            dp.DPValueError,
+            r"noise_multiplier must be > 0, got -1.0",
+        ),
+        (
+            lambda: dp.DiscreteGaussianNoise(noise_multiplier=1.0, clip_bound=1.0, dim=4, min_clients=1, beta=1.0),
+            dp.DPValueError,
+            r"beta must be in \[0, 1\), got 1.0",
+        ),
+        (
+            lambda: dp.SkellamNoise(noise_multiplier=1.0, clip_bound=1.0, dim=4, min_clients=1).sample(
+                5, scale=1.0, rng=np.random.default_rng()
+            ),
+            dp.DPValueError,
+            r"size must equal dim=4 \(the noise is sized for it\), got 5",
+        ),
+        (
+            lambda: dp.SkellamNoise(noise_multiplier=1.0, clip_bound=1.0, dim=4, min_clients=1).sample(
+                4, scale=0.0, rng=np.random.default_rng()
+            ),
+            dp.DPValueError,
+            r"scale must be > 0, got 0.0",
+        ),
+        (
+            lambda: dp.SkellamNoise(noise_multiplier=1.0, clip_bound=1.0, dim=4, min_clients=1).sample(4, scale=1.0, rng=0),
+            dp.DPTypeError,
+            r"rng must be a numpy.random.Generator, got int",
+        ),
+        (
+            lambda: dp.SkellamNoise(noise_multiplier=1.0, clip_bound=1.0, dim=4, min_clients=1).event(
+                round_index=0, scale=1.0, participants=3, survivors=0
+            ),
+            dp.DPValueError,
+            r"survivors must be >= 1, got 0",
+        ),
         (lambda: dp.CentralGaussian(noise_multiplier=1.0, clip_bound=0.0), dp.DPValueError, r"clip_bound must be > 0, got 0.0"),
-        (lambda: dp.CentralGaussian(noise_multiplier=1.0, clip_bound=1.0).add(np.ones(3), rng=None), dp.DPTypeError, r"rng must be a numpy.random.Generator, got NoneType"),
+        (
+            lambda: dp.CentralGaussian(noise_multiplier=1.0, clip_bound=1.0).add(np.ones(3), rng=None),
+            dp.DPTypeError,
+            r"rng must be a numpy.random.Generator, got NoneType",
+        ),
     ],
 )
 def test_bad_noise_parameters_are_refused(make, exc, match):

@@ -21,14 +21,27 @@ def central_ledger(rounds: int = 4) -> dp.Ledger:
     ledger = dp.Ledger()
     clip = dp.AdaptiveClip(initial_bound=1.0, count_noise_multiplier=20.0)
     for r in range(rounds):
-        ledger.record(dp.CentralGaussian(noise_multiplier=1.2, clip_bound=clip.bound).event(
-            round_index=r, participants=5, survivors=4 if r == 1 else 5, sample_rate=0.2))
-        _, ev = clip.update(clip.noise_count(3, rng=rng), expected_clients=5, participants=5, survivors=5,
-                            round_index=r, sample_rate=0.2)
+        ledger.record(
+            dp.CentralGaussian(noise_multiplier=1.2, clip_bound=clip.bound).event(
+                round_index=r, participants=5, survivors=4 if r == 1 else 5, sample_rate=0.2
+            )
+        )
+        _, ev = clip.update(
+            clip.noise_count(3, rng=rng), expected_clients=5, participants=5, survivors=5, round_index=r, sample_rate=0.2
+        )
         ledger.record(ev)
         for cid in ("c1", "c2"):
-            ledger.record(dp.SampleLevelEvent(client_id=cid, round_index=r, noise_multiplier=1.0, max_grad_norm=1.0,
-                                              sample_rate=0.05, steps=10 if cid == "c1" else 30, clipping="embedding"))
+            ledger.record(
+                dp.SampleLevelEvent(
+                    client_id=cid,
+                    round_index=r,
+                    noise_multiplier=1.0,
+                    max_grad_norm=1.0,
+                    sample_rate=0.05,
+                    steps=10 if cid == "c1" else 30,
+                    clipping="embedding",
+                )
+            )
     return ledger
 
 
@@ -42,10 +55,15 @@ def sample_ledger(clients: int = 3, rounds: int = 5) -> dp.Ledger:
 
 def build(ledger, **kw):
     args = dict(
-        delta=1e-5, mode="masked", trust_model=TRUST, secure_aggregation={"threshold": 3, "clients": 5, "bits": 32},
-        dropouts={1: ["c5"]}, reveals=[dp.Reveal(round_index=3, what="model of c2 (selected)", why="covered by sample-level DP")],
+        delta=1e-5,
+        mode="masked",
+        trust_model=TRUST,
+        secure_aggregation={"threshold": 3, "clients": 5, "bits": 32},
+        dropouts={1: ["c5"]},
+        reveals=[dp.Reveal(round_index=3, what="model of c2 (selected)", why="covered by sample-level DP")],
         utility={r: {"accuracy": 0.5 + 0.1 * r} for r in range(4)},
-        budget=dp.PrivacyBudget(epsilon=10.0, delta=1e-5), generated_at="2026-01-01T00:00:00+00:00",
+        budget=dp.PrivacyBudget(epsilon=10.0, delta=1e-5),
+        generated_at="2026-01-01T00:00:00+00:00",
     )
     args.update(kw)
     return dp.PrivacyReport(ledger, **args)
@@ -66,9 +84,14 @@ def test_json_report_is_computed_from_the_ledger():
     client = data["client_level"]
     assert data["accountant"] == "pld" and client["accountant_used"] == "pld"
     assert client["epsilon"] == pytest.approx(dp.epsilon(ledger, delta=1e-5))
-    assert client["cross_check"] == {"accountant": "rdp", "epsilon": pytest.approx(dp.epsilon(ledger, delta=1e-5, accountant="rdp"))}
+    assert client["cross_check"] == {
+        "accountant": "rdp",
+        "epsilon": pytest.approx(dp.epsilon(ledger, delta=1e-5, accountant="rdp")),
+    }
     assert client["cross_check"]["epsilon"] >= client["epsilon"] and client["cross_check_below_headline"] is False
-    assert client["by_accountant"]["tightest"] == pytest.approx(min(v for k, v in client["by_accountant"].items() if k != "tightest"))
+    assert client["by_accountant"]["tightest"] == pytest.approx(
+        min(v for k, v in client["by_accountant"].items() if k != "tightest")
+    )
     curve = client["epsilon_over_rounds"]
     assert [p["round"] for p in curve] == [0, 1, 2, 3]
     assert all(a["epsilon"] < b["epsilon"] for a, b in zip(curve, curve[1:]))
@@ -117,24 +140,44 @@ def test_summary_comes_first_in_plain_language_then_who_sees_what_then_detail():
     report = build(
         central_ledger(),
         unit_of_privacy="one user's ratings inside a silo",
-        non_private_releases=["test HR@10 every round, on held-out private data",
-                              {"what": "exact dataset sizes", "note": "the weight coordinate"}],
+        non_private_releases=[
+            "test HR@10 every round, on held-out private data",
+            {"what": "exact dataset sizes", "note": "the weight coordinate"},
+        ],
         seed_derivable=True,
         provenance={"config_sha256": "ab" * 32, "data_sha256": "cd" * 32, "model_sha256": "ef" * 32},
     )
     page = report.to_html()
-    order = [page.index(h) for h in ("<h2>Summary</h2>", "<h2>What each party sees</h2>", "<h2>Detail</h2>",
-                                     "<h3>Epsilon over rounds</h3>", "<h3>Provenance</h3>")]
+    order = [
+        page.index(h)
+        for h in (
+            "<h2>Summary</h2>",
+            "<h2>What each party sees</h2>",
+            "<h2>Detail</h2>",
+            "<h3>Epsilon over rounds</h3>",
+            "<h3>Provenance</h3>",
+        )
+    ]
     assert order == sorted(order)
-    summary = page[order[0]:order[1]]
-    for needle in ("Who is protected:</b> one user&#x27;s ratings inside a silo", "Against whom:",
-                   "NOT against the server", "except with a probability of at most 1e-05 (about 1 in 100,000)",
-                   "test HR@10 every round, on held-out private data", "exact dataset sizes (the weight coordinate)",
-                   "Reproducible simulation: the noise is derivable from the seed; the guarantee holds only against "
-                   "whoever does not know it.", "model of c2 (selected)", "No privacy audit ran for this run."):
+    summary = page[order[0] : order[1]]
+    for needle in (
+        "Who is protected:</b> one user&#x27;s ratings inside a silo",
+        "Against whom:",
+        "NOT against the server",
+        "except with a probability of at most 1e-05 (about 1 in 100,000)",
+        "test HR@10 every round, on held-out private data",
+        "exact dataset sizes (the weight coordinate)",
+        "Reproducible simulation: the noise is derivable from the seed; the guarantee holds only against "
+        "whoever does not know it.",
+        "model of c2 (selected)",
+        "No privacy audit ran for this run.",
+    ):
         assert needle in summary, needle
     data = report.data
-    assert data["seed_derivable"] is True and data["non_private_releases"][1] == {"what": "exact dataset sizes", "note": "the weight coordinate"}
+    assert data["seed_derivable"] is True and data["non_private_releases"][1] == {
+        "what": "exact dataset sizes",
+        "note": "the weight coordinate",
+    }
     assert [p["party"] for p in data["parties"]] == ["server", "other clients", "key holder", "whoever receives the model"]
     assert "sum before the noise is added" in data["parties"][0]["sees"]
     assert data["provenance"]["config_sha256"] == "ab" * 32 and ("cd" * 32) in page
@@ -160,8 +203,11 @@ def test_sample_level_run_has_epsilon_over_rounds_and_a_readable_per_client_char
     # the per-client chart grows with the number of clients, so every label has its own row
     small = png_size(images["per-client sample-level epsilon"])[1]
     many = build(sample_ledger(clients=30, rounds=1), dropouts=None, reveals=()).to_html()
-    big = png_size(dict(re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', many))
-                   ["per-client sample-level epsilon"])[1]
+    big = png_size(
+        dict(re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', many))[
+            "per-client sample-level epsilon"
+        ]
+    )[1]
     assert big > 2 * small
     assert "silo-29" in many
 
@@ -175,20 +221,24 @@ def test_utility_chart_takes_a_non_dp_reference():
 
 
 def test_backend_parameters_are_rendered_as_readable_fields():
-    report = build(central_ledger(), secure_aggregation={"threshold": 3, "encoder": {"bits": 32, "scale_factor": 2048.0},
-                                                         "graph": "complete"})
+    report = build(
+        central_ledger(),
+        secure_aggregation={"threshold": 3, "encoder": {"bits": 32, "scale_factor": 2048.0}, "graph": "complete"},
+    )
     page = report.to_html()
-    section = page[page.index("<h3>Secure aggregation</h3>"):page.index("<h4>Observed dropouts</h4>")]
+    section = page[page.index("<h3>Secure aggregation</h3>") : page.index("<h4>Observed dropouts</h4>")]
     assert "encoder › bits" in section and "encoder › scale factor" in section and "2048" in section
     assert "{" not in section and "&#x27;" not in section  # no raw dict dump
 
 
 def test_distributed_noise_report_names_the_accountant_it_used_and_flags_short_rounds():
     noise = dp.SkellamNoise(noise_multiplier=1.0, clip_bound=1.0, dim=100, min_clients=4)
-    ledger = dp.Ledger([
-        noise.event(round_index=0, scale=128.0, participants=5, survivors=5, sampling="fixed_size", sample_rate=0.5),
-        noise.event(round_index=1, scale=128.0, participants=5, survivors=3, sampling="fixed_size", sample_rate=0.5),
-    ])
+    ledger = dp.Ledger(
+        [
+            noise.event(round_index=0, scale=128.0, participants=5, survivors=5, sampling="fixed_size", sample_rate=0.5),
+            noise.event(round_index=1, scale=128.0, participants=5, survivors=3, sampling="fixed_size", sample_rate=0.5),
+        ]
+    )
     data = json.loads(build(ledger, dropouts={1: 2}, reveals=()).to_json())
     client = data["client_level"]
     assert data["accountant"] == "pld" and client["accountant_used"] == "rdp" and client["cross_check_accountant"] == "prv"
@@ -250,7 +300,11 @@ def test_empty_ledger_report_says_so():
         (dict(audited_epsilon_lower_bound=-1.0), dp.DPValueError, r"audited_epsilon_lower_bound must be >= 0, got -1.0"),
         (dict(budget=10.0), dp.DPTypeError, r"budget must be a PrivacyBudget or None, got float"),
         (dict(unit_of_privacy=""), dp.DPValueError, r"unit_of_privacy must be a non-empty str, got ''"),
-        (dict(non_private_releases="metrics"), dp.DPTypeError, r"non_private_releases must be a list of str or mappings, got str"),
+        (
+            dict(non_private_releases="metrics"),
+            dp.DPTypeError,
+            r"non_private_releases must be a list of str or mappings, got str",
+        ),
         (dict(non_private_releases=[{"what": "x", "why": "y"}]), dp.DPValueError, r"non_private_releases\[0\] takes what/note"),
         (dict(non_private_releases=[3]), dp.DPTypeError, r"non_private_releases\[0\] must be a str or a mapping"),
         (dict(parties=[{"party": "server"}]), dp.DPValueError, r"parties\[0\] must be a mapping with exactly the keys"),

@@ -147,8 +147,7 @@ def test_tiny_bert_modes_agree_with_explicit_inputs():
     for mode in ("default", "embedding"):
         model = copy.deepcopy(base)
         before = copy.deepcopy(model.state_dict())
-        private = attach(model, torch.utils.data.TensorDataset(ids, mask, y), mode=mode, z=1e-9, c=0.1,
-                         batch_size=6, lr=1.0)
+        private = attach(model, torch.utils.data.TensorDataset(ids, mask, y), mode=mode, z=1e-9, c=0.1, batch_size=6, lr=1.0)
         private.step(nn.functional.cross_entropy(model(ids, mask), y, reduction="none"))
         private.detach()
         updates[mode] = {k: before[k] - v for k, v in model.state_dict().items()}
@@ -226,12 +225,14 @@ def test_bad_configurations_are_refused():
         cfg.attach(bn, torch.optim.SGD(bn.parameters(), lr=0.1), loader)
     with pytest.raises(dp.DPValueError, match="generator must be None when secure_mode=True"):
         dp.SampleLevelDP(noise_multiplier=1.0, max_grad_norm=1.0, secure_mode=True).attach(
-            model, torch.optim.SGD(model.parameters(), lr=0.1), loader, generator=torch.Generator())
+            model, torch.optim.SGD(model.parameters(), lr=0.1), loader, generator=torch.Generator()
+        )
     private = cfg.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), loader)
     with pytest.raises(dp.DPValueError, match="already attached"):
         cfg.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), loader)
     private.detach()
     with pytest.raises(dp.UnsupportedModelError, match="clipping='embedding' cannot handle"):
+
         class Custom(nn.Module):
             def __init__(self):
                 super().__init__()
@@ -242,7 +243,8 @@ def test_bad_configurations_are_refused():
 
         custom = Custom()
         dp.SampleLevelDP(noise_multiplier=1.0, max_grad_norm=1.0, clipping="embedding").attach(
-            custom, torch.optim.SGD(custom.parameters(), lr=0.1), loader)
+            custom, torch.optim.SGD(custom.parameters(), lr=0.1), loader
+        )
 
 
 # ------------------------------------------------------------------ lazy noise for embedding tables
@@ -331,7 +333,8 @@ def test_lazy_noise_refuses_non_linear_optimizers():
     model = MF()
     with pytest.raises(dp.DPValueError, match="lazy_noise=True needs clipping='embedding' .* resolves to 'ghost'"):
         dp.SampleLevelDP(noise_multiplier=1.0, max_grad_norm=1.0, clipping="ghost", lazy_noise=True).attach(
-            model, torch.optim.SGD(model.parameters(), lr=0.1), loader)
+            model, torch.optim.SGD(model.parameters(), lr=0.1), loader
+        )
 
 
 class _Boom(RuntimeError):

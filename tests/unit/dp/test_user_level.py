@@ -85,7 +85,10 @@ def collate(items):
     if isinstance(items[0], dict):
         keys = items[0].keys()
         longest = max(it["x"].shape[1] for it in items)
-        pad = lambda t: nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, longest - t.shape[1]))
+
+        def pad(t):
+            return nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, longest - t.shape[1]))
+
         return {k: torch.cat([pad(it[k]) if it[k].dim() > 1 else it[k] for it in items]) for k in keys}
     return items
 
@@ -94,7 +97,9 @@ def per_user_loss(model: nn.Module, b: dict[str, torch.Tensor]) -> torch.Tensor:
     return (((model(b["user"], b["x"], b["item"]) - b["y"]) ** 2) * b["mask"]).sum(1)
 
 
-def attach(model, data, *, z=1e-9, c=1.0, batch_size=None, lr=1.0, user_parameters=("user_bias",), clipping="auto", opt=None, **kw):
+def attach(
+    model, data, *, z=1e-9, c=1.0, batch_size=None, lr=1.0, user_parameters=("user_bias",), clipping="auto", opt=None, **kw
+):
     opt = opt or torch.optim.SGD(model.parameters(), lr=lr)
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size or len(data), collate_fn=collate)
     cfg = dp.UserLevelDP(noise_multiplier=z, max_grad_norm=c, clipping=clipping, user_parameters=user_parameters, **kw)
@@ -105,7 +110,9 @@ def shared(model: Toy) -> torch.Tensor:
     return torch.cat([model.linear.weight.flatten(), model.linear.bias, model.item_bias.weight.flatten()]).detach().clone()
 
 
-def reference(model: Toy, data: Examples, users: list[int], c: float, *, owned: bool) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+def reference(
+    model: Toy, data: Examples, users: list[int], c: float, *, owned: bool
+) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
     """sum_u clip(sum_{i in u} grad l_i), example by example, the user table's gradient, the clip factors.
 
     ``owned``: the user table is user-owned (unclipped, outside the norm); else it is clipped with the rest.
@@ -126,7 +133,9 @@ def reference(model: Toy, data: Examples, users: list[int], c: float, *, owned: 
     return torch.cat([t.flatten() for t in total[:-1]]), total[-1], factors
 
 
-@pytest.mark.parametrize("user_parameters,clipping", [(("user_bias",), "auto"), ((), "embedding"), ((), "default"), ((), "ghost")])
+@pytest.mark.parametrize(
+    "user_parameters,clipping", [(("user_bias",), "auto"), ((), "embedding"), ((), "default"), ((), "ghost")]
+)
 def test_per_user_gradient_is_the_clipped_sum_of_the_users_example_gradients(user_parameters, clipping):
     torch.manual_seed(0)
     data = Examples([1, 4, 9, 2, 30])
@@ -237,7 +246,9 @@ def test_bad_inputs_name_the_parameter_and_the_value():
     flat = torch.utils.data.TensorDataset(torch.zeros(4, D))
     with pytest.raises(dp.DPTypeError, match=r"needs data_loader.dataset to have by_user\(\).*got TensorDataset"):
         attach(Toy(users=3), flat)
-    with pytest.raises(dp.DPValueError, match="each of the 3 users with probability 1/len\\(data_loader\\) = 1/6: fewer than one user"):
+    with pytest.raises(
+        dp.DPValueError, match="each of the 3 users with probability 1/len\\(data_loader\\) = 1/6: fewer than one user"
+    ):
         attach(Toy(users=3), data, batch_size=1)
     with pytest.raises(dp.DPValueError, match="user_parameters entry 'linear' must name an nn.Embedding of module, got Linear"):
         attach(Toy(users=3), data, user_parameters=("linear",))

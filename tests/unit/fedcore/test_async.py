@@ -40,7 +40,16 @@ EXACT_CLOCK = VirtualClock(speed=Constant(1.0), latency=Constant(0.0), seconds_p
 
 
 def _federation(num_clients=4, **kwargs):
-    defaults = dict(task=ToyTask(), clients=toy_clients(num_clients), strategy=FedAvg(), train=TRAIN, seed=7, reproducible=True, quiet=True, evaluate_every=0)
+    defaults = dict(
+        task=ToyTask(),
+        clients=toy_clients(num_clients),
+        strategy=FedAvg(),
+        train=TRAIN,
+        seed=7,
+        reproducible=True,
+        quiet=True,
+        evaluate_every=0,
+    )
     defaults.update(kwargs)
     return Federation(**defaults)
 
@@ -170,9 +179,7 @@ def test_fedbuff_staleness_and_weighted_updates_as_specified():
 
 def test_max_staleness_refuses_old_results():
     fed = _federation()
-    runner = AsyncFederation(
-        fed, schedule=FedBuff(buffer_size=1, concurrency=4, max_staleness=2), clock=EXACT_CLOCK
-    )
+    runner = AsyncFederation(fed, schedule=FedBuff(buffer_size=1, concurrency=4, max_staleness=2), clock=EXACT_CLOCK)
     runner.run(5)
     assert all(max(h["staleness"]) <= 2 for h in runner.history)
     assert runner.discarded > 0 and runner.received == runner.applied + runner.discarded
@@ -260,10 +267,20 @@ def test_async_learns_the_toy_task():
     "kwargs, schedule, message",
     [
         ({}, FedBuff(buffer_size=2, concurrency=5), "concurrency must be <= the 4 clients, got 5"),
-        ({"strategy": ModelSelection(metric="accuracy"), "allow_reveal": True}, FedBuff(buffer_size=2, concurrency=2),
-         "asynchronous rounds support aggregating strategies only"),
-        ({"pipeline": UpdatePipeline(backend=MaskedSum(value_bound=1.0, max_clients=4), clip=dp.L2Clip(1.0), weighting="uniform")},
-         FedAsync(concurrency=2), "FedAsync applies one client's update at a time, which aggregation mode 'masked' cannot protect"),
+        (
+            {"strategy": ModelSelection(metric="accuracy"), "allow_reveal": True},
+            FedBuff(buffer_size=2, concurrency=2),
+            "asynchronous rounds support aggregating strategies only",
+        ),
+        (
+            {
+                "pipeline": UpdatePipeline(
+                    backend=MaskedSum(value_bound=1.0, max_clients=4), clip=dp.L2Clip(1.0), weighting="uniform"
+                )
+            },
+            FedAsync(concurrency=2),
+            "FedAsync applies one client's update at a time, which aggregation mode 'masked' cannot protect",
+        ),
         ({"strategy": FedAdam()}, FedAsync(concurrency=2), "FedAsync replaces the server step by mixing"),
     ],
 )

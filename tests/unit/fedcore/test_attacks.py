@@ -54,7 +54,15 @@ class _FixedExecutor:
 
 def _fit(executor, ids, round_index=1):
     clients = [type("C", (), {"client_id": cid})() for cid in ids]
-    return executor.fit(clients, global_vector=None, config=TRAIN, seeds=[0] * len(ids), round_index=round_index, update_kind="delta", privacy=None)
+    return executor.fit(
+        clients,
+        global_vector=None,
+        config=TRAIN,
+        seeds=[0] * len(ids),
+        round_index=round_index,
+        update_kind="delta",
+        privacy=None,
+    )
 
 
 # ----------------------------------------------------------------------------- choosing attackers
@@ -150,8 +158,21 @@ def test_gaussian_attack_noise_is_fixed_by_generator_round_and_client():
 def test_attacked_run_resumes_bit_for_bit(tmp_path):
     def federation(**kwargs):
         task = ToyTask()
-        executor = PoisonedExecutor(InProcessExecutor(task), attackers={"client-2"}, attack=GaussianAttack(std=0.5), rng=np.random.default_rng(5))
-        return Federation(task=task, clients=toy_clients(4), strategy=FedAvg(), train=TRAIN, executor=executor, seed=3, reproducible=True, quiet=True, evaluate_every=0, **kwargs)
+        executor = PoisonedExecutor(
+            InProcessExecutor(task), attackers={"client-2"}, attack=GaussianAttack(std=0.5), rng=np.random.default_rng(5)
+        )
+        return Federation(
+            task=task,
+            clients=toy_clients(4),
+            strategy=FedAvg(),
+            train=TRAIN,
+            executor=executor,
+            seed=3,
+            reproducible=True,
+            quiet=True,
+            evaluate_every=0,
+            **kwargs,
+        )
 
     full = federation()
     full.run(4)
@@ -195,7 +216,9 @@ def test_binary_label_flip_poisons_training_only():
 
 def test_label_flipping_every_client_teaches_the_opposite():
     clients = toy_clients(4)
-    clean = Federation(task=ToyTask(), clients=clients, strategy=FedAvg(), train=TRAIN, seed=3, reproducible=True, quiet=True, evaluate_every=0)
+    clean = Federation(
+        task=ToyTask(), clients=clients, strategy=FedAvg(), train=TRAIN, seed=3, reproducible=True, quiet=True, evaluate_every=0
+    )
     flipped = Federation(task=ToyTask(), clients=label_flip(clients, attackers=set(clients), flip=flip_binary_labels),
                          strategy=FedAvg(), train=TRAIN, seed=3, reproducible=True, quiet=True, evaluate_every=0)  # fmt: skip
     clean.run(4)
@@ -222,7 +245,9 @@ def test_implicit_feedback_flip_swaps_the_watched_item_with_a_negative():
     torch.manual_seed(0)
     bad = flipped.__getitems__(list(range(len(data)))).batch
     assert torch.equal(bad["item"], honest["negatives"][:, 0])
-    assert torch.equal(bad["negatives"][:, 0], honest["item"]) and torch.equal(bad["negatives"][:, 1:], honest["negatives"][:, 1:])
+    assert torch.equal(bad["negatives"][:, 0], honest["item"]) and torch.equal(
+        bad["negatives"][:, 1:], honest["negatives"][:, 1:]
+    )
     for row in range(len(data)):  # the new positive was never rated by the user, the new negative was
         user = int(bad["user"][row])
         rated = set(split.sequences[user][:-1].tolist())

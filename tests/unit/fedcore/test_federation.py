@@ -5,13 +5,14 @@ import numpy as np
 import pytest
 import torch
 
+import dp
 from fedcore import (
     ConfigError,
     DropoutSimulator,
     FedAdam,
     FedAvg,
-    FedSGD,
     Federation,
+    FedSGD,
     JsonlLogger,
     ModelSelection,
     OutputEnsemble,
@@ -21,7 +22,6 @@ from fedcore import (
     TrainConfig,
     UpdatePipeline,
 )
-import dp
 from fedcore.client import ClientResult
 from secagg import DropoutError, PlaintextSum
 
@@ -254,7 +254,9 @@ def test_a_round_where_every_client_fails_changes_nothing():
 
 def test_clients_past_the_deadline_are_dropped():
     fed = _federation(client_deadline=1e-9)
-    with pytest.raises(RoundFailedError, match=r"round 1: every participant failed or dropped; first failure: client-0: missed the deadline"):
+    with pytest.raises(
+        RoundFailedError, match=r"round 1: every participant failed or dropped; first failure: client-0: missed the deadline"
+    ):
         fed.run_round()  # everyone is late
     with pytest.raises(ConfigError, match="client_deadline must be > 0 seconds or None, got 0"):
         _federation(client_deadline=0)

@@ -88,7 +88,9 @@ def _replay_noise(fed, backend):
     """
     guess = Randomness(fed.seed)
     words = [
-        backend.encode_client(np.zeros(fed.layout.size, np.float32), rng=guess.generator(round_index=1, party=cid, purpose="protect"))
+        backend.encode_client(
+            np.zeros(fed.layout.size, np.float32), rng=guess.generator(round_index=1, party=cid, purpose="protect")
+        )
         for cid in fed.client_ids
     ]
     total = np.sum([backend.encoder.to_signed(w) for w in words], axis=0)

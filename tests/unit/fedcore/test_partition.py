@@ -116,7 +116,11 @@ def test_by_column_empty_is_refused():
 
 
 @settings(max_examples=40, deadline=None)
-@given(sizes=st.lists(st.integers(1, 50), min_size=1, max_size=15), k=st.integers(1, 15), rule=st.sampled_from(["balanced", "contiguous"]))
+@given(
+    sizes=st.lists(st.integers(1, 50), min_size=1, max_size=15),
+    k=st.integers(1, 15),
+    rule=st.sampled_from(["balanced", "contiguous"]),
+)
 def test_merge_groups_never_splits_a_group(sizes, k, rule):
     bounds = np.cumsum([0, *sizes])
     groups = [np.arange(bounds[i], bounds[i + 1]) for i in range(len(sizes))]

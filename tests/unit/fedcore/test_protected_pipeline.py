@@ -111,7 +111,9 @@ def test_distributed_skellam_noise_under_masking_records_ledger_events():
 def test_central_noise_needs_uniform_weighting_and_clip():
     central = dp.CentralGaussian(noise_multiplier=1.0, clip_bound=CLIP)
     with pytest.raises(ConfigError, match="client-level DP needs weighting='uniform'"):
-        UpdatePipeline(clip=dp.L2Clip(CLIP), central_noise=central, max_examples=5).build(dimension=3, num_clients=2, expected_clients=2)
+        UpdatePipeline(clip=dp.L2Clip(CLIP), central_noise=central, max_examples=5).build(
+            dimension=3, num_clients=2, expected_clients=2
+        )
     with pytest.raises(ConfigError, match="client-level DP noise needs clip"):
         UpdatePipeline(central_noise=central, weighting="uniform").build(dimension=3, num_clients=2, expected_clients=2)
 

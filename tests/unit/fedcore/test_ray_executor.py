@@ -40,13 +40,21 @@ def _federation(executor=None, **kwargs):
     if executor is not None:
         executor.reset()  # a new federation reuses the actors: rebuild the template
     defaults = dict(
-        task=RandomLocalToyTask(), clients=toy_clients(5), strategy=FedAdam(lr=0.05), train=TRAIN, seed=11, reproducible=True, quiet=True,
-        evaluate_every=0, sampler=PoissonSampler(q=0.7), executor=executor,
+        task=RandomLocalToyTask(),
+        clients=toy_clients(5),
+        strategy=FedAdam(lr=0.05),
+        train=TRAIN,
+        seed=11,
+        reproducible=True,
+        quiet=True,
+        evaluate_every=0,
+        sampler=PoissonSampler(q=0.7),
+        executor=executor,
     )
     defaults.update(kwargs)
     fed = Federation(**defaults)
     if executor is not None:
-        executor.workspace  # the template, built where the in-process federation builds its workspace
+        _ = executor.workspace  # the template, built where the in-process federation builds its workspace
     return fed
 
 
@@ -137,9 +145,6 @@ def test_missing_ray_names_the_install_command(monkeypatch):
 
 
 def test_importing_fedcore_does_not_import_ray():
-    code = (
-        "import sys, fedcore, fedcore.ray_executor, fedcore.asynchronous, fedcore.cuda; "
-        "print('ray' in sys.modules)"
-    )
+    code = "import sys, fedcore, fedcore.ray_executor, fedcore.asynchronous, fedcore.cuda; print('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -12,6 +12,7 @@ from fedcore.layout import ParameterLayout
 from fedcore.recsys import (
     ClothingConfig,
     ClothingTask,
+    _text,
     cached_text_embeddings,
     clothing_federation,
     clothing_split,
@@ -19,7 +20,6 @@ from fedcore.recsys import (
     encode_texts,
     load_minilm,
 )
-from fedcore.recsys import _text
 from fedcore.task import Task
 from fedcore.training import TrainConfig, train_local
 
@@ -84,11 +84,22 @@ def test_cached_text_embeddings_compute_once(tmp_path, monkeypatch, minilm):
     assert len(list((tmp_path / "features").glob("minilm-*.npy"))) == 2
 
 
-@pytest.mark.parametrize(("layers", "expected"), [(0, {"head"}), (1, {"head", "encoder.encoder.layer.5"}), (2, {"head", "encoder.encoder.layer.4", "encoder.encoder.layer.5"})])
+@pytest.mark.parametrize(
+    ("layers", "expected"),
+    [
+        (0, {"head"}),
+        (1, {"head", "encoder.encoder.layer.5"}),
+        (2, {"head", "encoder.encoder.layer.4", "encoder.encoder.layer.5"}),
+    ],
+)
 def test_trainable_layers_select_the_top_of_the_encoder(layers, expected):
     task = ClothingTask(ClothingConfig(trainable_layers=layers))
     net = task.build_model()
-    prefixes = {".".join(n.split(".")[:4]) if n.startswith("encoder.encoder.layer") else n.split(".")[0] for n, p in net.named_parameters() if p.requires_grad}
+    prefixes = {
+        ".".join(n.split(".")[:4]) if n.startswith("encoder.encoder.layer") else n.split(".")[0]
+        for n, p in net.named_parameters()
+        if p.requires_grad
+    }
     assert prefixes == expected
     layout = ParameterLayout(net, local_only=task.local_only)
     assert layout.size == sum(p.numel() for p in net.parameters() if p.requires_grad)
@@ -119,7 +130,13 @@ def test_federation_split_silos_and_a_short_fine_tuning_run():
     torch.manual_seed(0)
     net = fed.task.build_model()
     assert fed.task.loss(net, batch).shape == (3,)
-    train_local(net, task=fed.task, data=fed.central, config=TrainConfig(lr=3e-3, epochs=2, batch_size=16), generator=torch.Generator().manual_seed(0))
+    train_local(
+        net,
+        task=fed.task,
+        data=fed.central,
+        config=TrainConfig(lr=3e-3, epochs=2, batch_size=16),
+        generator=torch.Generator().manual_seed(0),
+    )
     metrics = fed.task.evaluate(net, fed.central.test)
     assert set(metrics) == {"accuracy", "auc", "bce"}
     assert metrics["auc"] > 0.9  # the synthetic texts are separable
@@ -127,13 +144,21 @@ def test_federation_split_silos_and_a_short_fine_tuning_run():
 
 def test_cached_feature_head(tmp_path):
     data = synthetic_reviews(60)
-    fed = clothing_federation(data, config=ClothingConfig(trainable_layers=0, cached_features=True, max_length=16), num_silos=2, cache_dir=tmp_path)
+    fed = clothing_federation(
+        data, config=ClothingConfig(trainable_layers=0, cached_features=True, max_length=16), num_silos=2, cache_dir=tmp_path
+    )
     net = fed.task.build_model()
     assert [n for n, _ in net.named_parameters()] == ["head.weight", "head.bias"]
     item = fed.central.train[0]
     assert item["embedding"].shape == (384,)
     torch.manual_seed(0)
-    train_local(net, task=fed.task, data=fed.central, config=TrainConfig(lr=0.05, epochs=20, batch_size=16), generator=torch.Generator().manual_seed(0))
+    train_local(
+        net,
+        task=fed.task,
+        data=fed.central,
+        config=TrainConfig(lr=0.05, epochs=20, batch_size=16),
+        generator=torch.Generator().manual_seed(0),
+    )
     assert fed.task.evaluate(net, fed.central.test)["auc"] > 0.9
 
 

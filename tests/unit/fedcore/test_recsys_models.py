@@ -45,7 +45,9 @@ def synthetic_movielens(seed: int = 0) -> MovieLens100K:
     )
     zips = ["0" + str(10000 + u) for u in range(1, N_USERS + 1)]
     zips = [str(u % 10) + z[1:] if u % 7 else "K1A0B1" for u, z in enumerate(zips, start=1)]
-    users = pd.DataFrame({"user_id": np.arange(1, N_USERS + 1), "age": 30, "gender": "M", "occupation": "other", "zip_code": zips})
+    users = pd.DataFrame(
+        {"user_id": np.arange(1, N_USERS + 1), "age": 30, "gender": "M", "occupation": "other", "zip_code": zips}
+    )
     return MovieLens100K(ratings=ratings, items=items, users=users)
 
 
@@ -129,7 +131,13 @@ def test_mf_and_transformer_learn_the_planted_clusters(data):
         torch.manual_seed(0)
         net = fed.task.build_model()
         before = fed.task.evaluate(net, fed.central.test)
-        train_local(net, task=fed.task, data=fed.central, config=TrainConfig(lr=lr, epochs=4, batch_size=64), generator=torch.Generator().manual_seed(0))
+        train_local(
+            net,
+            task=fed.task,
+            data=fed.central,
+            config=TrainConfig(lr=lr, epochs=4, batch_size=64),
+            generator=torch.Generator().manual_seed(0),
+        )
         after = fed.task.evaluate(net, fed.central.test)
         assert set(after) == {"hr@10", "ndcg@10"}
         # About 4 of the 99 negatives lie in the user's cluster: a model that learned it ranks far better.
@@ -209,7 +217,9 @@ def test_batched_draw_matches_the_sequences_and_works_with_poisson_loading(data)
         expected = ([pad] * 4 + seq[:pos])[-4:]
         assert batch["history"][i].tolist() == expected and pos >= 1  # the first item has no history
         assert not set(batch["negatives"][i].tolist()) & set(seq)
-    loader = DPDataLoader.from_data_loader(DataLoader(train, batch_size=8, collate_fn=fed.task.collate), generator=torch.Generator().manual_seed(0))
+    loader = DPDataLoader.from_data_loader(
+        DataLoader(train, batch_size=8, collate_fn=fed.task.collate), generator=torch.Generator().manual_seed(0)
+    )
     model = fed.task.build_model()
     sizes = []
     for b in loader:  # Poisson batches of varying (possibly zero) size

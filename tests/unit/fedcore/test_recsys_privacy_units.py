@@ -184,7 +184,9 @@ def test_user_level_dp_on_a_silo_clips_per_user_and_keeps_user_rows_noise_free(d
     rows = model.user_embedding.weight.detach().clone()
     privacy = dp.UserLevelDP(noise_multiplier=5.0, max_grad_norm=0.5, user_parameters=task.user_parameters)
     config = TrainConfig(optimizer="sgd", lr=1.0, epochs=2, batch_size=48)
-    result = train_local(model, task=task, data=client, config=config, generator=torch.Generator().manual_seed(0), privacy=privacy)
+    result = train_local(
+        model, task=task, data=client, config=config, generator=torch.Generator().manual_seed(0), privacy=privacy
+    )
     event = result.privacy_event
     batches = len(DataLoader(client.train, batch_size=48))
     assert event.unit == "user" and event.sample_rate == pytest.approx(1 / batches) and event.steps == 2 * batches
@@ -199,10 +201,18 @@ def test_user_level_dp_on_a_silo_clips_per_user_and_keeps_user_rows_noise_free(d
 @pytest.mark.parametrize(
     "raw,match",
     [
-        ({"privacy": {"level": "sample", "target_epsilon": 8.0, "unit": "rating"}}, r"privacy.unit must be one of \['record', 'user'\], got 'rating'"),
-        ({"privacy": {"level": "client", "noise_multiplier": 1.0, "unit": "user"}}, "privacy.unit applies to level 'sample' .*, got level 'client'"),
-        ({"workload": {"case": "clothing"}, "privacy": {"level": "sample", "target_epsilon": 8.0, "unit": "user"}},
-         "privacy.unit 'user' needs user ids, which workload.case 'clothing' lacks; use 'record'"),
+        (
+            {"privacy": {"level": "sample", "target_epsilon": 8.0, "unit": "rating"}},
+            r"privacy.unit must be one of \['record', 'user'\], got 'rating'",
+        ),
+        (
+            {"privacy": {"level": "client", "noise_multiplier": 1.0, "unit": "user"}},
+            "privacy.unit applies to level 'sample' .*, got level 'client'",
+        ),
+        (
+            {"workload": {"case": "clothing"}, "privacy": {"level": "sample", "target_epsilon": 8.0, "unit": "user"}},
+            "privacy.unit 'user' needs user ids, which workload.case 'clothing' lacks; use 'record'",
+        ),
     ],
 )
 def test_bad_units_are_refused_naming_the_key(raw, match):
@@ -244,5 +254,7 @@ def test_record_level_needs_examples_built_for_it(data, tmp_path):
     exp = experiment(data, tmp_path / "a", {"target_epsilon": 8.0, "unit": "record"})
     assert type(exp.federation.sample_privacy) is dp.SampleLevelDP
     assert all(c.train.negatives == "uniform" for c in exp.workload.clients.values())
-    with pytest.raises(ConfigError, match=r"privacy.unit 'record': the workload's examples support \['user'\]; build it from this config"):
+    with pytest.raises(
+        ConfigError, match=r"privacy.unit 'record': the workload's examples support \['user'\]; build it from this config"
+    ):
         experiment(data, tmp_path / "b", {"target_epsilon": 8.0, "unit": "record"}, built_for=None)

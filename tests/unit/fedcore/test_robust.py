@@ -117,7 +117,9 @@ def test_krum_never_selects_a_far_away_byzantine_update(n_honest, dim, data):
     f = data.draw(st.integers(1, max(1, (n_honest - 3) // 2)))
     n = n_honest + f
     assert n > 2 * f + 2
-    honest = np.array(data.draw(st.lists(st.lists(st.floats(0, 1), min_size=dim, max_size=dim), min_size=n_honest, max_size=n_honest)))
+    honest = np.array(
+        data.draw(st.lists(st.lists(st.floats(0, 1), min_size=dim, max_size=dim), min_size=n_honest, max_size=n_honest))
+    )
     signs = np.array(data.draw(st.lists(st.sampled_from([-1.0, 1.0]), min_size=f, max_size=f)))
     byz = (10.0 * n) * signs[:, None] * np.ones((f, dim)) + np.arange(f)[:, None]
     deltas = np.concatenate([honest, byz])
@@ -199,14 +201,26 @@ def test_rules_keep_no_state():
 
 
 def _federation(strategy, *, clients=None, **kwargs):
-    defaults = dict(task=ToyTask(), clients=clients or toy_clients(7), strategy=strategy, train=TRAIN, seed=7, reproducible=True, quiet=True, evaluate_every=0)
+    defaults = dict(
+        task=ToyTask(),
+        clients=clients or toy_clients(7),
+        strategy=strategy,
+        train=TRAIN,
+        seed=7,
+        reproducible=True,
+        quiet=True,
+        evaluate_every=0,
+    )
     defaults.update(kwargs)
     return Federation(**defaults)
 
 
 @pytest.mark.parametrize("rule", RULES, ids=lambda r: r.name)
 def test_federation_refuses_robust_rules_without_consent_or_under_masking(rule):
-    with pytest.raises(ConfigError, match=re.escape(f"strategy {rule.name!r} reveals individual local models to the server ({rule.reveal_reason})")):
+    with pytest.raises(
+        ConfigError,
+        match=re.escape(f"strategy {rule.name!r} reveals individual local models to the server ({rule.reveal_reason})"),
+    ):
         _federation(rule)
     masked = UpdatePipeline(backend=MaskedSum(value_bound=1.0, max_clients=7), clip=dp.L2Clip(1.0), weighting="uniform")
     with pytest.raises(ConfigError, match=re.escape(
@@ -222,7 +236,9 @@ def test_robust_rules_learn_and_resist_one_scaling_attacker_in_seven():
     baseline = clean.evaluate()["accuracy"]
     for rule in RULES:
         task = ToyTask()
-        executor = PoisonedExecutor(InProcessExecutor(task), attackers={"client-3"}, attack=Scaling(factor=-50.0), rng=np.random.default_rng(0))
+        executor = PoisonedExecutor(
+            InProcessExecutor(task), attackers={"client-3"}, attack=Scaling(factor=-50.0), rng=np.random.default_rng(0)
+        )
         fed = _federation(rule, clients=clients, task=task, executor=executor, allow_reveal=True)
         fed.run(4)
         assert fed.evaluate()["accuracy"] >= baseline - 0.1, rule.name
@@ -230,7 +246,9 @@ def test_robust_rules_learn_and_resist_one_scaling_attacker_in_seven():
         if isinstance(rule, Krum):
             assert "client-3" not in rule.last_selected
     task = ToyTask()
-    executor = PoisonedExecutor(InProcessExecutor(task), attackers={"client-3"}, attack=Scaling(factor=-50.0), rng=np.random.default_rng(0))
+    executor = PoisonedExecutor(
+        InProcessExecutor(task), attackers={"client-3"}, attack=Scaling(factor=-50.0), rng=np.random.default_rng(0)
+    )
     attacked = _federation(FedAvg(), clients=clients, task=task, executor=executor)
     attacked.run(4)
     assert attacked.evaluate()["accuracy"] < baseline - 0.2  # the attack does hurt the plain mean
@@ -243,7 +261,9 @@ def test_norm_bounding_works_under_masking():
 
     def run(pipeline):
         task = ToyTask()
-        executor = PoisonedExecutor(InProcessExecutor(task), attackers={"client-1"}, attack=Scaling(factor=1e4), rng=np.random.default_rng(0))
+        executor = PoisonedExecutor(
+            InProcessExecutor(task), attackers={"client-1"}, attack=Scaling(factor=1e4), rng=np.random.default_rng(0)
+        )
         fed = _federation(FedAvg(), clients=clients, task=task, executor=executor, pipeline=pipeline)
         start = fed.global_vector.copy()
         fed.run_round()
@@ -260,16 +280,22 @@ def test_sign_flip_majority_defeats_the_median_as_theory_says():
     clients = toy_clients(7)
     task = ToyTask()
     attackers = {"client-0", "client-1", "client-2", "client-3"}
-    executor = PoisonedExecutor(InProcessExecutor(task), attackers=attackers, attack=SignFlip(scale=3.0), rng=np.random.default_rng(0))
+    executor = PoisonedExecutor(
+        InProcessExecutor(task), attackers=attackers, attack=SignFlip(scale=3.0), rng=np.random.default_rng(0)
+    )
     fed = _federation(CoordinateMedian(), clients=clients, task=task, executor=executor, allow_reveal=True)
     fed.run(4)
     assert fed.evaluate()["accuracy"] < 0.5
 
 
 def test_impossible_krum_fails_the_round_before_changing_anything(tmp_path):
-    fed = _federation(Krum(num_byzantine=2), clients=toy_clients(5), allow_reveal=True, ledger=dp.Ledger(), checkpoint_dir=tmp_path)
+    fed = _federation(
+        Krum(num_byzantine=2), clients=toy_clients(5), allow_reveal=True, ledger=dp.Ledger(), checkpoint_dir=tmp_path
+    )
     before = fed.global_vector.copy()
-    with pytest.raises(ConfigError, match=re.escape("krum with num_byzantine=2 needs n > 2*f + 2 = 6 updates per round, got n=5")):
+    with pytest.raises(
+        ConfigError, match=re.escape("krum with num_byzantine=2 needs n > 2*f + 2 = 6 updates per round, got n=5")
+    ):
         fed.run_round()
     assert np.array_equal(fed.global_vector, before) and fed.round_index == 0 and not fed.history
     assert not (tmp_path / "state.json").exists() and not fed.reveals

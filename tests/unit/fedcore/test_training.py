@@ -64,7 +64,10 @@ def test_early_stopping_needs_validation_and_known_metric():
         ({"device": "gpu7"}, "device must name a torch device"),
         ({"optimizer": "sgd", "momentum": -0.1}, r"momentum must be a number in \[0, 1\), got -0.1"),
         ({"optimizer": "sgd", "momentum": 1.0}, r"momentum must be a number in \[0, 1\), got 1.0"),
-        ({"optimizer": "adam", "momentum": 0.9}, "momentum applies to optimizer 'sgd' only, got optimizer 'adam' with momentum 0.9"),
+        (
+            {"optimizer": "adam", "momentum": 0.9},
+            "momentum applies to optimizer 'sgd' only, got optimizer 'adam' with momentum 0.9",
+        ),
     ],
 )
 def test_bad_train_config(kwargs, match):

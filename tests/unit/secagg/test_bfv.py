@@ -24,13 +24,9 @@ from secagg import (
 from secagg import _he_wire as wire
 
 # t is a 20-bit prime: (t - 1) / 2 // (2**15 - 1) = 15 clients at quant_bits=16 (range-limited)
-NARROW = BFVPreset(
-    name="narrow", poly_modulus_degree=4096, coeff_mod_bit_sizes=(60,), plain_modulus_bits=20, summary="test"
-)
+NARROW = BFVPreset(name="narrow", poly_modulus_degree=4096, coeff_mod_bit_sizes=(60,), plain_modulus_bits=20, summary="test")
 # q is a 32-bit prime: floor(q / (4 t) / 22) = 47 clients (noise-limited) at quant_bits=4
-NOISY = BFVPreset(
-    name="noisy", poly_modulus_degree=4096, coeff_mod_bit_sizes=(32,), plain_modulus_bits=20, summary="test"
-)
+NOISY = BFVPreset(name="noisy", poly_modulus_degree=4096, coeff_mod_bit_sizes=(32,), plain_modulus_bits=20, summary="test")
 
 
 def _round(holder, updates, seeds):

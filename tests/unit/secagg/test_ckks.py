@@ -264,9 +264,7 @@ def _updates(n=5, d=40, seed=0):
 def test_named_key_holder_silent_before_keys_is_a_dropout_error():
     backend = CKKSSum(value_bound=1.0, max_clients=8, key_holder="c1")
     with pytest.raises(DropoutError, match="'c1' went silent at ADVERTISE_KEYS"):
-        backend.aggregate(
-            _updates(), round_index=0, rng=np.random.default_rng(0), dropouts={"c1": Stage.ADVERTISE_KEYS}
-        )
+        backend.aggregate(_updates(), round_index=0, rng=np.random.default_rng(0), dropouts={"c1": Stage.ADVERTISE_KEYS})
 
 
 def test_symmetric_preset_survives_a_silent_key_holder():
@@ -402,9 +400,7 @@ def test_swapped_duplicate_and_misdirected_messages_are_refused(setup):
         ("compact", 3.0, "compact", "scale"),
     ],
 )
-def test_mismatched_client_and_server_parameters_are_key_material_errors(
-    client_preset, client_bound, server_preset, field
-):
+def test_mismatched_client_and_server_parameters_are_key_material_errors(client_preset, client_bound, server_preset, field):
     client_holder = CKKSKeyHolder(client_preset, value_bound=client_bound, max_clients=5)
     server_holder = CKKSKeyHolder(server_preset, value_bound=1.0, max_clients=5)
     message = CKKSClient(client_holder.client_context(include_secret_key=True), client_id="a").encrypt(np.ones(10))
@@ -417,8 +413,9 @@ def test_context_whose_parameters_contradict_its_header_is_refused():
     big = CKKSKeyHolder("compat", value_bound=1.0, max_clients=5)
     env = wire.unpack(small.public_context(), what="m")
     # header claims N=8192 [60,40,40] but fingerprint is the N=4096 one
-    forged = wire.pack(wire.PUBLIC_CONTEXT, {**env.header, "poly_modulus_degree": 8192,
-                                             "coeff_mod_bit_sizes": [60, 40, 40]}, list(env.blobs))
+    forged = wire.pack(
+        wire.PUBLIC_CONTEXT, {**env.header, "poly_modulus_degree": 8192, "coeff_mod_bit_sizes": [60, 40, 40]}, list(env.blobs)
+    )
     with pytest.raises(KeyMaterialError, match="fingerprint"):
         HEServer(forged)
     # header and fingerprint say compact, but the SEAL parameter blob is another parameter set

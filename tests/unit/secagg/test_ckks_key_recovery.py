@@ -45,9 +45,7 @@ class _Round:
         self.holder = backend.key_holder_session(round_index=1)
         rng = np.random.default_rng(0)
         self.vectors = {cid: rng.uniform(-1, 1, d) for cid in IDS}
-        server = backend.server_session(
-            round_index=1, participants=IDS, length=d, public_context=self.holder.server_context()
-        )
+        server = backend.server_session(round_index=1, participants=IDS, length=d, public_context=self.holder.server_context())
         self.seen: dict[str, tuple[bytes, bytes]] = {}
         parties = {}
         for cid in IDS:
@@ -158,8 +156,12 @@ def test_grid_is_a_power_of_two_above_four_noise_radii(preset, max_clients, valu
     backend = CKKSSum(value_bound=value_bound, max_clients=max_clients, preset=preset)
     p = backend.preset
     radius = ckks_error_bound(
-        poly_modulus_degree=p.poly_modulus_degree, encryption=p.encryption, reals_per_slot=p.reals_per_slot,
-        scale=backend.scale, value_bound=value_bound, count=max_clients,
+        poly_modulus_degree=p.poly_modulus_degree,
+        encryption=p.encryption,
+        reals_per_slot=p.reals_per_slot,
+        scale=backend.scale,
+        value_bound=value_bound,
+        count=max_clients,
     )
     grid = backend.release_grid
     assert grid > 4 * radius and math.log2(grid) == int(math.log2(grid))

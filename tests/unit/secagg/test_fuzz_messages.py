@@ -41,9 +41,9 @@ from secagg import (
     UnmaskResponse,
     decode_message,
 )
-from secagg.messages import ShareDigest, SurvivorSet, SurvivorSignature
 from secagg import _he_wire as wire
 from secagg import _primitives as prim
+from secagg.messages import ShareDigest, SurvivorSet, SurvivorSignature
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
 CLASSES = (
@@ -63,7 +63,9 @@ class _Round:
     def __init__(self, round_index: int = 5) -> None:
         keys = {c: prim.new_identity_key() for c in IDS}
         pki = {c: prim.identity_public_raw(k) for c, k in keys.items()}
-        self.server = SecAggServer(round_index=round_index, participants=IDS, threshold=2, degree=2, length=LENGTH, identities=pki)
+        self.server = SecAggServer(
+            round_index=round_index, participants=IDS, threshold=2, degree=2, length=LENGTH, identities=pki
+        )
         self.clients = {c: SecAggClient(c, round_index=round_index, identity_key=keys[c], identity_keys=pki) for c in IDS}
         self.vectors = {c: np.arange(LENGTH, dtype=np.uint32) + i for i, c in enumerate(IDS)}
         self.msgs: dict[str, bytes] = {}
@@ -224,7 +226,10 @@ def _messages(draw):
         ad = draw(_ad)
         return KeyAdvertisement(r, ad.sender, ad.enc_public, ad.mask_public, ad.commitment, ad.setup_digest, ad.signature)
     if kind is KeyList:
-        ads = tuple(KeyAdvertisement(r, a.sender, a.enc_public, a.mask_public, a.commitment, a.setup_digest, a.signature) for a in draw(st.lists(_ad, max_size=3)))
+        ads = tuple(
+            KeyAdvertisement(r, a.sender, a.enc_public, a.mask_public, a.commitment, a.setup_digest, a.signature)
+            for a in draw(st.lists(_ad, max_size=3))
+        )
         roster = tuple(draw(st.lists(st.tuples(_names, _key), max_size=3)))
         return KeyList(r, draw(_names), roster, ads)
     if kind is ShareBundle:
@@ -312,7 +317,16 @@ def test_a_fuzzed_unmask_response_never_yields_a_wrong_sum(edits):
 # ----------------------------------------------------------------------------- homomorphic envelopes
 
 
-HE_MESSAGES = ["ckks_public", "ckks_client", "ckks_ciphertext", "ckks_aggregate", "bfv_public", "bfv_client", "bfv_ciphertext", "bfv_aggregate"]
+HE_MESSAGES = [
+    "ckks_public",
+    "ckks_client",
+    "ckks_ciphertext",
+    "ckks_aggregate",
+    "bfv_public",
+    "bfv_client",
+    "bfv_ciphertext",
+    "bfv_aggregate",
+]
 
 
 def _reseal(body: bytes) -> bytes:
@@ -389,7 +403,11 @@ def test_he_readers_raise_only_secagg_errors_on_edited_bytes(he, name, edits, re
 
 
 _json = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=6),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=6),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
     max_leaves=5,
 )

@@ -41,13 +41,14 @@ def _parties(backend, vectors, *, round_index=1):
     holder = backend.key_holder_session(round_index=round_index)
     public = holder.server_context()
     contexts = {cid: holder.client_context(cid) for cid in vectors}  # delivered out of the server's reach
-    server = backend.server_session(
-        round_index=round_index, participants=sorted(vectors), length=50, public_context=public
-    )
+    server = backend.server_session(round_index=round_index, participants=sorted(vectors), length=50, public_context=public)
     clients = {}
     for cid, vec in vectors.items():
         session = backend.client_session(
-            cid, round_index=round_index, participants=sorted(vectors), rng=np.random.default_rng(7),
+            cid,
+            round_index=round_index,
+            participants=sorted(vectors),
+            rng=np.random.default_rng(7),
             keys=ClientKeys(he_context=contexts[cid]),
         )
         session.set_input(vec)
@@ -56,8 +57,13 @@ def _parties(backend, vectors, *, round_index=1):
 
 
 @pytest.mark.parametrize(
-    "backend", [CKKSSum(value_bound=1.0, max_clients=5), CKKSSum(value_bound=1.0, max_clients=5, preset="compact-pk"),
-                BFVSum(value_bound=1.0, max_clients=5)], ids=["compact", "compact-pk", "bfv"],
+    "backend",
+    [
+        CKKSSum(value_bound=1.0, max_clients=5),
+        CKKSSum(value_bound=1.0, max_clients=5, preset="compact-pk"),
+        BFVSum(value_bound=1.0, max_clients=5),
+    ],
+    ids=["compact", "compact-pk", "bfv"],
 )
 def test_separate_parties_sum_within_the_stated_bound(backend):
     vectors = _vectors()
@@ -99,9 +105,7 @@ def test_messages_are_bound_to_their_round():
     vectors = _vectors()
     holder, server, clients = _parties(backend, vectors, round_index=3)
     batch = server.outgoing()
-    other = backend.server_session(
-        round_index=4, participants=IDS, length=50, public_context=holder.server_context()
-    )
+    other = backend.server_session(round_index=4, participants=IDS, length=50, public_context=holder.server_context())
     with pytest.raises(ProtocolError, match="request is for round 4"):
         clients["a"].handle(other.outgoing()["a"])
     reply = clients["a"].handle(batch["a"])
@@ -157,6 +161,7 @@ def test_symmetric_preset_asks_one_contributor_at_a_time_when_the_key_holder_is_
             if wire.unpack(message, what="m").kind == wire.AGGREGATE:
                 asked.append(cid)
             return clients[cid].handle(message)
+
         return respond
 
     result = drive_round(server, {cid: answer(cid) for cid in IDS}, dropouts={"a": Stage.UNMASK})
@@ -243,8 +248,7 @@ def transcript():
         "aggregate": lambda data: KeyHolderSession(holder._holder, round_index=1).handle(data),
         "decryption": lambda data: _waiting_server(backend, holder, clients).receive(KEY_HOLDER, data),
     }
-    messages = {"request": request, "ciphertext": clients["a"].handle(request), "aggregate": aggregate,
-                "decryption": decryption}
+    messages = {"request": request, "ciphertext": clients["a"].handle(request), "aggregate": aggregate, "decryption": decryption}
     for name, message in messages.items():  # each reader accepts the genuine message
         readers[name](message)
     return messages, readers

@@ -45,7 +45,10 @@ def test_symmetric_preset_any_client_with_the_server_reads_an_update():
     holder = backend.key_holder_session(round_index=1)
     aggregate = _single_client_aggregate(backend, holder)
     colluder = backend.client_session(
-        "a", round_index=1, participants=["a", "b"], rng=np.random.default_rng(0),
+        "a",
+        round_index=1,
+        participants=["a", "b"],
+        rng=np.random.default_rng(0),
         keys=ClientKeys(he_context=holder.client_context("a")),
     )
     read = _released(colluder.handle(aggregate))

@@ -57,8 +57,13 @@ class _Federation:
         plan = backend.plan(n)
         self.t, self.k = plan.threshold, plan.degree
         self.server = SecAggServer(
-            round_index=round_index, participants=self.ids, threshold=plan.threshold, degree=plan.degree,
-            length=d, identities=self.directory, keep_masked=True,
+            round_index=round_index,
+            participants=self.ids,
+            threshold=plan.threshold,
+            degree=plan.degree,
+            length=d,
+            identities=self.directory,
+            keep_masked=True,
         )
 
     def honest_until_masked_input(self):
@@ -98,7 +103,10 @@ def test_a_set_up_with_threshold_1_is_refused_by_every_client():
     [
         lambda p: (dict(degree=4, threshold=3), f"degree=4 below the floor {p.degree} it plans itself for n=40"),
         lambda p: (dict(degree=p.degree + 2), f"degree={p.degree + 2} differs from the floor {p.degree}"),
-        lambda p: (dict(participants=tuple(_ids(40)[:10]), degree=9, threshold=3), r"participants differ from the 40 it was told \(missing \['c010'"),
+        lambda p: (
+            dict(participants=tuple(_ids(40)[:10]), degree=9, threshold=3),
+            r"participants differ from the 40 it was told \(missing \['c010'",
+        ),
         lambda p: (dict(threshold=p.threshold - 1), f"threshold={p.threshold - 1} is below the floor {p.threshold}"),
         lambda p: (dict(bits=64), "bits=64, signed=False; its configuration says bits=32, signed=False"),
     ],
@@ -309,7 +317,9 @@ def test_the_split_attack_harness_does_unmask_when_the_views_are_consistent(spli
 
 
 def test_a_server_chosen_graph_is_refused_and_the_derived_one_cannot_be_steered_to_colluders():
-    backend = MaskedSum(value_bound=1.0, max_clients=60, graph="secagg+", signed_keys=True, dropout_rate=0.1, corrupted_fraction=0.05)
+    backend = MaskedSum(
+        value_bound=1.0, max_clients=60, graph="secagg+", signed_keys=True, dropout_rate=0.1, corrupted_fraction=0.05
+    )
     fed = _Federation(backend, 60)
     s = fed.server
     for c, m in s.setup_messages().items():
@@ -319,7 +329,8 @@ def test_a_server_chosen_graph_is_refused_and_the_derived_one_cannot_be_steered_
     n, k, t = 60, fed.k, fed.t
     # (a) grind a seed of the server's own choosing until the target's neighbourhood holds every colluder
     ground = next(
-        seed for seed in (i.to_bytes(32, "big") for i in range(20000))
+        seed
+        for seed in (i.to_bytes(32, "big") for i in range(20000))
         if colluders <= set(neighbours(n, degree=k, seed=seed)[target])
     )
     g = neighbours(n, degree=k, seed=ground)

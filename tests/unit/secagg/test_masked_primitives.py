@@ -65,7 +65,12 @@ def test_seal_binds_associated_data_and_key():
     assert prim.seal(key, b"share", b"aad")[:12] != blob[:12]  # fresh nonce every time
     tampered = bytearray(blob)
     tampered[-1] ^= 1
-    for k, b, a in [(key, bytes(tampered), b"aad"), (key, blob, b"other"), (os.urandom(32), blob, b"aad"), (key, blob[:20], b"aad")]:
+    for k, b, a in [
+        (key, bytes(tampered), b"aad"),
+        (key, blob, b"other"),
+        (os.urandom(32), blob, b"aad"),
+        (key, blob[:20], b"aad"),
+    ]:
         with pytest.raises(ProtocolError):
             prim.open_sealed(k, b, a)
 

@@ -62,8 +62,13 @@ def _run(vectors, *, threshold, degree=None, dropouts=None, signed=False, bits=3
     keys = _keys(ids) if signed else {}
     pki = {c: prim.identity_public_raw(k) for c, k in keys.items()} if signed else None
     server = SecAggServer(
-        round_index=3, participants=ids, threshold=threshold, degree=n - 1 if degree is None else degree, bits=bits,
-        length=next(iter(vectors.values())).size, identities=pki,
+        round_index=3,
+        participants=ids,
+        threshold=threshold,
+        degree=n - 1 if degree is None else degree,
+        bits=bits,
+        length=next(iter(vectors.values())).size,
+        identities=pki,
     )
     parties = {}
     for c in ids:
@@ -100,8 +105,10 @@ def test_complete_graph_sum_is_exact_under_any_dropouts(n, d, bits, signed, data
     dropouts = data.draw(st.dictionaries(st.sampled_from(ids), st.sampled_from(STAGES), max_size=n), label="dropouts")
     # in the complete graph the rules do not depend on the graph seed
     expected_ok = round_completes(
-        neighbours(n, degree=n - 1, seed=bytes(32)), threshold=t,
-        silent_from={ids.index(c): s for c, s in dropouts.items()}, signed=signed,
+        neighbours(n, degree=n - 1, seed=bytes(32)),
+        threshold=t,
+        silent_from={ids.index(c): s for c, s in dropouts.items()},
+        signed=signed,
     )
     result, _ = _run(vectors, threshold=t, dropouts=dropouts, signed=signed, bits=bits)
     if expected_ok:
@@ -184,8 +191,12 @@ class _Harness:
         self.keys = {c: prim.new_identity_key() for c in self.ids} if signed else {}
         pki = {c: prim.identity_public_raw(k) for c, k in self.keys.items()} if signed else None
         self.server = SecAggServer(
-            round_index=round_index, participants=self.ids, threshold=threshold,
-            degree=n - 1 if degree is None else degree, length=next(iter(vectors.values())).size, identities=pki,
+            round_index=round_index,
+            participants=self.ids,
+            threshold=threshold,
+            degree=n - 1 if degree is None else degree,
+            length=next(iter(vectors.values())).size,
+            identities=pki,
         )
         self.clients = {
             c: SecAggClient(c, round_index=round_index, identity_key=self.keys.get(c), identity_keys=pki) for c in self.ids
@@ -550,7 +561,8 @@ def test_signed_keys_detect_a_substituting_server():
         _, attacker_pk = prim.new_x25519()
         forged = tuple(
             KeyAdvertisement(a.round_index, a.sender, a.enc_public, attacker_pk, a.commitment, a.setup_digest, a.signature)
-            if a.sender == "c01" else a
+            if a.sender == "c01"
+            else a
             for a in kl.advertisements
         )
         roster = tuple((c, next(a for a in forged if a.sender == c).digest() if c == "c01" else d) for c, d in kl.roster)

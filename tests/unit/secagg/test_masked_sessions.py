@@ -83,7 +83,9 @@ def test_session_round_equals_in_process_aggregate(graph, signed):
     updates = _updates(24, 33, seed=1)
     dropouts = {"c03": Stage.SHARE_KEYS, "c11": Stage.UNMASK}
     reference = backend.aggregate(updates, round_index=4, rng=np.random.default_rng(9), dropouts=dropouts)
-    result, server = _session_round(backend, updates, round_index=4, rng=np.random.default_rng(9), dropouts=dropouts, signed=signed)
+    result, server = _session_round(
+        backend, updates, round_index=4, rng=np.random.default_rng(9), dropouts=dropouts, signed=signed
+    )
     assert np.array_equal(result.total, reference.total)  # same client generators: the same stochastic rounding
     assert (result.contributors, result.dropped) == (reference.contributors, reference.dropped)
     assert result.max_abs_error == reference.max_abs_error and result.mode == "masked"
@@ -91,7 +93,13 @@ def test_session_round_equals_in_process_aggregate(graph, signed):
 
 
 @settings(max_examples=25, deadline=None)
-@given(n=st.integers(3, 14), d=st.integers(1, 20), graph=st.sampled_from(["complete", "secagg+"]), signed=st.booleans(), data=st.data())
+@given(
+    n=st.integers(3, 14),
+    d=st.integers(1, 20),
+    graph=st.sampled_from(["complete", "secagg+"]),
+    signed=st.booleans(),
+    data=st.data(),
+)
 def test_session_round_is_exact_under_random_dropouts(n, d, graph, signed, data):
     """Any dropouts the plan tolerates, at any stage (the consistency check included), give the exact sum."""
     backend = MaskedSum(value_bound=1.0, max_clients=16, graph=graph, bits=64, signed_keys=signed)
@@ -99,7 +107,9 @@ def test_session_round_is_exact_under_random_dropouts(n, d, graph, signed, data)
     ids = sorted(updates)
     plan = backend.plan(n)
     dropouts = data.draw(st.dictionaries(st.sampled_from(ids), st.sampled_from(list(Stage)), max_size=plan.tolerated_dropouts))
-    result, server = _session_round(backend, updates, round_index=2, rng=np.random.default_rng(n), dropouts=dropouts, signed=signed)
+    result, server = _session_round(
+        backend, updates, round_index=2, rng=np.random.default_rng(n), dropouts=dropouts, signed=signed
+    )
     counted = [c for c in ids if dropouts.get(c, Stage.UNMASK) > Stage.MASKED_INPUT]
     exact = np.sum([updates[c].astype(np.float64) for c in counted], axis=0)
     assert result.contributors == tuple(counted)
@@ -170,7 +180,15 @@ def _reachable(obj, seen=None):
         return
     seen.add(id(obj))
     yield obj
-    children = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple, set)) else vars(obj).values() if hasattr(obj, "__dict__") else ()
+    children = (
+        obj.values()
+        if isinstance(obj, dict)
+        else obj
+        if isinstance(obj, (list, tuple, set))
+        else vars(obj).values()
+        if hasattr(obj, "__dict__")
+        else ()
+    )
     for child in children:
         yield from _reachable(child, seen)
 
@@ -193,6 +211,8 @@ def test_signed_server_session_needs_the_directory_and_refuses_a_bad_one():
     with pytest.raises(KeyMaterialError, match=r"identity key of every participant; missing \['c02'\]"):
         backend.server_session(round_index=1, participants=ids, length=2, public_context=partial)
     with pytest.raises(KeyMaterialError, match="takes no public_context"):
-        MaskedSum(value_bound=1.0, max_clients=4).server_session(round_index=1, participants=ids, length=2, public_context=partial)
+        MaskedSum(value_bound=1.0, max_clients=4).server_session(
+            round_index=1, participants=ids, length=2, public_context=partial
+        )
     with pytest.raises(KeyMaterialError, match="'c00' must be 32 raw Ed25519 public bytes"):
         backend.public_context({"c00": b"short"})

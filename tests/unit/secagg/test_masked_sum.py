@@ -46,9 +46,7 @@ def test_decoded_sum_within_stated_bound_under_dropouts(n, d, graph, data):
     ids = sorted(updates)
     backend = MaskedSum(value_bound=1.0, max_clients=12, graph=graph)
     plan = backend.plan(n)
-    dropouts = data.draw(
-        st.dictionaries(st.sampled_from(ids), st.sampled_from(list(Stage)), max_size=plan.tolerated_dropouts)
-    )
+    dropouts = data.draw(st.dictionaries(st.sampled_from(ids), st.sampled_from(list(Stage)), max_size=plan.tolerated_dropouts))
     result = backend.aggregate(updates, round_index=3, rng=np.random.default_rng(0), dropouts=dropouts)
     counted = [c for c in ids if dropouts.get(c, Stage.UNMASK) > Stage.MASKED_INPUT]
     assert result.contributors == tuple(counted)
@@ -77,7 +75,9 @@ def test_bits_64_has_a_much_finer_bound():
 
 def test_upload_is_about_b_bits_per_coordinate():
     d = 5000
-    result = MaskedSum(value_bound=1.0, max_clients=8).aggregate(_updates(6, d, seed=3), round_index=1, rng=np.random.default_rng(0))
+    result = MaskedSum(value_bound=1.0, max_clients=8).aggregate(
+        _updates(6, d, seed=3), round_index=1, rng=np.random.default_rng(0)
+    )
     per_client = result.bytes_up["masked_input"] / 6
     assert 4 * d < per_client < 4 * d + 64
 
@@ -138,7 +138,9 @@ def test_explicit_threshold_is_used_and_impossible_ones_refused():
     assert backend.describe()["threshold"] == 7
     assert len(result.contributors) == 8
     with pytest.raises(DropoutError, match="threshold=7"):
-        backend.aggregate(updates, round_index=2, rng=np.random.default_rng(0), dropouts={"c00": Stage.UNMASK, "c01": Stage.UNMASK})
+        backend.aggregate(
+            updates, round_index=2, rng=np.random.default_rng(0), dropouts={"c00": Stage.UNMASK, "c01": Stage.UNMASK}
+        )
     with pytest.raises(ValueError, match="threshold=7 is impossible for a round of 5 clients"):
         backend.aggregate(_updates(5, 5, seed=8), round_index=3, rng=np.random.default_rng(0))
 
@@ -192,7 +194,9 @@ def test_describe_and_trust_model():
 )
 def test_bad_dropouts(dropouts, exc, pattern):
     with pytest.raises(exc, match=pattern):
-        MaskedSum(value_bound=1.0, max_clients=4).aggregate(_updates(3, 4, seed=11), round_index=1, rng=np.random.default_rng(0), dropouts=dropouts)
+        MaskedSum(value_bound=1.0, max_clients=4).aggregate(
+            _updates(3, 4, seed=11), round_index=1, rng=np.random.default_rng(0), dropouts=dropouts
+        )
 
 
 def test_rng_must_be_a_generator():

@@ -24,9 +24,7 @@ from tests.unit.secagg import test_contract as contract
 
 SELECTIVE_BACKENDS = {
     # coordinate 0 encrypted, the rest in plaintext (all encrypted when d = 1)
-    "ckks+plaintext": lambda: SelectiveSum(
-        encrypted=CKKSSum(value_bound=1.0, max_clients=12), rest=PlaintextSum(), mask=[0]
-    ),
+    "ckks+plaintext": lambda: SelectiveSum(encrypted=CKKSSum(value_bound=1.0, max_clients=12), rest=PlaintextSum(), mask=[0]),
     # nothing encrypted: everything takes the rest path
     "none+plaintext": lambda: SelectiveSum(
         encrypted=CKKSSum(value_bound=1.0, max_clients=12), rest=PlaintextSum(), mask=np.zeros(0, dtype=np.int64)
