@@ -194,3 +194,22 @@ def test_adaptive_clip_refuses_fixed_size_integer_noise_and_needs_quantile_noise
         pipe.build(dimension=4, num_clients=4, expected_clients=4)
     with pytest.raises(dp.DPValueError, match="count_noise_multiplier"):
         dp.AdaptiveClip(initial_bound=1.0, count_noise_multiplier=0.0)
+
+
+def test_budget_is_checked_against_the_fewest_survivors_the_protocol_allows():
+    """Distributed noise shrinks with the survivors: a round is planned as if only `threshold` survive."""
+    dim = ToyTask().build_model().linear.weight.numel() + 1
+    noise = dp.SkellamNoise(noise_multiplier=0.5, clip_bound=CLIP, dim=dim, min_clients=3)
+    backend = secagg.MaskedSum(value_bound=CLIP, max_clients=5, integer_noise=noise, dropout_rate=0.4)
+    fed = Federation(
+        task=ToyTask(), clients=toy_clients(5), strategy=FedAvg(), train=TrainConfig(lr=0.05, batch_size=8),
+        pipeline=UpdatePipeline(backend=backend, clip=dp.L2Clip(CLIP), weighting="uniform"),
+        ledger=dp.Ledger(), seed=3, reproducible=True, quiet=True, evaluate_every=0,
+    )  # fmt: skip
+    threshold = backend.plan(5).threshold
+    assert threshold < 5
+    (planned,) = fed._planned_events(1, fed.client_ids, 1.0)
+    assert planned.survivors == threshold
+    all_survive = noise.event(round_index=1, scale=backend.encoder.scale, participants=5, survivors=5)
+    worst = dp.epsilon(dp.Ledger([planned]), delta=1e-5)
+    assert worst > dp.epsilon(dp.Ledger([all_survive]), delta=1e-5)  # planning for everyone would under-state it
