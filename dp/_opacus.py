@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -116,6 +116,7 @@ class SampleLevelDP:
             the same distribution as eager DP-SGD at a fraction of the cost for large tables.
             Rows read directly through ``.weight`` between steps lack pending noise until
             ``flush()`` / ``state_dict()`` / ``event()`` / ``detach()``.
+        unit: ``"record"``: one example is the unit of privacy (its ledger events say so).
     """
 
     noise_multiplier: float
@@ -124,6 +125,7 @@ class SampleLevelDP:
     poisson_sampling: bool = True
     secure_mode: bool = False
     lazy_noise: bool = False
+    unit: ClassVar[str] = "record"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "noise_multiplier", chk.positive("noise_multiplier", self.noise_multiplier))

@@ -15,6 +15,8 @@ from typing import Any, Mapping
 
 import yaml
 
+import dp
+
 try:
     import tomllib
 except ImportError:  # Python 3.10
@@ -222,7 +224,7 @@ class PrivacySection:
     clipping: str = "auto"
     clip: float = 1.0
     noise: str = "central"
-    accountant: str = "rdp"
+    accountant: str = "pld"
     budget_epsilon: float | None = None
     lazy_noise: bool = False
     adaptive_clip: bool = False
@@ -254,7 +256,7 @@ class PrivacySection:
             if not (isinstance(self.target_quantile, (int, float)) and 0 < self.target_quantile < 1):
                 raise ConfigError(f"privacy.target_quantile must be in (0, 1), got {self.target_quantile!r}")
         _choice("privacy.noise", self.noise, ("central", "skellam", "discrete_gaussian"))
-        _choice("privacy.accountant", self.accountant, ("rdp", "prv"))
+        _choice("privacy.accountant", self.accountant, dp.ACCOUNTANTS)
         if not (isinstance(self.delta, float) and 0 < self.delta < 1):
             raise ConfigError(f"privacy.delta must be a float in (0, 1), got {self.delta!r}")
         _positive("privacy.max_grad_norm", self.max_grad_norm)

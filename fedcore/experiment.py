@@ -6,6 +6,7 @@ This is where the three packages meet: the workload (``fedcore.recsys``), the pr
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass, field, fields
@@ -144,6 +145,11 @@ def _max_clients(config: ExperimentConfig, num_clients: int) -> int:
     return int(config.sampling.count) if config.sampling.kind == "fixed" else num_clients  # type: ignore[arg-type]
 
 
+def _encoder_scale(noise: Any, *, value_bound: float, max_clients: int, bits: int) -> float:
+    """The masking encoder's scale with ``noise``: it makes room for the noise, so the scale depends on it."""
+    return secagg.FixedPointEncoder(value_bound=value_bound, max_clients=max_clients, bits=bits, integer_noise=noise).scale
+
+
 def _sample_noise_multiplier(config: ExperimentConfig, clients: dict[str, ClientData]) -> float:
     """The DP-SGD noise that keeps every client's epsilon within the target over all rounds."""
     p, t = config.privacy, config.train
@@ -276,9 +282,12 @@ def build_experiment(config: ExperimentConfig, *, workload: Workload | None = No
         limit = p.budget_epsilon or p.target_epsilon
         if limit is not None:
             budget = dp.PrivacyBudget(epsilon=limit, delta=p.delta, accountant=p.accountant, level="sample")
+    distributed = client_level and p.noise in ("skellam", "discrete_gaussian")
     if client_level:
         noise_multiplier = (
-            float(p.noise_multiplier)
+            None
+            if p.noise_multiplier is None and distributed  # calibrated below, under the bound it is charged with
+            else float(p.noise_multiplier)
             if p.noise_multiplier is not None
             else dp.calibrate_noise_multiplier(
                 target_epsilon=float(p.target_epsilon),
@@ -311,13 +320,27 @@ def build_experiment(config: ExperimentConfig, *, workload: Workload | None = No
             value_bound=value_bound, max_clients=max_clients, bits=a.bits, graph=a.graph, threshold=a.threshold,
             dropout_rate=a.dropout_tolerance, signed_keys=a.signed_keys,
         )  # fmt: skip
-        if client_level and p.noise in ("skellam", "discrete_gaussian"):
+        if distributed:
             expected = max(1, round(rate * len(clients)))
             min_clients = a.threshold or secagg.MaskedSum(**masked_kwargs).plan(expected).threshold
             noise_cls = dp.SkellamNoise if p.noise == "skellam" else dp.DiscreteGaussianNoise
             integer_noise = noise_cls(
-                noise_multiplier=noise_multiplier, clip_bound=p.clip, dim=dimension, min_clients=min_clients
+                noise_multiplier=1.0 if noise_multiplier is None else noise_multiplier,
+                clip_bound=p.clip,
+                dim=dimension,
+                min_clients=min_clients,
             )
+            if p.noise_multiplier is None:  # calibrated under the bound the ledger charges it with, at min_clients survivors
+                integer_noise = integer_noise.calibrated(
+                    target_epsilon=float(p.target_epsilon),  # type: ignore[arg-type]
+                    delta=p.delta,
+                    rounds=config.rounds,
+                    scale=functools.partial(_encoder_scale, value_bound=value_bound, max_clients=max_clients, bits=a.bits),
+                    sample_rate=rate,
+                    sampling="poisson" if sampler.poisson else "fixed_size",
+                    accountant=p.accountant,
+                )
+                noise_multiplier = integer_noise.noise_multiplier
         backend: secagg.SecureSum = secagg.MaskedSum(**masked_kwargs, integer_noise=integer_noise)
     elif a.mode == "ckks":
         backend = secagg.CKKSSum(value_bound=value_bound, max_clients=max_clients, preset=a.preset or "compact")

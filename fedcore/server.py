@@ -523,6 +523,7 @@ class Federation:
                         steps=steps,
                         clipping=clipping,
                         sampling="poisson" if self.sample_privacy.poisson_sampling else "fixed_size",
+                        unit=self.sample_privacy.unit,
                     )
                 )
         if participants and not self._revealing:

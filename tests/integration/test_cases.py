@@ -165,7 +165,7 @@ def test_per_user_clients_under_client_level_dp_with_poisson_sampling(tmp_path):
     spent = [h["epsilon"] for h in history]
     assert spent == sorted(spent) and spent[0] > 0
     assert spent[-1] == experiment.budget.spent(experiment.ledger)
-    assert spent[-1] == pytest.approx(dp.epsilon(experiment.ledger, delta=1e-5, accountant="rdp"))
+    assert spent[-1] == pytest.approx(dp.epsilon(experiment.ledger, delta=1e-5, accountant="pld"))
     assert 3.5 < spent[-1] <= 4.0
     # a fourth round would overspend the epsilon calibrated for three: it is refused, nothing runs
     with pytest.raises(dp.BudgetExceededError):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
 import dp
+import secagg
 from fedcore.config import parse_config
 from fedcore.datasets import MovieLens100K
 from fedcore.errors import ConfigError
@@ -228,9 +231,9 @@ def test_user_level_is_the_default_unit_for_movielens_and_record_for_clothing():
     assert parse_config({}).privacy_unit is None
 
 
-def experiment(data, tmp_path, privacy: dict, *, built_for: str | None = "config"):
+def experiment(data, tmp_path, privacy: dict, *, built_for: str | None = "config", **top):
     config = parse_config({
-        "rounds": 1, "output_dir": str(tmp_path), "workload": {"case": "movielens", "num_silos": 2, "dim": 8},
+        "rounds": 1, "output_dir": str(tmp_path), "workload": {"case": "movielens", "num_silos": 2, "dim": 8}, **top,
         "train": {"optimizer": "sgd", "lr": 1.0, "batch_size": 128}, "privacy": {"level": "sample", **privacy},
         "logging": {"jsonl": False, "tensorboard": False, "quiet": True},
     })  # fmt: skip
@@ -244,9 +247,14 @@ def test_the_experiment_runs_user_level_dp_by_default_and_records_the_unit(data,
     exp = experiment(data, tmp_path, {"target_epsilon": 8.0})
     privacy = exp.federation.sample_privacy
     assert isinstance(privacy, dp.UserLevelDP) and privacy.unit == "user" and privacy.user_parameters == ("user_embedding",)
-    exp.federation.run_round()
+    fed = exp.federation
+    planned = {e.client_id: e for e in fed._planned_events(1, fed.client_ids, 1.0)}
+    fed.run_round()
     events = exp.ledger.events
     assert events and all(e.unit == "user" for e in events if e.level == "sample")
+    for e in events:  # the budget was checked against the events the round then recorded, unit included
+        assert (planned[e.client_id].unit, planned[e.client_id].sample_rate) == (e.unit, e.sample_rate)
+        assert planned[e.client_id].steps >= e.steps
     assert 0 < exp.budget.spent(exp.ledger) <= 8.0
 
 
@@ -258,3 +266,28 @@ def test_record_level_needs_examples_built_for_it(data, tmp_path):
         ConfigError, match=r"privacy.unit 'record': the workload's examples support \['user'\]; build it from this config"
     ):
         experiment(data, tmp_path / "b", {"target_epsilon": 8.0, "unit": "record"}, built_for=None)
+
+
+@pytest.mark.parametrize("noise", ["skellam", "discrete_gaussian"])
+def test_distributed_noise_from_a_config_is_calibrated_with_the_bound_it_is_charged_with(data, tmp_path, noise):
+    """Issue 18 item 5: calibrated as Gaussian and charged as Skellam, a target of 8 spent 10.5."""
+    privacy = {"level": "client", "noise": noise, "target_epsilon": 8.0, "clip": 1.0}
+    exp = experiment(data, tmp_path, privacy, rounds=20, aggregation={"mode": "masked"})
+    fed = exp.federation
+    integer_noise = fed.pipeline.backend.integer_noise
+    assert integer_noise is not None and exp.noise_multiplier == integer_noise.noise_multiplier
+
+    def whole_run(noise_multiplier: float) -> float:
+        """Epsilon of the run's 20 rounds as the budget plans them: the fewest survivors the protocol allows."""
+        candidate = dataclasses.replace(integer_noise, noise_multiplier=noise_multiplier)
+        backend = secagg.MaskedSum(value_bound=fed.pipeline.backend.value_bound, max_clients=2, integer_noise=candidate)
+        n = len(fed.client_ids)
+        planned = [
+            candidate.plan(round_index=t, scale=backend.encoder.scale, participants=n, min_survivors=fed.min_survivors(n))
+            for t in range(1, 21)
+        ]
+        return dp.epsilon(dp.Ledger(planned), delta=1e-5)
+
+    assert 7.9 < whole_run(integer_noise.noise_multiplier) <= 8.0  # fits the target, tightly
+    gaussian = dp.calibrate_noise_multiplier(target_epsilon=8.0, delta=1e-5, steps=20, sample_rate=1.0)
+    assert whole_run(gaussian) > 8.0  # the Gaussian calibration would overspend under the bound it is charged with
