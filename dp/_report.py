@@ -110,16 +110,23 @@ _PARAMS: dict[type, tuple[str, ...]] = {
 }
 
 
+def _event_unit(e: Event) -> str:
+    """What one use of the mechanism protects: a record or a user of a client, or a client's whole update."""
+    return getattr(e, "unit", "record") if isinstance(e, SampleLevelEvent) else "client"
+
+
 def _mechanism_rows(events: Sequence[Event]) -> list[dict[str, Any]]:
     rows: dict[tuple, dict[str, Any]] = {}
     for e in events:
         names = _PARAMS[type(e)]
-        key = (e.mechanism, e.level) + tuple(getattr(e, n) for n in names)
+        unit = _event_unit(e)
+        key = (e.mechanism, e.level, unit) + tuple(getattr(e, n) for n in names)
         row = rows.get(key)
         if row is None:
             row = rows[key] = {
                 "mechanism": e.mechanism,
                 "level": e.level,
+                "unit": unit,
                 "parameters": {n: getattr(e, n) for n in names},
                 "uses": 0,
                 "rounds": [e.round_index, e.round_index],
@@ -904,11 +911,22 @@ class PrivacyReport:
         if d["mechanisms"]:
             parts.append(
                 _table(
-                    ["mechanism", "level", "parameters", "uses", "rounds", "participants", "survivors", "details"],
+                    [
+                        "mechanism",
+                        "level",
+                        "unit of privacy",
+                        "parameters",
+                        "uses",
+                        "rounds",
+                        "participants",
+                        "survivors",
+                        "details",
+                    ],
                     [
                         [
                             m["mechanism"],
                             m["level"],
+                            m["unit"],
                             m["parameters"],
                             m["uses"],
                             m["rounds"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import re
 import struct
@@ -106,6 +107,7 @@ def test_json_report_is_computed_from_the_ledger():
     assert mech["gaussian"]["uses"] == 4 and mech["gaussian"]["survivors"] == [4, 5]
     assert mech["quantile"]["parameters"]["noise_multiplier"] == 20.0
     assert mech["dp_sgd"]["clients"] == 2 and mech["dp_sgd"]["steps"] == 160
+    assert (mech["dp_sgd"]["unit"], mech["gaussian"]["unit"], mech["quantile"]["unit"]) == ("record", "client", "client")
     budget = data["budget"]
     assert budget["level"] == "all" and budget["spent_by_level"]["client"] == pytest.approx(client["epsilon"])
     assert budget["spent"] == pytest.approx(max(client["epsilon"], data["sample_level"]["max_epsilon"]))
@@ -317,3 +319,15 @@ def test_empty_ledger_report_says_so():
 def test_bad_report_arguments_are_refused(changes, exc, match):
     with pytest.raises(exc, match=match):
         build(dp.Ledger(), **changes)
+
+
+def test_mechanism_table_states_each_mechanisms_unit_of_privacy():
+    """A user-level DP-SGD row must not read as record-level (nor the other way round)."""
+    user = [dataclasses.replace(e, unit="user") for e in sample_ledger(clients=2, rounds=2).events]
+    record = [dataclasses.replace(e, client_id="other-silo") for e in sample_ledger(clients=1, rounds=1).events]
+    ledger = dp.Ledger([*user, *record])
+    report = build(ledger)
+    units = sorted(m["unit"] for m in report.data["mechanisms"])
+    assert units == ["record", "user"]  # the same mechanism and parameters, two units: two rows
+    page = report.to_html()
+    assert "<th>unit of privacy</th>" in page and "<td>user</td>" in page and "<td>record</td>" in page
