@@ -381,8 +381,9 @@ def pld_epsilon(groups: Mapping[_Key, int], delta: float, *, relative: float = _
     """Epsilon of Gaussian groups from ``dp_accounting``'s PLD with pessimistic rounding (an upper bound).
 
     The discretization interval is sized to the answer: a first pass at ``1e-2``, then passes
-    at ``relative`` times the last epsilon (between ``1e-12`` and ``0.1``) while that refines
-    the interval by more than half; at the default the rounding adds about 0.01%.
+    at ``relative`` times the last epsilon (between ``1e-12`` and ``0.1``, rounded down to a
+    power of two) while that refines the interval by more than half; at the default the
+    rounding adds at most about 0.01%.
     """
     bad = sorted({k[0] for k in groups if k[0] != "gaussian"})
     if bad:
@@ -392,7 +393,9 @@ def pld_epsilon(groups: Mapping[_Key, int], delta: float, *, relative: float = _
     interval = _PLD_COARSE_INTERVAL
     eps = _pld_at(groups, delta, interval)
     for _ in range(6):
-        finer = min(0.1, max(_PLD_MIN_INTERVAL, relative * eps))
+        # a power of two at or below the target, so that nearby answers (the rounds of a curve,
+        # calibration's candidates) share one cached PLD per mechanism
+        finer = 2.0 ** math.floor(math.log2(min(0.1, max(_PLD_MIN_INTERVAL, relative * eps)))) if eps > 0 else interval
         if not math.isfinite(eps) or eps <= 0 or finer >= 0.5 * interval:
             break
         interval = finer
