@@ -374,6 +374,7 @@ def _pld_at(groups: Mapping[_Key, int], delta: float, interval: float) -> float:
     for (_kind, z, q), count in sorted(groups.items()):
         part = _gaussian_pld(float(z), float(q), interval).self_compose(int(count))
         composed = part if composed is None else composed.compose(part)
+    assert composed is not None  # pld_epsilon returns 0.0 for no groups before calling this
     return float(composed.get_epsilon_for_delta(delta))
 
 

@@ -121,6 +121,7 @@ def smallest_noise_multiplier(
             continue
         # no bracket yet: walk (secant, or doubling) past the crossing
         x0 = hi if hi is not None else lo
+        assert x0 is not None  # seen holds the guess at least, so hi or lo is set
         if est is None or est == x0:  # no usable slope: steps that double until the crossing is passed
             walk *= 2.0
             est = x0 - walk * step if hi is not None else x0 + walk * step

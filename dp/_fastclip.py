@@ -52,9 +52,10 @@ class _Call(NamedTuple):
 # norms (B,) and a closure producing {param: clipped summed gradient} from the clip factors.
 
 # A clipped gradient is either dense (a tensor shaped like the parameter) or sparse rows
-# ``(row_indices, values)`` to be index-added into the parameter-shaped target.
+# ``(row_indices, values)`` to be index-added into the parameter-shaped target. Keys are the
+# parameters, typed as tensors because torch types ``layer.weight`` as one.
 _Grad = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
-_Work = tuple[torch.Tensor, Callable[[torch.Tensor], dict[nn.Parameter, _Grad]]]
+_Work = tuple[torch.Tensor, Callable[[torch.Tensor], dict[torch.Tensor, _Grad]]]
 
 
 def _batch_check(name: str, tensor: torch.Tensor, batch: int, what: str) -> None:
@@ -97,7 +98,7 @@ def _embedding_rule(name: str, layer: nn.Embedding, calls: list[_Call], grads: l
             g1 = grads[0]
             norm_sq1 = torch.linalg.vecdot(g1, g1)
 
-            def clipped1(coef: torch.Tensor) -> dict[nn.Parameter, _Grad]:
+            def clipped1(coef: torch.Tensor) -> dict[torch.Tensor, _Grad]:
                 return {layer.weight: (idx0, _as(g1 * _as(coef, g1.dtype).unsqueeze(1), layer.weight.dtype))}
 
             return norm_sq1, clipped1
@@ -122,7 +123,7 @@ def _embedding_rule(name: str, layer: nn.Embedding, calls: list[_Call], grads: l
         sample_ids = torch.arange(batch, device=idx.device).repeat_interleave(length)
         norm_sq = _sparse_rows_norm_sq(sample_ids, idx.reshape(-1), g.reshape(-1, dim), batch, layer.num_embeddings)
 
-    def clipped(coef: torch.Tensor) -> dict[nn.Parameter, _Grad]:
+    def clipped(coef: torch.Tensor) -> dict[torch.Tensor, _Grad]:
         values = (g * _as(coef, g.dtype).view(-1, 1, 1)).reshape(-1, dim)
         return {layer.weight: (idx.reshape(-1), _as(values, layer.weight.dtype))}
 
@@ -134,8 +135,8 @@ def _embedding_bag_rule(name: str, layer: nn.EmbeddingBag, calls: list[_Call], g
         raise UnsupportedModelError(f"layer {name!r}: EmbeddingBag mode={layer.mode!r} not supported")
     sids, rows, vals = [], [], []
     for call, g in zip(calls, grads):
-        args = list(call.args) + [None] * (3 - len(call.args))
-        inp = args[0] if args[0] is not None else call.kwargs.get("input")
+        args: list[Any] = list(call.args) + [None] * (3 - len(call.args))
+        inp = args[0] if args[0] is not None else call.kwargs["input"]  # the forward ran, so it had an input
         offsets = args[1] if args[1] is not None else call.kwargs.get("offsets")
         psw = args[2] if args[2] is not None else call.kwargs.get("per_sample_weights")
         _batch_check(name, g, batch, "output gradient")
@@ -146,6 +147,7 @@ def _embedding_bag_rule(name: str, layer: nn.EmbeddingBag, calls: list[_Call], g
             flat = inp.reshape(-1)
             psw_flat = psw.reshape(-1) if psw is not None else None
         else:
+            assert offsets is not None  # torch's forward refuses 1-D input without offsets
             flat = inp
             offs = offsets[:-1] if layer.include_last_offset else offsets
             if offs.shape[0] != batch:
@@ -167,7 +169,7 @@ def _embedding_bag_rule(name: str, layer: nn.EmbeddingBag, calls: list[_Call], g
     sample_ids, flat, values = torch.cat(sids), torch.cat(rows), torch.cat(vals)
     norm_sq = _sparse_rows_norm_sq(sample_ids, flat, values, batch, layer.num_embeddings)
 
-    def clipped(coef: torch.Tensor) -> dict[nn.Parameter, _Grad]:
+    def clipped(coef: torch.Tensor) -> dict[torch.Tensor, _Grad]:
         scaled = values * coef.to(values.dtype)[sample_ids].unsqueeze(1)
         return {layer.weight: (flat, scaled.to(layer.weight.dtype))}
 
@@ -198,9 +200,9 @@ def _linear_rule(name: str, layer: nn.Linear, calls: list[_Call], grads: list[to
     if g_sum is not None:
         norm_sq = norm_sq + g_sum.pow(2).sum(-1)
 
-    def clipped(coef: torch.Tensor) -> dict[nn.Parameter, _Grad]:
+    def clipped(coef: torch.Tensor) -> dict[torch.Tensor, _Grad]:
         c = coef.to(g.dtype)
-        out: dict[nn.Parameter, _Grad] = {}
+        out: dict[torch.Tensor, _Grad] = {}
         if w.requires_grad:
             gs = (g * c.view(-1, 1, 1)).reshape(-1, layer.out_features)
             out[w] = (gs.t() @ a.reshape(-1, layer.in_features)).to(w.dtype)
@@ -229,7 +231,7 @@ def _opacus_rule(name: str, layer: nn.Module, calls: list[_Call], grads: list[to
     for gs in per_sample.values():
         norm_sq = norm_sq + gs.reshape(batch, -1).pow(2).sum(1)
 
-    def clipped(coef: torch.Tensor) -> dict[nn.Parameter, _Grad]:
+    def clipped(coef: torch.Tensor) -> dict[torch.Tensor, _Grad]:
         return {p: torch.einsum("i,i...", coef.to(gs.dtype), gs).to(p.dtype) for p, gs in per_sample.items()}
 
     return norm_sq, clipped
@@ -303,7 +305,8 @@ class BookKeepingClipper:
                 + ". Use clipping='ghost' or 'default' (Opacus) for this model."
             )
         self.max_grad_norm = float(max_grad_norm)
-        self._layers = [(name, m, _rule_for(m)) for name, m in _trainable_layers(module)]
+        # every rule is found: unsupported_layers() refused the layers without one above
+        self._layers = [(name, m, rule) for name, m in _trainable_layers(module) if (rule := _rule_for(m)) is not None]
         self._calls: dict[nn.Module, list[_Call]] = {}
         self._handles = [m.register_forward_hook(self._capture, with_kwargs=True) for _, m, _ in self._layers]
         self.last_norms: torch.Tensor | None = None
@@ -335,7 +338,7 @@ class BookKeepingClipper:
         """Forget the recorded forward passes (for an empty batch)."""
         self._calls = {}
 
-    def accumulate(self, per_sample_loss: torch.Tensor, into: Mapping[nn.Parameter, Any], *, scale: float = 1.0) -> torch.Tensor:
+    def accumulate(self, per_sample_loss: torch.Tensor, into: Mapping[torch.Tensor, Any], *, scale: float = 1.0) -> torch.Tensor:
         """Add ``scale * sum_i clip(grad loss_i)`` into ``into[p]`` for every parameter in ``into``.
 
         Targets are parameter-shaped tensors, or objects with the same ``index_add_(dim,
@@ -390,9 +393,9 @@ class BookKeepingClipper:
                     target.add_(grad)
         return norms
 
-    def clipped_sum(self, per_sample_loss: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+    def clipped_sum(self, per_sample_loss: torch.Tensor) -> dict[torch.Tensor, torch.Tensor]:
         """``sum_i clip(grad loss_i)`` for every trainable parameter (zeros where unused)."""
-        out = {p: torch.zeros_like(p) for p in self.parameters}
+        out: dict[torch.Tensor, torch.Tensor] = {p: torch.zeros_like(p) for p in self.parameters}
         self.accumulate(per_sample_loss, out)
         return out
 

@@ -29,8 +29,11 @@ from ._errors import DPValueError
 
 __all__ = ["LazyTableNoise", "check_lazy_optimizer", "update_stddev"]
 
+Table = nn.Embedding | nn.EmbeddingBag
+"""An embedding table whose noise may be deferred."""
 
-def check_lazy_optimizer(optimizer: torch.optim.Optimizer, tables: list[nn.Module]) -> dict[nn.Module, dict]:
+
+def check_lazy_optimizer(optimizer: torch.optim.Optimizer, tables: list[Table]) -> dict[Table, dict]:
     """The param group of each table's weight; refuses anything but plain SGD for them.
 
     Raises:
@@ -41,7 +44,7 @@ def check_lazy_optimizer(optimizer: torch.optim.Optimizer, tables: list[nn.Modul
         raise DPValueError(
             f"lazy_noise=True needs torch.optim.SGD (its update is linear in the noise), got {type(optimizer).__name__}"
         )
-    groups: dict[nn.Module, dict] = {}
+    groups: dict[Table, dict] = {}
     for table in tables:
         for group in optimizer.param_groups:
             if any(p is table.weight for p in group["params"]):
@@ -57,7 +60,7 @@ def check_lazy_optimizer(optimizer: torch.optim.Optimizer, tables: list[nn.Modul
 class LazyTableNoise:
     """Pending-noise bookkeeping for the embedding tables of one ``PrivateTraining``."""
 
-    def __init__(self, tables: dict[nn.Module, dict], *, generator: Any, secure_mode: bool) -> None:
+    def __init__(self, tables: dict[Table, dict], *, generator: Any, secure_mode: bool) -> None:
         self._groups = tables
         self._gen = generator
         self._secure = secure_mode
@@ -66,13 +69,13 @@ class LazyTableNoise:
         self._handles = [t.register_forward_pre_hook(self._before_read, with_kwargs=True) for t in tables]
 
     @property
-    def tables(self) -> list[nn.Module]:
+    def tables(self) -> list[Table]:
         return list(self._groups)
 
-    def lr(self, table: nn.Module) -> float:
+    def lr(self, table: Table) -> float:
         return float(self._groups[table]["lr"])
 
-    def add_step(self, stddev_of: dict[nn.Module, float]) -> None:
+    def add_step(self, stddev_of: dict[Table, float]) -> None:
         """Record one step's noise (standard deviation of the update per table), not yet drawn."""
         for table, std in stddev_of.items():
             self._total[table] += std * std
@@ -85,7 +88,7 @@ class LazyTableNoise:
         return torch.empty(shape, dtype=like.dtype, device=like.device).normal_(0.0, 1.0, generator=self._gen)
 
     @torch.no_grad()
-    def _flush_rows(self, table: nn.Module, rows: torch.Tensor) -> None:
+    def _flush_rows(self, table: Table, rows: torch.Tensor) -> None:
         total = self._total[table]
         if total == 0.0:
             return
@@ -97,7 +100,7 @@ class LazyTableNoise:
         w.index_add_(0, rows, noise)
         last.index_fill_(0, rows, total)
 
-    def _before_read(self, table: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _before_read(self, table: Table, args: tuple, kwargs: dict) -> None:
         idx = args[0] if args else kwargs.get("input")
         if isinstance(idx, torch.Tensor) and idx.numel():
             self._flush_rows(table, idx.detach())
@@ -114,7 +117,7 @@ class LazyTableNoise:
             w.add_(noise)
             self._last[table].fill_(self._total[table])
 
-    def pending_variance(self, table: nn.Module) -> torch.Tensor:
+    def pending_variance(self, table: Table) -> torch.Tensor:
         """Per row, the noise variance not yet drawn (for tests and diagnostics)."""
         return (self._total[table] - self._last[table]).clamp(min=0.0)
 

@@ -201,7 +201,16 @@ class _DistributedNoise:
         chk.integer("participants", participants, minimum=1)
         chk.integer("survivors", survivors, minimum=1)
 
-    def event(self, **kwargs: Any) -> Any:  # pragma: no cover - defined by each subclass
+    def event(
+        self,
+        *,
+        round_index: int,
+        scale: float,
+        participants: int,
+        survivors: int,
+        sample_rate: float = 1.0,
+        sampling: str = "poisson",
+    ) -> SkellamEvent | DiscreteGaussianEvent:  # pragma: no cover - defined by each subclass
         raise NotImplementedError
 
     def plan(

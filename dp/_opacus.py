@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterable, Protocol, Sized, cast
 
 import torch
 import torch.nn as nn
@@ -142,8 +142,8 @@ class SampleLevelDP:
         data_loader: torch.utils.data.DataLoader,
         *,
         generator: torch.Generator | None = None,
-    ) -> "PrivateTraining":
-        """Make ``module``'s training differentially private.
+    ) -> "DPTraining":
+        """Make ``module``'s training differentially private (a :class:`PrivateTraining`).
 
         Args:
             module: the user's model; batch-first inputs; not wrapped, hooks are added.
@@ -159,6 +159,32 @@ class SampleLevelDP:
             DPValueError / DPTypeError: bad arguments.
         """
         return PrivateTraining(self, module, optimizer, data_loader, generator=generator)
+
+
+class DPTraining(Protocol):
+    """What ``attach`` of every DP level returns (``PrivateTraining``, ``UserLevelTraining``): the run a loop drives."""
+
+    @property
+    def module(self) -> nn.Module: ...
+    @property
+    def data_loader(self) -> Iterable[Any]: ...
+    @property
+    def steps(self) -> int: ...
+    @property
+    def sample_rate(self) -> float: ...
+    @property
+    def expected_batch_size(self) -> int: ...
+    @property
+    def clipping(self) -> str: ...
+    @property
+    def noise_multiplier(self) -> float: ...
+    @property
+    def max_grad_norm(self) -> float: ...
+    def step(self, per_sample_loss: torch.Tensor) -> None: ...
+    def flush(self) -> None: ...
+    def event(self, *, client_id: str, round_index: int) -> SampleLevelEvent: ...
+    def opacus_epsilon(self, *, delta: float) -> float: ...
+    def detach(self) -> nn.Module: ...
 
 
 class PrivateTraining:
@@ -226,7 +252,7 @@ class PrivateTraining:
         self._lazy: LazyTableNoise | None = None
         self._state_hook: Any = None
         self._user_optimizer = optimizer
-        self.module._dp_attached = True  # type: ignore[attr-defined]
+        self.module._dp_attached = True  # type: ignore[assignment]  # torch types Module.__setattr__ for tensors and modules only
         try:
             self._attach(config, module, optimizer, data_loader, generator)
         except BaseException:
@@ -270,7 +296,8 @@ class PrivateTraining:
                 self._lazy = LazyTableNoise(lazy_groups, generator=rng, secure_mode=config.secure_mode)
                 self._state_hook = module.register_state_dict_pre_hook(lambda *_: self.flush())
             self.sample_rate = 1.0 / len(data_loader)
-            self.expected_batch_size = int(len(data_loader.dataset) * self.sample_rate)
+            # len(data_loader) above already needed a sized dataset; torch's Dataset type has no __len__
+            self.expected_batch_size = int(len(cast(Sized, data_loader.dataset)) * self.sample_rate)
             self.optimizer = optimizer
             plain_loader = data_loader
             if config.secure_mode and not config.poisson_sampling:
@@ -296,7 +323,7 @@ class PrivateTraining:
                 raise UnsupportedModelError(f"Opacus cannot attach clipping={self.clipping!r}: {exc}") from exc
             self._hooks, self.optimizer, plain_loader = out[0], out[1], out[-1]
             self.sample_rate = 1.0 / len(data_loader)
-            self.expected_batch_size = self.optimizer.expected_batch_size
+            self.expected_batch_size = out[1].expected_batch_size
         if config.poisson_sampling:
             self.data_loader = DPDataLoader.from_data_loader(data_loader, generator=rng)
         else:

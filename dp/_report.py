@@ -19,7 +19,7 @@ import numbers
 import pathlib
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, NamedTuple, Sequence
+from typing import Any, Iterable, Literal, Mapping, NamedTuple, Sequence, cast, overload
 
 from . import _checks as chk
 from ._accounting import ACCOUNTANTS, _epsilon_groups, _events_of, _groups, _used, epsilon_by_accountant
@@ -419,19 +419,19 @@ class PrivacyReport:
             generated_at = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
 
         client_events = [e for e in events if e.level == "client"]
-        sample_events = [e for e in events if e.level == "sample"]
+        sample_events = [e for e in events if isinstance(e, SampleLevelEvent)]  # the events of level "sample"
         client = self._client_section(client_events, d, acc)
         sample = self._sample_section(sample_events, d, acc)
 
-        drops = []
-        for r, v in sorted((dropouts or {}).items()):
+        drops: list[dict[str, Any]] = []
+        for r, dropped in sorted((dropouts or {}).items()):
             chk.integer("dropouts round", r, minimum=0)
-            if isinstance(v, numbers.Integral) and not isinstance(v, bool):
-                drops.append({"round": int(r), "dropped": chk.integer(f"dropouts[{r}]", v, minimum=0), "ids": None})
-            elif isinstance(v, (list, tuple)) and all(isinstance(i, str) for i in v):
-                drops.append({"round": int(r), "dropped": len(v), "ids": sorted(v)})
+            if isinstance(dropped, numbers.Integral) and not isinstance(dropped, bool):
+                drops.append({"round": int(r), "dropped": chk.integer(f"dropouts[{r}]", dropped, minimum=0), "ids": None})
+            elif isinstance(dropped, (list, tuple)) and all(isinstance(i, str) for i in dropped):
+                drops.append({"round": int(r), "dropped": len(dropped), "ids": sorted(dropped)})
             else:
-                raise DPTypeError(f"dropouts[{r!r}] must be an int or a sequence of client ids, got {v!r}")
+                raise DPTypeError(f"dropouts[{r!r}] must be an int or a sequence of client ids, got {dropped!r}")
         under = [
             {"round": e.round_index, "survivors": e.survivors, "min_clients": e.min_clients}
             for e in client_events
@@ -444,7 +444,12 @@ class PrivacyReport:
                 unknown = set(item) - {"round", "round_index", "what", "why"}
                 if unknown:
                     raise DPValueError(f"reveal records take round/what/why, got unknown keys {sorted(unknown)}")
-                item = Reveal(round_index=item.get("round_index", item.get("round")), what=item.get("what"), why=item.get("why"))
+                # Reveal checks each field (a missing one is refused there, naming it)
+                item = Reveal(
+                    round_index=cast(int, item.get("round_index", item.get("round"))),
+                    what=cast(str, item.get("what")),
+                    why=cast(str, item.get("why")),
+                )
             if not isinstance(item, Reveal):
                 raise DPTypeError(f"reveals must hold Reveal records or mappings, got {type(item).__name__}")
             rev.append({"round": item.round_index, "what": item.what, "why": item.why})
@@ -533,6 +538,12 @@ class PrivacyReport:
         step = (len(rounds) - 1) / (_MAX_CURVE_POINTS_SLOW - 1)
         return sorted({rounds[round(i * step)] for i in range(_MAX_CURVE_POINTS_SLOW)})
 
+    @overload
+    @staticmethod
+    def _eps(events: Sequence[Event], delta: float, which: str, *, strict: Literal[True]) -> float: ...
+    @overload
+    @staticmethod
+    def _eps(events: Sequence[Event], delta: float, which: str, *, strict: Literal[False]) -> float | None: ...
     @staticmethod
     def _eps(events: Sequence[Event], delta: float, which: str, *, strict: bool) -> float | None:
         try:
@@ -549,7 +560,7 @@ class PrivacyReport:
         used = _used(_groups(events), acc)
         cross = "rdp" if used != "rdp" else ("pld" if _used(_groups(events), "pld") == "pld" else "prv")
         rounds = sorted({e.round_index for e in events})
-        curve = []
+        curve: list[dict[str, Any]] = []
         for r in cls._curve_points(rounds, used == "rdp"):
             upto = [e for e in events if e.round_index <= r]
             curve.append({"round": r, "epsilon": cls._eps(upto, d, used, strict=True),
@@ -571,24 +582,24 @@ class PrivacyReport:
         }
 
     @classmethod
-    def _sample_section(cls, events: Sequence[Event], d: float, acc: str) -> dict[str, Any] | None:
+    def _sample_section(cls, events: Sequence[SampleLevelEvent], d: float, acc: str) -> dict[str, Any] | None:
         if not events:
             return None
         cross = "rdp" if acc != "rdp" else "pld"
-        per: dict[str, list[Event]] = {}
+        per: dict[str, list[SampleLevelEvent]] = {}
         for e in events:
-            per.setdefault(e.client_id, []).append(e)  # type: ignore[arg-type]
-        per_client = {
+            per.setdefault(e.client_id, []).append(e)
+        per_client: dict[str, dict[str, Any]] = {
             cid: {
                 "epsilon": cls._eps(per[cid], d, acc, strict=True),
                 "cross_check": cls._eps(per[cid], d, cross, strict=False),
                 "rounds": len({e.round_index for e in per[cid]}),
-                "steps": sum(e.steps for e in per[cid]),  # type: ignore[union-attr]
+                "steps": sum(e.steps for e in per[cid]),
             }
             for cid in sorted(per)
         }
         rounds = sorted({e.round_index for e in events})
-        curve = []
+        curve: list[dict[str, Any]] = []
         for r in cls._curve_points(rounds, acc == "rdp"):
             if r == rounds[-1]:
                 worst = max(v["epsilon"] for v in per_client.values())

@@ -22,7 +22,7 @@ from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -63,17 +63,16 @@ def context(*parts: bytes | str | int) -> bytes:
     """Length-prefixed, unambiguous encoding of context fields (ints as 8-byte big-endian)."""
     out = []
     for part in parts:
-        kind = type(part)
-        if kind not in (str, bytes, int):  # the rare subclass or bytearray: normalise, refuse the rest
+        if type(part) not in (str, bytes, int):  # the rare subclass or bytearray: normalise, refuse the rest
             if isinstance(part, bool) or not isinstance(part, (bytes, bytearray, str, int)):
                 raise TypeError(f"context parts must be bytes, str or int, got {type(part).__name__}")
             part = int(part) if isinstance(part, int) else str(part) if isinstance(part, str) else bytes(part)
-            kind = type(part)
-        if kind is int:
+        # part is now exactly int, str or bytes (bool was refused above)
+        if isinstance(part, int):
             out.append(b"i" + part.to_bytes(8, "big"))
             continue
-        raw = part.encode("utf-8") if kind is str else part
-        out.append((b"s" if kind is str else b"b") + len(raw).to_bytes(4, "big") + raw)
+        raw = part.encode("utf-8") if isinstance(part, str) else part
+        out.append((b"s" if isinstance(part, str) else b"b") + len(raw).to_bytes(4, "big") + raw)
     return b"".join(out)
 
 
@@ -220,7 +219,7 @@ def check_identity_public(raw: object, who: str) -> bytes:
 # ----------------------------------------------------------------------------- keystream PRG
 
 
-def _ctr(seed: bytes):
+def _ctr(seed: bytes) -> CipherContext:
     if len(seed) != KEY_BYTES:
         raise KeyMaterialError(f"keystream seeds are {KEY_BYTES} bytes, got {len(seed)}")
     # AES-256 keyed with the whole 256-bit seed; every seed keys one stream, so a fixed IV is safe.
@@ -235,7 +234,7 @@ def keystream(seed: bytes, nbytes: int) -> bytes:
 def fill_keystream(seed: bytes, out: np.ndarray) -> np.ndarray:
     """Overwrite the C-contiguous array ``out`` with keystream bytes (little-endian words)."""
     enc = _ctr(seed)
-    view = memoryview(out).cast("B")
+    view = out.data.cast("B")
     for start in range(0, len(view), _CHUNK_BYTES):
         part = view[start : start + _CHUNK_BYTES]
         enc.update_into(_ZEROS[: len(part)], part)
@@ -252,7 +251,7 @@ def add_keystreams(acc: np.ndarray, streams: Iterable[tuple[bytes, int]]) -> np.
     """
     if acc.ndim != 1 or not acc.flags.c_contiguous or acc.dtype not in (np.uint32, np.uint64):
         raise TypeError(f"acc must be a contiguous 1-D uint32/uint64 array, got {acc.dtype} {acc.shape}")
-    plan: list[tuple[object, bool]] = []
+    plan: list[tuple[CipherContext, bool]] = []
     for seed, sign in streams:
         if sign not in (1, -1):
             raise ValueError(f"stream sign must be +1 or -1, got {sign!r}")
@@ -262,7 +261,7 @@ def add_keystreams(acc: np.ndarray, streams: Iterable[tuple[bytes, int]]) -> np.
     itemsize = acc.dtype.itemsize
     words = _CHUNK_BYTES // itemsize
     buf = np.empty(words, dtype=acc.dtype.newbyteorder("<"))
-    raw = memoryview(buf).cast("B")
+    raw = buf.data.cast("B")
     for start in range(0, acc.size, words):
         seg = acc[start : start + words]
         m = seg.size

@@ -121,7 +121,7 @@ class SecureSum(Protocol):
 
     def server_session(
         self, *, round_index: int, participants: Sequence[str], length: int, public_context: bytes | None = None
-    ) -> "ServerSession":
+    ) -> "ServerSession[SumResult]":
         """The server's half of one round: bytes in, the decoded sum out."""
 
 
@@ -186,7 +186,7 @@ class PlaintextSum:
 
     def server_session(
         self, *, round_index: int, participants: Sequence[str], length: int, public_context: bytes | None = None
-    ) -> "ServerSession":
+    ) -> "ServerSession[SumResult]":
         """The server's half: the float64 sum of the vectors it receives."""
         from .session import PlaintextServerSession
 

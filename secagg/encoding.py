@@ -27,8 +27,8 @@ from .errors import OverflowRiskError
 __all__ = ["FixedPointEncoder", "SUPPORTED_BITS", "pack", "unpack"]
 
 SUPPORTED_BITS = (32, 64)
-_DTYPES = {32: np.dtype("<u4"), 64: np.dtype("<u8")}
-_SIGNED = {32: np.dtype("<i4"), 64: np.dtype("<i8")}
+_DTYPES: dict[int, np.dtype] = {32: np.dtype("<u4"), 64: np.dtype("<u8")}
+_SIGNED: dict[int, np.dtype] = {32: np.dtype("<i4"), 64: np.dtype("<i8")}
 
 
 def _positive_finite(name: str, value: object) -> float:
@@ -259,7 +259,7 @@ def pack(words: np.ndarray, *, bits: int) -> bytes:
     return np.ascontiguousarray(words, dtype=_DTYPES[bits]).tobytes()
 
 
-def unpack(data: bytes, *, bits: int, length: int) -> np.ndarray:
+def unpack(data: bytes | memoryview, *, bits: int, length: int) -> np.ndarray:
     """Inverse of :func:`pack` (read-only view on ``data``).
 
     Raises:

@@ -47,7 +47,7 @@ text then says the target is not met.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -431,7 +431,7 @@ def _fallback(
             f" (SecAgg+ fallback: no sparse degree below n - 1 = {n - 1} meets the targets at n={n}, "
             f"so the complete graph is used with {reason}.)"
         )
-    return SecAggPlan(**{**plan.as_dict(), "guarantee": plan.guarantee + note})
+    return replace(plan, guarantee=plan.guarantee + note)
 
 
 def _describe_sparse(

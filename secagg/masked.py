@@ -350,12 +350,12 @@ class MaskedSum:
             raise TypeError(f"integer_noise.sample must return {ints.size} integers, got {noise.dtype} of shape {noise.shape}")
         return self._encoder.wrap(ints + noise.astype(np.int64))
 
-    def _throwaway_keys(self, ids: Sequence[str]) -> dict[str, "ClientKeys | None"]:
-        """Fresh identity keys for one in-process round (signed mode), one per simulated client."""
+    def _throwaway_keys(self, ids: Sequence[str]) -> dict[str, "ClientKeys"] | None:
+        """Fresh identity keys for one in-process round, one per simulated client (None unless signed)."""
         from .session import ClientKeys
 
         if not self._signed:
-            return {cid: None for cid in ids}
+            return None
         private = {cid: prim.new_identity_key() for cid in ids}
         directory = {cid: prim.identity_public_raw(key) for cid, key in private.items()}
         return {cid: ClientKeys(identity_key=private[cid], peer_identities=directory) for cid in ids}
@@ -383,7 +383,7 @@ class MaskedSum:
             degree=plan.degree,
             bits=self._encoder.bits,
             dropouts=dropouts,
-            identity_keys={cid: k.identity_key for cid, k in keys.items()} if self._signed else None,
+            identity_keys={cid: k.identity_key for cid, k in keys.items()} if keys is not None else None,
             keep_masked=keep_masked,
         )
 
@@ -422,7 +422,7 @@ class MaskedSum:
         self._check_size(len(ids))
         silent = check_dropouts(dropouts, ids)
         keys = self._throwaway_keys(ids)
-        directory = next(iter(keys.values())).peer_identities if self._signed else None
+        directory = next(iter(keys.values())).peer_identities if keys is not None else None
         server = self.server_session(
             round_index=round_index,
             participants=ids,
@@ -431,7 +431,9 @@ class MaskedSum:
         )
         parties = {}
         for cid, child in zip(ids, rng.spawn(len(ids))):  # one independent stream per client, whatever drops
-            session = self.client_session(cid, round_index=round_index, participants=ids, rng=child, keys=keys[cid])
+            session = self.client_session(
+                cid, round_index=round_index, participants=ids, rng=child, keys=keys[cid] if keys is not None else None
+            )
             session.set_input(updates[cid])
             parties[cid] = session.handle
         return drive_round(server, parties, dropouts=silent)

@@ -44,6 +44,7 @@ two shares (self-mask seed or mask key) per peer from each honest client.
 
 from __future__ import annotations
 
+import builtins
 import enum
 import struct
 from dataclasses import dataclass
@@ -160,7 +161,7 @@ class _Writer:
         self.parts.append(bytes(v))
         return self
 
-    def strs(self, vs: tuple[str, ...]) -> "_Writer":
+    def strs(self, vs: tuple[builtins.str, ...]) -> "_Writer":
         self.u32(len(vs))
         for v in vs:
             self.str(v)
@@ -170,14 +171,14 @@ class _Writer:
         self.parts.append(v)
         return self
 
-    def trailer(self, signature: bytes) -> "_Writer":
+    def trailer(self, signature: builtins.bytes) -> "_Writer":
         """The signature trailer of a client message: u8 length (0 or 64), then the signature."""
         if len(signature) not in (0, prim.SIGNATURE_BYTES):
             raise ValueError(f"signature must be empty or {prim.SIGNATURE_BYTES} bytes, got {len(signature)}")
         self.parts.append(bytes([len(signature)]) + bytes(signature))
         return self
 
-    def done(self) -> bytes:
+    def done(self) -> builtins.bytes:
         return b"".join(self.parts)
 
 
@@ -235,7 +236,7 @@ class _Reader:
     def bytes(self) -> bytes:
         return bytes(self.take(self.u32()))
 
-    def fixed(self, n: int) -> bytes:
+    def fixed(self, n: int) -> builtins.bytes:
         return bytes(self.take(n))
 
     def count(self, min_item: int) -> int:
@@ -244,10 +245,10 @@ class _Reader:
             raise ProtocolError(f"list of {n} items cannot fit in the {len(self.view) - self.pos} bytes left")
         return n
 
-    def strs(self) -> tuple[str, ...]:
+    def strs(self) -> tuple[builtins.str, ...]:
         return tuple(self.str() for _ in range(self.count(2)))
 
-    def trailer(self) -> bytes:
+    def trailer(self) -> builtins.bytes:
         n = self.u8()
         if n not in (0, prim.SIGNATURE_BYTES):
             raise ProtocolError(f"signature length must be 0 or {prim.SIGNATURE_BYTES}, got {n}")

@@ -49,7 +49,7 @@ before any secret is rebuilt.
 from __future__ import annotations
 
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping, Sequence
 
@@ -93,7 +93,7 @@ __all__ = [
     "secure_sum_integers",
 ]
 
-_DTYPES = {32: np.dtype("<u4"), 64: np.dtype("<u8")}
+_DTYPES: dict[int, np.dtype] = {32: np.dtype("<u4"), 64: np.dtype("<u8")}
 _SEED, _KEY = "seed", "key"
 
 
@@ -183,6 +183,8 @@ class SecAggClient:
     breaks the protocol, raises :class:`ProtocolError`; the client then stays in its state.
     """
 
+    _setup: RoundSetup  # the set-up accepted by advertise(); every later stage runs only after it
+
     def __init__(
         self,
         client_id: str,
@@ -202,7 +204,6 @@ class SecAggClient:
             {cid: prim.check_identity_public(pk, cid) for cid, pk in identity_keys.items()} if identity_keys is not None else None
         )
         self._stage: Stage | None = Stage.ADVERTISE_KEYS
-        self._setup: RoundSetup | None = None
 
     @property
     def stage(self) -> Stage | None:
@@ -304,6 +305,7 @@ class SecAggClient:
             self._setup_digest,
         )
         if s.signed:
+            assert self._identity_key is not None  # a signed set-up without one was refused above
             ad = replace(ad, signature=prim.sign(self._identity_key, ad.signed_bytes()))
         self._own_ad = ad
         self._stage = Stage.SHARE_KEYS
@@ -356,6 +358,7 @@ class SecAggClient:
                 raise ProtocolError(f"key list repeats a public key (at {ad.sender!r})")
             seen_keys.update((ad.enc_public, ad.mask_public))
             if s.signed:
+                assert self._pki is not None  # advertise() refuses a signed round without the directory
                 if ad.sender not in self._pki:
                     raise ProtocolError(f"no identity key known for {ad.sender!r}")
                 prim.verify(self._pki[ad.sender], ad.signature, ad.signed_bytes())
@@ -566,7 +569,9 @@ class _Confirmations:
     """
 
     def __init__(self, client: SecAggClient, offered: dict[int, bytes]) -> None:
+        assert client._pki is not None  # counted only in signed rounds, which advertise() refuses without it
         self._client = client
+        self._pki = client._pki
         self._offered = offered
         self._valid: set[int] = {client._me}
 
@@ -586,7 +591,7 @@ class _Confirmations:
                 continue
             signer = c._setup.participants[i]
             body = SurvivorSignature(c._setup.round_index, signer, c._survivor_digest).body()
-            prim.verify(c._pki[signer], sig, message_signature_digest(body), what=f"survivor set of {signer!r}")
+            prim.verify(self._pki[signer], sig, message_signature_digest(body), what=f"survivor set of {signer!r}")
             self._valid.add(i)
             found += 1
         return found
@@ -1313,6 +1318,7 @@ def _validate_vectors(vectors: Mapping[str, np.ndarray], bits: int) -> tuple[lis
             length = v.size
         elif v.size != length:
             raise ValueError(f"vector of client {cid!r} has length {v.size}, expected {length} like the others")
+    assert length is not None  # vectors is not empty
     return ids, int(length)
 
 
@@ -1377,12 +1383,12 @@ def secure_sum_integers(
     degree = n - 1 if degree is None else min(degree, n - 1)
     signed = identity_keys is not None
     pki = None
-    if signed:
+    if identity_keys is not None:
         missing = [cid for cid in ids if cid not in identity_keys]
         if missing:
             raise KeyMaterialError(f"signed round needs an identity key for every client; missing {missing!r}")
         pki = {cid: prim.identity_public_raw(prim.check_identity_private(identity_keys[cid], cid)) for cid in ids}
-    cpu: Counter[str] = Counter()
+    cpu: defaultdict[str, float] = defaultdict(float)
     t0 = clock()
     server = _TimedServer(
         SecAggServerSession(
@@ -1409,7 +1415,7 @@ def secure_sum_integers(
                 cid,
                 round_index=round_index,
                 policy=policy,
-                identity_key=identity_keys[cid] if signed else None,
+                identity_key=identity_keys[cid] if identity_keys is not None else None,
                 identity_keys=pki,
             )
         )
@@ -1422,7 +1428,7 @@ def secure_sum_integers(
 class _TimedServer:
     """A server session that charges its CPU time to ``server_<stage>`` (benchmarks read it)."""
 
-    def __init__(self, inner: SecAggServerSession, cpu: Counter[str], clock: Callable[[], float]) -> None:
+    def __init__(self, inner: SecAggServerSession, cpu: defaultdict[str, float], clock: Callable[[], float]) -> None:
         self._inner, self._cpu, self._clock = inner, cpu, clock
 
     @property
@@ -1447,7 +1453,7 @@ class _TimedServer:
         return self._inner.finish()
 
 
-def _timed_party(respond, server: _TimedServer, cpu: Counter[str], clock: Callable[[], float]):
+def _timed_party(respond, server: _TimedServer, cpu: defaultdict[str, float], clock: Callable[[], float]):
     def timed(message: bytes) -> bytes | None:
         t0 = clock()
         try:

@@ -351,7 +351,7 @@ class SelectiveServerSession:
     """
 
     def __init__(
-        self, owner: SelectiveSum, sessions: Mapping[str, ServerSession], masks: Mapping[str, np.ndarray], length: int
+        self, owner: SelectiveSum, sessions: Mapping[str, ServerSession[SumResult]], masks: Mapping[str, np.ndarray], length: int
     ) -> None:
         self._owner = owner
         self._sessions = dict(sessions)

@@ -32,12 +32,15 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, replace
-from typing import Callable, Mapping, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Callable, Mapping, Protocol, Sequence, TypeVar, runtime_checkable
 
 import numpy as np
 
 from .base import Stage, SumResult, check_updates
 from .errors import ProtocolError
+
+if TYPE_CHECKING:
+    from .protocol import IntegerSumResult
 
 __all__ = [
     "ClientKeys",
@@ -88,9 +91,17 @@ class ClientSession(Protocol):
         """Answer one message of the server (None: this message needs no answer)."""
 
 
+_Result_co = TypeVar("_Result_co", covariant=True)
+_Result = TypeVar("_Result", SumResult, "IntegerSumResult")  # what drive_round returns: what its session's finish does
+
+
 @runtime_checkable
-class ServerSession(Protocol):
-    """The server's half of one round: it receives bytes only and learns only the sum."""
+class ServerSession(Protocol[_Result_co]):
+    """The server's half of one round: it receives bytes only and learns only the sum.
+
+    Generic in what :meth:`finish` returns: a :class:`SumResult` for every backend's session, an
+    :class:`~secagg.protocol.IntegerSumResult` (ring words) for the bare masked protocol.
+    """
 
     @property
     def stage(self) -> Stage:
@@ -105,16 +116,16 @@ class ServerSession(Protocol):
     def receive(self, sender: str, message: bytes) -> None:
         """One reply. Raises ``ProtocolError`` for a malformed, replayed or misaddressed message."""
 
-    def finish(self) -> SumResult:
+    def finish(self) -> _Result_co:
         """The decoded sum of the contributors, after :meth:`outgoing` returned ``{}``."""
 
 
 def drive_round(
-    server: ServerSession,
+    server: ServerSession[_Result],
     parties: Mapping[str, Respond],
     *,
     dropouts: Mapping[str, Stage] | None = None,
-) -> SumResult:
+) -> _Result:
     """Run one round's message loop between a server session and the parties' answer functions.
 
     Args:
