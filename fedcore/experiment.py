@@ -61,6 +61,7 @@ def build_workload(config: ExperimentConfig) -> Workload:
     from . import datasets, recsys
 
     w = config.workload
+    assert w.model is not None and w.partition is not None  # WorkloadSection fills in the case's defaults
     if w.case == "movielens":
         fed = recsys.movielens_federation(
             datasets.load_movielens100k(),
@@ -87,7 +88,7 @@ def build_workload(config: ExperimentConfig) -> Workload:
             units=fed.units,
         )
     frozen = w.model == "frozen"
-    fed = recsys.clothing_federation(
+    clothing = recsys.clothing_federation(
         datasets.load_clothing_reviews(),
         config=recsys.ClothingConfig(
             trainable_layers=0 if frozen else w.trainable_layers, max_length=w.max_length, cached_features=frozen
@@ -96,9 +97,10 @@ def build_workload(config: ExperimentConfig) -> Workload:
         max_reviews=w.max_reviews,
         validation_fraction=0.1 if (config.train.early_stopping_metric or config.strategy.name == "selection") else 0.0,
     )
-    positive = float(np.mean(fed.central.test.labels, dtype=np.float64))
+    test: Any = clothing.central.test  # a clothing review dataset (tokenized or cached features): it has labels
+    positive = float(np.mean(test.labels, dtype=np.float64))
     baseline = {"accuracy": max(positive, 1.0 - positive), "auc": 0.5}
-    return Workload(fed.task, fed.clients, fed.central, fed.partition_rule, baseline, w, units=("record",))
+    return Workload(clothing.task, clothing.clients, clothing.central, clothing.partition_rule, baseline, w, units=("record",))
 
 
 def _train_config(config: ExperimentConfig, task: Task) -> TrainConfig:
@@ -162,10 +164,17 @@ def _sample_noise_multiplier(config: ExperimentConfig, clients: dict[str, Client
         shapes.add((config.rounds * steps, 1.0 / batches))
     return max(
         dp.calibrate_noise_multiplier(
-            target_epsilon=float(p.target_epsilon), delta=p.delta, steps=steps, sample_rate=q, accountant=p.accountant
-        )  # type: ignore[arg-type]
+            target_epsilon=_target_epsilon(config), delta=p.delta, steps=steps, sample_rate=q, accountant=p.accountant
+        )
         for steps, q in sorted(shapes)
     )
+
+
+def _target_epsilon(config: ExperimentConfig) -> float:
+    """``privacy.target_epsilon``, which PrivacySection requires whenever noise_multiplier is not given."""
+    eps = config.privacy.target_epsilon
+    assert eps is not None, "privacy.target_epsilon is calibrated to only when privacy.noise_multiplier is not set"
+    return float(eps)
 
 
 @dataclass
@@ -259,7 +268,7 @@ def build_experiment(config: ExperimentConfig, *, workload: Workload | None = No
     rate = sampler.rate(len(clients))
 
     sample_privacy = None
-    clip = None
+    clip: dp.L2Clip | dp.AdaptiveClip | None = None
     central = None
     integer_noise = None
     budget = None
@@ -272,7 +281,7 @@ def build_experiment(config: ExperimentConfig, *, workload: Workload | None = No
                 f"privacy.unit {unit!r}: the workload's examples support {list(workload.units)}; build it from this config"
             )
         noise_multiplier = _sample_noise_multiplier(config, clients)
-        dp_args = dict(
+        dp_args: dict[str, Any] = dict(
             noise_multiplier=noise_multiplier, max_grad_norm=p.max_grad_norm, clipping=p.clipping, lazy_noise=p.lazy_noise
         )
         sample_privacy = (
@@ -290,12 +299,12 @@ def build_experiment(config: ExperimentConfig, *, workload: Workload | None = No
             else float(p.noise_multiplier)
             if p.noise_multiplier is not None
             else dp.calibrate_noise_multiplier(
-                target_epsilon=float(p.target_epsilon),
+                target_epsilon=_target_epsilon(config),
                 delta=p.delta,
                 steps=config.rounds,
                 sample_rate=rate,
                 accountant=p.accountant,
-            )  # type: ignore[arg-type]
+            )
         )
         limit = p.budget_epsilon or p.target_epsilon
         if limit is not None:
@@ -309,9 +318,10 @@ def build_experiment(config: ExperimentConfig, *, workload: Workload | None = No
             count_noise_multiplier=count,
         )  # fmt: skip
         if p.noise_multiplier is None:  # the calibrated multiplier is the effective one of update and count
+            assert noise_multiplier is not None  # central noise (adaptive clip needs it): calibrated above
             noise_multiplier = dp.AdaptiveClip.update_noise_multiplier(
                 effective_noise_multiplier=float(noise_multiplier),
-                count_noise_multiplier=count,  # type: ignore[arg-type]
+                count_noise_multiplier=count,
             )
     value_bound = a.value_bound if a.value_bound is not None else max(p.clip, 1.0)
 
@@ -332,7 +342,7 @@ def build_experiment(config: ExperimentConfig, *, workload: Workload | None = No
             )
             if p.noise_multiplier is None:  # calibrated under the bound the ledger charges it with, at min_clients survivors
                 integer_noise = integer_noise.calibrated(
-                    target_epsilon=float(p.target_epsilon),  # type: ignore[arg-type]
+                    target_epsilon=_target_epsilon(config),
                     delta=p.delta,
                     rounds=config.rounds,
                     scale=functools.partial(_encoder_scale, value_bound=value_bound, max_clients=max_clients, bits=a.bits),
@@ -354,6 +364,7 @@ def build_experiment(config: ExperimentConfig, *, workload: Workload | None = No
                 f"privacy.noise={p.noise!r} is added by clients in the integer domain before masking: "
                 f"it needs aggregation.mode='masked', got {a.mode!r}"
             )
+        assert noise_multiplier is not None  # client level with central noise: given or calibrated above
         central = dp.CentralGaussian(noise_multiplier=noise_multiplier, clip_bound=p.clip)
 
     pipeline = UpdatePipeline(

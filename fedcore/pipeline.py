@@ -8,12 +8,12 @@ round's client results into the :class:`~fedcore.strategies.Aggregate` a strateg
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 
 import dp
-from secagg import PlaintextSum, SecureSum, SumResult
+from secagg import MaskedSum, PlaintextSum, SecureSum, SumResult
 
 from .errors import ConfigError, RoundFailedError
 from .strategies import Aggregate
@@ -280,7 +280,7 @@ class UpdatePipeline:
             )]  # fmt: skip
         integer_noise = getattr(self.backend, "integer_noise", None)
         if integer_noise is not None:
-            encoder: Any = self.backend.encoder
+            encoder = cast(MaskedSum, self.backend).encoder  # the backend that adds integer noise encodes
             return [integer_noise.event(
                 round_index=round_index, scale=encoder.scale, participants=participants,
                 survivors=survivors, sample_rate=sample_rate, sampling=sampling,

@@ -10,13 +10,13 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, cast
 
 import numpy as np
 import torch
 
 import dp
-from secagg import KEY_HOLDER, Respond, SecAggError, Stage, drive_round
+from secagg import KEY_HOLDER, MaskedSum, Respond, SecAggError, Stage, drive_round
 
 from . import messages as msg
 from .checkpoint import Checkpoint, load_checkpoint, load_local_states, save_checkpoint, save_local_state
@@ -410,7 +410,7 @@ class Federation:
         if he:  # this round's keys: the server gets the public context, each client its own from the key holder
             self.public_context = self.channel.send(KEY_HOLDER, msg.encode(msg.Kind.KEYS, {"round": t}))
         elif self.public_keys:  # signed masking: the identity directory the server checks signatures with
-            self.public_context = backend.public_context(self.public_keys)
+            self.public_context = cast(MaskedSum, backend).public_context(self.public_keys)
         dropouts = self.dropouts.draw(ids, self._rng(t, _STREAM_DROPOUT)) if self.dropouts else {}
         clip_bound = self.pipeline.broadcast_bound()
         requests = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Iterable, Protocol
 
 import torch
 from torch import nn
@@ -111,9 +111,17 @@ class TrainConfig:
 class PrivateTraining(Protocol):
     """A DP-SGD run wrapped around a module, optimizer and loader (see ``dp.SampleLevelDP``)."""
 
-    module: nn.Module
-    data_loader: DataLoader
-    steps: int
+    @property
+    def module(self) -> nn.Module:
+        """The user's own module, to train."""
+
+    @property
+    def data_loader(self) -> Iterable[Any]:
+        """The sampled batches to iterate over (users' batches for user-level DP)."""
+
+    @property
+    def steps(self) -> int:
+        """Steps taken so far."""
 
     def step(self, per_sample_loss: torch.Tensor) -> None:
         """One DP-SGD step: per-sample clipping, noise, and the optimizer's update."""

@@ -94,7 +94,10 @@ class MiniLMClassifier(nn.Module):
             for param in pooler.parameters():
                 param.requires_grad_(False)
         if isinstance(trainable_layers, int) and trainable_layers > 0:
-            for layer in self.encoder.encoder.layer[-trainable_layers:]:
+            blocks = self.encoder.get_submodule("encoder.layer")
+            if not isinstance(blocks, (nn.ModuleList, nn.Sequential)):
+                raise TypeError(f"encoder.encoder.layer must be a list of transformer blocks, got {type(blocks).__name__}")
+            for layer in list(blocks)[-trainable_layers:]:
                 for param in layer.parameters():
                     param.requires_grad_(True)
 
@@ -299,10 +302,10 @@ def _class_groups(reviews: pd.DataFrame) -> tuple[list[np.ndarray], list[str], l
         dept_of[key] = dept if isinstance(dept, str) else None
     counts: dict[str, int] = {}
     for key, rows in zip(keys, groups):
-        if dept_of[key] is not None:
-            counts[dept_of[key]] = counts.get(dept_of[key], 0) + rows.size
+        if (dept := dept_of[key]) is not None:
+            counts[dept] = counts.get(dept, 0) + rows.size
     smallest = min(counts, key=lambda d: (counts[d], d))
-    parents = [dept_of[k] if dept_of[k] is not None else smallest for k in keys]
+    parents = [dept if (dept := dept_of[k]) is not None else smallest for k in keys]
     labels_of = [str(k) if k is not None else "no-class" for k in keys]
     return groups, parents, labels_of
 

@@ -25,6 +25,8 @@ class MatrixFactorization(nn.Module):
     frozen text features when ``item_features`` is given (MF + MiniLM features).
     """
 
+    item_features: torch.Tensor  # a buffer, registered only with item_features
+
     def __init__(
         self, num_users: int, num_items: int, *, dim: int = 32, item_features: torch.Tensor | None = None, init_std: float = 0.1
     ) -> None:
@@ -100,6 +102,8 @@ class SequenceRecommender(nn.Module):
     embeddings, one self-attention block, and the output at the most recent position. No per-user
     parameter exists, so every parameter can be shared (cross-device friendly).
     """
+
+    item_features: torch.Tensor  # a buffer: the frozen text features, plus a zero padding row
 
     def __init__(
         self,

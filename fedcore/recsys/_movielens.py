@@ -207,7 +207,7 @@ class InteractionDataset(Dataset):
         trains in.
         """
         salt = np.uint64(int(torch.randint(0, 2**62, (1,)).item()))
-        return _mix64(self._seed_key ^ salt)
+        return np.uint64(_mix64(self._seed_key ^ salt))
 
     def _draw_negatives(self, row: np.ndarray, item: np.ndarray, key: np.uint64) -> np.ndarray:
         """``(B, num_negatives)`` negatives, each a function of ``key`` and its own (user id, item) only.
@@ -368,6 +368,7 @@ class MovieLensTask:
         """A fresh recommender of the configured kind."""
         cfg = self.config
         if cfg.model == "transformer":
+            assert self.item_features is not None  # __init__ refuses a text model without item_features
             return SequenceRecommender(
                 self.num_items,
                 item_features=self.item_features,

@@ -14,7 +14,7 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -48,7 +48,7 @@ def minilm_path() -> Path:
 
 
 @functools.lru_cache(maxsize=1)
-def load_minilm_tokenizer() -> object:
+def load_minilm_tokenizer() -> Any:
     """The all-MiniLM-L6-v2 tokenizer, read offline once per process."""
     from transformers import AutoTokenizer
 
@@ -66,7 +66,7 @@ def _load_encoder() -> nn.Module:
     return model
 
 
-def load_minilm() -> tuple[object, nn.Module]:
+def load_minilm() -> tuple[Any, nn.Module]:
     """``(tokenizer, model)`` of all-MiniLM-L6-v2, read offline once per process.
 
     The model is in eval mode, float32, and shared by every caller: copy it before training it.
@@ -85,7 +85,7 @@ def encode_texts(
     *,
     max_length: int = 128,
     batch_size: int = 64,
-    tokenizer: object | None = None,
+    tokenizer: Any = None,
     model: nn.Module | None = None,
 ) -> np.ndarray:
     """L2-normalised mean-pooled MiniLM embeddings of ``texts``, float32 ``(N, 384)``.
