@@ -187,3 +187,17 @@ def test_top_layer_model_works_with_opacus_per_sample_gradients():
     fed.task.loss(wrapped, batch).sum().backward()
     trainable = [(n, p) for n, p in wrapped.named_parameters() if p.requires_grad]
     assert trainable and all(p.grad_sample is not None and p.grad_sample.shape[0] == 3 for _, p in trainable)
+
+
+def test_classifier_refuses_an_encoder_without_a_list_of_blocks():
+    """Fine-tuning the top layers reads ``encoder.encoder.layer``; anything but a list of modules is refused by name."""
+    from fedcore.recsys import MiniLMClassifier
+
+    encoder = torch.nn.Module()
+    encoder.encoder = torch.nn.Module()
+    encoder.encoder.layer = torch.nn.Linear(2, 2)
+    with pytest.raises(TypeError, match="encoder.encoder.layer must be a list of transformer blocks, got Linear"):
+        MiniLMClassifier(encoder, trainable_layers=1)
+    encoder.encoder.layer = torch.nn.ModuleList([torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)])
+    net = MiniLMClassifier(encoder, trainable_layers=1)
+    assert [p.requires_grad for p in net.encoder.parameters()] == [False, False, True, True]
