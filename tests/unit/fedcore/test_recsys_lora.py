@@ -205,3 +205,54 @@ def test_lora_spec_and_config_errors():
         ClothingConfig(trainable_layers=0, adapter="lora")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="layer must be an integer in"):
         cached_hidden_states(["a"], layer=6, max_length=8, cache_dir=".")
+
+
+@pytest.mark.parametrize(
+    ("workload", "message"),
+    [
+        ({"adapter": "LoRA"}, r"workload.adapter must be one of \['none', 'lora', 'ffa-lora'\], got 'LoRA'"),
+        (
+            {"adapter": "none", "lora_rank": 4},
+            "workload.lora_rank applies to workload.adapter 'lora' or 'ffa-lora', got adapter 'none'",
+        ),
+        (
+            {"model": "frozen"},
+            "workload.adapter 'lora' applies to case 'clothing' with model 'finetune', got case 'clothing' and model 'frozen'",
+        ),
+        (
+            {"trainable_layers": 1},
+            "workload.trainable_layers=1 trains whole layers; with workload.adapter 'lora' the adapted layers are workload.lora_layers",
+        ),
+        ({"lora_rank": 0}, "workload.lora_rank must be an integer > 0, got 0"),
+        ({"lora_alpha": "big"}, "workload.lora_alpha must be a number > 0, got 'big'"),
+        (
+            {"lora_layers": [6]},
+            r"workload.lora_layers must be a non-empty list of distinct values from \[0, 1, 2, 3, 4, 5\], got \[6\]",
+        ),
+        ({"lora_layers": []}, r"workload.lora_layers must be a non-empty list .*, got \[\]"),
+        (
+            {"lora_targets": ["output.dense"]},
+            r"workload.lora_targets must be a non-empty list of distinct values from \['query', .*\], got \['output.dense'\]",
+        ),
+        ({"lora_targets": "query"}, r"workload.lora_targets must be a non-empty list .*, got 'query'"),
+    ],
+)
+def test_config_keys_for_adapters_refuse_bad_values(workload, message):
+    from fedcore.config import parse_config
+    from fedcore.errors import ConfigError
+
+    base = {"case": "clothing", "model": "finetune", "adapter": "lora"}
+    with pytest.raises(ConfigError, match=message):
+        parse_config({"workload": {**base, **workload}})
+
+
+def test_example_config_builds_the_adapter_it_names():
+    from fedcore.config import load_config
+    from fedcore.experiment import lora_spec
+
+    config = load_config("examples/clothing_lora.toml")
+    spec = lora_spec(config.workload, seed=config.seed)
+    assert spec == LoraSpec(rank=8, alpha=16.0, layers=(5,), targets=("query", "value", "intermediate.dense"), ffa=False, seed=0)
+    ffa = load_config("examples/clothing_lora.toml", overrides={"workload.adapter": "ffa-lora", "seed": 3})
+    assert lora_spec(ffa.workload, seed=ffa.seed) == LoraSpec(**{**spec.__dict__, "ffa": True, "seed": 3})
+    assert lora_spec(load_config("examples/main.toml").workload, seed=0) is None
