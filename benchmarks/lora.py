@@ -20,7 +20,7 @@ The frozen layers below the lowest adapted one are run once per review and cache
 ``skipped``: the MovieLens item tower is not adapted in this version; W: plaintext LoRA upload over
 the full model's float32 bytes).
 
-Usage: ``python benchmarks/lora.py [--max-reviews 6000] [--rounds 2] [--ffa]``.
+Usage: ``python benchmarks/lora.py [--max-reviews 6000] [--rounds 3] [--dp-rounds 2] [--ffa]``.
 """
 
 from __future__ import annotations
@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--max-reviews", type=int, default=6000, help="slice of the fixed split (80%% train, 20%% test)")
     parser.add_argument("--max-length", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--dp-rounds", type=int, default=2, help="rounds of the DP rows (DP-SGD steps cost about twice)")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--layers", default="5", help="adapted MiniLM layers, comma-separated")
     parser.add_argument("--targets", default="query,value,intermediate.dense")
@@ -144,11 +145,11 @@ def main(argv: list[str] | None = None) -> None:
         dp_rows.append(("ffa-lora", "FFA-LoRA + head, DP-SGD eps=8 + masked"))
     dp8 = {}
     for adapter, label in dp_rows:
-        config = cfg(adapter, train=DP_TRAIN, rounds=args.rounds, aggregation={"mode": "masked"}, privacy=privacy)
+        config = cfg(adapter, train=DP_TRAIN, rounds=args.dp_rounds, aggregation={"mode": "masked"}, privacy=privacy)
         work = workload if adapter == "lora" else build_workload(config)
         out = utility.run(config, work, utility.pooled_eval)
         dp8[adapter] = out.metrics["auc"]
-        rows.append(utility.fed_row(label, out, keys, f"FedAvg, {args.rounds} rounds, {utility._train_text(DP_TRAIN)}, "
+        rows.append(utility.fed_row(label, out, keys, f"FedAvg, {args.dp_rounds} rounds, {utility._train_text(DP_TRAIN)}, "
                                     f"max_grad_norm {DP_GRAD_NORM:g}, clip {CLIP:g}"))  # fmt: skip
     test = workload.central.test
     base_model = minilm_identity()

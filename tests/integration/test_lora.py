@@ -112,13 +112,14 @@ def test_dp_sgd_on_adapters_with_masking_writes_summary_and_report(tmp_path):
     assert report["sample_level"] and not report["client_level"] and report["mode"]["name"] == "masked"
 
 
-def test_client_level_dp_under_ckks_on_adapter_updates(tmp_path, workload):
-    over = {"aggregation.mode": "ckks", "privacy.level": "client", "privacy.noise_multiplier": 1.0, "privacy.clip": 1.0}
+@pytest.mark.parametrize("mode", ["ckks", "bfv"])
+def test_client_level_dp_under_homomorphic_encryption_on_adapter_updates(tmp_path, workload, mode):
+    over = {"aggregation.mode": mode, "privacy.level": "client", "privacy.noise_multiplier": 1.0, "privacy.clip": 1.0}
     experiment = build_experiment(_config(tmp_path, **over), workload=workload)
     before = experiment.federation.global_vector.copy()
     record = experiment.federation.run_round()
     assert record["contributors"] == len(workload.clients)
     assert not np.array_equal(before, experiment.federation.global_vector)
-    assert experiment.report().data["mode"]["name"] == "ckks"
+    assert experiment.report().data["mode"]["name"] == mode
     assert any(getattr(e, "noise_multiplier", None) == 1.0 for e in experiment.ledger.events)
     assert experiment.report().data["client_level"]
