@@ -23,6 +23,7 @@ except ImportError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 from .errors import ConfigError
+from .recsys._lora import LORA_TARGETS
 from .training import TrainConfig
 
 __all__ = [
@@ -68,7 +69,11 @@ class WorkloadSection:
     layers + head). partition: movielens ``regions`` (silos by ZIP region) or ``users`` (one
     client per user); clothing ``silos`` (by department/class). Model and partition default to
     the first listed for the case. num_silos: silo count. max_users / max_reviews: slice for fast runs.
-    trainable_layers: MiniLM layers fine-tuned for ``finetune``. max_length: tokens per review.
+    trainable_layers: MiniLM layers fine-tuned whole for ``finetune`` (default 1). max_length: tokens per review.
+    adapter (clothing ``finetune``): ``none`` | ``lora`` | ``ffa-lora`` (``A`` frozen from the run's
+    seed, only ``B`` trained and sent): LoRA adapters instead of whole layers, with lora_rank
+    (default 8), lora_alpha (16), lora_layers (MiniLM layers 0..5 adapted, default [5]) and
+    lora_targets (projections, default ["query", "value"]; allowed: fedcore.recsys.LORA_TARGETS).
     MovieLens models: dim (embedding size), loss (``bce`` | ``softmax``: sampled softmax),
     num_train_negatives (items drawn per training positive), history_length (items the
     transformer's user tower reads).
@@ -80,12 +85,17 @@ class WorkloadSection:
     num_silos: int = 5
     max_users: int | None = None
     max_reviews: int | None = None
-    trainable_layers: int = 1
+    trainable_layers: int | None = None
     max_length: int = 64
     dim: int = 32
     loss: str = "bce"
     num_train_negatives: int = 8
     history_length: int = 20
+    adapter: str = "none"
+    lora_rank: int | None = None
+    lora_alpha: float | None = None
+    lora_layers: tuple[int, ...] | None = None
+    lora_targets: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         _choice("workload.case", self.case, ("movielens", "clothing"))
@@ -104,12 +114,44 @@ class WorkloadSection:
         _choice("workload.loss", self.loss, ("bce", "softmax"))
         _positive("workload.num_train_negatives", self.num_train_negatives, integer=True)
         _positive("workload.history_length", self.history_length, integer=True)
-        if (
+        if self.trainable_layers is not None and (
             isinstance(self.trainable_layers, bool)
             or not isinstance(self.trainable_layers, int)
             or not 0 <= self.trainable_layers <= 6
         ):
             raise ConfigError(f"workload.trainable_layers must be an integer in [0, 6], got {self.trainable_layers!r}")
+        self._check_adapter()
+
+    def _check_adapter(self) -> None:
+        _choice("workload.adapter", self.adapter, ("none", "lora", "ffa-lora"))
+        lora_keys = {k: getattr(self, k) for k in ("lora_rank", "lora_alpha", "lora_layers", "lora_targets")}
+        if self.adapter == "none":
+            given = sorted(k for k, v in lora_keys.items() if v is not None)
+            if given:
+                raise ConfigError(f"workload.{given[0]} applies to workload.adapter 'lora' or 'ffa-lora', got adapter 'none'")
+            return
+        if self.case != "clothing" or self.model != "finetune":
+            raise ConfigError(
+                f"workload.adapter {self.adapter!r} applies to case 'clothing' with model 'finetune', "
+                f"got case {self.case!r} and model {self.model!r}"
+            )
+        if self.trainable_layers is not None:
+            raise ConfigError(
+                f"workload.trainable_layers={self.trainable_layers!r} trains whole layers; with workload.adapter "
+                f"{self.adapter!r} the adapted layers are workload.lora_layers: remove trainable_layers"
+            )
+        _positive("workload.lora_rank", self.lora_rank, allow_none=True, integer=True)
+        _positive("workload.lora_alpha", self.lora_alpha, allow_none=True)
+        for key, allowed in (("lora_layers", tuple(range(6))), ("lora_targets", LORA_TARGETS)):
+            value = lora_keys[key]
+            if value is None:
+                continue
+            listed = isinstance(value, (list, tuple)) and bool(value) and len(set(value)) == len(value)
+            if not listed or any(isinstance(v, bool) or v not in allowed for v in value):
+                raise ConfigError(
+                    f"workload.{key} must be a non-empty list of distinct values from {list(allowed)}, got {value!r}"
+                )
+            object.__setattr__(self, key, tuple(value))
 
 
 @dataclass(frozen=True)

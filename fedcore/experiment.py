@@ -30,7 +30,16 @@ from .strategies import FedAdagrad, FedAdam, FedAvg, FedSGD, FedYogi, ModelSelec
 from .task import ClientData, Task
 from .training import EarlyStopping, TrainConfig
 
-__all__ = ["Workload", "Experiment", "ExperimentOutcome", "build_workload", "build_experiment", "run_experiment"]
+__all__ = [
+    "Workload",
+    "Experiment",
+    "ExperimentOutcome",
+    "build_workload",
+    "build_experiment",
+    "run_experiment",
+    "lora_spec",
+    "communication",
+]
 
 
 @dataclass(frozen=True)
@@ -45,6 +54,8 @@ class Workload:
         section: the ``[workload]`` settings it was built from.
         units: the units of sample-level DP its training examples support (see ``privacy.unit``);
             none unless the builder states them.
+        base_model: identity of the pretrained model it builds on (package, version, weights
+            file, SHA-256), recorded in the run's summary and report; None without one.
     """
 
     task: Task
@@ -54,6 +65,7 @@ class Workload:
     baseline: dict[str, float]
     section: WorkloadSection
     units: tuple[str, ...] = ()
+    base_model: dict[str, str] | None = None
 
 
 def build_workload(config: ExperimentConfig) -> Workload:
@@ -88,11 +100,11 @@ def build_workload(config: ExperimentConfig) -> Workload:
             units=fed.units,
         )
     frozen = w.model == "frozen"
+    adapter = lora_spec(w, seed=config.seed)
+    layers = 0 if frozen or adapter is not None else (1 if w.trainable_layers is None else w.trainable_layers)
     clothing = recsys.clothing_federation(
         datasets.load_clothing_reviews(),
-        config=recsys.ClothingConfig(
-            trainable_layers=0 if frozen else w.trainable_layers, max_length=w.max_length, cached_features=frozen
-        ),
+        config=recsys.ClothingConfig(trainable_layers=layers, max_length=w.max_length, cached_features=frozen, adapter=adapter),
         num_silos=w.num_silos,
         max_reviews=w.max_reviews,
         validation_fraction=0.1 if (config.train.early_stopping_metric or config.strategy.name == "selection") else 0.0,
@@ -100,7 +112,20 @@ def build_workload(config: ExperimentConfig) -> Workload:
     test: Any = clothing.central.test  # a clothing review dataset (tokenized or cached features): it has labels
     positive = float(np.mean(test.labels, dtype=np.float64))
     baseline = {"accuracy": max(positive, 1.0 - positive), "auc": 0.5}
-    return Workload(clothing.task, clothing.clients, clothing.central, clothing.partition_rule, baseline, w, units=("record",))
+    return Workload(
+        clothing.task, clothing.clients, clothing.central, clothing.partition_rule, baseline, w, units=("record",),
+        base_model=recsys.minilm_identity(),
+    )  # fmt: skip
+
+
+def lora_spec(w: WorkloadSection, *, seed: int) -> Any:
+    """The :class:`fedcore.recsys.LoraSpec` of ``[workload]`` (``A`` drawn from the run's seed), or None."""
+    from . import recsys
+
+    if w.adapter == "none":
+        return None
+    given = {"rank": w.lora_rank, "alpha": w.lora_alpha, "layers": w.lora_layers, "targets": w.lora_targets}
+    return recsys.LoraSpec(**{k: v for k, v in given.items() if v is not None}, ffa=w.adapter == "ffa-lora", seed=seed)
 
 
 def _train_config(config: ExperimentConfig, task: Task) -> TrainConfig:
@@ -215,8 +240,16 @@ class Experiment:
             unit_of_privacy=self._unit_of_privacy(),
             non_private_releases=self._non_private_releases(),
             seed_derivable=fed.randomness.reproducible,
+            provenance=self.provenance(),
             title=f"Privacy budget report: {self.config.name}",
         )
+
+    def provenance(self) -> dict[str, Any]:
+        """The pretrained base (if any) and the parameters trained and shared (the update's coordinates)."""
+        base = self.workload.base_model or {}
+        out: dict[str, Any] = {f"base_model_{k}": v for k, v in base.items()}
+        out["shared_parameters"] = ", ".join(self.federation.layout.names)
+        return out
 
     def _unit_of_privacy(self) -> str | None:
         level = self.config.privacy.level
@@ -413,6 +446,29 @@ def build_experiment(config: ExperimentConfig, *, workload: Workload | None = No
     return Experiment(config, workload, federation, budget, noise_multiplier, loggers)
 
 
+def communication(experiment: Experiment) -> dict[str, float | int | None]:
+    """Upload per client per round, measured, against the full model's float32 bytes.
+
+    ``bytes_up_per_client_per_round`` is what the protection mode's messages weighed, averaged
+    over the rounds run; ``full_model_coordinates`` counts every parameter of the model a full
+    fine-tune would send (the whole MiniLM and head for the MiniLM workloads), and
+    ``upload_fraction`` is the measured upload over that model's float32 size.
+    """
+    fed = experiment.federation
+    task = experiment.workload.task
+    full = int(getattr(task, "full_model_parameters", 0) or sum(p.numel() for p in task.build_model().parameters()))
+    per_client = [h["bytes_up"] / h["contributors"] for h in fed.history if h.get("bytes_up") and h.get("contributors")]
+    measured = float(np.mean(per_client)) if per_client else None
+    return {
+        "shared_coordinates": fed.layout.size,
+        "full_model_coordinates": full,
+        "shared_float32_bytes": 4 * fed.layout.size,
+        "full_model_float32_bytes": 4 * full,
+        "bytes_up_per_client_per_round": measured,
+        "upload_fraction": None if measured is None else measured / (4 * full),
+    }
+
+
 @dataclass(frozen=True)
 class ExperimentOutcome:
     """Where a finished experiment left its outputs, and its headline figures."""
@@ -479,6 +535,9 @@ def run_experiment(config: ExperimentConfig, *, resume: bool = False) -> Experim
         "epsilon": epsilon,
         "noise_multiplier": experiment.noise_multiplier,
         "stop_reason": fed.stop_reason,
+        "base_model": experiment.workload.base_model,
+        "shared_parameters": list(fed.layout.names),
+        "communication": communication(experiment),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str), encoding="utf-8")
     paths["summary"] = out / "summary.json"

@@ -10,11 +10,22 @@ from ._clothing import (
     ClothingFederation,
     ClothingTask,
     EmbeddedReviews,
+    LoraClassifier,
     MiniLMClassifier,
     TokenizedReviews,
     clothing_federation,
     clothing_split,
     clothing_texts,
+)
+from ._lora import (
+    LORA_TARGETS,
+    HiddenStates,
+    LoraEncoderTop,
+    LoraSpec,
+    cached_hidden_states,
+    load_adapters,
+    minilm_identity,
+    save_adapters,
 )
 from ._models import MatrixFactorization, SequenceRecommender
 from ._movielens import (
@@ -65,6 +76,15 @@ __all__ = [
     "ClothingTask",
     "ClothingFederation",
     "MiniLMClassifier",
+    "LoraClassifier",
+    "LoraSpec",
+    "LoraEncoderTop",
+    "LORA_TARGETS",
+    "HiddenStates",
+    "cached_hidden_states",
+    "minilm_identity",
+    "save_adapters",
+    "load_adapters",
     "TokenizedReviews",
     "EmbeddedReviews",
     "clothing_federation",

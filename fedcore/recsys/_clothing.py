@@ -22,12 +22,14 @@ from ..datasets import ClothingReviews, default_cache_dir
 from ..partition import by_column, distinct_values, nested_silo_members
 from ..task import ClientData, move_to
 from ._batching import PreBatched
+from ._lora import HiddenStates, LoraEncoderTop, LoraSpec, cached_hidden_states
 from ._text import EMBEDDING_DIM, cached_text_embeddings, load_minilm, load_minilm_tokenizer, mean_pool
 
 __all__ = [
     "ClothingConfig",
     "ClothingTask",
     "MiniLMClassifier",
+    "LoraClassifier",
     "TokenizedReviews",
     "EmbeddedReviews",
     "ClothingFederation",
@@ -51,6 +53,9 @@ class ClothingConfig:
             and train the head on the pooled embeddings: the model is then the head alone.
         dropout: dropout before the head.
         eval_batch_size: reviews per batch in evaluation.
+        adapter: LoRA adapters on the layers it names instead of whole trainable layers (needs
+            ``trainable_layers=0``): the model is then the adapted top of MiniLM and the head,
+            over the cached output of the frozen layers below.
     """
 
     trainable_layers: int | str = 1
@@ -58,6 +63,7 @@ class ClothingConfig:
     cached_features: bool = False
     dropout: float = 0.1
     eval_batch_size: int = 128
+    adapter: LoraSpec | None = None
 
     def __post_init__(self) -> None:
         layers = self.trainable_layers
@@ -69,6 +75,13 @@ class ClothingConfig:
             raise ValueError(f"max_length must be >= 8, got {self.max_length!r}")
         if self.cached_features and layers != 0:
             raise ValueError(f"cached_features needs trainable_layers=0 (a frozen encoder), got {layers!r}")
+        if self.adapter is not None and not isinstance(self.adapter, LoraSpec):
+            raise ValueError(f"adapter must be a LoraSpec or None, got {self.adapter!r}")
+        if self.adapter is not None and (layers != 0 or self.cached_features):
+            raise ValueError(
+                f"adapter needs trainable_layers=0 and cached_features=False (the adapters are what is trained), "
+                f"got trainable_layers={layers!r}, cached_features={self.cached_features!r}"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.eval_batch_size < 1:
@@ -104,6 +117,24 @@ class MiniLMClassifier(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return self.head(self.dropout(mean_pool(hidden, attention_mask))).squeeze(-1)
+
+
+class LoraClassifier(nn.Module):
+    """MiniLM's top layers with LoRA adapters, mean pooling, dropout and a linear head (one logit).
+
+    Reads the cached input of the lowest adapted layer (:class:`~fedcore.recsys.HiddenStates`).
+    Trainable: the adapters (``B`` alone under FFA-LoRA) and the head; every pretrained weight is
+    frozen, so nothing else enters the update.
+    """
+
+    def __init__(self, encoder: nn.Module, spec: LoraSpec, *, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.top = LoraEncoderTop(encoder, spec)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(EMBEDDING_DIM, 1)
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self.top.pooled(hidden, attention_mask))).squeeze(-1)
 
 
 class _Head(nn.Module):
@@ -187,17 +218,29 @@ class ClothingTask:
         self.config = config
         layers = config.trainable_layers
         self.name = "clothing-minilm-" + ("cached-head" if config.cached_features else f"train-{layers}")
+        if config.adapter is not None:
+            a = config.adapter
+            kind = "ffa-lora" if a.ffa else "lora"
+            self.name = f"clothing-minilm-{kind}-r{a.rank}-layers{'.'.join(map(str, a.layers))}"
 
     @property
     def tokenizer(self) -> Any:
         """The MiniLM tokenizer, loaded once from the offline model package."""
         return load_minilm_tokenizer()
 
+    @property
+    def full_model_parameters(self) -> int:
+        """Parameters a full fine-tune would send: the whole MiniLM encoder and the head."""
+        _, encoder = load_minilm()
+        return sum(p.numel() for p in encoder.parameters()) + EMBEDDING_DIM + 1
+
     def build_model(self) -> nn.Module:
         """A fresh classifier: frozen MiniLM features + head, or MiniLM with its top layers trainable."""
         if self.config.cached_features:
             return _Head(self.config.dropout)
         _, encoder = load_minilm()
+        if self.config.adapter is not None:
+            return LoraClassifier(encoder, self.config.adapter, dropout=self.config.dropout).train()
         model = MiniLMClassifier(
             copy.deepcopy(encoder), trainable_layers=self.config.trainable_layers, dropout=self.config.dropout
         )
@@ -206,6 +249,8 @@ class ClothingTask:
     def _logits(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if "embedding" in batch:
             return model(batch["embedding"])
+        if "hidden" in batch:
+            return model(batch["hidden"], batch["attention_mask"])
         return model(batch["input_ids"], batch["attention_mask"])
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -246,6 +291,8 @@ class ClothingTask:
             return items.batch
         if not items:
             raise ValueError("collate needs at least one item")
+        if "hidden" in items[0]:
+            return HiddenStates.collate(items)
         labels = torch.stack([it["label"] for it in items]).float()
         if "embedding" in items[0]:
             return {"embedding": torch.stack([it["embedding"] for it in items]), "label": labels}
@@ -396,6 +443,16 @@ def clothing_federation(
         def make(rows: np.ndarray) -> Dataset:
             features = np.stack([table[int(r)] for r in rows]) if rows.size else np.zeros((0, EMBEDDING_DIM), np.float32)
             return EmbeddedReviews(features, labels[rows])
+    elif config.adapter is not None:
+        root = default_cache_dir() if cache_dir is None else cache_dir
+        hidden, mask = cached_hidden_states(
+            [texts[i] for i in needed], layer=config.adapter.first_layer, max_length=config.max_length, cache_dir=root
+        )
+        position = {int(r): j for j, r in enumerate(needed)}
+
+        def make(rows: np.ndarray) -> Dataset:
+            at = np.array([position[int(r)] for r in rows], dtype=np.int64)
+            return HiddenStates(hidden[at], mask[at], labels[rows])
     else:
 
         def make(rows: np.ndarray) -> Dataset:
