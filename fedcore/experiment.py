@@ -124,7 +124,7 @@ def lora_spec(w: WorkloadSection, *, seed: int) -> Any:
 
     if w.adapter == "none":
         return None
-    given = {"rank": w.lora_rank, "alpha": w.lora_alpha, "layers": w.lora_layers, "targets": w.lora_targets}
+    given: dict[str, Any] = {"rank": w.lora_rank, "alpha": w.lora_alpha, "layers": w.lora_layers, "targets": w.lora_targets}
     return recsys.LoraSpec(**{k: v for k, v in given.items() if v is not None}, ffa=w.adapter == "ffa-lora", seed=seed)
 
 

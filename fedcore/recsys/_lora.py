@@ -218,7 +218,7 @@ def _encode_hidden(texts: list[str], *, layer: int, max_length: int, batch_size:
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length, return_tensors="pt")  # type: ignore[operator]
+            enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
             states = model(**enc, output_hidden_states=True).hidden_states[layer]
             width = states.shape[1]
             hidden[idx, :width] = states.float().numpy()
