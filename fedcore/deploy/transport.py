@@ -228,11 +228,12 @@ class GrpcChannel:
         """One message, one reply."""
         return self.exchange({recipient: message})[recipient]
 
-    def wait_for_clients(self, timeout: float) -> list[str]:
-        """Wait until every provisioned client attends or ``timeout`` passes; the clients attending."""
+    def wait_for_clients(self, timeout: float, *, ids: Iterable[str] | None = None) -> list[str]:
+        """Wait until every provisioned client (or each of ``ids``) attends or ``timeout`` passes; the clients attending."""
+        wanted = set(self.client_ids if ids is None else ids)
         end = time.monotonic() + timeout
         with self._lock:
-            while len(self._streams) < len(self.client_ids) and time.monotonic() < end:
+            while not wanted <= set(self._streams) and time.monotonic() < end:
                 self._lock.wait(timeout=max(0.0, min(1.0, end - time.monotonic())))
             return sorted(self._streams)
 
