@@ -17,6 +17,7 @@ messages and, in simulation mode, its model is the simulation's bit for bit.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import replace
@@ -60,8 +61,10 @@ def serve(
 ) -> Any:
     """Run the server party: listen, wait for the clients, run every round, write the outputs.
 
-    Returns the :class:`~fedcore.experiment.ExperimentOutcome` (the same outputs as ``fedcore run``).
-    The clients' streams are closed at the end, so client processes exit.
+    Returns the :class:`~fedcore.experiment.ExperimentOutcome` (the same outputs as ``fedcore run``,
+    and ``deployment.json``: the bytes sent to and received from each client, message bytes and
+    frame bytes, and every refused certificate). The clients' streams are closed at the end, so
+    client processes exit.
     """
     check_deployable(config)
     server_kit = ServerKit(kit)
@@ -77,9 +80,22 @@ def serve(
         checkpoint = Path(config.output_dir) / "checkpoint"
         if resume and checkpoint.exists():
             log.info("resuming after round %d from %s", load_checkpoint(checkpoint).round_index, checkpoint)
-        return run_experiment(config, resume=resume, channel=channel, directory=server_kit.identity_keys)
+        outcome = run_experiment(config, resume=resume, channel=channel, directory=server_kit.identity_keys)
     finally:
         channel.close()
+        _write_transport(Path(config.output_dir) / "deployment.json", channel)
+    outcome.paths["deployment"] = Path(config.output_dir) / "deployment.json"
+    return outcome
+
+
+def _write_transport(path: Path, channel: GrpcChannel) -> None:
+    """What crossed the wire in this server process's life, per client, and the certificates it refused."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    counts = {
+        name: dict(sorted(getattr(channel, name).items()))
+        for name in ("bytes_sent", "bytes_received", "wire_sent", "wire_received")
+    }
+    path.write_text(json.dumps({"address": channel.address, **counts, "refusals": channel.refusals}, indent=1), encoding="utf-8")
 
 
 class _Unreachable:

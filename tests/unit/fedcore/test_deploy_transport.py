@@ -11,6 +11,7 @@ import threading
 import time
 
 import grpc
+import numpy as np
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -266,3 +267,44 @@ def test_clients_reconnect_to_a_restarted_server(kits):
         again.close()
     thread.join(timeout=10)
     assert not thread.is_alive() and errors == []
+
+
+# ---------------------------------------------------------------- the client process's party
+
+
+class _Side:
+    """A stand-in client side: each TRAIN moves the local state on by one."""
+
+    def __init__(self):
+        from types import SimpleNamespace
+
+        self.clients = {"alpha": SimpleNamespace(local_state={"v": 0})}
+        self.started_from: list[int] = []
+
+    def handle_batch(self, batch):
+        client = self.clients["alpha"]
+        self.started_from.append(client.local_state["v"])
+        client.local_state = {"v": client.local_state["v"] + 1}
+        return {"alpha": b"report"}
+
+
+def test_a_train_sent_again_for_the_same_round_starts_from_the_state_before_that_round():
+    from fedcore import messages as msg
+    from fedcore.deploy.processes import PartyAnswer
+
+    side = _Side()
+    answer = PartyAnswer(side, "alpha")
+    train = {t: msg.encode(msg.Kind.TRAIN, {"round": t, "version": t - 1}, np.zeros(3, np.float32)) for t in (1, 2)}
+    for t in (1, 2, 2, 2):  # round 2 sent again twice (a server restarted mid-round, twice)
+        assert answer(train[t]) == b"report"
+    assert side.started_from == [0, 1, 1, 1]
+
+
+def test_modes_a_deployment_cannot_run_are_refused_before_any_process_works():
+    from fedcore.config import parse_config
+    from fedcore.deploy.processes import check_deployable
+
+    with pytest.raises(ConfigError, match="aggregation.mode 'ckks' needs an HE key holder party"):
+        check_deployable(parse_config({"aggregation": {"mode": "ckks"}}))
+    with pytest.raises(ConfigError, match="executor 'ray': in a deployment each client process trains itself"):
+        check_deployable(parse_config({"executor": "ray"}))
