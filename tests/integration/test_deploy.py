@@ -1,6 +1,6 @@
 """The federation as separate processes over gRPC with mutual TLS, on 127.0.0.1 (real processes, bounded waits).
 
-Five MovieLens silos (MF, 150 users), masked aggregation with client-level DP. Refusals of
+Five MovieLens silos (MF, 150 users), masked aggregation (signed in the launch test) with client-level DP. Refusals of
 certificates at the handshake are in ``tests/unit/fedcore/test_deploy_transport.py``.
 """
 
@@ -31,7 +31,7 @@ ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("P
 BOUND = 420  # seconds any one process may take
 
 
-def _config(tmp_path: Path, *, rounds: int, noise: str, threshold: int | None = None) -> Path:
+def _config(tmp_path: Path, *, rounds: int, noise: str, threshold: int | None = None, signed: bool = False) -> Path:
     path = tmp_path / "job.toml"
     path.write_text(
         f"""
@@ -50,6 +50,7 @@ batch_size = 256
 [aggregation]
 mode = "masked"
 {f"threshold = {threshold}" if threshold else ""}
+signed_keys = {str(signed).lower()}
 [privacy]
 level = "client"
 noise = "{noise}"
@@ -83,7 +84,8 @@ def _checkpoint_round(folder: Path) -> int:
 
 
 def test_launch_gives_the_in_process_run_bit_for_bit(tmp_path):
-    config = _config(tmp_path, rounds=2, noise="skellam")
+    # signed masking: each client signs with the identity key of its kit, checked against the directory
+    config = _config(tmp_path, rounds=2, noise="skellam", signed=True)
     assert main(["run", str(config), "--out", str(tmp_path / "run"), "--quiet"]) == 0
     launched = subprocess.run(
         [sys.executable, "-m", "fedcore", "launch", str(config), "--clients", "5", "--out", str(tmp_path / "deployed"),
@@ -102,6 +104,7 @@ def test_launch_gives_the_in_process_run_bit_for_bit(tmp_path):
     assert all(reference[k].tobytes() == deployed[k].tobytes() for k in reference)  # bit for bit
     report = {n: json.loads((tmp_path / n / "privacy_report.json").read_text()) for n in ("run", "deployed")}
     assert report["run"]["mode"]["name"] == "masked" and report["run"]["seed_derivable"] is True
+    assert report["run"]["secure_aggregation"]["parameters"]["backend"]["signed_keys"] is True
     assert {k for k in report["run"] if report["run"][k] != report["deployed"][k]} == {"generated_at"}
     history = [
         [json.loads(line) for line in (tmp_path / n / "metrics.jsonl").read_text().splitlines()] for n in ("run", "deployed")
