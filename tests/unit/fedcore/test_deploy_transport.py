@@ -308,3 +308,25 @@ def test_modes_a_deployment_cannot_run_are_refused_before_any_process_works():
         check_deployable(parse_config({"aggregation": {"mode": "ckks"}}))
     with pytest.raises(ConfigError, match="executor 'ray': in a deployment each client process trains itself"):
         check_deployable(parse_config({"executor": "ray"}))
+
+
+def test_a_client_whose_connection_drops_mid_message_is_a_dropout_without_waiting_for_its_deadline(kits):
+    ch = GrpcChannel(ServerKit(kits / "server"), limits=Limits(reply_deadline=600.0, enrol_timeout=0.2))
+    kit = ClientKit.load(kits / "clients" / "alpha")
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=kit.ca, private_key=kit.tls_key, certificate_chain=kit.certificate
+    )
+    raw = grpc.secure_channel(ch.address, credentials)
+    stream = raw.unary_stream(f"/{SERVICE}/Attend")(b"", timeout=60.0)
+    result: dict = {}
+    try:
+        assert ch.wait_for_clients(10.0, ids=["alpha"]) == ["alpha"]
+        exchange = threading.Thread(target=lambda: result.update(ch.exchange({"alpha": b"train"})), daemon=True)
+        exchange.start()
+        assert reassemble([next(iter(stream))], max_bytes=100)[1] == b"train"  # the message arrived...
+        raw.close()  # ...and the client is gone before it answers, as when its process is killed
+        exchange.join(timeout=30.0)  # far below the 600 s deadline
+        assert not exchange.is_alive() and result == {"alpha": None}
+        assert ch.exchange({"alpha": b"again"}) == {"alpha": None} and ch.bytes_sent["alpha"] == len(b"train")
+    finally:
+        ch.close()
