@@ -7,10 +7,13 @@ which includes start-up and enrolment, is a warm-up and left out of the ratio) a
 the wire per client per round: frame bytes up (client -> server) and down, beside the masked
 protocol's own upload count (``bytes_up``, the protocol messages alone).
 
-Last line: ``deploy round_ratio=X wire_over_protocol=Y bytes_per_client=Z`` (Z: frame bytes up per
-client per round).
+With ``--scale N`` (default 20) it then launches N client processes (one MovieLens user each) for
+one SecAgg+ round and reports whether every one of them contributed (``--scale 0`` skips it).
 
-Usage: python benchmarks/deploy.py [--rounds N] [--max-users N]
+Last line: ``deploy round_ratio=X wire_over_protocol=Y bytes_per_client=Z clients_N_ok=0|1`` (Z: frame
+bytes up per client per round).
+
+Usage: python benchmarks/deploy.py [--rounds N] [--max-users N] [--scale N]
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=4, help="rounds per run (the first is a warm-up)")
     parser.add_argument("--max-users", type=int, default=300)
+    parser.add_argument("--scale", type=int, default=20, help="client processes of the SecAgg+ round (0: skip)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="deploy-bench-") as tmp:
         config = Path(tmp) / "job.toml"
@@ -75,6 +79,16 @@ def main() -> None:
         _run("launch", str(config), "--clients", str(CLIENTS), "--out", f"{tmp}/deployed", "--quiet")
         local, deployed = _rounds(Path(tmp) / "inprocess"), _rounds(Path(tmp) / "deployed")
         wire = json.loads((Path(tmp) / "deployed" / "deployment.json").read_text())
+        scale_ok = None
+        if args.scale:
+            scaled = CONFIG.format(rounds=1, clients=args.scale, max_users=args.scale)
+            scaled = scaled.replace('mode = "masked"', 'mode = "masked"\ngraph = "secagg+"')
+            config.write_text(scaled.replace('model = "mf"', 'model = "mf"\npartition = "users"'))
+            _run("launch", str(config), "--clients", str(args.scale), "--out", f"{tmp}/scale", "--quiet")
+            (record,) = _rounds(Path(tmp) / "scale")
+            scale_ok = int(record["contributors"] == args.scale)
+            print(f"SecAgg+ round of {args.scale} client processes: {record['contributors']} contributors, "
+                  f"{record['round_seconds']:.1f} s")  # fmt: skip
 
     print(f"{'round':>5} {'in-process s':>13} {'processes s':>12} {'ratio':>7}")
     ratios = []
@@ -83,7 +97,7 @@ def main() -> None:
         if a["round"] > 1:
             ratios.append(ratio)
         print(
-            f"{a['round']:>5} {a['round_seconds']:>13.3f} {b['round_seconds']:>12.3f} {ratio:>7.3f}{'  (warm-up)' if a['round'] == 1 else ''}"
+            f"{int(a['round']):>5} {a['round_seconds']:>13.3f} {b['round_seconds']:>12.3f} {ratio:>7.3f}{'  (warm-up)' if a['round'] == 1 else ''}"
         )
     rounds = len(deployed)
     up = sum(wire["wire_received"].values()) / CLIENTS / rounds
@@ -93,7 +107,10 @@ def main() -> None:
     print(
         "up = the protocol's messages + the training report, acknowledgements and 9-byte frame headers; down includes the model"
     )
-    print(f"deploy round_ratio={statistics.median(ratios):.3f} wire_over_protocol={up / protocol:.4f} bytes_per_client={up:.0f}")
+    scale = f" clients_{args.scale}_ok={scale_ok}" if scale_ok is not None else ""
+    print(
+        f"deploy round_ratio={statistics.median(ratios):.3f} wire_over_protocol={up / protocol:.4f} bytes_per_client={up:.0f}{scale}"
+    )
 
 
 if __name__ == "__main__":
