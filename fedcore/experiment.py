@@ -11,7 +11,7 @@ import json
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from .config import ExperimentConfig, WorkloadSection
 from .errors import ConfigError
 from .layout import ParameterLayout
 from .observability import ConsoleLogger, JsonlLogger, MetricsLogger, MultiLogger, TensorBoardLogger, WandbLogger
+from .parties import Channel
 from .pipeline import UpdatePipeline
 from .sampling import AllClients, ClientSampler, FixedCountSampler, PoissonSampler
 from .server import DropoutSimulator, Federation
@@ -277,8 +278,18 @@ class Experiment:
         return out
 
 
-def build_experiment(config: ExperimentConfig, *, workload: Workload | None = None, quiet: bool | None = None) -> Experiment:
+def build_experiment(
+    config: ExperimentConfig,
+    *,
+    workload: Workload | None = None,
+    quiet: bool | None = None,
+    channel: Channel | None = None,
+    directory: Mapping[str, bytes] | None = None,
+) -> Experiment:
     """Assemble workload, protection, privacy and federation; every mismatch is refused here.
+
+    With ``channel`` (and ``directory``, the clients' identity public keys) the client parties
+    are remote (:mod:`fedcore.deploy`): the federation is the server party alone.
 
     Raises:
         ConfigError: settings that cannot work together, with what to change.
@@ -419,7 +430,7 @@ def build_experiment(config: ExperimentConfig, *, workload: Workload | None = No
     if not quiet:
         loggers.append(ConsoleLogger(total_rounds=config.rounds))
     executor = None
-    if config.executor == "ray":
+    if config.executor == "ray" and channel is None:
         from .ray_executor import RayExecutor
 
         executor = RayExecutor(task, device=config.train.device)
@@ -442,6 +453,8 @@ def build_experiment(config: ExperimentConfig, *, workload: Workload | None = No
         seed=config.seed,
         reproducible=config.reproducible,
         quiet=quiet,
+        channel=channel,
+        directory=directory,
     )
     return Experiment(config, workload, federation, budget, noise_multiplier, loggers)
 
@@ -492,8 +505,14 @@ class ExperimentOutcome:
         return "\n".join(lines)
 
 
-def run_experiment(config: ExperimentConfig, *, resume: bool = False) -> ExperimentOutcome:
-    """Build, run (or resume) and write every output of an experiment."""
+def run_experiment(
+    config: ExperimentConfig,
+    *,
+    resume: bool = False,
+    channel: Channel | None = None,
+    directory: Mapping[str, bytes] | None = None,
+) -> ExperimentOutcome:
+    """Build, run (or resume) and write every output of an experiment (``channel``: see :func:`build_experiment`)."""
     out = Path(config.output_dir)
     checkpoint = out / "checkpoint"
     if not resume and checkpoint.exists():
@@ -502,7 +521,7 @@ def run_experiment(config: ExperimentConfig, *, resume: bool = False) -> Experim
             "another output folder with --out"
         )
     out.mkdir(parents=True, exist_ok=True)
-    experiment = build_experiment(config)
+    experiment = build_experiment(config, channel=channel, directory=directory)
     fed = experiment.federation
     try:
         if resume:

@@ -96,6 +96,10 @@ class ClientSide:
     Local training of a batch of TRAIN messages runs through one executor call, so a parallel
     executor (Ray) trains the batch together; everything else a client does happens here, in the
     client parties, out of the server's reach.
+
+    By default each client makes its own identity key here. A deployed client process (see
+    :mod:`fedcore.deploy`) passes the one provisioned into its kit instead: ``identities`` (its
+    Ed25519 private key by client id) and ``directory`` (every client's public key).
     """
 
     def __init__(
@@ -110,7 +114,11 @@ class ClientSide:
         privacy: SampleLevelPrivacy | None,
         randomness: Randomness,
         client_deadline: float | None = None,
+        identities: Mapping[str, Any] | None = None,
+        directory: Mapping[str, bytes] | None = None,
     ) -> None:
+        if (identities is None) != (directory is None):
+            raise ConfigError("identities (the clients' private identity keys) and directory (every public key) go together")
         self.clients = dict(clients)
         self.executor = executor
         self.layout = layout
@@ -124,11 +132,11 @@ class ClientSide:
         self._keys: dict[str, ClientKeys] = {}
         self.key_holder: Any = None
         self.directory: dict[str, bytes] = {}
-        self._provision()
+        self._provision(identities, directory)
 
     # ------------------------------------------------------------------ set-up
-    def _provision(self) -> None:
-        """Each client makes its own identity key; the HE key holder makes the HE keys.
+    def _provision(self, identities: Mapping[str, Any] | None, directory: Mapping[str, bytes] | None) -> None:
+        """Each client makes its own identity key (or takes its provisioned one); the HE key holder makes the HE keys.
 
         The server gets the public halves only: :attr:`directory` (Ed25519 public keys) and
         each round's HE public context (see :meth:`_new_round_keys`).
@@ -136,7 +144,13 @@ class ClientSide:
         backend = self.pipeline.backend
         signed = bool(getattr(backend, "signed_keys", False))
         private: dict[str, Any] = {}
-        if signed:
+        if signed and identities is not None and directory is not None:
+            missing = sorted(set(self.clients) - set(identities))
+            if missing:
+                raise ConfigError(f"identities must hold every client's identity key, lacks {missing[:5]}")
+            private = {cid: identities[cid] for cid in self.clients}
+            self.directory = {cid: bytes(key) for cid, key in directory.items()}
+        elif signed:
             from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
             from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 

@@ -25,7 +25,7 @@ from .errors import ConfigError, RoundFailedError
 from .executors import Executor, InProcessExecutor
 from .layout import ParameterLayout
 from .observability import MetricsLogger, progress
-from .parties import ClientSide, InProcessChannel, Randomness
+from .parties import Channel, ClientSide, InProcessChannel, Randomness
 from .pipeline import RoundAggregate, UpdatePipeline
 from .sampling import AllClients, ClientSampler
 from .strategies import LocalModel
@@ -107,6 +107,10 @@ class Federation:
         reproducible: derive all randomness from ``seed`` (see above).
         record_inbox: keep every byte the server receives in ``channel.inbox``.
         quiet: no progress bars.
+        channel: the client parties are elsewhere (other processes: :mod:`fedcore.deploy`) and
+            this channel reaches them; ``clients`` then only declares their training-set sizes
+            and no client party is built here. None (default): simulated parties in this process.
+        directory: with ``channel``, the clients' Ed25519 identity public keys (signed masking).
     """
 
     def __init__(
@@ -132,6 +136,8 @@ class Federation:
         reproducible: bool = False,
         record_inbox: bool = False,
         quiet: bool = False,
+        channel: Channel | None = None,
+        directory: Mapping[str, bytes] | None = None,
     ) -> None:
         if not clients:
             raise ConfigError("clients must hold at least one client, got none")
@@ -141,6 +147,12 @@ class Federation:
             raise ConfigError("budget needs a ledger to read what was spent: pass ledger=dp.Ledger() as well")
         if not isinstance(reproducible, bool):
             raise ConfigError(f"reproducible must be True or False, got {reproducible!r}")
+        if channel is not None and (executor is not None or record_inbox):
+            raise ConfigError(
+                "with a channel to remote client parties, executor and record_inbox belong to the clients: leave them unset"
+            )
+        if (directory is not None) != (channel is not None):
+            raise ConfigError("directory (the remote clients' identity keys) goes with channel, and only with it")
         self.task = task
         self.client_ids = sorted(clients)
         self.strategy = strategy
@@ -164,8 +176,9 @@ class Federation:
         initial_model = task.build_model()
         self.layout = ParameterLayout(initial_model, local_only=task.local_only)
         self.global_vector = self.layout.flatten(initial_model).numpy()
-        executor = executor or InProcessExecutor(task, device=train.device)
-        getattr(executor, "workspace", None)  # build a lazy workspace now, at a fixed point of torch's RNG
+        if channel is None:
+            executor = executor or InProcessExecutor(task, device=train.device)
+            getattr(executor, "workspace", None)  # build a lazy workspace now, at a fixed point of torch's RNG
         parties = {cid: Client(cid, data) for cid, data in clients.items()}
         # what each client declares when it enrols: its training-set size (its DP-SGD events reveal it too)
         self.declared_sizes = {cid: c.data.num_train for cid, c in parties.items()}
@@ -192,31 +205,42 @@ class Federation:
         pipeline.build(dimension=self.layout.size, num_clients=len(self.client_ids), expected_clients=expected)
         if sample_privacy is not None:
             self._check_sample_privacy(initial_model, parties[self.client_ids[0]])
-        self.client_side = ClientSide(
-            clients=parties,
-            executor=executor,
-            layout=self.layout,
-            pipeline=pipeline,
-            train=train,
-            update_kind=strategy.update_kind,
-            privacy=sample_privacy,
-            randomness=self.randomness,
-            client_deadline=client_deadline,
-        )
-        self.channel = InProcessChannel(self.client_side, record=record_inbox)
         # the server party's public material: identity public keys, and each round's public HE context
-        self.public_keys = dict(self.client_side.directory)
+        self.client_side: ClientSide | None = None
+        self.channel: Channel
+        if channel is None:
+            assert executor is not None
+            self.client_side = ClientSide(
+                clients=parties,
+                executor=executor,
+                layout=self.layout,
+                pipeline=pipeline,
+                train=train,
+                update_kind=strategy.update_kind,
+                privacy=sample_privacy,
+                randomness=self.randomness,
+                client_deadline=client_deadline,
+            )
+            self.channel = InProcessChannel(self.client_side, record=record_inbox)
+            self.public_keys = dict(self.client_side.directory)
+        else:
+            signed = bool(getattr(pipeline.backend, "signed_keys", False))
+            missing = sorted(set(self.client_ids) - set(directory or {})) if signed else []
+            if missing:
+                raise ConfigError(f"signed masking needs every client's identity key; the directory lacks {missing[:5]}")
+            self.channel = channel
+            self.public_keys = {c: bytes(directory[c]) for c in self.client_ids} if signed and directory else {}
         self.public_context: bytes | None = None
 
     @property
     def clients(self) -> dict[str, Client]:
-        """The simulated client parties (for inspection; the server party never reads them)."""
-        return self.client_side.clients
+        """The simulated client parties (for inspection; the server party never reads them); none when remote."""
+        return self.client_side.clients if self.client_side is not None else {}
 
     @property
-    def executor(self) -> Executor:
-        """Where the client parties' local training runs."""
-        return self.client_side.executor
+    def executor(self) -> Executor | None:
+        """Where the simulated client parties' local training runs (None: the parties are remote)."""
+        return self.client_side.executor if self.client_side is not None else None
 
     def _check_sample_privacy(self, model: torch.nn.Module, client: Client) -> None:
         """Attach DP-SGD once to a fresh model, so that a setting it refuses fails here.
@@ -364,8 +388,11 @@ class Federation:
     def train_clients(self, t: int, participants: Sequence[str], *, version: int) -> dict[str, dict[str, Any]]:
         """Send the global model to ``participants``; return each one's training report.
 
+        A participant the channel got no answer from (a client process that died or missed its
+        deadline) has a failed report: it is a dropout before its masked input.
+
         Raises:
-            RoundFailedError: a missing or malformed report.
+            RoundFailedError: a malformed report.
         """
         model = msg.encode(msg.Kind.TRAIN, {"round": t, "version": version}, self.global_vector)
         replies = self.channel.exchange({cid: model for cid in participants})
@@ -373,7 +400,9 @@ class Federation:
         for cid in participants:
             reply = replies.get(cid)
             if reply is None:
-                raise RoundFailedError(f"round {t}: no training report from {cid!r}")
+                reports[cid] = {"client": cid, "round": t, "ok": False, "error": "no answer", "train_seconds": 0.0,
+                                "steps": 0, "metrics": {}, "privacy_event": None}  # fmt: skip
+                continue
             header = msg.decode(reply, expect=msg.Kind.TRAIN_REPORT).header
             if header.get("client") != cid or header.get("round") != t:
                 raise RoundFailedError(
@@ -425,8 +454,11 @@ class Federation:
             )  # fmt: skip
             for cid in ids
         }
-        for reply in self.channel.exchange(requests).values():
-            msg.decode(reply if reply is not None else b"", expect=msg.Kind.ACK)
+        for cid, reply in self.channel.exchange(requests).items():
+            if reply is None:  # gone before its session began: silent from the first stage
+                dropouts[cid] = Stage.ADVERTISE_KEYS
+            else:
+                msg.decode(reply, expect=msg.Kind.ACK)
         session = self.pipeline.backend.server_session(
             round_index=t, participants=ids, length=self.pipeline.vector_length(self.layout.size),
             public_context=self.public_context,
@@ -453,6 +485,8 @@ class Federation:
         Raises:
             ConfigError: an id that is not one of the federation's clients.
         """
+        if self.client_side is None:
+            raise ConfigError("client_updates needs simulated client parties; this federation's clients are remote")
         ids = list(self.client_ids if client_ids is None else client_ids)
         unknown = [c for c in ids if c not in self.clients]
         if unknown or not ids:
@@ -559,7 +593,10 @@ class Federation:
         totals: dict[str, float] = {}
         counts: dict[str, int] = {}
         for cid in self.client_ids:
-            scores = msg.decode(replies.get(cid) or b"", expect=msg.Kind.SCORES).header
+            reply = replies.get(cid)
+            if reply is None:  # a client that did not answer is left out of the means
+                continue
+            scores = msg.decode(reply, expect=msg.Kind.SCORES).header
             n = int(scores["count"])
             for k, v in scores["metrics"].items():
                 totals[k] = totals.get(k, 0.0) + float(v) * n

@@ -1,0 +1,5 @@
+"""``python -m fedcore``: the ``fedcore`` command (how ``fedcore launch`` starts its processes)."""
+
+from .cli import main
+
+raise SystemExit(main())
