@@ -10,13 +10,13 @@ answer, then a few evaluations of the exact accountant bracket it to ``rel_toler
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Mapping
 
 from . import _checks as chk
 from ._accounting import ACCOUNTANTS, _epsilon_groups, _used, pld_epsilon
 from ._errors import AccountingError, DPValueError
 
-__all__ = ["calibrate_noise_multiplier", "smallest_noise_multiplier"]
+__all__ = ["calibrate_noise_multiplier", "calibrate_for_runs", "smallest_noise_multiplier"]
 
 _MAX_NOISE_MULTIPLIER = 1e6
 _MIN_NOISE_MULTIPLIER = 1e-4
@@ -173,3 +173,41 @@ def calibrate_noise_multiplier(
         guess=guess,
         what=f"delta={d!r}, steps={n}, sample_rate={q!r} (accountant {acc!r})",
     )
+
+
+def calibrate_for_runs(
+    *,
+    target_epsilon: float,
+    delta: float,
+    runs: Mapping[str, tuple[int, float]],
+    accountant: str = "pld",
+    rel_tolerance: float = 1e-3,
+) -> tuple[float, str]:
+    """One noise multiplier that keeps each of several DP-SGD runs within the target.
+
+    Each run ``(steps, sample_rate)`` is one client's whole training. Epsilon falls as the noise
+    grows, so the largest of the runs' own calibrations keeps every run within
+    ``target_epsilon``, and the run that needed it (usually the client with the fewest
+    examples, hence the highest sampling rate) meets the target within ``rel_tolerance``.
+    Runs with the same schedule are calibrated once.
+
+    Returns:
+        The noise multiplier and the key of the run that determined it (the first in sorted
+        order among equals).
+
+    Raises:
+        DPValueError: no runs, a parameter out of range, or a target no noise can meet.
+    """
+    if not runs:
+        raise DPValueError("runs must hold at least one (steps, sample_rate) run, got none")
+    by_shape: dict[tuple[int, float], float] = {}
+    for key in sorted(runs):
+        steps, rate = runs[key]
+        shape = (chk.integer(f"runs[{key!r}] steps", steps, minimum=1), chk.probability(f"runs[{key!r}] sample_rate", rate))
+        if shape not in by_shape:
+            by_shape[shape] = calibrate_noise_multiplier(
+                target_epsilon=target_epsilon, delta=delta, steps=shape[0], sample_rate=shape[1],
+                accountant=accountant, rel_tolerance=rel_tolerance,
+            )  # fmt: skip
+    worst = max(sorted(runs), key=lambda k: by_shape[(int(runs[k][0]), float(runs[k][1]))])
+    return by_shape[(int(runs[worst][0]), float(runs[worst][1]))], worst

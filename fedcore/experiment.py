@@ -7,7 +7,6 @@ This is where the three packages meet: the workload (``fedcore.recsys``), the pr
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -144,22 +143,21 @@ def _max_clients(config: ExperimentConfig, num_clients: int) -> int:
     return int(config.sampling.count) if config.sampling.kind == "fixed" else num_clients  # type: ignore[arg-type]
 
 
-def _sample_noise_multiplier(config: ExperimentConfig, clients: dict[str, ClientData]) -> float:
+def _sample_noise_multiplier(config: ExperimentConfig, clients: dict[str, ClientData], train: TrainConfig) -> float:
     """The DP-SGD noise that keeps every client's epsilon within the target over all rounds."""
-    p, t = config.privacy, config.train
+    p = config.privacy
     if p.noise_multiplier is not None:
         return float(p.noise_multiplier)
-    shapes = set()
-    for data in clients.values():
-        batches = math.ceil(data.num_train / t.batch_size)
-        steps = t.epochs * batches if t.max_steps is None else min(t.epochs * batches, t.max_steps)
-        shapes.add((config.rounds * steps, 1.0 / batches))
-    return max(
-        dp.calibrate_noise_multiplier(
-            target_epsilon=float(p.target_epsilon), delta=p.delta, steps=steps, sample_rate=q, accountant=p.accountant
-        )  # type: ignore[arg-type]
-        for steps, q in sorted(shapes)
-    )
+    runs = {}
+    for cid, data in clients.items():
+        steps, rate = train.dp_schedule(data.num_train)
+        runs[cid] = (config.rounds * steps, rate)
+    return dp.calibrate_for_runs(
+        target_epsilon=float(p.target_epsilon),
+        delta=p.delta,
+        runs=runs,
+        accountant=p.accountant,  # type: ignore[arg-type]
+    )[0]
 
 
 @dataclass
@@ -179,54 +177,16 @@ class Experiment:
         return self.federation.ledger
 
     def report(self, *, audited_epsilon_lower_bound: float | None = None) -> dp.PrivacyReport:
-        """The privacy budget report of the run so far, read from the ledger."""
-        fed = self.federation
-        backend = fed.pipeline.backend
-        return dp.PrivacyReport(
-            fed.ledger,
+        """The privacy budget report of the run so far, read from the ledger (see ``Federation.report``)."""
+        unit = self.config.privacy_unit if self.config.privacy.level == "sample" else None
+        return self.federation.report(
             delta=self.config.privacy.delta,
             accountant=self.config.privacy.accountant,
-            mode=backend.mode,
-            trust_model=backend.trust_model,
-            secure_aggregation={**fed.pipeline.describe(), "workload": self.workload.description},
-            dropouts={int(h["round"]): int(h.get("dropped", 0)) for h in fed.history},
-            reveals=[
-                dp.Reveal(round_index=r.round_index, what=f"{r.what}: {', '.join(r.client_ids)}", why=r.why_allowed)
-                for r in fed.reveals
-            ],
-            utility={int(h["round"]): {k[5:]: float(v) for k, v in h.items() if k.startswith("test_")} for h in fed.history},
+            unit_of_privacy={"record": "one record of a client"}.get(unit or ""),
+            description=self.workload.description,
             audited_epsilon_lower_bound=audited_epsilon_lower_bound,
-            budget=self.budget,
-            unit_of_privacy=self._unit_of_privacy(),
-            non_private_releases=self._non_private_releases(),
-            seed_derivable=fed.randomness.reproducible,
             title=f"Privacy budget report: {self.config.name}",
         )
-
-    def _unit_of_privacy(self) -> str | None:
-        level = self.config.privacy.level
-        if level == "client":
-            return "a whole client (all of its data)"
-        unit = self.config.privacy_unit
-        return (
-            None
-            if unit is None
-            else {"user": "a user inside a silo (all of that user's ratings)", "record": "one record of a client"}[unit]
-        )
-
-    def _non_private_releases(self) -> list[str]:
-        """What the run released that no DP mechanism covers."""
-        out = [
-            "federated test metrics of every evaluated round, computed on the clients' held-out private data",
-            "per-round counts of participants, contributors and dropouts, and bytes uploaded",
-        ]
-        if self.config.privacy.level == "sample":
-            out.append("each client's DP-SGD sampling rate and step count in its ledger events (they reveal its dataset size)")
-        if self.config.strategy.name in ("selection", "ensemble"):
-            out.append("individual local models revealed to the server for model selection or ensembles (listed under reveals)")
-        if self.federation.pipeline.weighting == "examples":
-            out.append("the sum of the contributors' bounded example weights (the weight coordinate of the protected sum)")
-        return out
 
 
 def build_experiment(config: ExperimentConfig, *, workload: Workload | None = None, quiet: bool | None = None) -> Experiment:
@@ -265,7 +225,7 @@ def build_experiment(config: ExperimentConfig, *, workload: Workload | None = No
             raise ConfigError(
                 f"privacy.unit {unit!r}: the workload's examples support {list(workload.units)}; build it from this config"
             )
-        noise_multiplier = _sample_noise_multiplier(config, clients)
+        noise_multiplier = _sample_noise_multiplier(config, clients, _train_config(config, task))
         dp_args = dict(
             noise_multiplier=noise_multiplier, max_grad_norm=p.max_grad_norm, clipping=p.clipping, lazy_noise=p.lazy_noise
         )
