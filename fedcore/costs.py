@@ -25,6 +25,8 @@ __all__ = ["CostEstimate", "CostWarning", "ProtectionProbe", "probe_protection"]
 _KEY_HOLDER_KINDS = ("public_context", "decryption")
 _PROBE_CLIENTS = 16  # masked probes use at most this many clients; more are extrapolated by graph degree
 _PROBE_LENGTHS = (1024, 1024 + 65536)  # for backends that send a fixed size per coordinate
+_DP_SGD_COPIES = 4  # model-sized tensors DP-SGD adds (measured: ghost clipping, 1M parameters)
+_HE_MEMORY_PER_UPLOADED_BYTE = 2.3  # ciphertexts in memory per serialized byte (CKKS compact, measured)
 
 
 class CostWarning(UserWarning):
@@ -41,7 +43,7 @@ class ProtectionProbe:
         client_per_unit: a client's bytes per further unit.
         key_holder_fixed / key_holder_per_unit: the same for the HE key holder's messages.
         degree: each client's neighbours in the probe (masking; 0 for other modes).
-        seconds_per_unit: time of the whole probe round per unit and client.
+        seconds_per_unit: time of the longer probe round per unit and client.
     """
 
     unit: int
@@ -93,7 +95,7 @@ def _probe(backend: Any, clients: int) -> ProtectionProbe:
         key_holder_fixed=h1 - (lengths[0] / unit - 1) * (h2 - h1) / units,
         key_holder_per_unit=(h2 - h1) / units,
         degree=protection_degree(backend, clients),
-        seconds_per_unit=max(t2 - t1, 0.0) / clients / units,
+        seconds_per_unit=t2 / clients / (lengths[1] / unit),
     )
 
 
@@ -206,17 +208,26 @@ def peak_memory(
     coordinates: int,
     participants: int,
     upload_per_client: float,
+    key_holder_bytes: float,
     batch_size: int,
     optimizer: str,
+    private: bool,
     per_example_gradients: bool,
+    homomorphic: bool,
 ) -> int:
     """Bytes a round adds in a process simulating every party (float32 throughout).
 
-    Training: parameters, gradients and optimizer state (Adam's two moments), and under
-    DP-SGD one gradient per example of the batch. Then for each participant: its update and
+    Training: parameters, gradients and optimizer state (Adam's two moments); under DP-SGD
+    four more model-sized tensors (noise, clipped sum, the second backward pass of ghost
+    clipping: fitted on measurements here) and one gradient per example of the batch where
+    DP-SGD materialises them (Opacus's "default" clipping; ghost and embedding clipping do not). Then for each participant: its update and
     its prepared (clipped, weighted) vector, and its protected messages held by the server
-    until the sum completes.
+    until the sum completes, with the key holder's released sum under HE; under HE also the
+    ciphertexts in memory, which take about 2.3 times their serialized bytes (measured here on
+    CKKS ``compact``: SEAL keeps each polynomial unpacked, in 64-bit words).
     """
     states = 2 if optimizer in ("adam", "adamw") else 1
-    training = 4 * trained * (2 + states + (batch_size if per_example_gradients else 0))
-    return int(training + participants * (8 * coordinates + upload_per_client))
+    dp_copies = _DP_SGD_COPIES + (batch_size if per_example_gradients else 0) if private else 0
+    training = 4 * trained * (2 + states + dp_copies)
+    held = (participants * upload_per_client + key_holder_bytes) * (1 + (_HE_MEMORY_PER_UPLOADED_BYTE if homomorphic else 0.0))
+    return int(training + participants * 8 * coordinates + held)

@@ -670,10 +670,14 @@ class Federation:
                 coordinates=length,
                 participants=participants,
                 upload_per_client=client,
+                key_holder_bytes=holder,
                 batch_size=self.train.batch_size,
                 optimizer=self.train.optimizer,
-                per_example_gradients=self.sample_privacy is not None,
-            ),  # fmt: skip
+                private=self.sample_privacy is not None,
+                per_example_gradients=self.sample_privacy is not None
+                and dp.resolve_clipping(model, self.sample_privacy.clipping) == "default",
+                homomorphic=hasattr(backend, "key_holder_session"),
+            ),
             seconds_per_round=participants * steps * step_seconds + protect_seconds,
             rounds=self.rounds,
         )

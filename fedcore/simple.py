@@ -114,7 +114,7 @@ class SimpleTask:
         """The mean loss and every metric on ``data`` (all its examples at once)."""
         outputs, labels = [], []
         with torch.no_grad():
-            for x, y in DataLoader(data, batch_size=1024, collate_fn=self.collate):  # type: ignore[arg-type]
+            for x, y in DataLoader(data, batch_size=1024, collate_fn=self.collate):
                 outputs.append(model(x))
                 labels.append(y)
         out, y = torch.cat(outputs), torch.cat(labels)
