@@ -283,6 +283,8 @@ class Federation:
         with torch.random.fork_rng(), torch.no_grad():
             try:
                 losses = self.task.loss(model, batch)
+            except ConfigError:  # the task itself says its settings are wrong
+                raise
             except Exception:
                 if self.sample_privacy is not None:
                     raise
