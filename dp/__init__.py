@@ -23,7 +23,7 @@ from ._accounting import (
     sample_level_epsilons,
 )
 from ._budget import BUDGET_LEVELS, PrivacyBudget
-from ._calibration import calibrate_noise_multiplier, smallest_noise_multiplier
+from ._calibration import calibrate_for_runs, calibrate_noise_multiplier, smallest_noise_multiplier
 from ._clipping import AdaptiveClip, L2Clip
 from ._errors import (
     AccountingError,
@@ -86,6 +86,7 @@ __all__ = [
     "PrivacyBudget",
     "BUDGET_LEVELS",
     "calibrate_noise_multiplier",
+    "calibrate_for_runs",
     "smallest_noise_multiplier",
     # report
     "PrivacyReport",

@@ -25,14 +25,17 @@ Who sees what: everything here runs on the client; what leaves it is the trained
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable, Protocol, Sized, cast
+from typing import Any, ClassVar, Iterable, Mapping, Protocol, Sized, cast
 
 import torch
 import torch.nn as nn
 
 from . import _checks as chk
+from ._accounting import ACCOUNTANTS
+from ._calibration import calibrate_for_runs
 from ._errors import DPError, DPTypeError, DPValueError, UnsupportedModelError
 from ._events import SampleLevelEvent
 from ._fastclip import BookKeepingClipper, tied_parameters, unsupported_layers
@@ -103,9 +106,18 @@ def bert_dp_inputs(
 class SampleLevelDP:
     """DP-SGD configuration for one client's local training (Abadi et al. CCS 2016).
 
+    Give the noise either directly (``noise_multiplier``) or as a target: ``target_epsilon``
+    with ``delta`` leaves the multiplier to :meth:`calibrated`, which whoever knows the
+    training schedule calls (``fedcore.Federation`` does, for the client that needs the most
+    noise); ``attach`` refuses a configuration whose multiplier is still unknown.
+
     Attributes:
         noise_multiplier: per-step noise standard deviation over ``max_grad_norm``.
         max_grad_norm: per-sample gradient L2 clip bound.
+        target_epsilon: the epsilon, at ``delta``, that every client's whole run must stay within.
+        delta: the delta epsilons are stated at (needed with ``target_epsilon``).
+        accountant: the accountant calibration uses (``"pld"``, ``"rdp"``...), and so should the
+            report and budget that charge the run.
         clipping: ``"auto"``, ``"default"``, ``"ghost"`` or ``"embedding"`` (see module doc).
         poisson_sampling: Poisson-sample batches (what the accountants assume). ``False``
             keeps the loader's own batches; events then say ``sampling="fixed_size"``.
@@ -119,8 +131,11 @@ class SampleLevelDP:
         unit: ``"record"``: one example is the unit of privacy (its ledger events say so).
     """
 
-    noise_multiplier: float
+    noise_multiplier: float | None = None
     max_grad_norm: float
+    target_epsilon: float | None = None
+    delta: float | None = None
+    accountant: str = "pld"
     clipping: str = "auto"
     poisson_sampling: bool = True
     secure_mode: bool = False
@@ -128,12 +143,44 @@ class SampleLevelDP:
     unit: ClassVar[str] = "record"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "noise_multiplier", chk.positive("noise_multiplier", self.noise_multiplier))
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise DPValueError(
+                "give exactly one of noise_multiplier (the noise itself) or target_epsilon (with delta, to calibrate it), "
+                f"got noise_multiplier={self.noise_multiplier!r}, target_epsilon={self.target_epsilon!r}"
+            )
+        if self.noise_multiplier is not None:
+            object.__setattr__(self, "noise_multiplier", chk.positive("noise_multiplier", self.noise_multiplier))
+        if self.target_epsilon is not None:
+            object.__setattr__(self, "target_epsilon", chk.positive("target_epsilon", self.target_epsilon))
+            if self.delta is None:
+                raise DPValueError("target_epsilon needs delta (the delta the epsilon is stated at), got delta=None")
+        if self.delta is not None:
+            object.__setattr__(self, "delta", chk.open_unit("delta", self.delta))
+        chk.one_of("accountant", self.accountant, ACCOUNTANTS)
         object.__setattr__(self, "max_grad_norm", chk.positive("max_grad_norm", self.max_grad_norm))
         chk.one_of("clipping", self.clipping, CLIPPING_MODES)
         for name in ("poisson_sampling", "secure_mode", "lazy_noise"):
             if not isinstance(getattr(self, name), bool):
                 raise DPTypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+
+    def calibrated(self, runs: Mapping[str, tuple[int, float]]) -> tuple["SampleLevelDP", str]:
+        """This configuration with the noise that keeps every run within ``target_epsilon``.
+
+        Args:
+            runs: ``{client_id: (total DP-SGD steps, record sampling rate)}``, one per client.
+
+        Returns:
+            A copy holding the calibrated ``noise_multiplier`` (``target_epsilon`` cleared),
+            and the id of the client whose run needed it (see ``calibrate_for_runs``).
+
+        Raises:
+            DPValueError: no target to calibrate to, no runs, or a target no noise can meet.
+        """
+        if self.target_epsilon is None:
+            raise DPValueError(f"calibrated() needs target_epsilon, but noise_multiplier={self.noise_multiplier!r} is fixed")
+        assert self.delta is not None  # checked in __post_init__
+        z, worst = calibrate_for_runs(target_epsilon=self.target_epsilon, delta=self.delta, runs=runs, accountant=self.accountant)
+        return dataclasses.replace(self, noise_multiplier=z, target_epsilon=None), worst
 
     def attach(
         self,
@@ -156,9 +203,23 @@ class SampleLevelDP:
         Raises:
             UnsupportedModelError: a layer Opacus refuses (e.g. BatchNorm), or one the chosen
                 clipping mode cannot handle.
-            DPValueError / DPTypeError: bad arguments.
+            DPValueError / DPTypeError: bad arguments, or a ``target_epsilon`` not yet calibrated.
         """
+        self.noise()
         return PrivateTraining(self, module, optimizer, data_loader, generator=generator)
+
+    def noise(self) -> float:
+        """The noise multiplier, once known.
+
+        Raises:
+            DPValueError: a ``target_epsilon`` not yet calibrated.
+        """
+        if self.noise_multiplier is None:
+            raise DPValueError(
+                f"target_epsilon={self.target_epsilon!r} is not calibrated yet: call calibrated(runs) with each client's "
+                "schedule first (fedcore.Federation does it for you)"
+            )
+        return self.noise_multiplier
 
 
 class DPTraining(Protocol):
@@ -243,7 +304,7 @@ class PrivateTraining:
         self.config = config
         self.module = module
         self.clipping = resolve_clipping(module, config.clipping)
-        self.noise_multiplier = config.noise_multiplier
+        self.noise_multiplier = config.noise()
         self.max_grad_norm = config.max_grad_norm
         self._steps = 0
         self._detached = False

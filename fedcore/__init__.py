@@ -15,6 +15,7 @@ from .asynchronous import (
 )
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .client import Client, ClientResult, Workspace
+from .costs import CostEstimate, CostWarning
 from .cuda import CudaSum, CudaUnavailableError
 from .errors import ConfigError, DataUnavailableError, FedcoreError, RoundFailedError
 from .executors import Executor, InProcessExecutor
@@ -23,6 +24,7 @@ from .observability import JsonlLogger, MetricsLogger, MultiLogger, TensorBoardL
 from .pipeline import UpdatePipeline
 from .sampling import AllClients, FixedCountSampler, PoissonSampler
 from .server import DropoutSimulator, Federation, Reveal
+from .simple import SimpleTask, federate_data
 from .strategies import (
     Aggregate,
     FedAdagrad,
@@ -47,6 +49,8 @@ __all__ = [
     "ClientResult",
     "ConfigError",
     "ConstantStaleness",
+    "CostEstimate",
+    "CostWarning",
     "CudaSum",
     "CudaUnavailableError",
     "DataUnavailableError",
@@ -56,6 +60,7 @@ __all__ = [
     "FedAdagrad",
     "FedAdam",
     "FedAsync",
+    "federate_data",
     "FedAvg",
     "FedBuff",
     "FedcoreError",
@@ -78,6 +83,7 @@ __all__ = [
     "Reveal",
     "RoundFailedError",
     "save_checkpoint",
+    "SimpleTask",
     "Task",
     "TensorBoardLogger",
     "train_local",

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -178,22 +177,21 @@ def _encoder_scale(noise: Any, *, value_bound: float, max_clients: int, bits: in
     return secagg.FixedPointEncoder(value_bound=value_bound, max_clients=max_clients, bits=bits, integer_noise=noise).scale
 
 
-def _sample_noise_multiplier(config: ExperimentConfig, clients: dict[str, ClientData]) -> float:
+def _sample_noise_multiplier(config: ExperimentConfig, clients: dict[str, ClientData], train: TrainConfig) -> float:
     """The DP-SGD noise that keeps every client's epsilon within the target over all rounds."""
-    p, t = config.privacy, config.train
+    p = config.privacy
     if p.noise_multiplier is not None:
         return float(p.noise_multiplier)
-    shapes = set()
-    for data in clients.values():
-        batches = math.ceil(data.num_train / t.batch_size)
-        steps = t.epochs * batches if t.max_steps is None else min(t.epochs * batches, t.max_steps)
-        shapes.add((config.rounds * steps, 1.0 / batches))
-    return max(
-        dp.calibrate_noise_multiplier(
-            target_epsilon=_target_epsilon(config), delta=p.delta, steps=steps, sample_rate=q, accountant=p.accountant
-        )
-        for steps, q in sorted(shapes)
-    )
+    runs = {}
+    for cid, data in clients.items():
+        steps, rate = train.dp_schedule(data.num_train)
+        runs[cid] = (config.rounds * steps, rate)
+    return dp.calibrate_for_runs(
+        target_epsilon=_target_epsilon(config),
+        delta=p.delta,
+        runs=runs,
+        accountant=p.accountant,
+    )[0]
 
 
 def _target_epsilon(config: ExperimentConfig) -> float:
@@ -220,27 +218,14 @@ class Experiment:
         return self.federation.ledger
 
     def report(self, *, audited_epsilon_lower_bound: float | None = None) -> dp.PrivacyReport:
-        """The privacy budget report of the run so far, read from the ledger."""
-        fed = self.federation
-        backend = fed.pipeline.backend
-        return dp.PrivacyReport(
-            fed.ledger,
+        """The privacy budget report of the run so far, read from the ledger (see ``Federation.report``)."""
+        unit = self.config.privacy_unit if self.config.privacy.level == "sample" else None
+        return self.federation.report(
             delta=self.config.privacy.delta,
             accountant=self.config.privacy.accountant,
-            mode=backend.mode,
-            trust_model=backend.trust_model,
-            secure_aggregation={**fed.pipeline.describe(), "workload": self.workload.description},
-            dropouts={int(h["round"]): int(h.get("dropped", 0)) for h in fed.history},
-            reveals=[
-                dp.Reveal(round_index=r.round_index, what=f"{r.what}: {', '.join(r.client_ids)}", why=r.why_allowed)
-                for r in fed.reveals
-            ],
-            utility={int(h["round"]): {k[5:]: float(v) for k, v in h.items() if k.startswith("test_")} for h in fed.history},
+            unit_of_privacy={"record": "one record of a client"}.get(unit or ""),
+            description=self.workload.description,
             audited_epsilon_lower_bound=audited_epsilon_lower_bound,
-            budget=self.budget,
-            unit_of_privacy=self._unit_of_privacy(),
-            non_private_releases=self._non_private_releases(),
-            seed_derivable=fed.randomness.reproducible,
             provenance=self.provenance(),
             title=f"Privacy budget report: {self.config.name}",
         )
@@ -250,31 +235,6 @@ class Experiment:
         base = self.workload.base_model or {}
         out: dict[str, Any] = {f"base_model_{k}": v for k, v in base.items()}
         out["shared_parameters"] = ", ".join(self.federation.layout.names)
-        return out
-
-    def _unit_of_privacy(self) -> str | None:
-        level = self.config.privacy.level
-        if level == "client":
-            return "a whole client (all of its data)"
-        unit = self.config.privacy_unit
-        return (
-            None
-            if unit is None
-            else {"user": "a user inside a silo (all of that user's ratings)", "record": "one record of a client"}[unit]
-        )
-
-    def _non_private_releases(self) -> list[str]:
-        """What the run released that no DP mechanism covers."""
-        out = [
-            "federated test metrics of every evaluated round, computed on the clients' held-out private data",
-            "per-round counts of participants, contributors and dropouts, and bytes uploaded",
-        ]
-        if self.config.privacy.level == "sample":
-            out.append("each client's DP-SGD sampling rate and step count in its ledger events (they reveal its dataset size)")
-        if self.config.strategy.name in ("selection", "ensemble"):
-            out.append("individual local models revealed to the server for model selection or ensembles (listed under reveals)")
-        if self.federation.pipeline.weighting == "examples":
-            out.append("the sum of the contributors' bounded example weights (the weight coordinate of the protected sum)")
         return out
 
 
@@ -324,7 +284,7 @@ def build_experiment(
             raise ConfigError(
                 f"privacy.unit {unit!r}: the workload's examples support {list(workload.units)}; build it from this config"
             )
-        noise_multiplier = _sample_noise_multiplier(config, clients)
+        noise_multiplier = _sample_noise_multiplier(config, clients, _train_config(config, task))
         dp_args: dict[str, Any] = dict(
             noise_multiplier=noise_multiplier, max_grad_norm=p.max_grad_norm, clipping=p.clipping, lazy_noise=p.lazy_noise
         )

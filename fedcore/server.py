@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import os
 import time
@@ -21,6 +22,7 @@ from secagg import KEY_HOLDER, MaskedSum, Respond, SecAggError, Stage, drive_rou
 from . import messages as msg
 from .checkpoint import Checkpoint, load_checkpoint, load_local_states, save_checkpoint, save_local_state
 from .client import Client, ClientResult
+from .costs import CostEstimate, CostWarning, message_bytes, peak_memory, probe_protection, protection_degree, upload_per_client
 from .errors import ConfigError, RoundFailedError
 from .executors import Executor, InProcessExecutor
 from .layout import ParameterLayout
@@ -35,6 +37,8 @@ from .training import SampleLevelPrivacy, TrainConfig
 __all__ = ["Federation", "DropoutSimulator", "Reveal"]
 
 _STREAM_DROPOUT = 3
+_LOG = logging.getLogger("fedcore")
+WARN_UPLOAD_BYTES = 100_000_000  # a client uploading more per round is warned about before round 1
 
 
 @dataclass(frozen=True)
@@ -91,7 +95,11 @@ class Federation:
         pipeline: clip, weighting, protection backend, central noise (default: plaintext,
             example-count weights bounded by the largest client).
         sampler: which clients take part each round (default: all).
-        sample_privacy: sample-level DP-SGD for local training (``dp.SampleLevelDP``).
+        sample_privacy: sample-level DP-SGD for local training (``dp.SampleLevelDP``). With
+            ``target_epsilon`` (and ``delta``) instead of a noise multiplier, the noise is
+            calibrated here over ``rounds`` for the client whose schedule needs the most (the
+            one with the fewest examples, i.e. the highest sampling rate), so that every
+            client's epsilon stays within the target; :attr:`calibration` says what was chosen.
         ledger: privacy ledger receiving every mechanism use (``dp.Ledger``).
         budget: optional ``dp.PrivacyBudget`` checked before each round (needs ``ledger``).
         executor: where client parties' local training runs (default: in process).
@@ -111,6 +119,10 @@ class Federation:
             this channel reaches them; ``clients`` then only declares their training-set sizes
             and no client party is built here. None (default): simulated parties in this process.
         directory: with ``channel``, the clients' Ed25519 identity public keys (signed masking).
+        rounds: the rounds the run plans; needed by a ``target_epsilon`` (the noise is calibrated
+            over them, and running more is refused); :meth:`run` runs them by default.
+        max_upload_bytes: refuse, here, a run whose estimated upload per client and round
+            (:meth:`estimate_costs`) is above this many bytes.
     """
 
     def __init__(
@@ -138,6 +150,8 @@ class Federation:
         quiet: bool = False,
         channel: Channel | None = None,
         directory: Mapping[str, bytes] | None = None,
+        rounds: int | None = None,
+        max_upload_bytes: int | None = None,
     ) -> None:
         if not clients:
             raise ConfigError("clients must hold at least one client, got none")
@@ -153,6 +167,11 @@ class Federation:
             )
         if (directory is not None) != (channel is not None):
             raise ConfigError("directory (the remote clients' identity keys) goes with channel, and only with it")
+        if rounds is not None and (isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1):
+            raise ConfigError(f"rounds must be an int >= 1 or None, got {rounds!r}")
+        if max_upload_bytes is not None and not (isinstance(max_upload_bytes, (int, float)) and max_upload_bytes > 0):
+            raise ConfigError(f"max_upload_bytes must be a number of bytes > 0 or None, got {max_upload_bytes!r}")
+        self.rounds = rounds
         self.task = task
         self.client_ids = sorted(clients)
         self.strategy = strategy
@@ -182,6 +201,10 @@ class Federation:
         parties = {cid: Client(cid, data) for cid, data in clients.items()}
         # what each client declares when it enrols: its training-set size (its DP-SGD events reveal it too)
         self.declared_sizes = {cid: c.data.num_train for cid, c in parties.items()}
+        self.calibration: dict[str, Any] | None = None
+        if getattr(sample_privacy, "target_epsilon", None) is not None:
+            sample_privacy = self._calibrate(sample_privacy)
+            self.sample_privacy = sample_privacy
         if pipeline is None:
             pipeline = UpdatePipeline(max_examples=max(self.declared_sizes.values()))
         self.pipeline = pipeline
@@ -203,6 +226,7 @@ class Federation:
             )
         expected = self.sampler.rate(len(self.client_ids)) * len(self.client_ids)
         pipeline.build(dimension=self.layout.size, num_clients=len(self.client_ids), expected_clients=expected)
+        self._check_loss(initial_model, parties[self.client_ids[0]])
         if sample_privacy is not None:
             self._check_sample_privacy(initial_model, parties[self.client_ids[0]])
         # the server party's public material: identity public keys, and each round's public HE context
@@ -231,6 +255,13 @@ class Federation:
             self.channel = channel
             self.public_keys = {c: bytes(directory[c]) for c in self.client_ids} if signed and directory else {}
         self.public_context: bytes | None = None
+        self.costs = self.estimate_costs()
+        if max_upload_bytes is not None and self.costs.upload_bytes_per_client > max_upload_bytes:
+            raise ConfigError(
+                f"max_upload_bytes={max_upload_bytes!r}, but each client would upload about "
+                f"{self.costs.upload_bytes_per_client:,} bytes per round ({self.costs.summary()}); raise the limit, "
+                "shrink the shared model (local_only, LoRA) or choose a lighter protection mode"
+            )
 
     @property
     def clients(self) -> dict[str, Client]:
@@ -242,6 +273,54 @@ class Federation:
         """Where the simulated client parties' local training runs (None: the parties are remote)."""
         return self.client_side.executor if self.client_side is not None else None
 
+    def _calibrate(self, sample_privacy: Any) -> Any:
+        """The noise multiplier that keeps every client within ``target_epsilon`` over ``rounds``."""
+        if self.rounds is None:
+            raise ConfigError(
+                f"sample_privacy.target_epsilon={sample_privacy.target_epsilon!r} is calibrated over the rounds the run "
+                "plans: pass rounds= as well"
+            )
+        runs = {}
+        for cid, size in self.declared_sizes.items():
+            steps, rate = self.train.dp_schedule(size)
+            runs[cid] = (self.rounds * steps, rate)
+        calibrated, worst = sample_privacy.calibrated(runs)
+        self.calibration = {
+            "target_epsilon": sample_privacy.target_epsilon,
+            "delta": sample_privacy.delta,
+            "accountant": sample_privacy.accountant,
+            "rounds": self.rounds,
+            "noise_multiplier": calibrated.noise_multiplier,
+            "worst_client": worst,
+            "worst_client_examples": self.declared_sizes[worst],
+            "worst_client_sample_rate": runs[worst][1],
+        }
+        return calibrated
+
+    def _first_batch(self, client: Client) -> Any:
+        loader = torch.utils.data.DataLoader(client.data.train, batch_size=self.train.batch_size, collate_fn=self.task.collate)
+        return next(iter(loader))
+
+    def _check_loss(self, model: torch.nn.Module, client: Client) -> None:
+        """The task's loss is one loss per example (the Task contract, and what DP-SGD clips)."""
+        batch = self._first_batch(client)
+        with torch.random.fork_rng(), torch.no_grad():
+            try:
+                losses = self.task.loss(model, batch)
+            except ConfigError:  # the task itself says its settings are wrong
+                raise
+            except Exception:
+                if self.sample_privacy is not None:
+                    raise
+                return  # a loss that raises on this client's data is that client's failure, reported in its round
+        if not isinstance(losses, torch.Tensor) or losses.ndim != 1:
+            shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+            raise ConfigError(
+                f"the federation needs task.loss to return one loss per example (a 1-D tensor), got {shape}: it averages "
+                "them itself and DP-SGD clips each example's gradient, so a reduced (scalar) loss cannot be used; "
+                "use reduction='none'"
+            )
+
     def _check_sample_privacy(self, model: torch.nn.Module, client: Client) -> None:
         """Attach DP-SGD once to a fresh model, so that a setting it refuses fails here.
 
@@ -250,14 +329,6 @@ class Federation:
         assert self.sample_privacy is not None
         optimizer = self.train.make_optimizer([p for p in model.parameters() if p.requires_grad])
         loader = torch.utils.data.DataLoader(client.data.train, batch_size=self.train.batch_size, collate_fn=self.task.collate)
-        with torch.random.fork_rng(), torch.no_grad():
-            losses = self.task.loss(model, next(iter(loader)))
-        if not isinstance(losses, torch.Tensor) or losses.ndim != 1:
-            shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
-            raise ConfigError(
-                f"sample-level DP needs task.loss to return one loss per example (a 1-D tensor), got {shape}: "
-                "DP-SGD clips each example's gradient, so a reduced (scalar) loss cannot be used; use reduction='none'"
-            )
         with torch.random.fork_rng():
             try:
                 self.sample_privacy.attach(model, optimizer, loader).detach()
@@ -265,17 +336,36 @@ class Federation:
                 raise ConfigError(f"sample-level DP cannot train this model with these settings: {exc}") from exc
 
     # ------------------------------------------------------------------ rounds
-    def run(self, rounds: int, *, on_budget: str = "stop") -> list[dict[str, Any]]:
+    def run(self, rounds: int | None = None, *, on_budget: str = "stop") -> list[dict[str, Any]]:
         """Run until ``rounds`` rounds are done in total (a resumed run continues).
 
+        Before round 1 the cost estimate is logged (logger ``"fedcore"``), and warned about
+        (:class:`CostWarning`) when a client would upload more than 100 MB a round or the round
+        would need more than half of this machine's memory.
+
         Args:
-            rounds: total number of rounds.
+            rounds: total number of rounds (default: the ``rounds`` the federation was built with).
             on_budget: ``"stop"`` ends training cleanly when the next round would exceed the
                 privacy budget (the reason is kept in ``stop_reason`` and warned about);
                 ``"raise"`` re-raises.
+
+        Raises:
+            ConfigError: no rounds given, or more rounds than a calibrated ``target_epsilon`` covers.
         """
         if on_budget not in ("stop", "raise"):
             raise ConfigError(f"on_budget must be 'stop' or 'raise', got {on_budget!r}")
+        if rounds is None:
+            if self.rounds is None:
+                raise ConfigError("run() needs rounds: pass run(rounds) or build the federation with rounds=")
+            rounds = self.rounds
+        if self.calibration is not None and rounds > self.calibration["rounds"]:
+            raise ConfigError(
+                f"rounds={rounds} exceeds the {self.calibration['rounds']} rounds that sample_privacy's "
+                f"target_epsilon={self.calibration['target_epsilon']!r} was calibrated over: every client would spend "
+                f"more than the target; build the federation with rounds={rounds}"
+            )
+        if self.round_index == 0:
+            self._announce_costs()
         bar = progress(total=rounds, desc="rounds", quiet=self.quiet)
         bar.update(self.round_index)
         try:
@@ -543,17 +633,14 @@ class Federation:
         if isinstance(self.sample_privacy, dp.SampleLevelDP):
             clipping = dp.resolve_clipping(self.executor_model(), self.sample_privacy.clipping)
             for cid in participants:
-                batches = math.ceil(self.declared_sizes[cid] / self.train.batch_size)
-                steps = self.train.epochs * batches
-                if self.train.max_steps is not None:
-                    steps = min(steps, self.train.max_steps)
+                steps, sample_rate = self.train.dp_schedule(self.declared_sizes[cid])
                 events.append(
                     dp.SampleLevelEvent(
                         client_id=cid,
                         round_index=t,
-                        noise_multiplier=self.sample_privacy.noise_multiplier,
+                        noise_multiplier=self.sample_privacy.noise(),
                         max_grad_norm=self.sample_privacy.max_grad_norm,
-                        sample_rate=1.0 / batches,
+                        sample_rate=sample_rate,
                         steps=steps,
                         clipping=clipping,
                         sampling="poisson" if self.sample_privacy.poisson_sampling else "fixed_size",
@@ -575,6 +662,168 @@ class Federation:
     def _rng(self, t: int, stream: int) -> np.random.Generator:
         """The simulation's own randomness (dropouts): from ``seed``, never a privacy mechanism's."""
         return np.random.default_rng(np.random.SeedSequence([self.seed, t, stream]))
+
+    # ------------------------------------------------------------ costs and report
+    def estimate_costs(self) -> CostEstimate:
+        """Upload bytes, peak memory and time of one round, estimated before it runs.
+
+        The upload comes from the protection backend's own messages on small zero vectors,
+        extrapolated to the model (see :mod:`fedcore.costs`); memory and time are coarser
+        models (see :class:`~fedcore.costs.CostEstimate`). Computed once at construction
+        (:attr:`costs`) and logged before round 1.
+        """
+        n = len(self.client_ids)
+        participants = max(1, round(self.sampler.rate(n) * n))
+        length = self.pipeline.vector_length(self.layout.size)
+        backend = self.pipeline.backend
+        if self._revealing:  # the local model in the clear, nothing else
+            client = float(len(msg.encode(msg.Kind.REVEALED, {"round": 1, "client": "c", "num_examples": 1.0, "metrics": {}})))
+            client += 4 * self.layout.size
+            holder, protect_seconds = 0.0, 0.0
+        else:
+            probe = probe_protection(backend, participants)
+            client, holder = upload_per_client(probe, coordinates=length, degree=protection_degree(backend, participants))
+            protect_seconds = probe.seconds_per_unit * math.ceil(length / probe.unit) * participants
+        planned = self._planned_events(1, self.client_ids[:1], 1.0) if self.sample_privacy is not None else []
+        event = dp.event_to_dict(planned[0]) if planned and isinstance(planned[0], dp.SampleLevelEvent) else None
+        metrics = len(getattr(self.task, "metric_names", ())) or 3
+        report, scores = message_bytes(privacy_event=event, metrics=metrics)
+        own = report + (scores / self.evaluate_every if self.evaluate_every else 0.0)
+        per_client = int(round(client + own))
+        model = self.executor_model()
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        steps = self.train.dp_schedule(int(np.mean(list(self.declared_sizes.values()))))[0]
+        step_seconds = self._step_seconds() * (3.0 if self.sample_privacy is not None else 1.0)
+        return CostEstimate(
+            mode=backend.mode,
+            dimension=self.layout.size,
+            coordinates=length,
+            participants=participants,
+            upload_bytes_per_client=per_client,
+            key_holder_bytes=int(round(holder)),
+            upload_bytes_per_round=int(round(per_client * participants + holder)),
+            peak_memory_bytes=peak_memory(
+                trained=trained,
+                coordinates=length,
+                participants=participants,
+                upload_per_client=client,
+                key_holder_bytes=holder,
+                batch_size=self.train.batch_size,
+                optimizer=self.train.optimizer,
+                private=self.sample_privacy is not None,
+                per_example_gradients=isinstance(self.sample_privacy, dp.SampleLevelDP)
+                and dp.resolve_clipping(model, self.sample_privacy.clipping) == "default",
+                homomorphic=hasattr(backend, "key_holder_session"),
+            ),
+            seconds_per_round=participants * steps * step_seconds + protect_seconds,
+            rounds=self.rounds,
+        )
+
+    def _step_seconds(self) -> float:
+        """One plain training step of a copy of the model on one batch, timed (NaN if the loss raises)."""
+        with torch.random.fork_rng():
+            model = self.model()
+            batch = self._first_batch(self.clients[self.client_ids[0]])
+            optimizer = self.train.make_optimizer([p for p in model.parameters() if p.requires_grad])
+            started = time.perf_counter()
+            try:
+                self.task.loss(model, batch).mean().backward()
+            except Exception:  # a client's failure, reported in its round; the time is then unknown
+                return math.nan
+            optimizer.step()
+            return time.perf_counter() - started
+
+    def _announce_costs(self) -> None:
+        costs = self.costs
+        _LOG.info(costs.summary())
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
+        if costs.upload_bytes_per_client > WARN_UPLOAD_BYTES or (memory and costs.peak_memory_bytes > memory / 2):
+            warnings.warn(f"an expensive run: {costs.summary()}", CostWarning, stacklevel=3)
+
+    def report(
+        self,
+        *,
+        delta: float | None = None,
+        accountant: str | None = None,
+        unit_of_privacy: str | None = None,
+        description: str | None = None,
+        audited_epsilon_lower_bound: float | None = None,
+        provenance: Mapping[str, Any] | None = None,
+        title: str = "Privacy budget report",
+    ) -> dp.PrivacyReport:
+        """The privacy budget report of the run so far, read from the ledger.
+
+        Mode and trust model come from the protection backend, the unit of privacy from the
+        mechanisms in use, and the report lists what the run released outside any DP guarantee
+        and whether its noise was derivable from the seed.
+
+        Args:
+            delta: the delta epsilons are stated at (default: ``sample_privacy.delta``, else the
+                budget's).
+            accountant: default: the budget's, else ``sample_privacy``'s, else PLD.
+            unit_of_privacy: overrides the unit derived from the mechanisms.
+            description: what the data and partition are (shown with the protection).
+            provenance: hashes and identities to state (config, data, base model, shared parameters).
+
+        Raises:
+            ConfigError: no ledger, or no delta to state epsilons at.
+        """
+        if self.ledger is None:
+            raise ConfigError("report() reads what was spent from the ledger: build the federation with ledger=dp.Ledger()")
+        delta = delta if delta is not None else getattr(self.sample_privacy, "delta", None)
+        delta = delta if delta is not None else getattr(self.budget, "delta", None)
+        if delta is None:
+            raise ConfigError("report() needs the delta to state epsilons at: pass report(delta=...)")
+        if accountant is None:
+            accountant = getattr(self.budget, "accountant", None) or getattr(self.sample_privacy, "accountant", None) or "pld"
+        backend = self.pipeline.backend
+        protection = self.pipeline.describe()
+        if description is not None:
+            protection["workload"] = description
+        return dp.PrivacyReport(
+            self.ledger,
+            delta=delta,
+            accountant=accountant,
+            mode=backend.mode,
+            trust_model=backend.trust_model,
+            secure_aggregation=protection,
+            dropouts={int(h["round"]): int(h.get("dropped", 0)) for h in self.history},
+            reveals=[
+                dp.Reveal(round_index=r.round_index, what=f"{r.what}: {', '.join(r.client_ids)}", why=r.why_allowed)
+                for r in self.reveals
+            ],
+            utility={int(h["round"]): {k[5:]: float(v) for k, v in h.items() if k.startswith("test_")} for h in self.history},
+            audited_epsilon_lower_bound=audited_epsilon_lower_bound,
+            budget=self.budget,
+            unit_of_privacy=unit_of_privacy or self._unit_of_privacy(),
+            non_private_releases=self._non_private_releases(),
+            seed_derivable=self.randomness.reproducible,
+            provenance=provenance,
+            title=title,
+        )
+
+    def _unit_of_privacy(self) -> str | None:
+        if self.pipeline.client_level_dp:
+            return "a whole client (all of its data)"
+        if self.sample_privacy is None:
+            return None
+        if getattr(self.sample_privacy, "unit", None) == "user":
+            return "a user inside a silo (all of that user's examples)"
+        return "one training example of a client (a record, where each example is built from that record alone)"
+
+    def _non_private_releases(self) -> list[str]:
+        """What the run released that no DP mechanism covers."""
+        out = []
+        if self.evaluate_every:
+            out.append("federated test metrics of every evaluated round, computed on the clients' held-out private data")
+        out.append("per-round counts of participants, contributors and dropouts, and bytes uploaded")
+        if self.sample_privacy is not None:
+            out.append("each client's DP-SGD sampling rate and step count in its ledger events (they reveal its dataset size)")
+        if self._revealing:
+            out.append("individual local models revealed to the server for model selection or ensembles (listed under reveals)")
+        if self.pipeline.weighting == "examples":
+            out.append("the sum of the contributors' bounded example weights (the weight coordinate of the protected sum)")
+        return out
 
     # ------------------------------------------------------------ evaluation
     def evaluate(self, split: str = "test") -> dict[str, float]:

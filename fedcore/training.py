@@ -99,6 +99,19 @@ class TrainConfig:
         except RuntimeError as exc:
             raise ConfigError(f"device must name a torch device such as 'cpu' or 'cuda:0', got {self.device!r}") from exc
 
+    def dp_schedule(self, num_examples: int) -> tuple[int, float]:
+        """DP-SGD steps per round and record sampling rate of a client holding ``num_examples``.
+
+        One epoch is ``ceil(num_examples / batch_size)`` Poisson-sampled batches at rate
+        ``1 / batches`` (as Opacus derives it from the loader); ``max_steps`` caps the steps.
+        Calibration, budget planning and the ledger's events all use this one schedule.
+        """
+        batches = math.ceil(int(num_examples) / self.batch_size)
+        steps = self.epochs * batches
+        if self.max_steps is not None:
+            steps = min(steps, self.max_steps)
+        return steps, 1.0 / batches
+
     def make_optimizer(self, params) -> torch.optim.Optimizer:
         """A fresh optimizer of the configured kind over ``params``."""
         cls = _OPTIMIZERS[self.optimizer]

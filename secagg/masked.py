@@ -136,6 +136,18 @@ class MaskedSum:
         """The distributed-DP noise each client adds before masking, if any."""
         return self._noise
 
+    def without_noise(self) -> "MaskedSum":
+        """The same ring, graph, threshold and signing, without distributed noise.
+
+        Its messages have the sizes of this backend's (noise changes values, not lengths), at
+        any vector length: what sizing a round's upload on a small probe vector needs.
+        """
+        return MaskedSum(
+            value_bound=self.value_bound, max_clients=self.max_clients, bits=self._encoder.bits, graph=self._graph,
+            threshold=self._threshold, degree=self._degree, signed_keys=self._signed, dropout_rate=self._dropout_rate,
+            corrupted_fraction=self._corrupted, security_bits=self._security_bits,
+        )  # fmt: skip
+
     def plan(self, n: int) -> SecAggPlan:
         """Graph degree and threshold for a round of ``n`` participants, with its guarantee.
 
