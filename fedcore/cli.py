@@ -1,4 +1,4 @@
-"""Command line: ``fedcore run CONFIG`` runs an experiment from a TOML or YAML file."""
+"""Command line: ``fedcore run CONFIG`` runs an experiment from a TOML or YAML file; ``fedcore tune CONFIG --search SPACE.toml`` searches privately."""
 
 from __future__ import annotations
 
@@ -70,6 +70,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, help="random seed (overrides seed)")
     run.add_argument("--resume", action="store_true", help="continue from the checkpoint in the output folder")
     run.add_argument("--quiet", action="store_true", help="no progress bars or per-round lines")
+    tune = sub.add_parser(
+        "tune",
+        help="private hyperparameter search over a config (FLAML), its cost charged to the budget",
+        description="Private hyperparameter search (Papernot & Steinke, ICLR 2022): a hidden, random number of "
+        "independent trials, each a whole federated run with a noised validation score; only the best is released. "
+        "privacy.target_epsilon is the whole search's epsilon; privacy.budget_epsilon (or the target) refuses a search "
+        "it cannot afford before the first trial. Writes the privacy report (with its tuning section) and "
+        "tune_summary.json (the winner's config) to the output folder.",
+        epilog="search space file (TOML): [trials] distribution = geometric | truncated_negative_binomial (eta) | "
+        'poisson, mean; [score] metric, noise_multiplier; [space] "train.lr" = {loguniform = [lo, hi]} '
+        "(uniform, randint, lograndint, choice).",
+    )
+    tune.add_argument("config", help="path to the experiment file (.toml, .yaml or .yml)")
+    tune.add_argument("--search", dest="space", required=True, metavar="SPACE.toml", help="the search space file")
+    tune.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                      help="override one setting of the experiment (repeatable)")  # fmt: skip
+    tune.add_argument("--out", dest="output_dir", help="output folder (overrides output_dir)")
     return parser
 
 
@@ -79,6 +96,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         overrides = _overrides(args.overrides)
+        if args.command == "tune":
+            if args.output_dir is not None:
+                overrides["output_dir"] = args.output_dir
+            import dp
+
+            from .tune import run_tune
+
+            try:
+                tuned = run_tune(args.config, args.space, overrides=overrides)
+            except dp.BudgetExceededError as exc:
+                print(f"fedcore: error: {exc}", file=sys.stderr)
+                return 2
+            print(tuned.summary())
+            return 0
         for key in ("output_dir", "rounds", "seed"):
             if getattr(args, key) is not None:
                 overrides[key] = getattr(args, key)

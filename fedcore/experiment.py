@@ -55,11 +55,17 @@ class Workload:
     units: tuple[str, ...] = ()
 
 
-def build_workload(config: ExperimentConfig) -> Workload:
-    """Load the real data set of ``config.workload`` and partition it into clients."""
+def build_workload(config: ExperimentConfig, *, validation: bool | None = None) -> Workload:
+    """Load the real data set of ``config.workload`` and partition it into clients.
+
+    ``validation``: hold out a validation split (default: when early stopping or model
+    selection needs one; a private search needs one for its selection score).
+    """
     from . import datasets, recsys
 
     w = config.workload
+    if validation is None:
+        validation = config.train.early_stopping_metric is not None or config.strategy.name == "selection"
     if w.case == "movielens":
         fed = recsys.movielens_federation(
             datasets.load_movielens100k(),
@@ -69,7 +75,7 @@ def build_workload(config: ExperimentConfig) -> Workload:
             partition=w.partition,
             num_silos=w.num_silos,
             max_users=w.max_users,
-            validation=config.train.early_stopping_metric is not None or config.strategy.name == "selection",
+            validation=validation,
             negative_seed=0,
             sampling_seed=config.seed,
             unit=config.privacy_unit,
@@ -93,7 +99,7 @@ def build_workload(config: ExperimentConfig) -> Workload:
         ),
         num_silos=w.num_silos,
         max_reviews=w.max_reviews,
-        validation_fraction=0.1 if (config.train.early_stopping_metric or config.strategy.name == "selection") else 0.0,
+        validation_fraction=0.1 if validation else 0.0,
     )
     positive = float(np.mean(fed.central.test.labels, dtype=np.float64))
     baseline = {"accuracy": max(positive, 1.0 - positive), "auc": 0.5}
@@ -178,12 +184,29 @@ class Experiment:
         """The federation's privacy ledger (every mechanism use of the run)."""
         return self.federation.ledger
 
-    def report(self, *, audited_epsilon_lower_bound: float | None = None) -> dp.PrivacyReport:
-        """The privacy budget report of the run so far, read from the ledger."""
+    def report(
+        self,
+        *,
+        audited_epsilon_lower_bound: float | None = None,
+        ledger: dp.Ledger | None = None,
+        budget: dp.PrivacyBudget | None = None,
+        tuning: dict[str, Any] | None = None,
+    ) -> dp.PrivacyReport:
+        """The privacy budget report of the run so far, read from the ledger.
+
+        A private search reports its selected run with the search's ``ledger``, ``budget`` and
+        ``tuning`` description instead of the run's own (``fedcore.tune``).
+        """
         fed = self.federation
         backend = fed.pipeline.backend
+        releases = self._non_private_releases()
+        if tuning is not None:
+            releases[0] = (
+                "the selected run's test metrics, computed on the clients' held-out private data (the trials' "
+                "selection used only the noised validation score)"
+            )
         return dp.PrivacyReport(
-            fed.ledger,
+            fed.ledger if ledger is None else ledger,
             delta=self.config.privacy.delta,
             accountant=self.config.privacy.accountant,
             mode=backend.mode,
@@ -196,11 +219,12 @@ class Experiment:
             ],
             utility={int(h["round"]): {k[5:]: float(v) for k, v in h.items() if k.startswith("test_")} for h in fed.history},
             audited_epsilon_lower_bound=audited_epsilon_lower_bound,
-            budget=self.budget,
+            budget=self.budget if budget is None else budget,
             unit_of_privacy=self._unit_of_privacy(),
-            non_private_releases=self._non_private_releases(),
+            non_private_releases=releases,
             seed_derivable=fed.randomness.reproducible,
-            title=f"Privacy budget report: {self.config.name}",
+            title=f"Privacy budget report: {self.config.name}" + (" (private hyperparameter search)" if tuning else ""),
+            tuning=tuning,
         )
 
     def _unit_of_privacy(self) -> str | None:

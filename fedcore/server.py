@@ -565,6 +565,32 @@ class Federation:
                 counts[k] = counts.get(k, 0) + n
         return {k: totals[k] / counts[k] for k in sorted(totals) if counts[k]}
 
+    def noised_score(self, *, metric: str, noise_multiplier: float, per: str, split: str = "validation") -> float:
+        """A Gaussian-noised score of the global model, each client noising its own before it leaves.
+
+        ``per="sum"``: each client sends the sum of a per-example ``metric`` in [0, 1] plus
+        ``N(0, noise_multiplier^2)``; the result is the sum of those over the total example count
+        (the counts are sent in the clear). ``per="mean"``: each client sends its mean plus the same
+        noise; the result is their plain mean. Either way one unit of privacy (an example or a user
+        with one held-out item; a whole client for ``"mean"``) moves each sent value by at most 1,
+        so each client's value is a Gaussian mechanism of sensitivity 1 (``dp.TuningEvent``).
+        """
+        if per not in ("sum", "mean"):
+            raise ConfigError(f"per must be 'sum' or 'mean', got {per!r}")
+        if split not in ("validation", "test"):
+            raise ConfigError(f"split must be 'validation' or 'test', got {split!r}")
+        noise = {"metric": metric, "multiplier": float(noise_multiplier), "per": per, "round": self.round_index}
+        request = msg.encode(msg.Kind.EVALUATE, {"split": split, "noise": noise}, self.global_vector)
+        replies = self.channel.exchange({cid: request for cid in self.client_ids})
+        noised, count = 0.0, 0
+        for cid in self.client_ids:
+            header = msg.decode(replies.get(cid) or b"", expect=msg.Kind.SCORES).header
+            noised += float(header["noised"])
+            count += int(header["count"]) if per == "sum" else 1
+        if count == 0:
+            raise ConfigError(f"no client holds {split!r} examples to score")
+        return noised / count
+
     def model(self) -> torch.nn.Module:
         """A fresh model holding the global shared parameters (local-only ones at their initial values)."""
         torch.manual_seed(self.seed)
