@@ -20,7 +20,8 @@ run is ``(lambda, eps'(lambda))``-RDP with:
 
       eps'(lambda) = eps(lambda) + mu * delta_hat + log(mu) / (lambda - 1)
 
-  ``delta_hat`` is the per-trial ``delta`` at ``eps_hat`` from the per-trial RDP curve.
+  ``delta_hat`` is the per-trial ``delta`` at ``eps_hat`` from the per-trial RDP curve, by the
+  conversion the RDP accountant uses (Balle et al. 2020, Thm. 21), solved for delta.
 
 A bound at one order also bounds every smaller order (RDP grows with the order), which is
 applied last. The same formulas are in ``dp_accounting``'s RDP accountant
@@ -172,13 +173,8 @@ def tuning_rdp(orders: Sequence[float], rdp: Sequence[float], distribution: Tria
         raise DPValueError(f"every order must be > 1, got {float(a.min())!r}")
     d = distribution
     if d.kind == "poisson":
-        from dp_accounting.rdp.rdp_privacy_accountant import compute_delta
-
         mu = float(d.mu)  # type: ignore[arg-type]
-        out = np.empty_like(eps)
-        for i, lam in enumerate(a):
-            delta_hat, _ = compute_delta(a, eps, math.log1p(1.0 / (lam - 1.0)))
-            out[i] = eps[i] + mu * delta_hat + math.log(mu) / (lam - 1.0)
+        out = eps + mu * _delta_at(a, eps, np.log1p(1.0 / (a - 1.0))) + math.log(mu) / (a - 1.0)
     else:
         eta, gamma = float(d.eta), float(d.gamma)  # type: ignore[arg-type]
         log_inv_gamma = -math.log(gamma)
@@ -188,6 +184,17 @@ def tuning_rdp(orders: Sequence[float], rdp: Sequence[float], distribution: Tria
         out = eps + (1.0 + eta) * best + math.log(d.mean) / (a - 1.0)
     # RDP is non-decreasing in the order: a bound at a larger order holds at a smaller one
     return np.minimum.accumulate(out[::-1])[::-1] if np.all(np.diff(a) > 0) else _monotone(a, out)
+
+
+def _delta_at(a: np.ndarray, eps: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """One trial's delta at each epsilon in ``targets`` from its RDP curve (Balle et al. AISTATS 2020, Thm. 21, inverted).
+
+    ``log delta = min over orders of (a - 1)(eps(a) - target + log(1 - 1/a)) - log a``, at most 1: the
+    conversion the RDP accountant uses (Opacus), solved for delta.
+    """
+    with np.errstate(invalid="ignore", over="ignore"):
+        log_delta = (a - 1.0)[None, :] * (eps[None, :] - targets[:, None] + np.log1p(-1.0 / a)[None, :]) - np.log(a)[None, :]
+    return np.exp(np.minimum(np.nanmin(log_delta, axis=1), 0.0))
 
 
 def _monotone(a: np.ndarray, out: np.ndarray) -> np.ndarray:
