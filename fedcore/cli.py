@@ -101,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 overrides["output_dir"] = args.output_dir
             import dp
 
-            from .tune import run_tune
+            from .tuning import run_tune
 
             try:
                 tuned = run_tune(args.config, args.space, overrides=overrides)

@@ -13,7 +13,7 @@ from fedcore.cli import main
 from fedcore.config import parse_config
 from fedcore.experiment import build_experiment, build_workload
 from fedcore.server import Federation
-from fedcore.tune import parse_search_space, tune
+from fedcore.tuning import parse_search_space, tune
 
 pytestmark = pytest.mark.integration
 
