@@ -36,6 +36,7 @@ from fedcore.tuning import parse_search_space, tune  # noqa: E402
 def _utility():
     spec = importlib.util.spec_from_file_location("_utility_benchmark", Path(__file__).with_name("utility.py"))
     module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    sys.modules[spec.name] = module  # type: ignore[union-attr]  (its dataclasses look their module up)
     spec.loader.exec_module(module)  # type: ignore[union-attr]
     return module
 

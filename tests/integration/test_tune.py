@@ -9,6 +9,7 @@ import pytest
 from opacus.accountants.analysis import rdp as opacus_rdp
 
 import dp
+from fedcore import messages as msg
 from fedcore.cli import main
 from fedcore.config import parse_config
 from fedcore.experiment import build_experiment, build_workload
@@ -84,8 +85,24 @@ def test_search_is_charged_at_least_the_independent_bound_and_fits_the_target(ou
 
 def test_winner_config_reruns_to_the_same_metrics(outcome, workload):
     experiment = build_experiment(outcome.config, workload=workload, quiet=True)
-    experiment.federation.run(outcome.config.rounds)
-    assert experiment.federation.evaluate("test") == outcome.winner.test_metrics
+    fed = experiment.federation
+    fed.run(outcome.config.rounds)
+    assert fed.evaluate("test") == outcome.winner.test_metrics
+    # the selection score: each client sends its noised hit count and its count, never its metrics
+    sent = []
+    exchange = fed.channel.exchange
+
+    def spy(batch):
+        replies = exchange(batch)
+        sent.extend(msg.decode(r).header for r in replies.values())
+        return replies
+
+    fed.channel.exchange = spy
+    score = fed.noised_score(metric="hr@10", noise_multiplier=5.0, per="sum")
+    assert score == outcome.winner.score  # the same seed-derived noise: a reproducible simulation
+    assert len(sent) == 5 and all(set(h) == {"client", "noised", "count"} for h in sent)
+    exact = fed.evaluate("validation")["hr@10"]
+    assert score != exact and abs(score - exact) < 0.2
 
 
 def test_unaffordable_search_is_refused_before_the_first_trial(tmp_path, workload, monkeypatch):
