@@ -398,9 +398,8 @@ class PrivacyReport:
         title: page title.
         generated_at: ISO timestamp to print (default: now, UTC).
         tuning: what only the search knows, for a ledger holding a ``TuningEvent``: JSON data with
-            ``space``, ``trials_run``, ``winner`` (its settings and noised score), ``score`` (how
-            the selection score was computed) and optional ``trials`` (every trial's record, for the
-            operator: not covered, see the section's ``not_covered``).
+            ``space``, ``trials_run``, ``winner`` (its settings and noised score) and ``score`` (how
+            the selection score was computed). Keep the other trials out: their release is not covered.
 
     Raises:
         DPValueError / DPTypeError: a bad argument; AccountingError if ``accountant="prv"``
@@ -700,7 +699,7 @@ class PrivacyReport:
             ],
             "not_covered": [
                 "the number of trials run (the theorem holds only while it stays hidden)",
-                "any other trial's hyperparameters, score, model or metrics (listed below for the operator only)",
+                "any other trial's hyperparameters, score, model or metrics (kept out of this report)",
                 "the selected model's test metrics, computed without noise on the clients' held-out test data",
                 "the number of validation examples per client (the score's denominator)",
             ],
@@ -1033,10 +1032,6 @@ class PrivacyReport:
             parts.append(f"<p>{e(tuned['how_it_composes'])}</p><p>{e(tuned['why_rdp_headline'])}</p>")
             parts.append("<p><b>Covered:</b> " + e("; ".join(tuned["covered"])) + ".</p>")
             parts.append("<p><b>Not covered:</b></p><ul>" + "".join(f"<li>{e(x)}</li>" for x in tuned["not_covered"]) + "</ul>")
-            if tuned.get("trials"):
-                keys = sorted({k for t in tuned["trials"] for k in t})
-                parts.append("<p>Every trial (for the operator only; releasing this table is not covered):</p>")
-                parts.append(_table(keys, [[t.get(k, "—") for k in keys] for t in tuned["trials"]]))
         parts.append("<h3>Mechanisms and parameters</h3>")
         if d["mechanisms"]:
             parts.append(

@@ -199,12 +199,6 @@ class Experiment:
         """
         fed = self.federation
         backend = fed.pipeline.backend
-        releases = self._non_private_releases()
-        if tuning is not None:
-            releases[0] = (
-                "the selected run's test metrics, computed on the clients' held-out private data (the trials' "
-                "selection used only the noised validation score)"
-            )
         return dp.PrivacyReport(
             fed.ledger if ledger is None else ledger,
             delta=self.config.privacy.delta,
@@ -221,7 +215,7 @@ class Experiment:
             audited_epsilon_lower_bound=audited_epsilon_lower_bound,
             budget=self.budget if budget is None else budget,
             unit_of_privacy=self._unit_of_privacy(),
-            non_private_releases=releases,
+            non_private_releases=self._non_private_releases(),
             seed_derivable=fed.randomness.reproducible,
             title=f"Privacy budget report: {self.config.name}" + (" (private hyperparameter search)" if tuning else ""),
             tuning=tuning,

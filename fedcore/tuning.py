@@ -56,6 +56,21 @@ _DOMAINS = ("uniform", "loguniform", "randint", "lograndint", "choice")
 _SUMMABLE = ("hr@10", "ndcg@10", "accuracy")
 
 
+def _flaml_tune() -> Any:
+    """``flaml.tune``, without its notice about the AutoML extra (not needed here) or its search log lines."""
+    import logging
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="flaml.automl is not available")
+            from flaml import tune as flaml_tune
+    except ImportError:  # pragma: no cover - the 'tune' extra
+        raise ImportError("fedcore tune needs flaml: pip install 'privfl[tune]'") from None
+    logging.getLogger("flaml").setLevel(logging.WARNING)
+    return flaml_tune
+
+
 @dataclass(frozen=True)
 class SearchSpace:
     """A private search: what varies, how many trials, and the noised selection score.
@@ -73,8 +88,8 @@ class SearchSpace:
     score_noise_multiplier: float = 5.0
 
     def flaml_space(self) -> dict[str, Any]:
-        from flaml import tune as flaml_tune
-
+        """The space as ``flaml.tune`` domains."""
+        flaml_tune = _flaml_tune()
         return {
             k: getattr(flaml_tune, kind)(*args) if kind != "choice" else flaml_tune.choice(args)
             for k, (kind, args) in self.params.items()
@@ -173,7 +188,7 @@ class TuneOutcome:
     Attributes:
         config: the winner's whole config (its noise multiplier fixed), runnable with ``fedcore run``.
         winner: the winning trial; ``None`` when ``K = 0`` (Poisson) drew no trial.
-        trials: every trial (operator only).
+        trials: every trial (operator only: kept out of the report, whose release is covered).
         ledger: the search's ledger (its ``TuningEvent`` records, plus what it was given).
         epsilon: the budget's spend after the search (RDP: see ``dp.TuningEvent``).
         report: the winner's privacy report with the search's ledger and tuning section.
@@ -260,7 +275,8 @@ def _dominated(curves: Mapping[str | None, np.ndarray], reference: Mapping[str |
     for cid, c in curves.items():
         if cid not in reference:
             raise dp.AccountingError(f"a trial spent privacy of {cid or 'the clients'} that the search did not plan")
-        worst = max(worst, float(np.max(c / reference[cid])))
+        with np.errstate(invalid="ignore"):  # inf / inf: an order neither curve bounds, which no accountant uses
+            worst = max(worst, float(np.nanmax(c / reference[cid])))
     return worst
 
 
@@ -359,14 +375,8 @@ def tune(
             return {"score": score}
 
         if k > 0:
-            import logging
-            import warnings
-
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="flaml.automl is not available")
-                from flaml import tune as flaml_tune
-                from flaml.tune.searcher.blendsearch import RandomSearch
-            logging.getLogger("flaml").setLevel(logging.WARNING)
+            flaml_tune = _flaml_tune()
+            from flaml.tune.searcher.blendsearch import RandomSearch
 
             flaml_space = space.flaml_space()
             searcher = RandomSearch(metric="score", mode="max", space=flaml_space, seed=searcher_seed)
@@ -383,21 +393,14 @@ def tune(
             "split": "validation",
             "per_client": "sum" if level == "sample" else "mean",
             "noise_multiplier": space.score_noise_multiplier,
-            "computed": "each client scores the DP-trained global model on its validation split and adds "
-            "Gaussian noise of its own drawing before sending; the server sums",
-        },  # fmt: skip
+            "computed": "each client scores the DP-trained model on its validation split and adds Gaussian noise "
+            "of its own drawing before sending; the server sums",
+            "sensitivity": "1: given the DP-trained models, one unit changes its client's sent value by at most 1 "
+            "(sample level: the sum of a per-example metric in [0, 1], one held-out item per user; client level: "
+            "the client's mean)",
+        },
         "planned_noise_multiplier": z_ref,
         "reproducible": config.reproducible,
-        "trials": [
-            {
-                "trial": t.index,
-                **t.params,
-                "noise_multiplier": t.noise_multiplier,
-                "noised_score": t.score,
-                **{f"test_{m}": v for m, v in t.test_metrics.items()},
-            }
-            for t in trials
-        ],  # fmt: skip
     }
     if best is None:
         return TuneOutcome(None, None, trials, ledger, epsilon, budget, tuning)
@@ -424,6 +427,7 @@ def run_tune(config_path: str | Path, space_path: str | Path, *, overrides: Mapp
         "winner": outcome.tuning.get("winner"),
         "winner_test_metrics": outcome.winner.test_metrics if outcome.winner else None,
         "winner_config": outcome.config.to_dict() if outcome.config else None,
+        "trials_for_the_operator_only": [dataclasses.asdict(t) for t in outcome.trials],  # not covered if released
     }
     (out / "tune_summary.json").write_text(json.dumps(summary, indent=1, default=str), encoding="utf-8")
     return outcome
