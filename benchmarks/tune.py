@@ -44,7 +44,9 @@ def _utility():
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=10, help="rounds of every run (utility.py: 10)")
-    parser.add_argument("--mean", type=float, default=3.0, help="expected number of trials (geometric)")
+    parser.add_argument("--mean", type=float, default=3.0, help="expected number of trials")
+    parser.add_argument("--eta", type=float, default=0.0, help="truncated negative binomial shape (0: logarithmic, 1: geometric)")
+    parser.add_argument("--batch-size", type=int, default=8192, help="the search's batch size (utility.py's sweep: 4096 or 8192)")
     parser.add_argument("--score-noise", type=float, default=5.0, help="each silo's noise on its validation hit count")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
@@ -59,11 +61,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# tune benchmark: {os.cpu_count()} CPUs, {args.threads} torch thread(s), seed {args.seed}, {args.rounds} rounds")
     started = time.perf_counter()
     hand = u.run(config, build_workload(config), u.federated_eval)
+    config = u.experiment_config(workload=regions, seed=args.seed, train={**u.ML_DP_TRAIN, "batch_size": args.batch_size},
+                                 rounds=args.rounds, aggregation={"mode": "masked"}, privacy=privacy)  # fmt: skip
     hand_s = time.perf_counter() - started
     space = parse_search_space({
-        "trials": {"distribution": "geometric", "mean": args.mean},
+        "trials": {"distribution": "truncated_negative_binomial", "eta": args.eta, "mean": args.mean},
         "score": {"metric": "hr@10", "noise_multiplier": args.score_noise},
-        "space": {"train.lr": {"loguniform": [100.0, 1000.0]}, "privacy.max_grad_norm": {"loguniform": [0.1, 1.0]}},
+        "space": {"train.lr": {"loguniform": [100.0, 1500.0]}, "privacy.max_grad_norm": {"loguniform": [0.1, 1.0]}},
     })  # fmt: skip
     started = time.perf_counter()
     outcome = tune(config, space, workload=build_workload(config, validation=True))
@@ -80,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         hr = w.test_metrics["hr@10"]
         print(f"| private search, winner | {hr:.4f} | {w.test_metrics['ndcg@10']:.4f} | {outcome.epsilon:.3f} (whole search) | "
-              f"{len(outcome.trials)} | {tune_s:.0f} | lr {w.params['train.lr']:.4g}, max_grad_norm "
+              f"{len(outcome.trials)} | {tune_s:.0f} | batch {args.batch_size}, lr {w.params['train.lr']:.4g}, max_grad_norm "
               f"{w.params['privacy.max_grad_norm']:.3g}, noise multiplier {w.noise_multiplier:.3f} |")  # fmt: skip
     print("\n# every trial (operator only: releasing these is not covered by the search's guarantee)")
     for t in outcome.trials:

@@ -534,9 +534,19 @@ class PrivacyReport:
             "accountant": acc,
             "mode": {"name": mode, "trust_model": trust_model},
             "summary": self._summary(
-                unit, client, sample, d, mode, client_events, sample_events, releases, rev, seed_derivable, audit_rec
+                unit,
+                client,
+                sample,
+                d,
+                mode,
+                _flat(client_events),
+                _flat(sample_events),
+                releases,
+                rev,
+                seed_derivable,
+                audit_rec,
             ),  # fmt: skip
-            "parties": party_rows or self._default_parties(mode, trust_model, client_events, sample_events, rev),
+            "parties": party_rows or self._default_parties(mode, trust_model, _flat(client_events), _flat(sample_events), rev),
             "non_private_releases": releases,
             "seed_derivable": seed_derivable,
             "client_level": client,
@@ -758,7 +768,7 @@ class PrivacyReport:
         if seed_derivable:
             not_covered.append("Reproducible simulation: the noise is derivable from the seed; the guarantee holds only "
                                "against whoever does not know it.")  # fmt: skip
-        if any(e.sampling == "fixed_size" for e in _flat(list(client_events) + list(sample_events))):
+        if any(e.sampling == "fixed_size" for e in list(client_events) + list(sample_events)):
             not_covered.append("Fixed-size sampling was accounted as if it were Poisson sampling at the same rate (an "
                                "approximation, not a proof).")  # fmt: skip
         covered = ["Everything derived from the noised outputs recorded in the ledger: the trained model and what is "
