@@ -9,6 +9,8 @@
   (``epsilon``, ``sample_level_epsilons``; PLD by default, RDP as the cross-check), a
   ``PrivacyBudget``, noise calibration with the same accountant, and a ``PrivacyReport``
   (JSON + self-contained HTML) read the ledger.
+- Private hyperparameter tuning (Papernot & Steinke ICLR 2022): ``TrialDistribution``,
+  ``tuning_rdp`` and a ``TuningEvent`` whose RDP bound covers the best of a random number of trials.
 - ``dp.audit``: a one-run canary audit giving an empirical lower bound on epsilon, shown in the
   report beside the accountant's figure and flagged (``PrivacyAuditWarning``) when above it.
 """
@@ -20,6 +22,7 @@ from ._accounting import (
     effective_noise_multiplier,
     epsilon,
     epsilon_by_accountant,
+    rdp_curve,
     sample_level_epsilons,
 )
 from ._budget import BUDGET_LEVELS, PrivacyBudget
@@ -42,6 +45,7 @@ from ._events import (
     QuantileEvent,
     SampleLevelEvent,
     SkellamEvent,
+    TuningEvent,
     event_from_dict,
     event_to_dict,
 )
@@ -49,6 +53,7 @@ from ._ledger import LEDGER_SCHEMA, Ledger
 from ._noise import CentralGaussian, DiscreteGaussianNoise, SkellamNoise
 from ._opacus import CLIPPING_MODES, PrivateTraining, SampleLevelDP, bert_dp_inputs, resolve_clipping
 from ._report import REPORT_SCHEMA, PrivacyReport, ReportPaths, Reveal
+from ._tuning import TRIAL_DISTRIBUTIONS, TrialDistribution, tuning_rdp
 
 __all__ = [
     # sample-level
@@ -70,6 +75,7 @@ __all__ = [
     "SampleLevelEvent",
     "SkellamEvent",
     "DiscreteGaussianEvent",
+    "TuningEvent",
     "SAMPLINGS",
     "event_to_dict",
     "event_from_dict",
@@ -83,11 +89,16 @@ __all__ = [
     "accountant_used",
     "effective_noise_multiplier",
     "sample_level_epsilons",
+    "rdp_curve",
     "PrivacyBudget",
     "BUDGET_LEVELS",
     "calibrate_noise_multiplier",
     "calibrate_for_runs",
     "smallest_noise_multiplier",
+    # private hyperparameter tuning (Papernot & Steinke 2022)
+    "TrialDistribution",
+    "TRIAL_DISTRIBUTIONS",
+    "tuning_rdp",
     # report
     "PrivacyReport",
     "Reveal",

@@ -54,9 +54,11 @@ from ._events import (
     QuantileEvent,
     SampleLevelEvent,
     SkellamEvent,
+    TuningEvent,
     is_event,
 )
 from ._ledger import Ledger
+from ._tuning import TrialDistribution, tuning_rdp
 
 __all__ = [
     "ACCOUNTANTS",
@@ -71,6 +73,7 @@ __all__ = [
     "skellam_rdp",
     "discrete_gaussian_rdp",
     "poisson_subsampled_rdp",
+    "rdp_curve",
 ]
 
 ACCOUNTANTS = ("pld", "rdp", "prv", "tightest")
@@ -117,6 +120,10 @@ def _key(event: Event, extra: float = 0.0) -> tuple[_Key, int]:
         return ("gaussian", float(z), event.sample_rate), event.count
     if isinstance(event, SampleLevelEvent):
         return ("gaussian", event.noise_multiplier, event.sample_rate), event.steps
+    if isinstance(event, TuningEvent):
+        d = event.distribution
+        trial = frozenset(_groups(event.trial).items())
+        return ("tuning", (d.kind, d.eta, d.gamma, d.mu), trial, event.score_noise_multiplier), 1
     if isinstance(event, SkellamEvent):
         return (
             ("skellam", event.l1_sensitivity, event.l2_sensitivity, event.variance, event.sample_rate, float(extra)),
@@ -269,6 +276,11 @@ def _curve(key: _Key) -> tuple[float, ...]:
 
         _, z, q = key
         return tuple(float(v) for v in opacus_rdp.compute_rdp(q=q, noise_multiplier=z, steps=1, orders=list(RDP_ORDERS)))
+    if kind == "tuning":  # Papernot & Steinke 2022: the best of K trials, each the trial's events and one noised score
+        _, (dist_kind, eta, gamma, mu), trial, score_z = key
+        per_trial = _sum_curves(dict(trial)) + np.asarray(_curve(("gaussian", float(score_z), 1.0)))
+        dist = TrialDistribution(kind=dist_kind, eta=eta, gamma=gamma, mu=mu)
+        return tuple(float(v) for v in tuning_rdp(RDP_ORDERS, per_trial, dist))
     max_order = int(_INT_ORDERS[-1])
     a = np.arange(max_order + 1, dtype=np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -286,14 +298,20 @@ def _curve(key: _Key) -> tuple[float, ...]:
     return tuple(by_int[int(math.ceil(o))] for o in RDP_ORDERS)
 
 
+def _sum_curves(groups: Mapping[_Key, int]) -> np.ndarray:
+    """The composed RDP at ``RDP_ORDERS`` of every group (RDP adds up under composition)."""
+    total = np.zeros(len(RDP_ORDERS))
+    for key, mult in groups.items():
+        total = total + mult * np.asarray(_curve(key))
+    return total
+
+
 def _rdp_epsilon(groups: Mapping[_Key, int], delta: float) -> tuple[float, float]:
     if not groups:
         return 0.0, float("nan")
     from opacus.accountants.analysis import rdp as opacus_rdp
 
-    total = np.zeros(len(RDP_ORDERS))
-    for key, mult in groups.items():
-        total = total + mult * np.asarray(_curve(key))
+    total = _sum_curves(groups)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Optimal order is the")
         eps, order = opacus_rdp.get_privacy_spent(orders=list(RDP_ORDERS), rdp=total, delta=delta)
@@ -492,8 +510,27 @@ def accountant_used(ledger_or_events: Ledger | Iterable[Event], *, accountant: s
     lv = chk.one_of("level", level, ("client", "sample"))
     events = _events_of(ledger_or_events)
     if lv == "sample":
-        return a
+        return _used(_groups(e for e in events if e.level == "sample"), a)
     return _used(_groups(_client_events(events)), a)
+
+
+def rdp_curve(ledger_or_events: Ledger | Iterable[Event], *, level: str = "client", client_id: str | None = None) -> np.ndarray:
+    """The composed RDP at ``RDP_ORDERS`` of the client-level events, or of one client's sample-level ones.
+
+    What the RDP accountant converts to (epsilon, delta); used to check that one history is
+    dominated by another order by order (a private search's trials by its planned worst case).
+    """
+    lv = chk.one_of("level", level, ("client", "sample"))
+    events = _events_of(ledger_or_events)
+    if lv == "client":
+        if client_id is not None:
+            raise DPValueError(f"client_id applies to level='sample', got {client_id!r}")
+        chosen = _client_events(events)
+    else:
+        if not isinstance(client_id, str):
+            raise DPTypeError(f"client_id must be a str for level='sample', got {client_id!r}")
+        chosen = _per_client(events).get(client_id, [])
+    return _sum_curves(_groups(chosen))
 
 
 def sample_level_epsilons(

@@ -88,11 +88,14 @@ class PrivacyBudget:
         """Budget left (never negative)."""
         return max(0.0, self.epsilon - self.spent(ledger_or_events))
 
-    def check(self, ledger_or_events: Ledger | Iterable[Event], next_events: Iterable[Event] = ()) -> float:
+    def check(
+        self, ledger_or_events: Ledger | Iterable[Event], next_events: Iterable[Event] = (), *, what: str = "the next round"
+    ) -> float:
         """Raise if recording ``next_events`` would exceed the budget; else return the would-be epsilon.
 
         Plan ``next_events`` for the worst case the protocol allows (``plan`` of the noise
         stages: the fewest survivors), so that what is recorded afterwards never costs more.
+        ``what`` names them in the error (a private search says which, and its distribution).
 
         Raises:
             BudgetExceededError: with the budget, the spend so far and the next round's cost.
@@ -106,7 +109,7 @@ class PrivacyBudget:
             if would_be > self.epsilon:
                 raise BudgetExceededError(
                     budget_epsilon=self.epsilon, delta=self.delta, spent=spent, would_be=would_be,
-                    accountant=self.accountant, level="client",
+                    accountant=self.accountant, level="client", what=what,
                 )  # fmt: skip
             worst = would_be
         if self.level in ("all", "sample"):
@@ -117,7 +120,7 @@ class PrivacyBudget:
                 if would_be > self.epsilon:
                     raise BudgetExceededError(
                         budget_epsilon=self.epsilon, delta=self.delta, spent=self._eps(base), would_be=would_be,
-                        accountant=self.accountant, level="sample", client_id=cid,
+                        accountant=self.accountant, level="sample", client_id=cid, what=what,
                     )  # fmt: skip
                 worst = max(worst, would_be)
         return worst

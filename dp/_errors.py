@@ -47,6 +47,7 @@ class BudgetExceededError(DPError):
         would_be: epsilon after the next round's events.
         next_cost: ``would_be - spent``, what the next round would cost.
         client_id: for a sample-level budget, the client that would exceed it.
+        what: what was about to spend (``"the next round"``, or a private search and its distribution).
     """
 
     def __init__(
@@ -59,6 +60,7 @@ class BudgetExceededError(DPError):
         accountant: str,
         level: str,
         client_id: str | None = None,
+        what: str = "the next round",
     ) -> None:
         self.budget_epsilon = float(budget_epsilon)
         self.delta = float(delta)
@@ -68,10 +70,11 @@ class BudgetExceededError(DPError):
         self.accountant = accountant
         self.level = level
         self.client_id = client_id
+        self.what = what
         who = f"client {client_id!r} " if client_id is not None else ""
         super().__init__(
             f"{level}-level privacy budget (epsilon={self.budget_epsilon:.6g}, delta={self.delta:.3g}) "
-            f"would be exceeded: {who}spent epsilon={self.spent:.6g} so far, the next round would cost "
+            f"would be exceeded: {who}spent epsilon={self.spent:.6g} so far, {what} would cost "
             f"{self.next_cost:.6g} more (total {self.would_be:.6g}, over budget by "
             f"{self.would_be - self.budget_epsilon:.6g}; accountant {accountant!r})"
         )

@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Mapping, Union
 
 from . import _checks as chk
 from ._errors import DPTypeError, DPValueError
+from ._tuning import TrialDistribution
 
 __all__ = [
     "SAMPLINGS",
@@ -27,6 +28,7 @@ __all__ = [
     "SampleLevelEvent",
     "SkellamEvent",
     "DiscreteGaussianEvent",
+    "TuningEvent",
     "Event",
     "EVENT_TYPES",
     "event_to_dict",
@@ -298,10 +300,73 @@ class DiscreteGaussianEvent(_DistributedNoiseEvent):
         return self.survivors * self.local_stddev**2
 
 
-Event = Union[GaussianEvent, QuantileEvent, SampleLevelEvent, SkellamEvent, DiscreteGaussianEvent]
-EVENT_TYPES: dict[str, type] = {
-    cls.mechanism: cls for cls in (GaussianEvent, QuantileEvent, SampleLevelEvent, SkellamEvent, DiscreteGaussianEvent)
-}
+_TrialEvent = Union[GaussianEvent, QuantileEvent, SampleLevelEvent, SkellamEvent, DiscreteGaussianEvent]
+_TRIAL_TYPES = (GaussianEvent, QuantileEvent, SampleLevelEvent, SkellamEvent, DiscreteGaussianEvent)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TuningEvent:
+    """A private hyperparameter search: the best of ``K ~ distribution`` trials (Papernot & Steinke 2022).
+
+    One event per guarantee it concerns: ``level="client"`` holds one trial's client-level
+    events; ``level="sample"`` one client's sample-level events of one trial (``client_id``).
+    ``trial`` is the worst case any trial of the search may spend (every trial's own events
+    must be dominated by it, order by order), and each trial also releases one score noised
+    with ``score_noise_multiplier`` (Gaussian, sensitivity 1). Accountants compose the RDP bound
+    of Theorem 2 / 6 (``dp.tuning_rdp``) on that per-trial curve; PLD and PRV cannot represent it,
+    so a history holding one is accounted with RDP.
+
+    Attributes:
+        distribution: the ``TrialDistribution`` the number of trials was drawn from.
+        trial: one trial's events at this level (and client), none of them a ``TuningEvent``.
+        score_noise_multiplier: noise standard deviation of the released selection score over
+            its sensitivity (1: one unit changes a sum of per-example scores in [0, 1] by <= 1).
+        round_index: 0 (the search precedes the run it selects).
+        level: ``"client"`` or ``"sample"``.
+        client_id: for ``level="sample"``, whose records are protected; else ``None``.
+    """
+
+    mechanism: ClassVar[str] = "tuning"
+    distribution: TrialDistribution
+    trial: tuple[_TrialEvent, ...]
+    score_noise_multiplier: float
+    round_index: int = 0
+    level: str = "client"
+    client_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.distribution, TrialDistribution):
+            raise DPTypeError(f"distribution must be a dp.TrialDistribution, got {type(self.distribution).__name__}")
+        _f(self, "round_index", chk.integer, minimum=0)
+        _f(self, "level", chk.one_of, ("client", "sample"))
+        _f(self, "score_noise_multiplier", chk.positive)
+        trial = tuple(self.trial) if isinstance(self.trial, (list, tuple)) else None
+        if not trial:
+            raise DPValueError(f"trial must be a non-empty tuple of dp events, got {self.trial!r}")
+        for e in trial:
+            if type(e) not in _TRIAL_TYPES:
+                raise DPTypeError(f"trial events must be dp mechanism events (not a TuningEvent), got {type(e).__name__}")
+            if e.level != self.level or e.client_id != self.client_id:
+                raise DPValueError(
+                    f"every trial event must concern level={self.level!r}, client_id={self.client_id!r}; got an event "
+                    f"of level {e.level!r}, client_id {e.client_id!r}"
+                )
+        if self.level == "sample" and not (isinstance(self.client_id, str) and self.client_id):
+            raise DPTypeError(f"client_id must be a non-empty str for level='sample', got {self.client_id!r}")
+        object.__setattr__(self, "trial", trial)
+
+    @property
+    def sampling(self) -> str:
+        """How the search chose its data: every trial sees all of it."""
+        return "full"
+
+    @property
+    def sample_rate(self) -> float:
+        return 1.0
+
+
+Event = Union[GaussianEvent, QuantileEvent, SampleLevelEvent, SkellamEvent, DiscreteGaussianEvent, TuningEvent]
+EVENT_TYPES: dict[str, type] = {cls.mechanism: cls for cls in (*_TRIAL_TYPES, TuningEvent)}
 
 
 def is_event(obj: object) -> bool:
@@ -313,6 +378,11 @@ def event_to_dict(event: Event) -> dict[str, Any]:
     if not is_event(event):
         raise DPTypeError(f"event must be one of {sorted(EVENT_TYPES)} events, got {type(event).__name__}")
     out: dict[str, Any] = {"mechanism": event.mechanism}
+    if isinstance(event, TuningEvent):
+        out.update({f.name: getattr(event, f.name) for f in dataclasses.fields(event)})
+        out["distribution"] = dataclasses.asdict(event.distribution)
+        out["trial"] = [event_to_dict(e) for e in event.trial]
+        return out
     out.update(dataclasses.asdict(event))
     if isinstance(event, _DistributedNoiseEvent):
         out["derived"] = {"variance": event.variance, "noise_multiplier": event.noise_multiplier}
@@ -340,4 +410,10 @@ def event_from_dict(data: Mapping[str, Any]) -> Event:
     missing = sorted(required - set(fields))
     if missing:
         raise DPValueError(f"{kind} event record lacks the required fields {missing}")
+    if cls is TuningEvent:
+        dist, trial = fields.get("distribution"), fields.get("trial")
+        if not isinstance(dist, Mapping) or not isinstance(trial, list):
+            raise DPValueError("a tuning event record needs a 'distribution' mapping and a 'trial' list")
+        fields["distribution"] = TrialDistribution(**dist)
+        fields["trial"] = tuple(event_from_dict(e) for e in trial)
     return cls(**fields)

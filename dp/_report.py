@@ -18,6 +18,7 @@ import math
 import numbers
 import pathlib
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterable, Literal, Mapping, NamedTuple, Sequence, cast, overload
 
@@ -32,6 +33,7 @@ from ._events import (
     QuantileEvent,
     SampleLevelEvent,
     SkellamEvent,
+    TuningEvent,
     event_to_dict,
 )
 from ._ledger import Ledger
@@ -115,7 +117,39 @@ def _event_unit(e: Event) -> str:
     return getattr(e, "unit", "record") if isinstance(e, SampleLevelEvent) else "client"
 
 
+def _flat(events: Sequence[Event]) -> list[Event]:
+    """The events with each private search replaced by its per-trial events (for descriptions, not accounting)."""
+    out: list[Event] = []
+    for e in events:
+        out.extend(e.trial if isinstance(e, TuningEvent) else (e,))
+    return out
+
+
+def _tuning_rows(events: Sequence[Event]) -> list[dict[str, Any]]:
+    rows: dict[tuple, dict[str, Any]] = {}
+    for e in events:
+        if isinstance(e, TuningEvent):
+            key = (e.level, e.distribution, e.score_noise_multiplier)
+            row = rows.setdefault(key, {
+                "mechanism": "tuning", "level": e.level,
+                "parameters": {"distribution": e.distribution.describe(), "expected_trials": e.distribution.mean,
+                               "score_noise_multiplier": e.score_noise_multiplier},
+                "uses": 0, "rounds": [e.round_index, e.round_index],
+            })  # fmt: skip
+            row["uses"] += 1
+    return list(rows.values())
+
+
 def _mechanism_rows(events: Sequence[Event]) -> list[dict[str, Any]]:
+    """One row per mechanism and setting; a private search's row, then its per-trial mechanisms (``per_trial``)."""
+    tuned = _tuning_rows(events)
+    trial_rows = _plain_rows(_flat([e for e in events if isinstance(e, TuningEvent)]))
+    for row in trial_rows:
+        row["per_trial"] = True
+    return tuned + trial_rows + _plain_rows([e for e in events if not isinstance(e, TuningEvent)])
+
+
+def _plain_rows(events: Sequence[Event]) -> list[dict[str, Any]]:
     rows: dict[tuple, dict[str, Any]] = {}
     for e in events:
         names = _PARAMS[type(e)]
@@ -370,6 +404,9 @@ class PrivacyReport:
             the library version is added.
         title: page title.
         generated_at: ISO timestamp to print (default: now, UTC).
+        tuning: what only the search knows, for a ledger holding a ``TuningEvent``: JSON data with
+            ``space``, ``trials_run``, ``winner`` (its settings and noised score) and ``score`` (how
+            the selection score was computed). Keep the other trials out: their release is not covered.
 
     Raises:
         DPValueError / DPTypeError: a bad argument; AccountingError if ``accountant="prv"``
@@ -399,8 +436,12 @@ class PrivacyReport:
         provenance: Mapping[str, Any] | None = None,
         title: str = "Privacy budget report",
         generated_at: str | None = None,
+        tuning: Mapping[str, Any] | None = None,
     ) -> None:
         events = _events_of(ledger)
+        tuning_events = [e for e in events if isinstance(e, TuningEvent)]
+        if tuning is not None and not tuning_events:
+            raise DPValueError("tuning= describes a private search, but the ledger holds no TuningEvent")
         d = chk.open_unit("delta", delta)
         acc = chk.one_of("accountant", accountant, ACCOUNTANTS)
         for name, v in (("mode", mode), ("trust_model", trust_model), ("title", title)):
@@ -505,9 +546,19 @@ class PrivacyReport:
             "accountant": acc,
             "mode": {"name": mode, "trust_model": trust_model},
             "summary": self._summary(
-                unit, client, sample, d, mode, client_events, sample_events, releases, rev, seed_derivable, audit_rec
+                unit,
+                client,
+                sample,
+                d,
+                mode,
+                _flat(client_events),
+                _flat(sample_events),
+                releases,
+                rev,
+                seed_derivable,
+                audit_rec,
             ),  # fmt: skip
-            "parties": party_rows or self._default_parties(mode, trust_model, client_events, sample_events, rev),
+            "parties": party_rows or self._default_parties(mode, trust_model, _flat(client_events), _flat(sample_events), rev),
             "non_private_releases": releases,
             "seed_derivable": seed_derivable,
             "client_level": client,
@@ -525,9 +576,18 @@ class PrivacyReport:
             "audit": audit_rec,
             "provenance": _provenance(provenance),
             "warnings": warn,
-            "assumptions": self._assumptions(events, client_events, sample_events, under),
+            "tuning": self._tuning_section(tuning_events, tuning, d),
+            "assumptions": self._assumptions(_flat(events), client_events, sample_events, under)
+            + self._tuning_assumptions(tuning_events),
             "events": [event_to_dict(e) for e in events],
         }
+        tuned = self.data["tuning"]
+        if tuned:
+            self.data["summary"]["covered"].append(
+                "Private hyperparameter search: " + "; ".join(tuned["covered"]) + " (the search's whole cost is in the "
+                "epsilon above)."
+            )
+            self.data["summary"]["not_covered"] += [f"private search: {x}" for x in tuned["not_covered"]]
 
     # ------------------------------------------------------------------------- epsilon
 
@@ -582,19 +642,21 @@ class PrivacyReport:
         }
 
     @classmethod
-    def _sample_section(cls, events: Sequence[SampleLevelEvent], d: float, acc: str) -> dict[str, Any] | None:
+    def _sample_section(cls, events: Sequence[Event], d: float, acc: str) -> dict[str, Any] | None:
         if not events:
             return None
-        cross = "rdp" if acc != "rdp" else "pld"
-        per: dict[str, list[SampleLevelEvent]] = {}
-        for e in events:
+        acc = _used(_groups(events), acc)
+        cross = "rdp" if acc != "rdp" else ("pld" if _used(_groups(events), "pld") == "pld" else "prv")
+        per: dict[str, list[Event]] = {}
+        for e in events:  # sample-level events (a search's included) name their client
+            assert isinstance(e, (SampleLevelEvent, TuningEvent)) and e.client_id is not None
             per.setdefault(e.client_id, []).append(e)
         per_client: dict[str, dict[str, Any]] = {
             cid: {
                 "epsilon": cls._eps(per[cid], d, acc, strict=True),
                 "cross_check": cls._eps(per[cid], d, cross, strict=False),
                 "rounds": len({e.round_index for e in per[cid]}),
-                "steps": sum(e.steps for e in per[cid]),
+                "steps": sum(e.steps for e in _flat(per[cid]) if isinstance(e, SampleLevelEvent)),
             }
             for cid in sorted(per)
         }
@@ -618,6 +680,70 @@ class PrivacyReport:
             ),
             "epsilon_over_rounds": curve,
         }
+
+    # ------------------------------------------------------------------------- tuning
+
+    @staticmethod
+    def _tuning_section(events: Sequence[TuningEvent], given: Mapping[str, Any] | None, d: float) -> dict[str, Any] | None:
+        """The private search: its distribution, one trial's cost, the bound, and what is and is not covered."""
+        if not events:
+            return None
+        data = _json_value("tuning", dict(given or {}))
+        dists = sorted({e.distribution.describe() for e in events})
+        per_trial = {}
+        for e in events:
+            who = "client level" if e.level == "client" else f"client {e.client_id!r}"
+            one = _epsilon_groups(_groups(e.trial), d, "rdp")
+            per_trial[who] = {
+                "one_trial_epsilon": one,
+                "one_trial_with_score_epsilon": _epsilon_groups(
+                    _groups(e.trial) + Counter({("gaussian", e.score_noise_multiplier, 1.0): 1}), d, "rdp"
+                ),
+                "search_epsilon": _epsilon_groups(_groups([e]), d, "rdp"),
+            }
+        z = sorted({e.score_noise_multiplier for e in events})
+        return {
+            **data,
+            "distribution": dists[0] if len(dists) == 1 else dists,
+            "expected_trials": events[0].distribution.mean,
+            "score_noise_multiplier": z[0] if len(z) == 1 else z,
+            "epsilon_by_guarantee": per_trial,
+            "headline_accountant": "rdp",
+            "how_it_composes": (
+                "Each trial is one whole training run at the same worst-case privacy cost (its noise calibrated so that "
+                "its RDP curve stays below the planned trial's at every order) plus one Gaussian-noised selection score "
+                "(sensitivity 1). The number of trials K was drawn once, before the first trial, from the distribution "
+                "above, and only the best trial is released. Papernot & Steinke (ICLR 2022) Theorem 2 (truncated "
+                "negative binomial) or Theorem 6 (Poisson) bound the RDP of that release from one trial's RDP curve; "
+                "the bound is converted to (epsilon, delta) like every RDP figure here (Balle et al. 2020, Thm. 21) and "
+                "composed with the rest of the ledger by adding RDP curves."
+            ),
+            "why_rdp_headline": (
+                "The theorems are stated in Renyi DP; a privacy loss distribution (PLD) or PRV of the best of a random "
+                "number of runs is not implemented, so the headline of a tuned run is the RDP bound (PLD and PRV are "
+                "shown as not applicable)."
+            ),
+            "covered": [
+                "the selected trial's hyperparameters, its trained model and its noised validation score",
+            ],
+            "not_covered": [
+                "the number of trials run (the theorem holds only while it stays hidden)",
+                "any other trial's hyperparameters, score, model or metrics (kept out of this report)",
+                "the selected model's test metrics, computed without noise on the clients' held-out test data",
+                "the number of validation examples per client (the score's denominator)",
+            ],
+        }
+
+    @staticmethod
+    def _tuning_assumptions(events: Sequence[TuningEvent]) -> list[str]:
+        if not events:
+            return []
+        return [
+            "Private hyperparameter search (Papernot & Steinke, ICLR 2022, Thm. 2 / Thm. 6): the trials are "
+            "independent runs of one randomized procedure (hyperparameters drawn independently from the space, no "
+            "trial depending on another's result), the number of trials is drawn from the stated distribution and "
+            "kept hidden, and only the best trial is released. The headline of a history holding a search is RDP.",
+        ]
 
     # ------------------------------------------------------------------------- words
 
@@ -661,7 +787,7 @@ class PrivacyReport:
         if seed_derivable:
             not_covered.append("Reproducible simulation: the noise is derivable from the seed; the guarantee holds only "
                                "against whoever does not know it.")  # fmt: skip
-        if any(e.sampling == "fixed_size" for e in client_events + list(sample_events)):
+        if any(e.sampling == "fixed_size" for e in list(client_events) + list(sample_events)):
             not_covered.append("Fixed-size sampling was accounted as if it were Poisson sampling at the same rate (an "
                                "approximation, not a proof).")  # fmt: skip
         covered = ["Everything derived from the noised outputs recorded in the ledger: the trained model and what is "
@@ -918,6 +1044,23 @@ class PrivacyReport:
         if d["utility"] and not d["utility_reference"]:
             parts.append("<p>No non-DP reference was given to compare with.</p>")
 
+        tuned = d["tuning"]
+        if tuned:
+            parts.append("<h3>Private hyperparameter search</h3>")
+            rows = [[k, tuned[k]] for k in ("distribution", "expected_trials", "trials_run", "score_noise_multiplier",
+                                             "headline_accountant") if k in tuned]  # fmt: skip
+            for k in ("space", "score", "winner"):
+                if k in tuned:
+                    rows.append([k, json.dumps(tuned[k], sort_keys=True)])
+            parts.append(_table(["setting", "value"], rows))
+            parts.append(_table(
+                ["guarantee", "one trial", "one trial with its score", "the whole search (best trial released)"],
+                [[who, v["one_trial_epsilon"], v["one_trial_with_score_epsilon"], v["search_epsilon"]]
+                 for who, v in tuned["epsilon_by_guarantee"].items()],
+            ))  # fmt: skip
+            parts.append(f"<p>{e(tuned['how_it_composes'])}</p><p>{e(tuned['why_rdp_headline'])}</p>")
+            parts.append("<p><b>Covered:</b> " + e("; ".join(tuned["covered"])) + ".</p>")
+            parts.append("<p><b>Not covered:</b></p><ul>" + "".join(f"<li>{e(x)}</li>" for x in tuned["not_covered"]) + "</ul>")
         parts.append("<h3>Mechanisms and parameters</h3>")
         if d["mechanisms"]:
             parts.append(

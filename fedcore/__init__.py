@@ -93,4 +93,19 @@ __all__ = [
     "VirtualClock",
     "WandbLogger",
     "Workspace",
+    # private hyperparameter search (fedcore.tuning, loaded on first use: it needs flaml)
+    "tune",
+    "SearchSpace",
+    "parse_search_space",
+    "load_search_space",
 ]
+
+_TUNING = ("tune", "SearchSpace", "parse_search_space", "load_search_space")
+
+
+def __getattr__(name: str):  # PEP 562: ``fedcore.tune(config, space)`` without importing flaml up front
+    if name in _TUNING:
+        from . import tuning
+
+        return getattr(tuning, name)
+    raise AttributeError(f"module 'fedcore' has no attribute {name!r}")

@@ -1,4 +1,5 @@
-"""Command line: ``fedcore run CONFIG`` runs an experiment from a TOML or YAML file.
+"""Command line: ``fedcore run CONFIG`` runs an experiment from a TOML or YAML file;
+``fedcore tune CONFIG --search SPACE.toml`` searches its hyperparameters privately.
 
 Deployment (:mod:`fedcore.deploy`): ``fedcore provision`` makes the kits, ``fedcore server`` and
 ``fedcore client`` run one party per process over gRPC with mutual TLS, and ``fedcore launch`` runs
@@ -217,6 +218,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--reply-deadline", type=float, default=300.0, help="seconds a client may take to answer one message [300]"
     )
     _experiment_options(launch)
+
+    tune = sub.add_parser(
+        "tune",
+        help="private hyperparameter search over a config (FLAML), its cost charged to the budget",
+        description="Private hyperparameter search (Papernot & Steinke, ICLR 2022): a hidden, random number of "
+        "independent trials, each a whole federated run with a noised validation score; only the best is released. "
+        "privacy.target_epsilon is the whole search's epsilon; privacy.budget_epsilon (or the target) refuses a search "
+        "it cannot afford before the first trial. Writes the privacy report (with its tuning section) and "
+        "tune_summary.json (the winner's config) to the output folder.",
+        epilog="search space file (TOML): [trials] distribution = geometric | truncated_negative_binomial (eta) | "
+        'poisson, mean; [score] metric, noise_multiplier; [space] "train.lr" = {loguniform = [lo, hi]} '
+        "(uniform, randint, lograndint, choice).",
+    )
+    tune.add_argument("config", help="path to the experiment file (.toml, .yaml or .yml)")
+    tune.add_argument("--search", dest="space", required=True, metavar="SPACE.toml", help="the search space file")
+    _experiment_options(tune, full=False)
+    tune.add_argument("--out", dest="output_dir", help="output folder (overrides output_dir)")
     return parser
 
 
@@ -225,6 +243,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command == "tune":
+            overrides = _overrides(args.overrides)
+            for key in ("output_dir", "seed"):
+                if getattr(args, key) is not None:
+                    overrides[key] = getattr(args, key)
+            import dp
+
+            from .tuning import run_tune
+
+            try:
+                tuned = run_tune(args.config, args.space, overrides=overrides)
+            except dp.BudgetExceededError as exc:
+                print(f"fedcore: error: {exc}", file=sys.stderr)
+                return 2
+            print(tuned.summary())
+            return 0
         if args.command != "run":
             return _deploy(args)
         config = _load(args, args.config)

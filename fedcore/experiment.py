@@ -68,12 +68,18 @@ class Workload:
     base_model: dict[str, str] | None = None
 
 
-def build_workload(config: ExperimentConfig) -> Workload:
-    """Load the real data set of ``config.workload`` and partition it into clients."""
+def build_workload(config: ExperimentConfig, *, validation: bool | None = None) -> Workload:
+    """Load the real data set of ``config.workload`` and partition it into clients.
+
+    ``validation``: hold out a validation split (default: when early stopping or model
+    selection needs one; a private search needs one for its selection score).
+    """
     from . import datasets, recsys
 
     w = config.workload
     assert w.model is not None and w.partition is not None  # WorkloadSection fills in the case's defaults
+    if validation is None:
+        validation = config.train.early_stopping_metric is not None or config.strategy.name == "selection"
     if w.case == "movielens":
         fed = recsys.movielens_federation(
             datasets.load_movielens100k(),
@@ -83,7 +89,7 @@ def build_workload(config: ExperimentConfig) -> Workload:
             partition=w.partition,
             num_silos=w.num_silos,
             max_users=w.max_users,
-            validation=config.train.early_stopping_metric is not None or config.strategy.name == "selection",
+            validation=validation,
             negative_seed=0,
             sampling_seed=config.seed,
             unit=config.privacy_unit,
@@ -107,7 +113,7 @@ def build_workload(config: ExperimentConfig) -> Workload:
         config=recsys.ClothingConfig(trainable_layers=layers, max_length=w.max_length, cached_features=frozen, adapter=adapter),
         num_silos=w.num_silos,
         max_reviews=w.max_reviews,
-        validation_fraction=0.1 if (config.train.early_stopping_metric or config.strategy.name == "selection") else 0.0,
+        validation_fraction=0.1 if validation else 0.0,
     )
     test: Any = clothing.central.test  # a clothing review dataset (tokenized or cached features): it has labels
     positive = float(np.mean(test.labels, dtype=np.float64))
@@ -217,17 +223,31 @@ class Experiment:
         """The federation's privacy ledger (every mechanism use of the run)."""
         return self.federation.ledger
 
-    def report(self, *, audited_epsilon_lower_bound: float | None = None) -> dp.PrivacyReport:
-        """The privacy budget report of the run so far, read from the ledger (see ``Federation.report``)."""
+    def report(
+        self,
+        *,
+        audited_epsilon_lower_bound: float | None = None,
+        ledger: dp.Ledger | None = None,
+        budget: dp.PrivacyBudget | None = None,
+        tuning: dict[str, Any] | None = None,
+    ) -> dp.PrivacyReport:
+        """The privacy budget report of the run so far, read from the ledger (see ``Federation.report``).
+
+        A private search reports its selected run with the search's ``ledger``, ``budget`` and
+        ``tuning`` description instead of the run's own (``fedcore.tune``).
+        """
         unit = self.config.privacy_unit if self.config.privacy.level == "sample" else None
         return self.federation.report(
+            ledger=ledger,
+            budget=budget,
+            tuning=tuning,
             delta=self.config.privacy.delta,
             accountant=self.config.privacy.accountant,
             unit_of_privacy={"record": "one record of a client"}.get(unit or ""),
             description=self.workload.description,
             audited_epsilon_lower_bound=audited_epsilon_lower_bound,
             provenance=self.provenance(),
-            title=f"Privacy budget report: {self.config.name}",
+            title=f"Privacy budget report: {self.config.name}" + (" (private hyperparameter search)" if tuning else ""),
         )
 
     def provenance(self) -> dict[str, Any]:

@@ -30,6 +30,9 @@ Kinds, direction and header fields:
   which the federation allows with consent or sample-level DP, and records as a reveal).
 * ``EVALUATE`` server -> client: ``split``; payload the model to score. ``SCORES`` client ->
   server: ``client``, ``metrics``, ``count`` (a non-private release, listed in the report).
+  With ``noise`` (``metric``, ``multiplier``, ``per`` = sum | mean, ``round``: a private search's
+  selection score) the client answers ``client``, ``noised`` (its score plus Gaussian noise of its
+  own drawing) and ``count`` instead of its metrics.
 * ``KEYS`` server -> HE key holder: ``round``; the key holder makes the round's keys, hands each
   client its context directly, and answers with the public context (secagg HE format).
 * ``ACK`` client -> server: ``round``, ``client`` (answers PROTECT and FINISH).

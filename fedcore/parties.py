@@ -325,9 +325,27 @@ class ClientSide:
             vector = torch.from_numpy(decoded[ids[0]].payload)
             scores = self.executor.evaluate([self.clients[c] for c in ids], global_vector=vector, split=split)
             for cid, (metrics, count) in zip(ids, scores):
+                noise = decoded[cid].header.get("noise")
+                if noise is not None:
+                    replies[cid] = self._noised_score(cid, metrics, int(count), noise)
+                    continue
                 finite = {k: float(v) for k, v in metrics.items() if math.isfinite(float(v))}
                 replies[cid] = msg.encode(msg.Kind.SCORES, {"client": cid, "metrics": finite, "count": int(count)})
         return replies
+
+    def _noised_score(self, cid: str, metrics: Mapping[str, float], count: int, noise: Mapping[str, Any]) -> bytes:
+        """One Gaussian-noised score, drawn with this client's own randomness; the raw metrics never leave.
+
+        ``per="sum"``: the sum of a per-example metric in [0, 1] over the split (one example, or one
+        user with one held-out item, changes it by at most 1); ``per="mean"``: the client's mean
+        (a whole client changes it by at most 1). Noise standard deviation: ``multiplier`` x 1.
+        """
+        metric, per, z = str(noise["metric"]), str(noise["per"]), float(noise["multiplier"])
+        if metric not in metrics or not math.isfinite(float(metrics[metric])):
+            raise ProtocolError(f"client {cid!r} has no finite {metric!r} on this split to noise")
+        value = float(metrics[metric]) * (count if per == "sum" else 1)
+        rng = self.randomness.generator(round_index=int(noise["round"]), party=cid, purpose="score-noise")
+        return msg.encode(msg.Kind.SCORES, {"client": cid, "noised": value + z * float(rng.standard_normal()), "count": count})
 
     def inspect(self, t: int, ids: Sequence[str], global_vector: np.ndarray) -> list[ClientResult]:
         """Simulation only: train ``ids`` from ``global_vector`` and return their raw results.

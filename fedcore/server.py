@@ -750,6 +750,9 @@ class Federation:
         audited_epsilon_lower_bound: float | None = None,
         provenance: Mapping[str, Any] | None = None,
         title: str = "Privacy budget report",
+        ledger: dp.Ledger | None = None,
+        budget: dp.PrivacyBudget | None = None,
+        tuning: dict[str, Any] | None = None,
     ) -> dp.PrivacyReport:
         """The privacy budget report of the run so far, read from the ledger.
 
@@ -764,24 +767,28 @@ class Federation:
             unit_of_privacy: overrides the unit derived from the mechanisms.
             description: what the data and partition are (shown with the protection).
             provenance: hashes and identities to state (config, data, base model, shared parameters).
+            ledger, budget, tuning: a private search (``fedcore.tune``) reports its selected run
+                with the search's ledger and budget and a description of the search.
 
         Raises:
             ConfigError: no ledger, or no delta to state epsilons at.
         """
-        if self.ledger is None:
+        ledger = self.ledger if ledger is None else ledger
+        budget = self.budget if budget is None else budget
+        if ledger is None:
             raise ConfigError("report() reads what was spent from the ledger: build the federation with ledger=dp.Ledger()")
         delta = delta if delta is not None else getattr(self.sample_privacy, "delta", None)
-        delta = delta if delta is not None else getattr(self.budget, "delta", None)
+        delta = delta if delta is not None else getattr(budget, "delta", None)
         if delta is None:
             raise ConfigError("report() needs the delta to state epsilons at: pass report(delta=...)")
         if accountant is None:
-            accountant = getattr(self.budget, "accountant", None) or getattr(self.sample_privacy, "accountant", None) or "pld"
+            accountant = getattr(budget, "accountant", None) or getattr(self.sample_privacy, "accountant", None) or "pld"
         backend = self.pipeline.backend
         protection = self.pipeline.describe()
         if description is not None:
             protection["workload"] = description
         return dp.PrivacyReport(
-            self.ledger,
+            ledger,
             delta=delta,
             accountant=accountant,
             mode=backend.mode,
@@ -794,12 +801,13 @@ class Federation:
             ],
             utility={int(h["round"]): {k[5:]: float(v) for k, v in h.items() if k.startswith("test_")} for h in self.history},
             audited_epsilon_lower_bound=audited_epsilon_lower_bound,
-            budget=self.budget,
+            budget=budget,
             unit_of_privacy=unit_of_privacy or self._unit_of_privacy(),
             non_private_releases=self._non_private_releases(),
             seed_derivable=self.randomness.reproducible,
             provenance=provenance,
             title=title,
+            tuning=tuning,
         )
 
     def _unit_of_privacy(self) -> str | None:
@@ -851,6 +859,32 @@ class Federation:
                 totals[k] = totals.get(k, 0.0) + float(v) * n
                 counts[k] = counts.get(k, 0) + n
         return {k: totals[k] / counts[k] for k in sorted(totals) if counts[k]}
+
+    def noised_score(self, *, metric: str, noise_multiplier: float, per: str, split: str = "validation") -> float:
+        """A Gaussian-noised score of the global model, each client noising its own before it leaves.
+
+        ``per="sum"``: each client sends the sum of a per-example ``metric`` in [0, 1] plus
+        ``N(0, noise_multiplier^2)``; the result is the sum of those over the total example count
+        (the counts are sent in the clear). ``per="mean"``: each client sends its mean plus the same
+        noise; the result is their plain mean. Either way one unit of privacy (an example or a user
+        with one held-out item; a whole client for ``"mean"``) moves each sent value by at most 1,
+        so each client's value is a Gaussian mechanism of sensitivity 1 (``dp.TuningEvent``).
+        """
+        if per not in ("sum", "mean"):
+            raise ConfigError(f"per must be 'sum' or 'mean', got {per!r}")
+        if split not in ("validation", "test"):
+            raise ConfigError(f"split must be 'validation' or 'test', got {split!r}")
+        noise = {"metric": metric, "multiplier": float(noise_multiplier), "per": per, "round": self.round_index}
+        request = msg.encode(msg.Kind.EVALUATE, {"split": split, "noise": noise}, self.global_vector)
+        replies = self.channel.exchange({cid: request for cid in self.client_ids})
+        noised, count = 0.0, 0
+        for cid in self.client_ids:
+            header = msg.decode(replies.get(cid) or b"", expect=msg.Kind.SCORES).header
+            noised += float(header["noised"])
+            count += int(header["count"]) if per == "sum" else 1
+        if count == 0:
+            raise ConfigError(f"no client holds {split!r} examples to score")
+        return noised / count
 
     def model(self) -> torch.nn.Module:
         """A fresh model holding the global shared parameters (local-only ones at their initial values)."""
