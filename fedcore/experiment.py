@@ -21,7 +21,7 @@ import secagg
 from .config import ExperimentConfig, WorkloadSection
 from .errors import ConfigError
 from .layout import ParameterLayout
-from .observability import ConsoleLogger, JsonlLogger, MetricsLogger, MultiLogger, TensorBoardLogger, WandbLogger
+from .observability import JsonlLogger, MetricsLogger, MultiLogger, TensorBoardLogger, WandbLogger
 from .pipeline import UpdatePipeline
 from .sampling import AllClients, ClientSampler, FixedCountSampler, PoissonSampler
 from .server import DropoutSimulator, Federation
@@ -349,8 +349,6 @@ def build_experiment(config: ExperimentConfig, *, workload: Workload | None = No
         loggers.append(TensorBoardLogger(out / "tensorboard"))
     if config.logging.wandb:
         loggers.append(WandbLogger(project=config.name, mode="offline", config=config.to_dict(), dir=str(out)))
-    if not quiet:
-        loggers.append(ConsoleLogger(total_rounds=config.rounds))
     executor = None
     if config.executor == "ray":
         from .ray_executor import RayExecutor

@@ -24,7 +24,7 @@ from .client import Client, ClientResult
 from .errors import ConfigError, RoundFailedError
 from .executors import Executor, InProcessExecutor
 from .layout import ParameterLayout
-from .observability import MetricsLogger, progress
+from .observability import ConsoleLogger, MetricsLogger, progress
 from .parties import ClientSide, InProcessChannel, Randomness
 from .pipeline import RoundAggregate, UpdatePipeline
 from .sampling import AllClients, ClientSampler
@@ -106,7 +106,7 @@ class Federation:
         seed: the simulation seed (None: drawn from the OS).
         reproducible: derive all randomness from ``seed`` (see above).
         record_inbox: keep every byte the server receives in ``channel.inbox``.
-        quiet: no progress bars.
+        quiet: no progress bar and no per-round line from :meth:`run`.
     """
 
     def __init__(
@@ -244,6 +244,10 @@ class Federation:
     def run(self, rounds: int, *, on_budget: str = "stop") -> list[dict[str, Any]]:
         """Run until ``rounds`` rounds are done in total (a resumed run continues).
 
+        Unless the federation is ``quiet``, shows a progress bar (a widget in Jupyter, on a
+        terminal a text bar) and prints one line per round (``round t/T (seconds)`` and the
+        round's test metrics and epsilon), the same line ``fedcore run`` prints.
+
         Args:
             rounds: total number of rounds.
             on_budget: ``"stop"`` ends training cleanly when the next round would exceed the
@@ -254,6 +258,7 @@ class Federation:
             raise ConfigError(f"on_budget must be 'stop' or 'raise', got {on_budget!r}")
         bar = progress(total=rounds, desc="rounds", quiet=self.quiet)
         bar.update(self.round_index)
+        console = None if self.quiet else ConsoleLogger(total_rounds=rounds)
         try:
             while self.round_index < rounds:
                 try:
@@ -266,6 +271,8 @@ class Federation:
                     raise
                 bar.update(1)
                 last = self.history[-1]
+                if console is not None:
+                    console.log(self.round_index, last)
                 bar.set_postfix({k: f"{v:.4f}" for k, v in last.items() if k.startswith("test_") and isinstance(v, float)})
         finally:
             bar.close()
