@@ -18,6 +18,7 @@ import torch
 import dp
 import secagg
 
+from ._threads import use_library_threads
 from .config import ExperimentConfig, WorkloadSection
 from .errors import ConfigError
 from .layout import ParameterLayout
@@ -56,9 +57,13 @@ class Workload:
 
 
 def build_workload(config: ExperimentConfig) -> Workload:
-    """Load the real data set of ``config.workload`` and partition it into clients."""
+    """Load the real data set of ``config.workload`` and partition it into clients.
+
+    Sets the library's thread policy first (see :class:`~fedcore.Federation`): text encoders run here.
+    """
     from . import datasets, recsys
 
+    use_library_threads()
     w = config.workload
     if w.case == "movielens":
         fed = recsys.movielens_federation(

@@ -19,6 +19,7 @@ import dp
 from secagg import KEY_HOLDER, Respond, SecAggError, Stage, drive_round
 
 from . import messages as msg
+from ._threads import use_library_threads
 from .checkpoint import Checkpoint, load_checkpoint, load_local_states, save_checkpoint, save_local_state
 from .client import Client, ClientResult
 from .errors import ConfigError, RoundFailedError
@@ -83,6 +84,11 @@ class Federation:
     everything derives from ``seed``, a run reaches the same model bit for bit (also after a
     resume, and on Ray), and the privacy report says that the noise is derivable from the seed.
 
+    Threads: the first federation (or workload) built in a process sets torch to one intra-op
+    thread, which keeps rounds fast on a machine shared with other work, unless the user chose
+    a count: ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` set, or ``torch.set_num_threads`` called
+    after importing fedcore. Results do not depend on it.
+
     Args:
         task: the workload.
         clients: client id -> its data (each becomes a client party).
@@ -135,6 +141,7 @@ class Federation:
     ) -> None:
         if not clients:
             raise ConfigError("clients must hold at least one client, got none")
+        use_library_threads()
         if evaluate_every < 0:
             raise ConfigError(f"evaluate_every must be >= 0 (0 = never), got {evaluate_every!r}")
         if budget is not None and ledger is None:
