@@ -2,10 +2,14 @@
 
 Why one: the models of a simulated federation are small, and a machine is often shared. Torch's
 default is one OpenMP thread per core; each operation then waits at a barrier for all of them,
-so when another process holds one core every operation waits for a descheduled thread. Measured
-on the main job on 2 cores (``benchmarks/mainjob.py --threads``): rounds at 2 threads were
-several times slower beside one CPU-bound process than at 1 thread, while on an idle machine
-2 threads gained little. Results do not depend on the thread count.
+so when another process holds a core every operation waits for a descheduled thread. Measured on
+the main job on a shared 2-core machine (``benchmarks/mainjob.py --threads``, median seconds per
+round, other sessions' work running throughout): 1 intra-op thread 30 s without and 72 s beside
+one CPU-bound process; 2 threads 78 s and 135 s (2.6x and 1.9x slower than one). The inter-op
+pool is not used by these jobs (no ``torch.jit.fork``); runs with 2 inter-op threads (1 intra-op:
+9 s and 37 s; 2 intra-op: 63 s and 135 s) differ from those with 1 by the swing of the background
+load, so it is left alone (torch fixes it once work starts anyway). Results do not depend on the
+thread count.
 """
 
 from __future__ import annotations
