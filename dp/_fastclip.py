@@ -120,8 +120,19 @@ def _embedding_rule(name: str, layer: nn.Embedding, calls: list[_Call], grads: l
         same = (idx.unsqueeze(2) == idx.unsqueeze(1)).to(g.dtype)
         norm_sq = (torch.bmm(g, g.transpose(1, 2)) * same).sum((1, 2))
     else:
-        sample_ids = torch.arange(batch, device=idx.device).repeat_interleave(length)
-        norm_sq = _sparse_rows_norm_sq(sample_ids, idx.reshape(-1), g.reshape(-1, dim), batch, layer.num_embeddings)
+        # A position whose output gradient is zero (padding, a masked-out example: most of a
+        # batch padded to its longest sample) adds nothing to a norm nor to the clipped sum, so
+        # it is left out before the sort. The kept positions stay in row-major order: every sum
+        # adds the same nonzero terms in the same order as over all positions, bit for bit.
+        sample_ids, pos = g.ne(0).any(-1).nonzero(as_tuple=True)
+        rows, values = idx[sample_ids, pos], g[sample_ids, pos]
+        norm_sq = _sparse_rows_norm_sq(sample_ids, rows, values, batch, layer.num_embeddings)
+
+        def clipped_rows(coef: torch.Tensor) -> dict[torch.Tensor, _Grad]:
+            scaled = values * _as(coef, values.dtype)[sample_ids].unsqueeze(1)
+            return {layer.weight: (rows, _as(scaled, layer.weight.dtype))}
+
+        return norm_sq, clipped_rows
 
     def clipped(coef: torch.Tensor) -> dict[torch.Tensor, _Grad]:
         values = (g * _as(coef, g.dtype).view(-1, 1, 1)).reshape(-1, dim)

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import re
 import sys
 from typing import Any, Sequence
 
@@ -21,12 +22,22 @@ from .errors import FedcoreError
 __all__ = ["main"]
 
 
+# A Sphinx cross-reference (``:class:`~fedcore.TrainConfig` ``): group 1 is "~" when only the last name shows.
+_ROLE = re.compile(r":[a-z]+:`(~?)([^`]+)`")
+
+
+def _plain_text(doc: str) -> str:
+    """A docstring line as a terminal shows it: Sphinx roles as their names, no double backquotes."""
+    text = _ROLE.sub(lambda m: m.group(2).rsplit(".", 1)[-1] if m.group(1) else m.group(2), doc)
+    return text.replace("``", "")
+
+
 def _config_reference() -> str:
     lines = ["configuration keys (TOML tables / YAML mappings; defaults in brackets):"]
     top = [f for f in dataclasses.fields(ExperimentConfig) if f.name not in _SECTIONS]
     lines.append("  top level: " + ", ".join(f"{f.name} [{f.default!r}]" for f in top))
     for name, cls in _SECTIONS.items():
-        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        doc = _plain_text((cls.__doc__ or "").strip().splitlines()[0]).removeprefix(f"[{name}]: ")
         lines.append(f"  [{name}] {doc}")
         lines.append("      " + ", ".join(f"{f.name} [{f.default!r}]" for f in dataclasses.fields(cls)))
     return "\n".join(lines)

@@ -18,10 +18,11 @@ import torch
 import dp
 import secagg
 
+from ._threads import use_library_threads
 from .config import ExperimentConfig, WorkloadSection
 from .errors import ConfigError
 from .layout import ParameterLayout
-from .observability import ConsoleLogger, JsonlLogger, MetricsLogger, MultiLogger, TensorBoardLogger, WandbLogger
+from .observability import JsonlLogger, MetricsLogger, MultiLogger, TensorBoardLogger, WandbLogger
 from .parties import Channel
 from .pipeline import UpdatePipeline
 from .sampling import AllClients, ClientSampler, FixedCountSampler, PoissonSampler
@@ -73,9 +74,12 @@ def build_workload(config: ExperimentConfig, *, validation: bool | None = None) 
 
     ``validation``: hold out a validation split (default: when early stopping or model
     selection needs one; a private search needs one for its selection score).
+
+    Sets the library's thread policy first (see :class:`~fedcore.Federation`): text encoders run here.
     """
     from . import datasets, recsys
 
+    use_library_threads()
     w = config.workload
     assert w.model is not None and w.partition is not None  # WorkloadSection fills in the case's defaults
     if validation is None:
@@ -407,8 +411,6 @@ def build_experiment(
         loggers.append(TensorBoardLogger(out / "tensorboard"))
     if config.logging.wandb:
         loggers.append(WandbLogger(project=config.name, mode="offline", config=config.to_dict(), dir=str(out)))
-    if not quiet:
-        loggers.append(ConsoleLogger(total_rounds=config.rounds))
     executor = None
     if config.executor == "ray" and channel is None:
         from .ray_executor import RayExecutor

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Protocol
 
+from tqdm import std as _tqdm_std
 from tqdm.auto import tqdm
 
 __all__ = ["MetricsLogger", "ConsoleLogger", "JsonlLogger", "TensorBoardLogger", "WandbLogger", "MultiLogger", "progress"]
@@ -109,8 +110,14 @@ class MultiLogger:
 
 
 def progress(*, total: int, desc: str, quiet: bool = False, leave: bool = True) -> tqdm:
-    """A progress bar that stays silent when asked or when stderr is not a terminal."""
-    disable = quiet or not sys.stderr.isatty()
+    """A progress bar: a widget in Jupyter, text on a terminal, silent when asked or elsewhere.
+
+    ``tqdm.auto`` picks the widget bar in a Jupyter kernel where ``ipywidgets`` is installed
+    (the ``notebooks`` extra); a kernel's stderr is no terminal, so it is not asked. A text bar
+    is drawn only on a terminal: in a log file its carriage returns would be noise.
+    """
+    in_notebook = tqdm is not _tqdm_std.tqdm
+    disable = quiet or not (in_notebook or sys.stderr.isatty())
     return tqdm(total=total, desc=desc, disable=disable, leave=leave, dynamic_ncols=True)
 
 

@@ -20,13 +20,14 @@ import dp
 from secagg import KEY_HOLDER, MaskedSum, Respond, SecAggError, Stage, drive_round
 
 from . import messages as msg
+from ._threads import use_library_threads
 from .checkpoint import Checkpoint, load_checkpoint, load_local_states, save_checkpoint, save_local_state
 from .client import Client, ClientResult
 from .costs import CostEstimate, CostWarning, message_bytes, peak_memory, probe_protection, protection_degree, upload_per_client
 from .errors import ConfigError, RoundFailedError
 from .executors import Executor, InProcessExecutor
 from .layout import ParameterLayout
-from .observability import MetricsLogger, progress
+from .observability import ConsoleLogger, MetricsLogger, progress
 from .parties import Channel, ClientSide, InProcessChannel, Randomness
 from .pipeline import RoundAggregate, UpdatePipeline
 from .sampling import AllClients, ClientSampler
@@ -87,6 +88,11 @@ class Federation:
     everything derives from ``seed``, a run reaches the same model bit for bit (also after a
     resume, and on Ray), and the privacy report says that the noise is derivable from the seed.
 
+    Threads: the first federation (or workload) built in a process sets torch to one intra-op
+    thread, which keeps rounds fast on a machine shared with other work, unless the user chose
+    a count: ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` set, or ``torch.set_num_threads`` called
+    after importing fedcore. Results do not depend on it.
+
     Args:
         task: the workload.
         clients: client id -> its data (each becomes a client party).
@@ -114,7 +120,7 @@ class Federation:
         seed: the simulation seed (None: drawn from the OS).
         reproducible: derive all randomness from ``seed`` (see above).
         record_inbox: keep every byte the server receives in ``channel.inbox``.
-        quiet: no progress bars.
+        quiet: no progress bar and no per-round line from :meth:`run`.
         channel: the client parties are elsewhere (other processes: :mod:`fedcore.deploy`) and
             this channel reaches them; ``clients`` then only declares their training-set sizes
             and no client party is built here. None (default): simulated parties in this process.
@@ -155,6 +161,7 @@ class Federation:
     ) -> None:
         if not clients:
             raise ConfigError("clients must hold at least one client, got none")
+        use_library_threads()
         if evaluate_every < 0:
             raise ConfigError(f"evaluate_every must be >= 0 (0 = never), got {evaluate_every!r}")
         if budget is not None and ledger is None:
@@ -343,6 +350,10 @@ class Federation:
         (:class:`CostWarning`) when a client would upload more than 100 MB a round or the round
         would need more than half of this machine's memory.
 
+        Unless the federation is ``quiet``, shows a progress bar (a widget in Jupyter, on a
+        terminal a text bar) and prints one line per round (``round t/T (seconds)`` and the
+        round's test metrics and epsilon), the same line ``fedcore run`` prints.
+
         Args:
             rounds: total number of rounds (default: the ``rounds`` the federation was built with).
             on_budget: ``"stop"`` ends training cleanly when the next round would exceed the
@@ -368,6 +379,7 @@ class Federation:
             self._announce_costs()
         bar = progress(total=rounds, desc="rounds", quiet=self.quiet)
         bar.update(self.round_index)
+        console = None if self.quiet else ConsoleLogger(total_rounds=rounds)
         try:
             while self.round_index < rounds:
                 try:
@@ -380,6 +392,8 @@ class Federation:
                     raise
                 bar.update(1)
                 last = self.history[-1]
+                if console is not None:
+                    console.log(self.round_index, last)
                 bar.set_postfix({k: f"{v:.4f}" for k, v in last.items() if k.startswith("test_") and isinstance(v, float)})
         finally:
             bar.close()

@@ -3,8 +3,8 @@
 Each notebook is executed with nbclient on the ``python3`` kernel, in the notebook's own folder, on its
 small defaults and the real (cached) data. What a run writes goes to a temporary folder (the notebooks
 read ``PRIVFL_NOTEBOOK_OUT``), and the executed copy is written there too, never into the repository.
-The kernel runs with ``OMP_NUM_THREADS=1``: the models are small, and on a shared machine one torch
-thread is several times faster than threads that contend for the same cores (results are identical).
+The kernel runs without ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS``, as a user's would: the library sets
+its own thread policy (one torch thread, see ``fedcore.Federation``), so no variable is needed.
 Deselect these tests with ``-k "not notebook"``.
 """
 
@@ -61,7 +61,8 @@ def test_notebook_uses_the_public_api_only(path):
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch):
     monkeypatch.setenv("PRIVFL_NOTEBOOK_OUT", str(tmp_path / "outputs"))
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     before = _tree(FOLDER)
     nb = nbformat.read(path, as_version=4)

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._threads import use_library_threads
+
 __all__ = [
     "EMBEDDING_DIM",
     "minilm_path",
@@ -90,9 +92,12 @@ def encode_texts(
 ) -> np.ndarray:
     """L2-normalised mean-pooled MiniLM embeddings of ``texts``, float32 ``(N, 384)``.
 
+    Sets the library's thread policy first (see :class:`~fedcore.Federation`).
+
     Raises:
         ValueError: ``max_length`` or ``batch_size`` below 1, or a text that is not a str.
     """
+    use_library_threads()
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2, got {max_length!r}")
     if batch_size < 1:

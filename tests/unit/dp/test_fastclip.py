@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import dp
 from dp import _fastclip
@@ -158,6 +160,43 @@ def test_matrix_factorisation_matches_opacus_and_never_densifies():
     assert calls and all(s[0] == 16 for s in calls)  # one row per sample, never per table row
     for p in model.parameters():
         torch.testing.assert_close(got[p], expected[p], rtol=1e-4, atol=1e-6)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    batch=st.integers(1, 6),
+    length=st.integers(_fastclip._GRAM_MAX_LEN + 1, 80),
+    rows=st.integers(1, 12),
+    keep=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**16),
+)
+def test_padded_sort_path_equals_the_sum_over_every_position_bit_for_bit(batch, length, rows, keep, seed):
+    # A batch padded to its longest sample (user-level DP): the positions a mask zeroes have a
+    # zero output gradient. Leaving them out must change no bit of the norms or the clipped sum
+    # against the formula over every position (duplicates of a row within a sample included).
+    g = torch.Generator().manual_seed(seed)
+    emb = nn.Embedding(rows, 3)
+    idx = torch.randint(0, rows, (batch, length), generator=g)
+    mask = (torch.rand(batch, length, generator=g) < keep).float()
+    target = torch.randn(batch, length, generator=g)
+
+    def per_sample_loss(out: torch.Tensor) -> torch.Tensor:
+        return (((out.sum(-1) - target) ** 2) * mask).sum(1)
+
+    out = emb(idx)
+    (grad,) = torch.autograd.grad(per_sample_loss(out).sum(), out)
+    sample_ids = torch.arange(batch).repeat_interleave(length)
+    norm_sq = _fastclip._sparse_rows_norm_sq(sample_ids, idx.reshape(-1), grad.reshape(-1, 3), batch, rows)
+    norms = norm_sq.clamp(min=0).sqrt()
+    bound = float(norms.median()) if batch > 1 else 1.0
+    coef = (norms + 1e-6).reciprocal_().mul_(bound).clamp_(max=1.0)
+    expected = torch.zeros_like(emb.weight).index_add_(0, idx.reshape(-1), (grad * coef.view(-1, 1, 1)).reshape(-1, 3))
+
+    clipper = BookKeepingClipper(emb, max_grad_norm=bound)
+    got = clipper.clipped_sum(per_sample_loss(emb(idx)))
+    clipper.remove()
+    assert torch.equal(clipper.last_norms, norms)
+    assert torch.equal(got[emb.weight], expected)
 
 
 def test_unsupported_models_are_refused_with_the_reason():

@@ -1,3 +1,6 @@
+import argparse
+import re
+
 import pytest
 
 from fedcore.cli import build_parser, main
@@ -106,6 +109,28 @@ def test_help_documents_every_section(capsys):
         "--set",
     ):
         assert section in text
+
+
+def _helps(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """The help text of ``parser`` and of every subcommand under it, by command path."""
+    texts = {parser.prog: parser.format_help()}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                texts.update(_helps(sub))
+    return texts
+
+
+def test_help_is_plain_text_without_sphinx_markup():
+    helps = _helps(build_parser())
+    assert "fedcore run" in helps
+    for prog, text in helps.items():
+        markup = re.findall(r"``|:[a-z]+:`", text)
+        assert not markup, f"{prog} --help shows Sphinx markup {markup}"
+    run = helps["fedcore run"]
+    # the docstring's cross-reference and literals survive as plain words, the section named once
+    assert "[train] local training of each client; the defaults are fedcore.TrainConfig's." in run
+    assert "[sampling] kind = all | poisson (with q) | fixed (with count)." in run
 
 
 def test_cli_reports_config_errors(tmp_path, capsys):

@@ -323,3 +323,15 @@ def test_unknown_config_key_suggests_the_closest_one():
 
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['lrr'\] in \[train\] \(did you mean 'lr'\?\)"):
         parse_config({"train": {"lrr": 0.1}})
+
+
+def test_run_prints_one_line_per_round_unless_quiet(capsys):
+    fed = _federation(quiet=False)
+    fed.run(2)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2
+    for t, line in enumerate(lines, start=1):
+        assert re.fullmatch(rf"round {t}/2 \(\d+\.\d+s\)  test_accuracy=\d\.\d{{4}}  test_loss=\d+\.\d{{4}}", line), line
+    assert f"test_accuracy={fed.history[1]['test_accuracy']:.4f}" in lines[1]
+    _federation(quiet=True).run(2)
+    assert capsys.readouterr().out == ""
