@@ -146,7 +146,8 @@ class CostEstimate:
             78 (69) / 319 (274) MB; plaintext 4.3M 280 (274) MB; plaintext with DP-SGD 1.07M
             90 (86) MB. Not asserted by a test: in one process an earlier round's allocator
             pools distort the figure.
-        seconds_per_round: local training (one measured step times the planned steps, clients
+        seconds_per_round: local training (a timed forward and backward pass on 8 examples,
+            scaled to the batch, three times that under DP-SGD, times the planned steps, clients
             in turn) plus protection (the probe's time per unit): an order of magnitude only.
         rounds: rounds planned, if known (totals multiply by it).
     """

@@ -39,6 +39,7 @@ __all__ = ["Federation", "DropoutSimulator", "Reveal"]
 
 _STREAM_DROPOUT = 3
 _LOG = logging.getLogger("fedcore")
+_TIMED_EXAMPLES = 8  # examples of the timed training step (scaled to the batch size)
 WARN_UPLOAD_BYTES = 100_000_000  # a client uploading more per round is warned about before round 1
 
 
@@ -734,18 +735,27 @@ class Federation:
         )
 
     def _step_seconds(self) -> float:
-        """One plain training step of a copy of the model on one batch, timed (NaN if the loss raises)."""
-        with torch.random.fork_rng():
-            model = self.model()
-            batch = self._first_batch(self.clients[self.client_ids[0]])
-            optimizer = self.train.make_optimizer([p for p in model.parameters() if p.requires_grad])
-            started = time.perf_counter()
-            try:
+        """A forward and backward pass on a few examples, timed and scaled to a batch (NaN if the loss raises).
+
+        Runs on the executor's model in eval mode (no dropout, no running statistics moved) and
+        clears the gradients it made, so the model is left as it was.
+        """
+        data = self.clients[self.client_ids[0]].data.train
+        n = max(1, min(len(data), self.train.batch_size, _TIMED_EXAMPLES))  # type: ignore[arg-type]
+        batch = self.task.collate([data[i] for i in range(n)])
+        model = self.executor_model()
+        training = model.training
+        model.eval()
+        try:
+            with torch.random.fork_rng():
+                started = time.perf_counter()
                 self.task.loss(model, batch).mean().backward()
-            except Exception:  # a client's failure, reported in its round; the time is then unknown
-                return math.nan
-            optimizer.step()
-            return time.perf_counter() - started
+                return (time.perf_counter() - started) * self.train.batch_size / n
+        except Exception:  # a client's failure, reported in its round; the time is then unknown
+            return math.nan
+        finally:
+            model.zero_grad(set_to_none=True)
+            model.train(training)
 
     def _announce_costs(self) -> None:
         costs = self.costs
