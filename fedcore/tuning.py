@@ -310,8 +310,10 @@ def tune(
     with tempfile.TemporaryDirectory(prefix="fedcore-tune-") as tmp:
         plan = build_experiment(_trial_config(config, {}, p.noise_multiplier or 1.0, tmp), workload=workload, quiet=True)
         planned = _planned(plan)
-    if not planned:
-        raise ConfigError("the planned trial records no privacy event; nothing to account a search with")
+    if not planned or any(e.level != level for e in planned):
+        raise ConfigError(
+            f"the planned trial must record {level}-level privacy events only, got {sorted({e.level for e in planned})}"
+        )
     accountant = p.accountant
 
     def search_epsilon(z: float) -> float:
