@@ -13,7 +13,7 @@ one SecAgg+ round and reports whether every one of them contributed (``--scale 0
 Last line: ``deploy round_ratio=X wire_over_protocol=Y bytes_per_client=Z clients_N_ok=0|1`` (Z: frame
 bytes up per client per round).
 
-Usage: python benchmarks/deploy.py [--rounds N] [--max-users N] [--scale N]
+Usage: python benchmarks/deploy.py [--quick] [--rounds N] [--max-users N] [--scale N]
 """
 
 from __future__ import annotations
@@ -71,7 +71,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4, help="rounds per run (the first is a warm-up)")
     parser.add_argument("--max-users", type=int, default=300)
     parser.add_argument("--scale", type=int, default=20, help="client processes of the SecAgg+ round (0: skip)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 rounds, 100 users, 3 processes in the SecAgg+ round")
     args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.max_users, args.scale = 2, 100, min(args.scale, 3)
     with tempfile.TemporaryDirectory(prefix="deploy-bench-") as tmp:
         config = Path(tmp) / "job.toml"
         config.write_text(CONFIG.format(rounds=args.rounds, clients=CLIENTS, max_users=args.max_users))
@@ -87,7 +90,7 @@ def main() -> None:
             _run("launch", str(config), "--clients", str(args.scale), "--out", f"{tmp}/scale", "--quiet")
             (record,) = _rounds(Path(tmp) / "scale")
             scale_ok = int(record["contributors"] == args.scale)
-            print(f"SecAgg+ round of {args.scale} client processes: {record['contributors']} contributors, "
+            print(f"SecAgg+ round of {args.scale} client processes: {int(record['contributors'])} contributors, "
                   f"{record['round_seconds']:.1f} s")  # fmt: skip
 
     print(f"{'round':>5} {'in-process s':>13} {'processes s':>12} {'ratio':>7}")

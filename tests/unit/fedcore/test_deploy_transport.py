@@ -330,3 +330,35 @@ def test_a_client_whose_connection_drops_mid_message_is_a_dropout_without_waitin
         assert ch.exchange({"alpha": b"again"}) == {"alpha": None} and ch.bytes_sent["alpha"] == len(b"train")
     finally:
         ch.close()
+
+
+def test_a_client_that_reconnects_mid_message_loses_it_and_its_answer_to_it_is_refused(kits):
+    ch = GrpcChannel(ServerKit(kits / "server"), limits=Limits(reply_deadline=600.0, enrol_timeout=0.2))
+    kit = ClientKit.load(kits / "clients" / "alpha")
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=kit.ca, private_key=kit.tls_key, certificate_chain=kit.certificate
+    )
+    raw = grpc.secure_channel(ch.address, credentials)
+    attend = raw.unary_stream(f"/{SERVICE}/Attend")
+    result: dict = {}
+    try:
+        first = attend(b"", timeout=60.0)
+        assert ch.wait_for_clients(10.0, ids=["alpha"]) == ["alpha"]
+        exchange = threading.Thread(target=lambda: result.update(ch.exchange({"alpha": b"train"})), daemon=True)
+        exchange.start()
+        seq, message = reassemble([next(iter(first))], max_bytes=100)
+        second = attend(b"", timeout=60.0)  # the client attends again before answering
+        exchange.join(timeout=30.0)
+        assert not exchange.is_alive() and result == {"alpha": None}  # the round counts it as dropped
+        with pytest.raises(grpc.RpcError) as refused:
+            raw.stream_unary(f"/{SERVICE}/Reply")(iter(frames(seq, b"report", 1000)), timeout=10.0)
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION and ch.bytes_received["alpha"] == 0
+        later = threading.Thread(target=lambda: result.update(ch.exchange({"alpha": b"next"})), daemon=True)
+        later.start()  # the next message reaches it on its new stream
+        seq, message = reassemble([next(iter(second))], max_bytes=100)
+        raw.stream_unary(f"/{SERVICE}/Reply")(iter(frames(seq, b"ok", 1000)), timeout=10.0, metadata=[("privfl-reply", "bytes")])
+        later.join(timeout=30.0)
+        assert message == b"next" and result == {"alpha": b"ok"}
+    finally:
+        raw.close()
+        ch.close()
