@@ -114,6 +114,8 @@ _PARAMS: dict[type, tuple[str, ...]] = {
 
 def _event_unit(e: Event) -> str:
     """What one use of the mechanism protects: a record or a user of a client, or a client's whole update."""
+    if isinstance(e, TuningEvent):  # a search protects what its trials protect
+        return _event_unit(e.trial[0]) if e.trial else ("client" if e.level == "client" else "record")
     return getattr(e, "unit", "record") if isinstance(e, SampleLevelEvent) else "client"
 
 
@@ -131,7 +133,7 @@ def _tuning_rows(events: Sequence[Event]) -> list[dict[str, Any]]:
         if isinstance(e, TuningEvent):
             key = (e.level, e.distribution, e.score_noise_multiplier)
             row = rows.setdefault(key, {
-                "mechanism": "tuning", "level": e.level,
+                "mechanism": "tuning", "level": e.level, "unit": _event_unit(e),
                 "parameters": {"distribution": e.distribution.describe(), "expected_trials": e.distribution.mean,
                                "score_noise_multiplier": e.score_noise_multiplier},
                 "uses": 0, "rounds": [e.round_index, e.round_index],
@@ -460,7 +462,7 @@ class PrivacyReport:
             generated_at = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
 
         client_events = [e for e in events if e.level == "client"]
-        sample_events = [e for e in events if isinstance(e, SampleLevelEvent)]  # the events of level "sample"
+        sample_events = [e for e in events if e.level == "sample"]  # DP-SGD events, and a search's per-silo events
         client = self._client_section(client_events, d, acc)
         sample = self._sample_section(sample_events, d, acc)
 

@@ -234,7 +234,8 @@ class Federation:
             )
         expected = self.sampler.rate(len(self.client_ids)) * len(self.client_ids)
         pipeline.build(dimension=self.layout.size, num_clients=len(self.client_ids), expected_clients=expected)
-        self._check_loss(initial_model, parties[self.client_ids[0]])
+        self._probe = parties[self.client_ids[0]]  # the declared data the build checks and the cost estimate run on
+        self._check_loss(initial_model, self._probe)
         if sample_privacy is not None:
             self._check_sample_privacy(initial_model, parties[self.client_ids[0]])
         # the server party's public material: identity public keys, and each round's public HE context
@@ -740,7 +741,7 @@ class Federation:
         Runs on the executor's model in eval mode (no dropout, no running statistics moved) and
         clears the gradients it made, so the model is left as it was.
         """
-        data = self.clients[self.client_ids[0]].data.train
+        data = self._probe.data.train
         n = max(1, min(len(data), self.train.batch_size, _TIMED_EXAMPLES))  # type: ignore[arg-type]
         batch = self.task.collate([data[i] for i in range(n)])
         model = self.executor_model()
