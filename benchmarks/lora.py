@@ -104,6 +104,24 @@ def upload_rows(shops: dict[str, Any], seed: int) -> list[tuple[str, str, int, f
     return out
 
 
+def utility_rows(args: argparse.Namespace, shops: dict[str, Any], workload: Workload, keys: tuple[str, str]) -> list[Any]:
+    """The frozen-head baseline and federated LoRA in plaintext, on the same slice and cache."""
+    frozen_cfg = utility.experiment_config(
+        workload={k: v for k, v in shops.items() if not k.startswith("lora_")} | {"model": "frozen"},
+        train=HEAD_TRAIN, rounds=args.rounds * 5, seed=args.seed,
+    )  # fmt: skip
+    frozen = utility.run(frozen_cfg, frozen_workload(workload, frozen_cfg), utility.pooled_eval)
+    base = utility.experiment_config(workload={**shops, "adapter": "lora"}, train=LORA_TRAIN, rounds=args.rounds, seed=args.seed)
+    plain = utility.run(base, workload, utility.pooled_eval)
+    args.plain_auc = plain.metrics["auc"]
+    return [
+        utility.fed_row("frozen MiniLM + head", frozen, keys,
+                        f"FedAvg, {args.rounds * 5} rounds, {utility._train_text(HEAD_TRAIN)}"),
+        utility.fed_row("LoRA + head, plaintext", plain, keys,
+                        f"FedAvg, {args.rounds} rounds, {utility._train_text(LORA_TRAIN)}"),
+    ]  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--max-reviews", type=int, default=6000, help="slice of the fixed split (80%% train, 20%% test)")
@@ -114,6 +132,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", default="5", help="adapted MiniLM layers, comma-separated")
     parser.add_argument("--targets", default="query,value,intermediate.dense")
     parser.add_argument("--ffa", action="store_true", help="also the FFA-LoRA DP row")
+    parser.add_argument("--dp-only", action="store_true", help="the DP rows alone (a DP sweep)")
+    parser.add_argument("--dp-adapters", default=None, help="adapters of the DP rows, comma-separated (lora,ffa-lora)")
+    parser.add_argument("--dp-lr", type=float, default=DP_TRAIN["lr"])
+    parser.add_argument("--dp-batch", type=int, default=DP_TRAIN["batch_size"])
+    parser.add_argument("--dp-epochs", type=int, default=DP_TRAIN["epochs"])
+    parser.add_argument("--clip", type=float, default=CLIP, help="client-level L2 clip = masking value bound (DP rows)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
@@ -123,34 +147,25 @@ def main(argv: list[str] | None = None) -> None:
              "lora_targets": args.targets.split(",")}  # fmt: skip
     cfg = lambda adapter="lora", **kw: utility.experiment_config(workload={**shops, "adapter": adapter}, seed=args.seed, **kw)  # noqa: E731
     start = time.perf_counter()
-    base = cfg(train=LORA_TRAIN, rounds=args.rounds)
-    workload = build_workload(base)
+    workload = build_workload(cfg(train=LORA_TRAIN, rounds=args.rounds))
     prepare_s = time.perf_counter() - start
     keys = ("accuracy", "auc")
     rows = []
 
-    frozen_cfg = utility.experiment_config(
-        workload={k: v for k, v in shops.items() if not k.startswith("lora_")} | {"model": "frozen"},
-        train=HEAD_TRAIN, rounds=args.rounds * 5, seed=args.seed,
-    )  # fmt: skip
-    frozen = utility.run(frozen_cfg, frozen_workload(workload, frozen_cfg), utility.pooled_eval)
-    rows.append(utility.fed_row("frozen MiniLM + head", frozen, keys,
-                                f"FedAvg, {args.rounds * 5} rounds, {utility._train_text(HEAD_TRAIN)}"))  # fmt: skip
-    plain = utility.run(base, workload, utility.pooled_eval)
-    rows.append(utility.fed_row("LoRA + head, plaintext", plain, keys,
-                                f"FedAvg, {args.rounds} rounds, {utility._train_text(LORA_TRAIN)}"))  # fmt: skip
-    privacy = {"level": "sample", "target_epsilon": 8.0, "delta": utility.DELTA, "max_grad_norm": DP_GRAD_NORM, "clip": CLIP}
-    dp_rows = [("lora", "LoRA + head, DP-SGD eps=8 + masked")]
-    if args.ffa:
-        dp_rows.append(("ffa-lora", "FFA-LoRA + head, DP-SGD eps=8 + masked"))
+    dp_train = {**DP_TRAIN, "lr": args.dp_lr, "batch_size": args.dp_batch, "epochs": args.dp_epochs}
+    if not args.dp_only:
+        rows += utility_rows(args, shops, workload, keys)
+    privacy = {"level": "sample", "target_epsilon": 8.0, "delta": utility.DELTA, "max_grad_norm": DP_GRAD_NORM, "clip": args.clip}
+    adapters = args.dp_adapters.split(",") if args.dp_adapters else ["lora"] + (["ffa-lora"] if args.ffa else [])
     dp8 = {}
-    for adapter, label in dp_rows:
-        config = cfg(adapter, train=DP_TRAIN, rounds=args.dp_rounds, aggregation={"mode": "masked"}, privacy=privacy)
+    for adapter in adapters:
+        label = f"{'FFA-LoRA' if adapter == 'ffa-lora' else 'LoRA'} + head, DP-SGD eps=8 + masked"
+        config = cfg(adapter, train=dp_train, rounds=args.dp_rounds, aggregation={"mode": "masked"}, privacy=privacy)
         work = workload if adapter == "lora" else build_workload(config)
         out = utility.run(config, work, utility.pooled_eval)
         dp8[adapter] = out.metrics["auc"]
-        rows.append(utility.fed_row(label, out, keys, f"FedAvg, {args.dp_rounds} rounds, {utility._train_text(DP_TRAIN)}, "
-                                    f"max_grad_norm {DP_GRAD_NORM:g}, clip {CLIP:g}"))  # fmt: skip
+        rows.append(utility.fed_row(label, out, keys, f"FedAvg, {args.dp_rounds} rounds, {utility._train_text(dp_train)}, "
+                                    f"max_grad_norm {DP_GRAD_NORM:g}, clip {args.clip:g}"))  # fmt: skip
     test = workload.central.test
     base_model = minilm_identity()
     spec = workload.task.config.adapter  # type: ignore[attr-defined]
@@ -170,6 +185,8 @@ def main(argv: list[str] | None = None) -> None:
         ("accuracy", "ROC AUC"),
         rows,
     )
+    if args.dp_only:
+        return
     uploads = upload_rows(shops, args.seed)
     print("\nUpload per client per round (measured over one round with one local step; full model: computed)\n")
     print("| adapter | mode | coordinates | bytes per client per round | fraction of full model float32 |")
@@ -177,8 +194,9 @@ def main(argv: list[str] | None = None) -> None:
     for adapter, mode, coords, nbytes, fraction in uploads:
         print(f"| {adapter} | {mode} | {coords:,} | {nbytes:,.0f} | {fraction:.4%} |")
     fraction = next(f for a, m, _, _, f in uploads if a == "lora" and m == "plaintext")
+    dp_auc = f"{dp8['lora']:.4f}" if "lora" in dp8 else "skipped"
     print(
-        f"\nlora clothing_fed_auc={plain.metrics['auc']:.4f} clothing_dp8_auc={dp8['lora']:.4f} "
+        f"\nlora clothing_fed_auc={args.plain_auc:.4f} clothing_dp8_auc={dp_auc} "
         f"ml100k_lora_hr10=skipped upload_fraction={fraction:.4f}"
     )
 
