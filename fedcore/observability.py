@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Protocol
 
-from tqdm import std as _tqdm_std
 from tqdm.auto import tqdm
 
 __all__ = ["MetricsLogger", "ConsoleLogger", "JsonlLogger", "TensorBoardLogger", "WandbLogger", "MultiLogger", "progress"]
@@ -109,6 +108,13 @@ class MultiLogger:
             logger.close()
 
 
+def _in_kernel() -> bool:
+    """Whether this process is a Jupyter kernel (``tqdm.auto``'s class differs from plain tqdm everywhere)."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    return shell is not None and hasattr(shell, "kernel")
+
+
 def progress(*, total: int, desc: str, quiet: bool = False, leave: bool = True) -> tqdm:
     """A progress bar: a widget in Jupyter, text on a terminal, silent when asked or elsewhere.
 
@@ -116,8 +122,7 @@ def progress(*, total: int, desc: str, quiet: bool = False, leave: bool = True) 
     (the ``notebooks`` extra); a kernel's stderr is no terminal, so it is not asked. A text bar
     is drawn only on a terminal: in a log file its carriage returns would be noise.
     """
-    in_notebook = tqdm is not _tqdm_std.tqdm
-    disable = quiet or not (in_notebook or sys.stderr.isatty())
+    disable = quiet or not (_in_kernel() or sys.stderr.isatty())
     return tqdm(total=total, desc=desc, disable=disable, leave=leave, dynamic_ncols=True)
 
 
