@@ -7,7 +7,8 @@
 * ``die-unmask``: kill -9 itself on receiving the unmask request of round ROUND (its masked input
   was sent, its shares for the unmasking are not);
 * ``replay``: in round ROUND, answer the share delivery with its masked input captured in the
-  round before (a replay by a client holding a valid certificate).
+  round before (a replay by a client holding a valid certificate), once the file ``replay-gate``
+  exists beside the config (the test makes it after restarting the server).
 
 Otherwise it is ``fedcore client``: the same kit, party and transport.
 """
@@ -19,6 +20,8 @@ import logging
 import os
 import signal
 import sys
+import time
+from pathlib import Path
 
 from fedcore.config import load_config
 from fedcore.deploy.processes import PartyAnswer, client_party
@@ -41,13 +44,16 @@ def _secagg(message: bytes) -> tuple[MessageKind, int] | None:
 
 
 class FaultyAnswer:
-    def __init__(self, inner: PartyAnswer, fault: str, round_index: int) -> None:
-        self.inner, self.fault, self.round_index = inner, fault, round_index
+    def __init__(self, inner: PartyAnswer, fault: str, round_index: int, gate: Path | None = None) -> None:
+        self.inner, self.fault, self.round_index, self.gate = inner, fault, round_index, gate
         self.captured: dict[int, bytes] = {}
 
     def __call__(self, message: bytes) -> bytes | None:
         head = _secagg(message)
         hit = head is not None and head[0] == _TRIGGER[self.fault] and head[1] == self.round_index
+        if hit and self.fault == "replay" and self.gate is not None:
+            while not self.gate.exists():  # hold the round until the test has restarted the server
+                time.sleep(0.1)
         if hit and self.fault.startswith("die"):
             print(f"{self.inner.client_id}: kill -9 at {head[0].name} of round {head[1]}", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
@@ -70,7 +76,8 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
     kit = ClientKit.load(args.kit)
-    answer = FaultyAnswer(PartyAnswer(client_party(load_config(args.config), kit), kit.client_id), args.fault, args.round)
+    gate = Path(args.config).parent / "replay-gate"  # the replay waits for this file (the test's restarted server)
+    answer = FaultyAnswer(PartyAnswer(client_party(load_config(args.config), kit), kit.client_id), args.fault, args.round, gate)
     ClientEndpoint(kit, args.server, answer=answer, limits=Limits(reconnect_seconds=120.0)).serve()
 
 

@@ -160,6 +160,7 @@ def test_killed_clients_are_dropouts_a_restarted_server_resumes_and_a_replayed_m
         assert (r2["participants"], r2["failed"], r2["contributors"], r2["dropped"]) == (5, 2, 3, 2)
 
         second = server("server-2", "--resume", "--enrol-timeout", "30")  # two clients are gone for good
+        (tmp_path / "replay-gate").touch()  # the replaying client answers round 3 now, to the restarted server
         assert second.wait(timeout=BOUND) == 2
         log2 = (logs / "server-2.log").read_text()
         assert "resuming after round 2" in log2
