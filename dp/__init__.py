@@ -49,6 +49,7 @@ from ._events import (
     event_from_dict,
     event_to_dict,
 )
+from ._fastclip import PackedEmbedding
 from ._ledger import LEDGER_SCHEMA, Ledger
 from ._noise import CentralGaussian, DiscreteGaussianNoise, SkellamNoise
 from ._opacus import CLIPPING_MODES, PrivateTraining, SampleLevelDP, bert_dp_inputs, resolve_clipping
@@ -62,6 +63,7 @@ __all__ = [
     "CLIPPING_MODES",
     "resolve_clipping",
     "bert_dp_inputs",
+    "PackedEmbedding",
     # client-level
     "L2Clip",
     "AdaptiveClip",

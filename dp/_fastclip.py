@@ -33,11 +33,28 @@ import torch.nn as nn
 
 from ._errors import UnsupportedModelError
 
-__all__ = ["BookKeepingClipper", "unsupported_layers", "tied_parameters"]
+__all__ = ["BookKeepingClipper", "PackedEmbedding", "unsupported_layers", "tied_parameters"]
 
 # Sequences up to this length use the (B, L, L) Gram identity for embedding norms; longer
 # ones deduplicate (sample, row) pairs with a sort (torch.unique).
 _GRAM_MAX_LEN = 32
+
+
+class PackedEmbedding(nn.Embedding):
+    """An ``nn.Embedding`` that can also be read by a packed batch: ``layer(indices, sample)``.
+
+    A batch whose samples hold different numbers of lookups (a user's ratings) is padded to
+    its longest sample when each sample must be one row; with ``sample`` the lookups are
+    packed instead: ``indices`` ``(R, ...)`` and ``sample`` ``(R,)``, where ``sample[r]`` is the
+    batch row (sample) that index row ``r`` belongs to. Per-sample clipping
+    (``clipping="embedding"``) attributes every looked-up row to its sample; Opacus's own modes
+    assume batch-first inputs and refuse a packed call. Called without ``sample`` it is an
+    ``nn.Embedding``. ``sample`` is positional-only so that every hook sees it.
+    """
+
+    def forward(self, input: torch.Tensor, sample: torch.Tensor | None = None, /) -> torch.Tensor:
+        del sample  # read by the clipper's hook; the lookup itself is the plain one
+        return super().forward(input)
 
 
 class _Call(NamedTuple):
@@ -56,6 +73,11 @@ class _Call(NamedTuple):
 # parameters, typed as tensors because torch types ``layer.weight`` as one.
 _Grad = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
 _Work = tuple[torch.Tensor, Callable[[torch.Tensor], dict[torch.Tensor, _Grad]]]
+
+
+def _packed_sample(call: _Call) -> torch.Tensor | None:
+    """The ``sample`` argument of a packed :class:`PackedEmbedding` call (None: batch-first)."""
+    return call.args[1] if len(call.args) > 1 else None
 
 
 def _batch_check(name: str, tensor: torch.Tensor, batch: int, what: str) -> None:
@@ -90,6 +112,8 @@ def _sparse_rows_norm_sq(
 def _embedding_rule(name: str, layer: nn.Embedding, calls: list[_Call], grads: list[torch.Tensor], batch: int) -> _Work:
     if layer.scale_grad_by_freq:  # pragma: no cover - refused at attach
         raise UnsupportedModelError(f"layer {name!r}: scale_grad_by_freq=True couples samples; not supported")
+    if any(_packed_sample(c) is not None for c in calls):
+        return _packed_embedding_rule(name, layer, calls, grads, batch)
     dim = layer.embedding_dim
     if len(calls) == 1:
         idx0 = calls[0].args[0] if calls[0].args else calls[0].kwargs["input"]
@@ -126,17 +150,51 @@ def _embedding_rule(name: str, layer: nn.Embedding, calls: list[_Call], grads: l
         # adds the same nonzero terms in the same order as over all positions, bit for bit.
         sample_ids, pos = g.ne(0).any(-1).nonzero(as_tuple=True)
         rows, values = idx[sample_ids, pos], g[sample_ids, pos]
-        norm_sq = _sparse_rows_norm_sq(sample_ids, rows, values, batch, layer.num_embeddings)
-
-        def clipped_rows(coef: torch.Tensor) -> dict[torch.Tensor, _Grad]:
-            scaled = values * _as(coef, values.dtype)[sample_ids].unsqueeze(1)
-            return {layer.weight: (rows, _as(scaled, layer.weight.dtype))}
-
-        return norm_sq, clipped_rows
+        return _rows_work(layer, sample_ids, rows, values, batch)
 
     def clipped(coef: torch.Tensor) -> dict[torch.Tensor, _Grad]:
         values = (g * _as(coef, g.dtype).view(-1, 1, 1)).reshape(-1, dim)
         return {layer.weight: (idx.reshape(-1), _as(values, layer.weight.dtype))}
+
+    return norm_sq, clipped
+
+
+def _packed_embedding_rule(name: str, layer: nn.Embedding, calls: list[_Call], grads: list[torch.Tensor], batch: int) -> _Work:
+    """Any mix of packed and batch-first calls: every looked-up row with the sample it belongs to."""
+    sample_parts, row_parts, value_parts = [], [], []
+    for call, g in zip(calls, grads):
+        idx = call.args[0]
+        sample = _packed_sample(call)
+        if sample is None:  # batch-first: row b of the indices belongs to sample b
+            _batch_check(name, idx, batch, "indices")
+            sample = torch.arange(batch, device=idx.device)
+        elif sample.dim() != 1 or sample.shape[0] != idx.shape[0] or sample.dtype.is_floating_point:
+            raise UnsupportedModelError(
+                f"layer {name!r} got a packed call with sample of shape {tuple(sample.shape)} and dtype {sample.dtype} "
+                f"for indices of shape {tuple(idx.shape)}; sample must be integer, of shape ({idx.shape[0]},)"
+            )
+        elif sample.numel() and (int(sample.min()) < 0 or int(sample.max()) >= batch):
+            raise UnsupportedModelError(
+                f"layer {name!r} got a packed call with sample values in [{int(sample.min())}, {int(sample.max())}]; "
+                f"the batch has {batch} samples, so they must lie in [0, {batch - 1}]"
+            )
+        per_row = idx[0].numel() if idx.shape[0] else 0
+        sample_parts.append(sample.repeat_interleave(per_row))
+        row_parts.append(idx.reshape(-1))
+        value_parts.append(g.reshape(-1, layer.embedding_dim))
+    sample_ids, rows, values = torch.cat(sample_parts), torch.cat(row_parts), torch.cat(value_parts)
+    if layer.padding_idx is not None:  # the padding row receives no gradient
+        values = values * (rows != layer.padding_idx).unsqueeze(-1).to(values.dtype)
+    return _rows_work(layer, sample_ids, rows, values, batch)
+
+
+def _rows_work(layer: nn.Embedding, sample_ids: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, batch: int) -> _Work:
+    """Norms and clipped sum of a table read at ``rows`` by samples ``sample_ids`` with output gradients ``values``."""
+    norm_sq = _sparse_rows_norm_sq(sample_ids, rows, values, batch, layer.num_embeddings)
+
+    def clipped(coef: torch.Tensor) -> dict[torch.Tensor, _Grad]:
+        scaled = values * _as(coef, values.dtype)[sample_ids].unsqueeze(1)
+        return {layer.weight: (rows, _as(scaled, layer.weight.dtype))}
 
     return norm_sq, clipped
 
@@ -250,6 +308,7 @@ def _opacus_rule(name: str, layer: nn.Module, calls: list[_Call], grads: list[to
 
 _RULES: dict[type, Callable[..., _Work]] = {
     nn.Embedding: _embedding_rule,
+    PackedEmbedding: _embedding_rule,
     nn.EmbeddingBag: _embedding_bag_rule,
     nn.Linear: _linear_rule,
 }

@@ -38,7 +38,7 @@ from ._accounting import ACCOUNTANTS
 from ._calibration import calibrate_for_runs
 from ._errors import DPError, DPTypeError, DPValueError, UnsupportedModelError
 from ._events import SampleLevelEvent
-from ._fastclip import BookKeepingClipper, tied_parameters, unsupported_layers
+from ._fastclip import BookKeepingClipper, PackedEmbedding, tied_parameters, unsupported_layers
 from ._lazy import LazyTableNoise, check_lazy_optimizer, update_stddev
 
 __all__ = ["SampleLevelDP", "PrivateTraining", "CLIPPING_MODES", "resolve_clipping", "bert_dp_inputs"]
@@ -60,6 +60,29 @@ class _ScaledTarget:
 
     def add_(self, other: torch.Tensor) -> None:
         self.tensor.add_(other, alpha=self.alpha)
+
+
+def _register_packed_embedding() -> None:
+    """Opacus's embedding samplers for :class:`PackedEmbedding` read batch-first; a packed call is refused."""
+    from opacus.grad_sample.embedding import compute_embedding_grad_sample, compute_embedding_norm_sample
+    from opacus.grad_sample.grad_sample_module import GradSampleModule
+    from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import GradSampleModuleFastGradientClipping
+
+    def batch_first_only(sampler: Any) -> Any:
+        def sample(layer: nn.Module, activations: list[torch.Tensor], backprops: torch.Tensor) -> Any:
+            if len(activations) > 1:
+                raise UnsupportedModelError(
+                    "a packed PackedEmbedding call (with sample) needs clipping='embedding'; "
+                    "Opacus's per-sample gradients assume batch-first inputs"
+                )
+            return sampler(layer, activations, backprops)
+
+        return sample
+
+    GradSampleModule.GRAD_SAMPLERS.setdefault(PackedEmbedding, batch_first_only(compute_embedding_grad_sample))
+    GradSampleModuleFastGradientClipping.NORM_SAMPLERS.setdefault(
+        PackedEmbedding, batch_first_only(compute_embedding_norm_sample)
+    )
 
 
 def resolve_clipping(module: nn.Module, clipping: str = "auto") -> str:
@@ -367,6 +390,7 @@ class PrivateTraining:
                 plain_loader = switch_generator(data_loader=data_loader, generator=rng)
         else:
             mode = "hooks" if self.clipping == "default" else "ghost"
+            _register_packed_embedding()
             try:
                 out = self._engine.make_private(
                     module=module,

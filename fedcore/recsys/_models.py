@@ -3,8 +3,9 @@
 Every model scores candidate items for a batch of users: ``model(users, history, items)`` with
 ``users`` ``(B,)``, ``history`` ``(B, L)`` (item indices, most recent last, left-padded with
 ``num_items``) and ``items`` ``(B, C)`` returns scores ``(B, C)``. The models are built from
-``nn.Embedding``, ``nn.Linear`` and ``nn.LayerNorm`` only, so Opacus computes per-sample gradients
-for them without module replacement; frozen text features are buffers, never parameters.
+``nn.Embedding`` (``dp.PackedEmbedding`` where a packed batch reads it), ``nn.Linear`` and
+``nn.LayerNorm`` only, so Opacus computes per-sample gradients for them without module
+replacement; frozen text features are buffers, never parameters.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import math
 
 import torch
 from torch import nn
+
+import dp
 
 __all__ = ["MatrixFactorization", "SequenceRecommender"]
 
@@ -37,8 +40,8 @@ class MatrixFactorization(nn.Module):
             raise ValueError(f"dim must be >= 1, got {dim!r}")
         self.num_items = num_items
         self.user_embedding = nn.Embedding(num_users, dim)
-        self.item_embedding = nn.Embedding(num_items, dim)
-        self.item_bias = nn.Embedding(num_items, 1)
+        self.item_embedding = dp.PackedEmbedding(num_items, dim)
+        self.item_bias = dp.PackedEmbedding(num_items, 1)
         nn.init.normal_(self.user_embedding.weight, std=init_std)
         nn.init.normal_(self.item_embedding.weight, std=init_std)
         nn.init.zeros_(self.item_bias.weight)
@@ -49,6 +52,11 @@ class MatrixFactorization(nn.Module):
             self.item_projection = nn.Linear(feats.shape[1], dim, bias=False)
             nn.init.normal_(self.item_projection.weight, std=init_std / math.sqrt(feats.shape[1]))
 
+    @property
+    def packs(self) -> bool:
+        """Whether :meth:`forward` takes a packed batch (``sample``): the item tower is tables only."""
+        return self.item_projection is None
+
     def item_vectors(self, items: torch.Tensor) -> torch.Tensor:
         """Every item's vector (its embedding, plus the projected text features for ``mf_text``)."""
         vectors = self.item_embedding(items)
@@ -56,10 +64,20 @@ class MatrixFactorization(nn.Module):
             vectors = vectors + self.item_projection(self.item_features[items])
         return vectors
 
-    def forward(self, users: torch.Tensor, history: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, users: torch.Tensor, history: torch.Tensor, items: torch.Tensor, sample: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Scores ``(B, C)``; or, for a packed batch, ``items`` ``(E, C)`` of the users ``users[sample]``: ``(E, C)``."""
         del history  # MF has a per-user vector instead
         user = self.user_embedding(users)
-        return torch.einsum("bd,bcd->bc", user, self.item_vectors(items)) + self.item_bias(items).squeeze(-1)
+        if sample is None:
+            return torch.einsum("bd,bcd->bc", user, self.item_vectors(items)) + self.item_bias(items).squeeze(-1)
+        if not self.packs:
+            raise ValueError(
+                "a packed batch (sample) needs an MF without item_features: the text projection reads batch-first rows"
+            )
+        scores = torch.einsum("ed,ecd->ec", user[sample], self.item_embedding(items, sample))
+        return scores + self.item_bias(items, sample).squeeze(-1)
 
 
 class _SelfAttentionBlock(nn.Module):

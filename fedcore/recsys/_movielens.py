@@ -254,9 +254,11 @@ class UserExamples(Dataset):
     """An :class:`InteractionDataset` grouped by user: one item per user, holding all its examples.
 
     For user-level DP (``dp.UserLevelDP``): one "sample" is one person, so per-sample clipping
-    clips the user's whole contribution. A batch of ``U`` users is padded to the longest of them:
-    ``user`` ``(U,)``, ``history`` ``(U, N, L)``, ``item`` ``(U, N)``, ``negatives`` ``(U, N, K)``
-    and ``mask`` ``(U, N)`` (1 for a real example). An item depends on that user's records alone.
+    clips the user's whole contribution. A batch of ``U`` users holding ``E`` examples in all is
+    packed, not padded to its longest user (a heavy user has 7 times the mean's ratings):
+    ``user`` ``(U,)``; per example ``sample`` ``(E,)`` (the batch row of its user), ``slot``
+    ``(E,)`` (its position among that user's examples), ``history`` ``(E, L)``, ``item`` ``(E,)``
+    and ``negatives`` ``(E, K)``. An item depends on that user's records alone.
     """
 
     def __init__(self, examples: InteractionDataset) -> None:
@@ -269,33 +271,25 @@ class UserExamples(Dataset):
         return len(self._of_user)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        batch = self.__getitems__([index]).batch
-        return {key: value[0] for key, value in batch.items()}
+        """The batch of user ``index`` alone."""
+        return self.__getitems__([index]).batch
 
     def __getitems__(self, indices: list[int]) -> PreBatched:
         ex = self.examples
         parts = [self._of_user[int(r)] for r in indices]
-        longest = max((p.size for p in parts), default=0)
-        flat = self.examples._examples(np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64), ex._batch_key())
-        u = len(parts)
-        user_row = np.repeat(np.arange(u), [p.size for p in parts])
-        slot = np.concatenate([np.arange(p.size) for p in parts]) if parts else np.zeros(0, dtype=np.int64)
-        history = np.zeros((u, longest, ex.history_length), dtype=np.int64)
-        item = np.zeros((u, longest), dtype=np.int64)
-        negatives = np.zeros((u, longest, ex.num_negatives), dtype=np.int64)
-        mask = np.zeros((u, longest), dtype=np.float32)
-        history[user_row, slot] = flat["history"]
-        item[user_row, slot] = flat["item"]
-        negatives[user_row, slot] = flat["negatives"]
-        mask[user_row, slot] = 1.0
+        counts = [p.size for p in parts]
+        flat = ex._examples(np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64), ex._batch_key())
         batch = {
             "user": torch.from_numpy(ex.users[np.asarray(indices, dtype=np.int64)]),
-            "history": torch.from_numpy(history),
-            "item": torch.from_numpy(item),
-            "negatives": torch.from_numpy(negatives),
-            "mask": torch.from_numpy(mask),
+            "sample": torch.from_numpy(np.repeat(np.arange(len(parts), dtype=np.int64), counts)),
+            "slot": torch.from_numpy(
+                np.concatenate([np.arange(n, dtype=np.int64) for n in counts]) if parts else np.zeros(0, dtype=np.int64)
+            ),
+            "history": torch.from_numpy(flat["history"]),
+            "item": torch.from_numpy(flat["item"]),
+            "negatives": torch.from_numpy(flat["negatives"]),
         }
-        return PreBatched(batch, u)
+        return PreBatched(batch, len(parts))
 
 
 class CandidateDataset(Dataset):
@@ -384,22 +378,28 @@ class MovieLensTask:
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Per-positive loss against its sampled negatives (BCE or sampled softmax), one value per example.
 
-        A batch grouped by user (:class:`UserExamples`, with a ``mask``) gives one value per user:
+        A batch grouped by user (:class:`UserExamples`, with ``sample``) gives one value per user:
         the sum of that user's example losses, computed with one batch row per user in every layer,
         so that per-sample clipping clips the user's whole contribution.
         """
-        if "mask" not in batch:
+        if "sample" not in batch:
             items = torch.cat([batch["item"].reshape(-1, 1), batch["negatives"]], dim=1)
             return self._example_loss(model(batch["user"], batch["history"], items))
-        mask = batch["mask"]
-        items = torch.cat([batch["item"].unsqueeze(-1), batch["negatives"]], dim=2)  # (U, N, 1 + K)
-        if self.config.model == "transformer":  # one history per example: (U, N, L)
-            scores = model(batch["user"], batch["history"], items)
-        else:  # one vector per user: score its examples' candidates in one row
-            flat = items.reshape(items.shape[0], items.shape[1] * items.shape[2])
-            scores = model(batch["user"], batch["history"], flat).reshape(*items.shape)
-        per_example = self._example_loss(scores)
-        return (per_example * mask.to(per_example.dtype)).sum(dim=1)
+        sample, users = batch["sample"], batch["user"]
+        items = torch.cat([batch["item"].unsqueeze(-1), batch["negatives"]], dim=1)  # (E, 1 + K)
+        if isinstance(model, MatrixFactorization) and model.packs:  # the user's examples, packed
+            per_example = self._example_loss(model(users, batch["history"], items, sample))
+        else:  # every layer needs one row per user: pad each user's examples to the longest
+            slot = batch["slot"]
+            rows = (users.shape[0], int(slot.max()) + 1 if slot.numel() else 0)
+            padded = items.new_zeros(*rows, items.shape[1]).index_put_((sample, slot), items)
+            if self.config.model == "transformer":  # one history per example: (U, N, L)
+                history = batch["history"].new_zeros(*rows, batch["history"].shape[1])  # item 0: never all-masked
+                scores = model(users, history.index_put_((sample, slot), batch["history"]), padded)
+            else:  # one vector per user: score its examples' candidates in one row
+                scores = model(users, batch["history"], padded.reshape(rows[0], -1)).reshape(padded.shape)
+            per_example = self._example_loss(scores)[sample, slot]
+        return per_example.new_zeros(users.shape[0]).index_add(0, sample, per_example)
 
     def _example_loss(self, scores: torch.Tensor) -> torch.Tensor:
         """Loss of the positive (last axis position 0) against the negatives after it."""

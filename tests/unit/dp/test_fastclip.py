@@ -250,3 +250,56 @@ def test_in_place_activations_after_linear_layers_are_handled():
     torch.testing.assert_close(clipper.last_norms, norms, rtol=1e-4, atol=1e-6)
     for p, e in expected.items():
         torch.testing.assert_close(got[p], e, rtol=1e-4, atol=1e-6)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    counts=st.lists(st.integers(0, 7), min_size=1, max_size=6),
+    rows=st.integers(1, 9),
+    candidates=st.integers(1, 3),
+    padding=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_packed_lookups_match_the_per_sample_loop(counts, rows, candidates, padding, seed):
+    # A packed batch (a user's ratings without padding to the longest user): index row r belongs
+    # to sample ``sample[r]``. A batch-first call of the same table in the same step adds to it.
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    emb = dp.PackedEmbedding(rows, 3, padding_idx=0 if padding else None)
+    batch = len(counts)
+    sample = torch.arange(batch).repeat_interleave(torch.tensor(counts))
+    idx = torch.randint(0, rows, (sample.numel(), candidates), generator=g)
+    own = torch.randint(0, rows, (batch,), generator=g)
+    target = torch.randn(sample.numel(), candidates, generator=g)
+
+    def per_sample_loss(keep: torch.Tensor) -> torch.Tensor:
+        packed = ((emb(idx[keep], sample[keep]).sum(-1) - target[keep]) ** 2).sum(1)
+        return packed.new_zeros(batch).index_add(0, sample[keep], packed) + emb(own).pow(2).sum(-1)
+
+    everyone = torch.ones(sample.numel(), dtype=torch.bool)
+    expected, norms = reference(emb, lambda i: per_sample_loss(everyone)[i], batch, bound=0.5)
+    clipper = BookKeepingClipper(emb, max_grad_norm=0.5)
+    got = clipper.clipped_sum(per_sample_loss(everyone))
+    clipper.remove()
+    torch.testing.assert_close(clipper.last_norms, norms, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[emb.weight], expected[emb.weight], rtol=1e-5, atol=1e-6)
+
+
+def test_packed_calls_with_a_bad_sample_or_under_opacus_are_refused():
+    emb = dp.PackedEmbedding(10, 3)
+    clipper = BookKeepingClipper(emb, max_grad_norm=1.0)
+    out = emb(torch.arange(4), torch.tensor([0, 0, 1, 2]))
+    with pytest.raises(dp.UnsupportedModelError, match=r"sample values in \[0, 2\]; the batch has 2 samples"):
+        clipper.clipped_sum(torch.zeros(2).index_add(0, torch.tensor([0, 0, 1, 1]), out.sum(-1)))
+    out = emb(torch.arange(4), torch.tensor([0, 1]))
+    with pytest.raises(dp.UnsupportedModelError, match=r"sample must be integer, of shape \(4,\)"):
+        clipper.clipped_sum(out.sum(-1)[:2])
+    clipper.remove()
+    model = nn.Sequential(dp.PackedEmbedding(10, 3))
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(8)), batch_size=4)
+    private = dp.SampleLevelDP(noise_multiplier=1.0, max_grad_norm=1.0, clipping="ghost").attach(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), data
+    )
+    with pytest.raises(dp.UnsupportedModelError, match=r"packed PackedEmbedding call \(with sample\) needs clipping='embedding'"):
+        private.step(model[0](torch.arange(4), torch.tensor([0, 0, 1, 1])).sum(-1)[:2])
+    private.detach()

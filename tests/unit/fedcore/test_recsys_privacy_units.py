@@ -102,8 +102,9 @@ def grouped_by_id(fed, users: list[int], seed: int) -> dict[int, dict[str, np.nd
     batch = view.__getitems__(users).batch
     out = {}
     for r, u in enumerate(batch["user"].tolist()):
-        n = int(batch["mask"][r].sum())
-        out[int(fed.split.user_ids[u])] = {k: batch[k][r, :n].numpy() for k in ("history", "item", "negatives")}
+        mine = batch["sample"] == r
+        assert torch.equal(batch["slot"][mine], torch.arange(int(mine.sum())))
+        out[int(fed.split.user_ids[u])] = {k: batch[k][mine].numpy() for k in ("history", "item", "negatives")}
     return out
 
 
@@ -123,7 +124,8 @@ def test_at_user_level_removing_a_user_changes_only_that_users_examples(data):
 
 FEATURES = np.random.default_rng(0).normal(size=(N_ITEMS, 6)).astype(np.float32)
 MODELS = {
-    "mf": RecommenderConfig(dim=8, num_train_negatives=3),
+    "mf": RecommenderConfig(dim=8, num_train_negatives=3),  # packed
+    "mf_text": RecommenderConfig(model="mf_text", dim=8, num_train_negatives=3),  # padded: a projection reads rows
     "transformer": RecommenderConfig(model="transformer", dim=8, history_length=4, dropout=0.0, num_train_negatives=3),
 }
 
@@ -148,7 +150,7 @@ def test_a_users_grouped_item_holds_exactly_its_examples_and_its_loss_is_their_s
     torch.testing.assert_close(per_user, sums)
     skip = 1 if MODELS[name].model == "transformer" else 0  # the first item has no history
     for r, u in enumerate(users):
-        assert sorted(grouped["item"][r][grouped["mask"][r] > 0].tolist()) == sorted(fed.split.train_sequence(u)[skip:].tolist())
+        assert sorted(grouped["item"][grouped["sample"] == r].tolist()) == sorted(fed.split.train_sequence(u)[skip:].tolist())
 
 
 def test_history_models_refuse_record_level_naming_the_setting(data):
