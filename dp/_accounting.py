@@ -396,6 +396,45 @@ def _pld_at(groups: Mapping[_Key, int], delta: float, interval: float) -> float:
     return float(composed.get_epsilon_for_delta(delta))
 
 
+def _merge_unsampled(groups: Mapping[_Key, int]) -> dict[_Key, int]:
+    """Every unsampled (q = 1) Gaussian group as one Gaussian: exact, and one PLD instead of a composition.
+
+    The privacy loss of a Gaussian mechanism is itself Gaussian, so ``n_i`` rounds at noise
+    ``z_i`` compose to exactly one Gaussian of noise ``(sum_i n_i / z_i^2)^(-1/2)`` (mu-GDP,
+    Dong, Roth, Su 2022, Cor. 3.3); discretizing that one mechanism is tighter than composing
+    the discretized rounds, and still pessimistic.
+    """
+    unsampled = {k: n for k, n in groups.items() if float(k[2]) >= 1.0}
+    if len(unsampled) == 1 and next(iter(unsampled.values())) == 1:
+        return dict(groups)
+    merged = {k: n for k, n in groups.items() if k not in unsampled}
+    if unsampled:
+        z = sum(n / float(k[1]) ** 2 for k, n in unsampled.items()) ** -0.5
+        merged[("gaussian", z, 1.0)] = 1
+    return merged
+
+
+def _unsampled_gaussian_epsilon(z: float, delta: float) -> float:
+    """Epsilon of one unsampled Gaussian mechanism from its PLD's closed form (``dp_accounting``'s delta(eps), inverted).
+
+    Its privacy loss is Gaussian, so no discretization is needed; the root is rounded up until
+    its delta is at most ``delta`` (an upper bound, like the pessimistic PLD).
+    """
+    from dp_accounting.pld.privacy_loss_mechanism import GaussianPrivacyLoss
+    from scipy.optimize import brentq
+
+    loss = GaussianPrivacyLoss(standard_deviation=z, sensitivity=1.0, sampling_prob=1.0)
+    if loss.get_delta_for_epsilon(0.0) <= delta:
+        return 0.0
+    high = 1.0
+    while loss.get_delta_for_epsilon(high) > delta:
+        high *= 2.0
+    eps = float(brentq(lambda e: loss.get_delta_for_epsilon(e) - delta, 0.0, high, xtol=1e-12, rtol=1e-12))
+    while loss.get_delta_for_epsilon(eps) > delta:
+        eps = eps * (1 + 1e-12) + 1e-15
+    return eps
+
+
 def pld_epsilon(groups: Mapping[_Key, int], delta: float, *, relative: float = _PLD_RELATIVE_INTERVAL) -> float:
     """Epsilon of Gaussian groups from ``dp_accounting``'s PLD with pessimistic rounding (an upper bound).
 
@@ -409,6 +448,9 @@ def pld_epsilon(groups: Mapping[_Key, int], delta: float, *, relative: float = _
         raise AccountingError(f"accountant 'pld' covers Gaussian mechanisms only; the history holds {bad}; use accountant='rdp'")
     if not groups:
         return 0.0
+    groups = _merge_unsampled(groups)
+    if len(groups) == 1 and (key := next(iter(groups)))[2] >= 1.0:
+        return _unsampled_gaussian_epsilon(float(key[1]), delta)
     interval = _PLD_COARSE_INTERVAL
     eps = _pld_at(groups, delta, interval)
     for _ in range(6):

@@ -292,6 +292,28 @@ def test_pld_headline_is_never_below_the_exact_gaussian_epsilon(z, n, delta):
     assert exact * (1 - 1e-9) - 1e-9 <= ours <= exact * 1.001 + 1e-6
 
 
+@settings(max_examples=8, deadline=None)
+@given(z1=st.floats(0.8, 8.0), n1=st.integers(1, 60), z2=st.floats(0.8, 8.0), n2=st.integers(1, 60))
+def test_unsampled_rounds_at_several_noise_levels_compose_to_the_exact_gaussian(z1, n1, z2, n2):
+    # Rounds without sampling at different noise compose to one Gaussian (mu^2 = sum n / z^2);
+    # beside a sampled group they agree with dp_accounting's own PLD composition.
+    exact = _exact_gaussian_epsilon(math.sqrt(n1 / z1**2 + n2 / z2**2), 1e-5)
+    ours = dp.epsilon([gauss(z1, 1.0, n1), gauss(z2, 1.0, n2, round_index=1)], delta=1e-5)
+    assert exact * (1 - 1e-9) - 1e-9 <= ours <= exact * 1.001 + 1e-6
+    import dp_accounting
+
+    mixed = [gauss(z1, 1.0, n1), gauss(1.2, 0.1, 50, round_index=1)]
+    theirs = (
+        dp_accounting.pld.PLDAccountant()
+        .compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z1), n1))
+        .compose(
+            dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(0.1, dp_accounting.GaussianDpEvent(1.2)), 50)
+        )
+        .get_epsilon(1e-5)
+    )
+    assert dp.epsilon(mixed, delta=1e-5) == pytest.approx(theirs, rel=2e-3)
+
+
 @settings(max_examples=10, deadline=None)
 @given(z=st.floats(0.8, 6.0), q=st.floats(0.001, 0.3), n=st.integers(1, 500))
 def test_rdp_cross_check_is_never_below_the_pld_headline(z, q, n):
