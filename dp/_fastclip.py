@@ -258,13 +258,15 @@ def _linear_rule(name: str, layer: nn.Linear, calls: list[_Call], grads: list[to
     steps = a.shape[1]
     w, b = layer.weight, layer.bias
     norm_sq = g.new_zeros(batch)
+    per_sample: torch.Tensor | None = None  # (B, out, in), when the direct route is the cheaper one
     if w.requires_grad:
         if steps == 1:
             norm_sq = norm_sq + a[:, 0].pow(2).sum(-1) * g[:, 0].pow(2).sum(-1)
         elif steps * (layer.in_features + layer.out_features) <= layer.in_features * layer.out_features:
             norm_sq = norm_sq + (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
         else:
-            norm_sq = norm_sq + torch.bmm(g.transpose(1, 2), a).pow(2).sum((1, 2))
+            per_sample = torch.bmm(g.transpose(1, 2), a)
+            norm_sq = norm_sq + per_sample.pow(2).sum((1, 2))
     g_sum = g.sum(1) if (b is not None and b.requires_grad) else None
     if g_sum is not None:
         norm_sq = norm_sq + g_sum.pow(2).sum(-1)
@@ -272,7 +274,9 @@ def _linear_rule(name: str, layer: nn.Linear, calls: list[_Call], grads: list[to
     def clipped(coef: torch.Tensor) -> dict[torch.Tensor, _Grad]:
         c = coef.to(g.dtype)
         out: dict[torch.Tensor, _Grad] = {}
-        if w.requires_grad:
+        if per_sample is not None:  # the per-sample gradients are at hand: weight them, no second pass over the steps
+            out[w] = torch.einsum("b,boi->oi", c, per_sample).to(w.dtype)
+        elif w.requires_grad:
             gs = (g * c.view(-1, 1, 1)).reshape(-1, layer.out_features)
             out[w] = (gs.t() @ a.reshape(-1, layer.in_features)).to(w.dtype)
         if g_sum is not None:
