@@ -250,35 +250,39 @@ def _linear_rule(name: str, layer: nn.Linear, calls: list[_Call], grads: list[to
     for call, g in zip(calls, grads):
         a = call.args[0] if call.args else call.kwargs["input"]
         _batch_check(name, a, batch, "inputs")
-        a_parts.append(a.reshape(batch, -1, layer.in_features))
+        a_parts.append(a.reshape(batch, -1, layer.in_features).to(g.dtype))
         g_parts.append(g.reshape(batch, -1, layer.out_features))
-    a = torch.cat(a_parts, 1) if len(a_parts) > 1 else a_parts[0]
-    g = torch.cat(g_parts, 1) if len(g_parts) > 1 else g_parts[0]
-    a = a.to(g.dtype)
-    steps = a.shape[1]
+    steps = sum(a.shape[1] for a in a_parts)
     w, b = layer.weight, layer.bias
-    norm_sq = g.new_zeros(batch)
-    per_sample: torch.Tensor | None = None  # (B, out, in), when the direct route is the cheaper one
+    norm_sq = g_parts[0].new_zeros(batch)
+    # (B, out, in) per-sample gradients, when forming them is cheaper than the Gram identity:
+    # summed call by call (no concatenation of the inputs), and weighted again for the clipped sum
+    per_sample: torch.Tensor | None = None
     if w.requires_grad:
         if steps == 1:
-            norm_sq = norm_sq + a[:, 0].pow(2).sum(-1) * g[:, 0].pow(2).sum(-1)
+            norm_sq = norm_sq + a_parts[0][:, 0].pow(2).sum(-1) * g_parts[0][:, 0].pow(2).sum(-1)
         elif steps * (layer.in_features + layer.out_features) <= layer.in_features * layer.out_features:
+            a, g = (torch.cat(a_parts, 1), torch.cat(g_parts, 1)) if len(a_parts) > 1 else (a_parts[0], g_parts[0])
             norm_sq = norm_sq + (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
         else:
-            per_sample = torch.bmm(g.transpose(1, 2), a)
+            per_sample = torch.bmm(g_parts[0].transpose(1, 2), a_parts[0])
+            for a, g in zip(a_parts[1:], g_parts[1:]):
+                per_sample.baddbmm_(g.transpose(1, 2), a)
             norm_sq = norm_sq + per_sample.pow(2).sum((1, 2))
-    g_sum = g.sum(1) if (b is not None and b.requires_grad) else None
+    g_sum = torch.stack([g.sum(1) for g in g_parts]).sum(0) if (b is not None and b.requires_grad) else None
     if g_sum is not None:
         norm_sq = norm_sq + g_sum.pow(2).sum(-1)
 
     def clipped(coef: torch.Tensor) -> dict[torch.Tensor, _Grad]:
-        c = coef.to(g.dtype)
+        c = coef.to(norm_sq.dtype)
         out: dict[torch.Tensor, _Grad] = {}
-        if per_sample is not None:  # the per-sample gradients are at hand: weight them, no second pass over the steps
+        if per_sample is not None:
             out[w] = torch.einsum("b,boi->oi", c, per_sample).to(w.dtype)
         elif w.requires_grad:
-            gs = (g * c.view(-1, 1, 1)).reshape(-1, layer.out_features)
-            out[w] = (gs.t() @ a.reshape(-1, layer.in_features)).to(w.dtype)
+            total = torch.zeros(w.shape, dtype=c.dtype, device=c.device)
+            for a, g in zip(a_parts, g_parts):
+                total.addmm_((g * c.view(-1, 1, 1)).reshape(-1, layer.out_features).t(), a.reshape(-1, layer.in_features))
+            out[w] = total.to(w.dtype)
         if g_sum is not None:
             out[b] = (g_sum * c.view(-1, 1)).sum(0).to(b.dtype)
         return out

@@ -303,3 +303,22 @@ def test_packed_calls_with_a_bad_sample_or_under_opacus_are_refused():
     with pytest.raises(dp.UnsupportedModelError, match=r"packed PackedEmbedding call \(with sample\) needs clipping='embedding'"):
         private.step(model[0](torch.arange(4), torch.tensor([0, 0, 1, 1])).sum(-1)[:2])
     private.detach()
+
+
+@pytest.mark.parametrize("d_in,d_out,steps", [(64, 48, 2), (3, 2, 9)])  # the Gram identity; per-sample gradients
+def test_a_linear_layer_called_twice_matches_the_per_sample_loop(d_in, d_out, steps):
+    torch.manual_seed(1)
+    lin = nn.Linear(d_in, d_out)
+    x1, x2 = torch.randn(5, steps, d_in), torch.randn(5, 2 * steps, d_in)
+
+    def loss_of(i):
+        rows = slice(None) if i is None else slice(i, i + 1)
+        return torch.tanh(lin(x1[rows])).sum((1, 2)) + lin(x2[rows]).pow(2).sum((1, 2))
+
+    expected, norms = reference(lin, loss_of, 5, bound=0.7)
+    clipper = BookKeepingClipper(lin, max_grad_norm=0.7)
+    got = clipper.clipped_sum(loss_of(None))
+    clipper.remove()
+    torch.testing.assert_close(clipper.last_norms, norms, rtol=1e-5, atol=1e-6)
+    for p in lin.parameters():
+        torch.testing.assert_close(got[p], expected[p], rtol=1e-5, atol=1e-6)
