@@ -438,10 +438,14 @@ def _unsampled_gaussian_epsilon(z: float, delta: float) -> float:
 def pld_epsilon(groups: Mapping[_Key, int], delta: float, *, relative: float = _PLD_RELATIVE_INTERVAL) -> float:
     """Epsilon of Gaussian groups from ``dp_accounting``'s PLD with pessimistic rounding (an upper bound).
 
-    The discretization interval is sized to the answer: a first pass at ``1e-2``, then passes
-    at ``relative`` times the last epsilon (between ``1e-12`` and ``0.1``, rounded down to a
-    power of two) while that refines the interval by more than half; at the default the
-    rounding adds at most about 0.01%.
+    The discretization interval is sized to the answer: a first pass at ``1e-2``, a second at
+    ``10 * relative`` times its epsilon; the pessimistic excess shrinks about in proportion to the
+    interval, so the drop between two passes tells how much of it is left, and further passes
+    (each interval a power of two, so that nearby answers, the rounds of a curve and calibration's
+    candidates, share one cached PLD per mechanism) go on until that estimate is at most
+    ``relative`` times epsilon, down to an interval of ``relative`` times epsilon at the finest.
+    Every pass is an upper bound: the estimate only decides how tight.
+    Unsampled groups first become one Gaussian (:func:`_merge_unsampled`), which has a closed form.
     """
     bad = sorted({k[0] for k in groups if k[0] != "gaussian"})
     if bad:
@@ -453,15 +457,22 @@ def pld_epsilon(groups: Mapping[_Key, int], delta: float, *, relative: float = _
         return _unsampled_gaussian_epsilon(float(key[1]), delta)
     interval = _PLD_COARSE_INTERVAL
     eps = _pld_at(groups, delta, interval)
+    finer = _power_of_two_below(10 * relative * eps)
     for _ in range(6):
-        # a power of two at or below the target, so that nearby answers (the rounds of a curve,
-        # calibration's candidates) share one cached PLD per mechanism
-        finer = 2.0 ** math.floor(math.log2(min(0.1, max(_PLD_MIN_INTERVAL, relative * eps)))) if eps > 0 else interval
         if not math.isfinite(eps) or eps <= 0 or finer >= 0.5 * interval:
             break
-        interval = finer
-        eps = _pld_at(groups, delta, interval)
+        finer_eps = _pld_at(groups, delta, finer)
+        left = max(0.0, eps - finer_eps) * finer / (interval - finer)  # the excess still in finer_eps
+        interval, eps = finer, finer_eps
+        if left <= relative * eps:
+            break
+        # never finer than relative * eps itself: the excess is far below it by then
+        finer = max(_power_of_two_below(interval * relative * eps / left), _power_of_two_below(relative * eps))
     return eps
+
+
+def _power_of_two_below(x: float) -> float:
+    return 2.0 ** math.floor(math.log2(min(0.1, max(_PLD_MIN_INTERVAL, x))))
 
 
 # ----------------------------------------------------------------------------- public
