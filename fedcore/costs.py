@@ -27,6 +27,9 @@ _PROBE_CLIENTS = 16  # masked probes use at most this many clients; more are ext
 _PROBE_LENGTHS = (1024, 1024 + 65536)  # for backends that send a fixed size per coordinate
 _DP_SGD_COPIES = 4  # model-sized tensors DP-SGD adds (measured: ghost clipping, 1M parameters)
 _HE_MEMORY_PER_UPLOADED_BYTE = 2.3  # ciphertexts in memory per serialized byte (CKKS compact, measured)
+# What torch's first training step adds to a fresh process whatever the model (autograd engine,
+# kernels and libraries loaded on first use): 83 MB measured here for a 16 x 8 linear layer.
+_FIRST_STEP_BYTES = 80_000_000
 
 
 class CostWarning(UserWarning):
@@ -136,16 +139,16 @@ class CostEstimate:
         key_holder_bytes: what the HE key holder sends the server per round (public context,
             released sum); 0 for other modes.
         upload_bytes_per_round: everything the server receives in a round.
-        peak_memory_bytes: memory a round adds in this process, where the simulation holds
-            the server party and every client party (model, optimizer, DP-SGD per-example
-            gradients, each participant's update, protected input and the server's inbox).
-            A model of the copies made, not a measurement; allocator overhead is not counted.
-            Measured here (4 clients, a fresh process per run, ``ru_maxrss`` after the round
-            minus the resident set before it; estimate in brackets): CKKS compact 1.07M / 4.3M
-            parameters 184 (182) / 772 (729) MB; BFV 1.07M 193 (194) MB; masked 1.07M / 4.3M
-            78 (69) / 319 (274) MB; plaintext 4.3M 280 (274) MB; plaintext with DP-SGD 1.07M
-            90 (86) MB. Not asserted by a test: in one process an earlier round's allocator
-            pools distort the figure.
+        peak_memory_bytes: memory the first round adds in a fresh process, where the
+            simulation holds the server party and every client party (torch's first training
+            step, model, optimizer, DP-SGD per-example gradients, each participant's update,
+            protected input and the server's inbox). A model of the copies made, not a
+            measurement; later rounds reuse the allocators' pools and add less. Measured here
+            (4 clients, a fresh process per run, the peak resident set during the round minus
+            the resident set before it; estimate in brackets): masked 1.06M / 4.3M parameters
+            149 (148) / 377 (355) MB, plaintext 137 (148) / 384 (355) MB, CKKS compact and
+            BFV 1.06M 238 (261) and 255 (272) MB (the masked pair is asserted by
+            ``tests/unit/fedcore/test_costs.py``).
         seconds_per_round: local training (a timed forward and backward pass on 8 examples,
             scaled to the batch, three times that under DP-SGD, times the planned steps, clients
             in turn) plus protection (the probe's time per unit): an order of magnitude only.
@@ -238,4 +241,4 @@ def peak_memory(
     dp_copies = _DP_SGD_COPIES + (batch_size if per_example_gradients else 0) if private else 0
     training = 4 * trained * (2 + states + dp_copies)
     held = (participants * upload_per_client + key_holder_bytes) * (1 + (_HE_MEMORY_PER_UPLOADED_BYTE if homomorphic else 0.0))
-    return int(training + participants * 8 * coordinates + held)
+    return int(_FIRST_STEP_BYTES + training + participants * 8 * coordinates + held)
