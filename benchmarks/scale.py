@@ -39,7 +39,7 @@ import torch  # noqa: E402
 from fedcore import FedAvg, Federation, FixedCountSampler, TrainConfig  # noqa: E402
 from fedcore.asynchronous import AsyncFederation, Exponential, FedBuff, LogNormal, PolynomialStaleness, VirtualClock  # noqa: E402
 from fedcore.datasets import load_movielens100k  # noqa: E402
-from fedcore.ray_executor import RayExecutor  # noqa: E402
+from fedcore.ray_parties import RayParties  # noqa: E402
 from fedcore.recsys import RecommenderConfig, movielens_federation  # noqa: E402
 
 now = time.perf_counter
@@ -52,14 +52,13 @@ def ray_overhead(data, *, clients_per_round: int, timed_rounds: int, max_users: 
     def federation(executor=None) -> Federation:
         return Federation(
             task=ml.task, clients=ml.clients, strategy=FedAvg(), train=train, sampler=FixedCountSampler(clients_per_round),
-            executor=executor, seed=0, quiet=True, evaluate_every=0,
+            executor=executor, seed=0, reproducible=True, quiet=True, evaluate_every=0,
         )  # fmt: skip
 
     rows = []
     for workers in (1, 2):
-        executor = RayExecutor(ml.task, num_workers=workers, torch_threads=1)
+        executor = RayParties(ml.task, num_actors=workers)
         local, remote = federation(), federation(executor)
-        _ = executor.workspace  # pin the template now: the in-process federation built its workspace at this point too
         local.run_round()
         remote.run_round()  # warm-up: actor start-up, first data shipped
         times: dict[str, list[float]] = {"in-process": [], "ray": []}
@@ -69,7 +68,7 @@ def ray_overhead(data, *, clients_per_round: int, timed_rounds: int, max_users: 
                 fed.run_round()
                 times[name].append(now() - t0)
         same = bool(np.array_equal(local.global_vector, remote.global_vector))
-        executor.shutdown()  # kills the actors (Ray itself was started by this script)
+        executor.shutdown_actors()  # Ray itself was started by this script
         base, on_ray = statistics.median(times["in-process"]), statistics.median(times["ray"])
         rows.append({"workers": workers, "in_process_s": base, "ray_s": on_ray, "ratio": on_ray / base, "same_model": same})
         print(f"  ray {workers} actor(s): in-process {base:.2f}s, ray {on_ray:.2f}s per round", file=sys.stderr, flush=True)

@@ -4,7 +4,8 @@ Every round runs through the party boundary: the server party sends the model as
 client party trains, prepares its input and answers the protection session's messages with bytes.
 Prints the round's wall time beside the sum of the clients' pure local-training time (measured
 inside the same round, same process): R = round time / local-training time, target <= 1.10.
-Then the same rounds on Ray (one actor per group of clients) beside in-process, side by side:
+Then the same rounds with the client parties on Ray actors (one per CPU, each hosting a group) beside
+in-process, side by side:
 ray_ratio = Ray round time / in-process round time, target <= 1.20. Then one masked round with
 the server's inbox recorded: how many plaintext updates the server received (must be 0).
 
@@ -77,10 +78,10 @@ def main() -> None:
     in_process, train = _rounds(_federation(fed_data, clients), rounds, "in-process")
     ray_ratio = float("nan")
     if not args.no_ray:
-        from fedcore.ray_executor import RayExecutor
+        from fedcore.ray_parties import RayParties
 
-        with RayExecutor(fed_data.task) as executor:
-            on_ray, _ = _rounds(_federation(fed_data, clients, executor=executor), rounds, "ray")
+        with RayParties(fed_data.task) as host:  # one actor per CPU, each hosting its group of client parties
+            on_ray, _ = _rounds(_federation(fed_data, clients, executor=host), rounds, "ray")
         ray_ratio = on_ray / in_process
     masked = UpdatePipeline(
         backend=secagg.MaskedSum(value_bound=1.0, max_clients=clients), clip=dp.L2Clip(1.0), weighting="uniform"

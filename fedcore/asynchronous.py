@@ -366,7 +366,7 @@ class AsyncFederation:
         clock = VirtualClock() if clock is None else clock
         if not isinstance(clock, VirtualClock):
             raise TypeError(f"clock must be a VirtualClock, got {type(clock).__name__}")
-        n = len(federation.clients)
+        n = len(federation.client_ids)
         if schedule.concurrency > n:
             raise ConfigError(f"concurrency must be <= the {n} clients, got {schedule.concurrency!r}")
         if schedule.buffer_size > n:
@@ -507,7 +507,7 @@ class AsyncFederation:
         self._dispatched += 1
         cid = idle[int(self._rng(_STREAM_DISPATCH, index).integers(len(idle)))]
         fed = self.federation
-        examples = examples_per_job(fed.clients[cid].data.num_train, fed.train)
+        examples = examples_per_job(fed.declared_sizes[cid], fed.train)
         duration = self.clock.job_duration(examples=examples, speed=self._speed(cid), rng=self._rng(_STREAM_LATENCY, index))
         job = _Job(index, cid, self.version, self.now, self.now + duration)
         self._snapshots.setdefault(self.version, np.array(fed.global_vector, dtype=np.float32))

@@ -413,9 +413,9 @@ def build_experiment(
         loggers.append(WandbLogger(project=config.name, mode="offline", config=config.to_dict(), dir=str(out)))
     executor = None
     if config.executor == "ray" and channel is None:
-        from .ray_executor import RayExecutor
+        from .ray_parties import RayParties
 
-        executor = RayExecutor(task, device=config.train.device)
+        executor = RayParties(task, device=config.train.device)
     federation = Federation(
         task=task,
         clients=clients,

@@ -27,7 +27,7 @@ import hashlib
 import math
 import secrets
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
@@ -44,7 +44,16 @@ from .layout import ParameterLayout
 from .pipeline import UpdatePipeline
 from .training import SampleLevelPrivacy, TrainConfig
 
-__all__ = ["Randomness", "ClientSide", "Channel", "InProcessChannel", "Received"]
+__all__ = [
+    "Randomness",
+    "PartySettings",
+    "PartyHost",
+    "ClientSide",
+    "Channel",
+    "RecordingChannel",
+    "InProcessChannel",
+    "Received",
+]
 
 
 class Randomness:
@@ -78,6 +87,23 @@ class Randomness:
         if self.simulation_seed is None:
             return np.random.default_rng(secrets.randbits(128))
         return np.random.default_rng(self.seed(round_index=round_index, party=party, purpose=purpose))
+
+
+@dataclass(frozen=True)
+class PartySettings:
+    """What every client party of a federation is built with, besides its own data and executor."""
+
+    layout: ParameterLayout
+    pipeline: UpdatePipeline
+    train: TrainConfig
+    update_kind: str
+    privacy: SampleLevelPrivacy | None
+    randomness: Randomness
+    client_deadline: float | None = None
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """The settings as :class:`ClientSide` keyword arguments."""
+        return {f: getattr(self, f) for f in self.__dataclass_fields__}
 
 
 @dataclass
@@ -159,6 +185,22 @@ class ClientSide:
                 self.directory[cid] = private[cid].public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
         for cid in self.clients:
             self._keys[cid] = ClientKeys(identity_key=private.get(cid), peer_identities=dict(self.directory) if signed else None)
+
+    def set_directory(self, directory: Mapping[str, bytes]) -> None:
+        """Take the whole federation's identity public keys (parties hosted in several groups).
+
+        Raises:
+            ProtocolError: the directory lacks one of this group's clients or gives it another key.
+        """
+        signed = bool(getattr(self.pipeline.backend, "signed_keys", False))
+        if not signed:
+            return
+        for cid in self.clients:
+            if bytes(directory.get(cid, b"")) != self.directory[cid]:
+                raise ProtocolError(f"the directory gives client {cid!r} a key it did not make (or none)")
+        self.directory = {cid: bytes(key) for cid, key in directory.items()}
+        for cid, keys in self._keys.items():
+            self._keys[cid] = replace(keys, peer_identities=dict(self.directory))
 
     def _new_round_keys(self, decoded: msg.Message) -> bytes:
         """The HE key holder makes this round's keys; each client gets its context from it directly.
@@ -377,6 +419,13 @@ class Received:
     data: bytes
 
 
+class PartyHost(Protocol):
+    """Where client parties live outside the server's process (Ray actors): it builds them and a channel to them."""
+
+    def host(self, clients: Mapping[str, Client], settings: PartySettings, *, record: bool) -> tuple[Channel, dict[str, bytes]]:
+        """Build the parties of ``clients``; return the channel to them and their identity public keys."""
+
+
 class Channel(Protocol):
     """The server party's only link to the other parties: bytes out, bytes back."""
 
@@ -387,26 +436,26 @@ class Channel(Protocol):
         """Deliver one message; return the reply."""
 
 
-@dataclass
-class InProcessChannel:
-    """The embedded channel: parties in this process, only copies of bytes crossing.
+class RecordingChannel:
+    """A channel that copies the bytes each way and can record what the server receives.
 
-    Args:
-        client_side: the parties at the other end.
-        record: keep every byte the server receives in :attr:`inbox` (tests, notebooks).
+    Subclasses deliver a batch (:meth:`_deliver`); this class keeps :attr:`inbox` (with
+    ``record``), :attr:`bytes_received` and :attr:`seconds` spent in the exchange.
     """
 
-    client_side: ClientSide
-    record: bool = False
-    inbox: list[Received] = field(default_factory=list)
-    bytes_received: int = 0
-    seconds: float = 0.0
+    def __init__(self, *, record: bool = False) -> None:
+        self.record = record
+        self.inbox: list[Received] = []
+        self.bytes_received = 0
+        self.seconds = 0.0
+
+    def _deliver(self, batch: dict[str, bytes]) -> Mapping[str, bytes | None]:
+        raise NotImplementedError
 
     def exchange(self, batch: Mapping[str, bytes]) -> dict[str, bytes | None]:
         """Deliver a batch; only ``bytes`` cross, each way."""
         started = time.perf_counter()
-        outgoing = {str(r): bytes(m) for r, m in batch.items()}
-        replies = self.client_side.handle_batch(outgoing)
+        replies = self._deliver({str(r): bytes(m) for r, m in batch.items()})
         out: dict[str, bytes | None] = {}
         for sender, reply in replies.items():
             if reply is None:
@@ -423,3 +472,19 @@ class InProcessChannel:
     def send(self, recipient: str, message: bytes) -> bytes | None:
         """One message, one reply."""
         return self.exchange({recipient: message}).get(recipient)
+
+
+class InProcessChannel(RecordingChannel):
+    """The embedded channel: parties in this process, only copies of bytes crossing.
+
+    Args:
+        client_side: the parties at the other end.
+        record: keep every byte the server receives in :attr:`inbox` (tests, notebooks).
+    """
+
+    def __init__(self, client_side: ClientSide, record: bool = False) -> None:
+        super().__init__(record=record)
+        self.client_side = client_side
+
+    def _deliver(self, batch: dict[str, bytes]) -> Mapping[str, bytes | None]:
+        return self.client_side.handle_batch(batch)

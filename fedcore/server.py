@@ -28,7 +28,7 @@ from .errors import ConfigError, RoundFailedError
 from .executors import Executor, InProcessExecutor
 from .layout import ParameterLayout
 from .observability import ConsoleLogger, MetricsLogger, progress
-from .parties import Channel, ClientSide, InProcessChannel, Randomness
+from .parties import Channel, ClientSide, InProcessChannel, PartyHost, PartySettings, Randomness
 from .pipeline import RoundAggregate, UpdatePipeline
 from .sampling import AllClients, ClientSampler
 from .strategies import LocalModel
@@ -144,7 +144,7 @@ class Federation:
         sample_privacy: SampleLevelPrivacy | None = None,
         ledger: Any = None,
         budget: Any = None,
-        executor: Executor | None = None,
+        executor: Executor | PartyHost | None = None,
         dropouts: DropoutSimulator | None = None,
         allow_reveal: bool = False,
         logger: MetricsLogger | None = None,
@@ -242,10 +242,7 @@ class Federation:
         self.client_side: ClientSide | None = None
         self.channel: Channel
         if channel is None:
-            assert executor is not None
-            self.client_side = ClientSide(
-                clients=parties,
-                executor=executor,
+            settings = PartySettings(
                 layout=self.layout,
                 pipeline=pipeline,
                 train=train,
@@ -254,8 +251,7 @@ class Federation:
                 randomness=self.randomness,
                 client_deadline=client_deadline,
             )
-            self.channel = InProcessChannel(self.client_side, record=record_inbox)
-            self.public_keys = dict(self.client_side.directory)
+            self.channel, self.public_keys = self._client_parties(executor, parties, settings, record_inbox)
         else:
             signed = bool(getattr(pipeline.backend, "signed_keys", False))
             missing = sorted(set(self.client_ids) - set(directory or {})) if signed else []
@@ -271,6 +267,16 @@ class Federation:
                 f"{self.costs.upload_bytes_per_client:,} bytes per round ({self.costs.summary()}); raise the limit, "
                 "shrink the shared model (local_only, LoRA) or choose a lighter protection mode"
             )
+
+    def _client_parties(
+        self, executor: Any, parties: dict[str, Client], settings: PartySettings, record: bool
+    ) -> tuple[Channel, dict[str, bytes]]:
+        """Build the simulated client parties: here (in-process) or where ``executor`` hosts them (Ray actors)."""
+        if hasattr(executor, "host"):  # a PartyHost: only bytes reach the parties it builds
+            channel, directory = executor.host(parties, settings, record=record)
+            return channel, dict(directory)
+        self.client_side = ClientSide(clients=parties, executor=executor, **settings.as_kwargs())
+        return InProcessChannel(self.client_side, record=record), dict(self.client_side.directory)
 
     @property
     def clients(self) -> dict[str, Client]:
@@ -572,7 +578,7 @@ class Federation:
         parties: dict[str, Respond] = {cid: functools.partial(self.channel.send, cid) for cid in ids}
         if he:
             parties[KEY_HOLDER] = functools.partial(self.channel.send, KEY_HOLDER)
-        summed = drive_round(session, parties, dropouts=dropouts)
+        summed = drive_round(session, parties, dropouts=dropouts, deliver=self.channel.exchange)
         noise_rng = self.randomness.generator(round_index=t, party="server", purpose="central-noise")
         n = len(ids) if participants is None else participants
         return self.pipeline.finish(
@@ -592,7 +598,9 @@ class Federation:
             ConfigError: an id that is not one of the federation's clients.
         """
         if self.client_side is None:
-            raise ConfigError("client_updates needs simulated client parties; this federation's clients are remote")
+            raise ConfigError(
+                "client_updates needs in-process client parties; this federation's clients are remote or on Ray actors"
+            )
         ids = list(self.client_ids if client_ids is None else client_ids)
         unknown = [c for c in ids if c not in self.clients]
         if unknown or not ids:
@@ -929,6 +937,9 @@ class Federation:
         for cid, c in self.clients.items():
             if c.local_state:
                 save_local_state(self.client_folder(folder), cid, {k: t.detach().cpu().numpy() for k, t in c.local_state.items()})
+        hosted = getattr(self.channel, "save_local_states", None)
+        if hosted is not None:  # parties hosted elsewhere write their own files
+            hosted(self.client_folder(folder))
         return save_checkpoint(
             folder,
             Checkpoint(
@@ -980,7 +991,8 @@ class Federation:
             )
         if ckpt.global_vector.shape != (self.layout.size,):
             raise ConfigError(f"checkpoint vector has shape {ckpt.global_vector.shape}, the model needs ({self.layout.size},)")
-        local = load_local_states(self.client_folder(folder))
+        hosted = getattr(self.channel, "load_local_states", None)
+        local = load_local_states(self.client_folder(folder)) if hosted is None else {}
         unknown = set(local) - set(self.clients)
         if unknown:
             raise ConfigError(f"checkpoint holds clients this federation lacks: {sorted(unknown)[:5]}")
@@ -988,6 +1000,8 @@ class Federation:
         self.global_vector = ckpt.global_vector.astype(np.float32)
         for cid, params in local.items():
             self.clients[cid].local_state = {k: torch.from_numpy(v.copy()) for k, v in params.items()}
+        if hosted is not None:  # parties hosted elsewhere read their own files
+            hosted(self.client_folder(folder))
         self.history = list(ckpt.history)
         self.round_index = ckpt.round_index
         if self.ledger is not None and ckpt.ledger_json is not None:

@@ -125,6 +125,7 @@ def drive_round(
     parties: Mapping[str, Respond],
     *,
     dropouts: Mapping[str, Stage] | None = None,
+    deliver: Callable[[dict[str, bytes]], Mapping[str, "bytes | None"]] | None = None,
 ) -> _Result:
     """Run one round's message loop between a server session and the parties' answer functions.
 
@@ -133,6 +134,9 @@ def drive_round(
         parties: recipient id -> a function that delivers a message and returns the reply. A
             recipient missing from ``parties`` answers nothing (it is gone).
         dropouts: simulated silence: recipient id -> the first stage it does not answer.
+        deliver: delivers a whole stage's messages at once and returns the replies by sender
+            (a channel's ``exchange``: one trip to parties hosted elsewhere instead of one per
+            message); the replies are received in the batch's order, as one by one.
 
     Returns:
         The server's result, with every simulated dropout it addressed listed as dropped (one
@@ -152,11 +156,10 @@ def drive_round(
             return replace(result, dropped=tuple(sorted(gone)))
         stage = server.stage
         addressed.update(batch)
-        for recipient, message in batch.items():
-            respond = parties.get(recipient)
-            if respond is None or silent.get(recipient, len(Stage)) <= stage:
-                continue
-            reply = respond(message)
+        live = {r: m for r, m in batch.items() if r in parties and silent.get(r, len(Stage)) > stage}
+        replies = deliver(live) if deliver is not None else {r: parties[r](m) for r, m in live.items()}
+        for recipient in live:
+            reply = replies.get(recipient)
             if reply is not None:
                 server.receive(recipient, reply)
 
