@@ -5,7 +5,7 @@ run, wall-clock seconds and effective bandwidth = plaintext bytes read (K * d * 
 
 * ``plaintext-cpu``: ``secagg.PlaintextSum.aggregate`` (validation plus float64 sum), the
   library's reference path, and ``cpu-f32-add``: bare in-place float32 additions (the CPU floor);
-* ``cuda-host`` (only with a GPU): ``fedcore.cuda.CudaSum.aggregate`` from host vectors
+* ``cuda-host`` (only with a GPU): ``fedcore.rounds.cuda.CudaSum.aggregate`` from host vectors
   (pinned staging, asynchronous copies, one GEMV per chunk): bounded by host memory and PCIe;
 * ``cuda-device`` (only with a GPU): the fused weighted sum alone (one GEMV over a resident
   ``(K, d)`` block), beside ``cuda-d2d-copy``, a device-to-device copy of the same K * d * 4 bytes
@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from fedcore.cuda import CudaSum, CudaUnavailableError, cuda_device, fused_weighted_sum  # noqa: E402
+from fedcore.rounds.cuda import CudaSum, CudaUnavailableError, cuda_device, fused_weighted_sum  # noqa: E402
 from secagg import CKKSClient, CKKSKeyHolder, HEServer, MaskedSum, PlaintextSum, secure_sum_integers  # noqa: E402
 
 now = time.perf_counter

@@ -1,7 +1,7 @@
 """Centralized baselines of the two workloads, beside the anchors measured on the same protocol.
 
-Every figure is computed by the code the federation uses: the builders of ``fedcore.recsys``
-(same splits, same candidates) and ``fedcore.training.train_local`` on one client holding all
+Every figure is computed by the code the federation uses: the builders of ``fedcore.workloads.recsys``
+(same splits, same candidates) and ``fedcore.rounds.training.train_local`` on one client holding all
 the training data. Run ``python benchmarks/centralized.py`` (full, long on CPU) or ``--quick``.
 """
 
@@ -17,8 +17,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fedcore.datasets import load_clothing_reviews, load_movielens100k  # noqa: E402
-from fedcore.recsys import (  # noqa: E402
+from fedcore.rounds.training import TrainConfig, train_local  # noqa: E402
+from fedcore.workloads.datasets import load_clothing_reviews, load_movielens100k  # noqa: E402
+from fedcore.workloads.recsys import (  # noqa: E402
     ClothingConfig,
     RecommenderConfig,
     clothing_federation,
@@ -27,8 +28,7 @@ from fedcore.recsys import (  # noqa: E402
     movielens_item_features,
     popularity_scores,
 )
-from fedcore.task import ClientData  # noqa: E402
-from fedcore.training import TrainConfig, train_local  # noqa: E402
+from fedcore.workloads.task import ClientData  # noqa: E402
 
 ANCHORS = {
     "popularity": (0.409, 0.228),

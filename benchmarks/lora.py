@@ -15,7 +15,7 @@ training), against the full model's float32 bytes (the whole MiniLM and head, wh
 fine-tune would send in plaintext; under masking with a 32-bit ring it is about the same).
 
 The frozen layers below the lowest adapted one are run once per review and cached on disk
-(``fedcore.recsys.cached_hidden_states``); the first run pays for that. Last line:
+(``fedcore.workloads.recsys.cached_hidden_states``); the first run pays for that. Last line:
 ``lora clothing_fed_auc=X clothing_dp8_auc=Y ml100k_lora_hr10=Z upload_fraction=W`` (Z is
 ``skipped``: the MovieLens item tower is not adapted in this version; W: plaintext LoRA upload over
 the full model's float32 bytes).
@@ -39,10 +39,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fedcore.config import parse_config  # noqa: E402
-from fedcore.experiment import Workload, build_experiment, build_workload, communication  # noqa: E402
-from fedcore.recsys import ClothingConfig, ClothingTask, EmbeddedReviews, minilm_identity  # noqa: E402
-from fedcore.task import ClientData  # noqa: E402
+from fedcore.experiments.config import parse_config  # noqa: E402
+from fedcore.experiments.experiment import Workload, build_experiment, build_workload, communication  # noqa: E402
+from fedcore.workloads.recsys import ClothingConfig, ClothingTask, EmbeddedReviews, minilm_identity  # noqa: E402
+from fedcore.workloads.task import ClientData  # noqa: E402
 
 
 def _load_utility():

@@ -45,9 +45,9 @@ CONFIG = ROOT / "examples" / "main.toml"
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 # Runs the CLI after setting torch's thread counts explicitly (fedcore respects an explicit setting).
 DRIVER = (
-    "import sys, torch, fedcore.cli\n"
+    "import sys, torch, fedcore.experiments.cli\n"
     "torch.set_num_threads(int(sys.argv[1])); torch.set_num_interop_threads(int(sys.argv[2]))\n"
-    "raise SystemExit(fedcore.cli.main(sys.argv[3:]))\n"
+    "raise SystemExit(fedcore.experiments.cli.main(sys.argv[3:]))\n"
 )
 
 
@@ -77,7 +77,7 @@ def run_job(*, rounds: int, loaded: bool, threads: tuple[int, int] | None = None
     with tempfile.TemporaryDirectory(prefix="privfl-mainjob-") as tmp:
         cli = ["run", str(CONFIG), "--out", str(Path(tmp) / "out"), "--rounds", str(rounds), "--quiet"]
         if threads is None:
-            command = [sys.executable, "-m", "fedcore.cli", *cli]
+            command = [sys.executable, "-m", "fedcore.experiments.cli", *cli]
         else:
             command = [sys.executable, "-c", DRIVER, str(threads[0]), str(threads[1]), *cli]
         with _spinner(loaded):

@@ -5,7 +5,7 @@ Every aggregator trains the same model from the same seed: FedAvg (the reference
 masking), coordinate-wise median, trimmed mean (20%), Krum and Multi-Krum (f = 1). Each runs
 clean, then with 10% attackers. With 5 silos, "10%" is ceil(0.1 * 5) = 1 attacker, i.e. 20%:
 the smallest non-zero fraction, and a harder test than 10%; ``--silos 10`` gives exactly 10%
-(1 of 10 regional silos). Attacks (fedcore.attacks):
+(1 of 10 regional silos). Attacks (fedcore.strategies.attacks):
 
 * sign flip: the attacker sends the negation of its honest update (same norm);
 * scaling: the attacker sends -10 x its honest update (a boosted sign flip, as in model
@@ -39,11 +39,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dp  # noqa: E402
 from fedcore import FedAvg, Federation, InProcessExecutor, TrainConfig, UpdatePipeline  # noqa: E402
-from fedcore.attacks import PoisonedExecutor, Scaling, SignFlip, choose_attackers  # noqa: E402
-from fedcore.client import round_seed  # noqa: E402
-from fedcore.datasets import load_movielens100k  # noqa: E402
-from fedcore.recsys import RecommenderConfig, movielens_federation  # noqa: E402
-from fedcore.robust import CoordinateMedian, Krum, MultiKrum, TrimmedMean  # noqa: E402
+from fedcore.rounds.client import round_seed  # noqa: E402
+from fedcore.strategies.attacks import PoisonedExecutor, Scaling, SignFlip, choose_attackers  # noqa: E402
+from fedcore.strategies.robust import CoordinateMedian, Krum, MultiKrum, TrimmedMean  # noqa: E402
+from fedcore.workloads.datasets import load_movielens100k  # noqa: E402
+from fedcore.workloads.recsys import RecommenderConfig, movielens_federation  # noqa: E402
 from secagg import MaskedSum  # noqa: E402
 
 ROBUST = ("median", "trimmed mean 20%", "Krum f=1", "Multi-Krum f=1")

@@ -37,10 +37,10 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 
 from fedcore import FedAvg, Federation, FixedCountSampler, TrainConfig  # noqa: E402
-from fedcore.asynchronous import AsyncFederation, Exponential, FedBuff, LogNormal, PolynomialStaleness, VirtualClock  # noqa: E402
-from fedcore.datasets import load_movielens100k  # noqa: E402
-from fedcore.ray_parties import RayParties  # noqa: E402
-from fedcore.recsys import RecommenderConfig, movielens_federation  # noqa: E402
+from fedcore.rounds.asynchronous import AsyncFederation, Exponential, FedBuff, LogNormal, PolynomialStaleness, VirtualClock  # noqa: E402
+from fedcore.rounds.ray_parties import RayParties  # noqa: E402
+from fedcore.workloads.datasets import load_movielens100k  # noqa: E402
+from fedcore.workloads.recsys import RecommenderConfig, movielens_federation  # noqa: E402
 
 now = time.perf_counter
 

@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the packages, no
 import dp
 import secagg
 from fedcore import FedAvg, Federation, FixedCountSampler, TrainConfig, UpdatePipeline
-from fedcore.datasets import load_movielens100k
-from fedcore.recsys import RecommenderConfig, movielens_federation
+from fedcore.workloads.datasets import load_movielens100k
+from fedcore.workloads.recsys import RecommenderConfig, movielens_federation
 
 
 def _federation(fed_data, clients: int, **kwargs) -> Federation:
@@ -78,7 +78,7 @@ def main() -> None:
     in_process, train = _rounds(_federation(fed_data, clients), rounds, "in-process")
     ray_ratio = float("nan")
     if not args.no_ray:
-        from fedcore.ray_parties import RayParties
+        from fedcore.rounds.ray_parties import RayParties
 
         with RayParties(fed_data.task) as host:  # one actor per CPU, each hosting its group of client parties
             on_ray, _ = _rounds(_federation(fed_data, clients, executor=host), rounds, "ray")

@@ -32,8 +32,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fedcore.experiment import build_workload  # noqa: E402
-from fedcore.tuning import parse_search_space, tune  # noqa: E402
+from fedcore.experiments.experiment import build_workload  # noqa: E402
+from fedcore.experiments.tuning import parse_search_space, tune  # noqa: E402
 
 
 def _utility():

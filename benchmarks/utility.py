@@ -13,8 +13,8 @@ round. Cases:
    FedAvg (accuracy / ROC AUC on the fixed stratified 80/20 split, seed 42);
 3. MovieLens-100K cross-device: one client per user (943), Poisson sampling, client-level DP.
 
-Every federated run is built from an experiment config (``fedcore.config.parse_config`` or
-``examples/main.toml``) by ``fedcore.experiment.build_experiment``, runs in one process (clients
+Every federated run is built from an experiment config (``fedcore.experiments.config.parse_config`` or
+``examples/main.toml``) by ``fedcore.experiments.experiment.build_experiment``, runs in one process (clients
 train one after another), and is evaluated once at the end; "s/round" is the mean wall time of a
 round without evaluation. The last line is ``utility ml100k_central_hr10=A ml100k_fed_hr10=B
 ml100k_text_fed_hr10=C ml100k_dp8_hr10=D clothing_central_auc=E clothing_fed_auc=F ml100k_userdp8_hr10=G``
@@ -43,8 +43,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the packages, not benchmarks/secagg.py
 
-from fedcore.config import ExperimentConfig, load_config, parse_config  # noqa: E402
-from fedcore.experiment import Experiment, Workload, build_experiment, build_workload  # noqa: E402
+from fedcore.experiments.config import ExperimentConfig, load_config, parse_config  # noqa: E402
+from fedcore.experiments.experiment import Experiment, Workload, build_experiment, build_workload  # noqa: E402
 
 
 def _load_centralized():

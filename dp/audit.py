@@ -443,7 +443,7 @@ def run_canary_audit(
         train: runs the whole training with the given extra canary clients (id -> fixed update,
             sent whenever that client takes part) and returns the final shared model minus the
             initial one. With fedcore: add a client per id and wrap the executor in
-            ``fedcore.attacks.InjectedUpdates``.
+            ``fedcore.strategies.attacks.InjectedUpdates``.
         canaries: from :func:`draw_canaries`.
         delta: the delta of the claim.
         claimed_epsilon: the accountant's epsilon, or a callable evaluated after training (the

@@ -4,7 +4,9 @@ Composes :mod:`secagg` (how updates are protected) and :mod:`dp` (how privacy is
 accounted) into federated experiments.
 """
 
-from .asynchronous import (
+from .errors import ConfigError, DataUnavailableError, FedcoreError, RoundFailedError
+from .experiments.simple import SimpleTask, federate_data
+from .rounds.asynchronous import (
     AsyncFederation,
     ConstantStaleness,
     FedAsync,
@@ -13,19 +15,18 @@ from .asynchronous import (
     PolynomialStaleness,
     VirtualClock,
 )
-from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from .client import Client, ClientResult, Workspace
-from .costs import CostEstimate, CostWarning
-from .cuda import CudaSum, CudaUnavailableError
-from .errors import ConfigError, DataUnavailableError, FedcoreError, RoundFailedError
-from .executors import Executor, InProcessExecutor
-from .layout import ParameterLayout
-from .observability import JsonlLogger, MetricsLogger, MultiLogger, TensorBoardLogger, WandbLogger
-from .pipeline import UpdatePipeline
-from .sampling import AllClients, FixedCountSampler, PoissonSampler
-from .server import DropoutSimulator, Federation, Reveal
-from .simple import SimpleTask, federate_data
-from .strategies import (
+from .rounds.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .rounds.client import Client, ClientResult, Workspace
+from .rounds.costs import CostEstimate, CostWarning
+from .rounds.cuda import CudaSum, CudaUnavailableError
+from .rounds.executors import Executor, InProcessExecutor
+from .rounds.observability import JsonlLogger, MetricsLogger, MultiLogger, TensorBoardLogger, WandbLogger
+from .rounds.sampling import AllClients, FixedCountSampler, PoissonSampler
+from .rounds.server import DropoutSimulator, Federation, Reveal
+from .rounds.training import EarlyStopping, TrainConfig, TrainResult, train_local
+from .stages.layout import ParameterLayout
+from .stages.pipeline import UpdatePipeline
+from .strategies._strategies import (
     Aggregate,
     FedAdagrad,
     FedAdam,
@@ -36,8 +37,7 @@ from .strategies import (
     ModelSelection,
     OutputEnsemble,
 )
-from .task import ClientData, Task
-from .training import EarlyStopping, TrainConfig, TrainResult, train_local
+from .workloads.task import ClientData, Task
 
 __all__ = [
     "Aggregate",
@@ -93,7 +93,7 @@ __all__ = [
     "VirtualClock",
     "WandbLogger",
     "Workspace",
-    # private hyperparameter search (fedcore.tuning, loaded on first use: it needs flaml)
+    # private hyperparameter search (fedcore.experiments.tuning, loaded on first use: it needs flaml)
     "tune",
     "SearchSpace",
     "parse_search_space",
@@ -105,7 +105,7 @@ _TUNING = ("tune", "SearchSpace", "parse_search_space", "load_search_space")
 
 def __getattr__(name: str):  # PEP 562: ``fedcore.tune(config, space)`` without importing flaml up front
     if name in _TUNING:
-        from . import tuning
+        from .experiments import tuning
 
         return getattr(tuning, name)
     raise AttributeError(f"module 'fedcore' has no attribute {name!r}")

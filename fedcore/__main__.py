@@ -1,5 +1,5 @@
 """``python -m fedcore``: the ``fedcore`` command (how ``fedcore launch`` starts its processes)."""
 
-from .cli import main
+from .experiments.cli import main
 
 raise SystemExit(main())

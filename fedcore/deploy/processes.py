@@ -1,12 +1,12 @@
 """``fedcore server`` and ``fedcore client``: the server party and one client party, each in its own process.
 
-The server process holds the server party (:class:`~fedcore.server.Federation` with a
+The server process holds the server party (:class:`~fedcore.rounds.server.Federation` with a
 :class:`~fedcore.deploy.transport.GrpcChannel`): global model, strategy, ledger, budget,
 checkpoints, the clients' identity public keys. It builds the workload from the config for the
 model, the clients' declared training-set sizes and the DP-SGD settings check, and hands no client
 data to any party: no client party runs in it.
 
-A client process holds one client party (:class:`~fedcore.parties.ClientSide` with that client
+A client process holds one client party (:class:`~fedcore.rounds.parties.ClientSide` with that client
 alone): it partitions the workload from the config exactly as the server does, keeps only its own
 silo (the others are dropped once partitioned), trains, and protects its update with its identity
 key from its kit and its own randomness (OS CSPRNG, or derived from the simulation seed when
@@ -24,9 +24,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from .. import messages as msg
-from ..config import ExperimentConfig
 from ..errors import ConfigError
+from ..experiments.config import ExperimentConfig
+from ..rounds import messages as msg
 from .provision import ClientKit, ServerKit
 from .transport import ClientEndpoint, GrpcChannel, Limits
 
@@ -61,7 +61,7 @@ def serve(
 ) -> Any:
     """Run the server party: listen, wait for the clients, run every round, write the outputs.
 
-    Returns the :class:`~fedcore.experiment.ExperimentOutcome` (the same outputs as ``fedcore run``,
+    Returns the :class:`~fedcore.experiments.experiment.ExperimentOutcome` (the same outputs as ``fedcore run``,
     and ``deployment.json``: the bytes sent to and received from each client, message bytes and
     frame bytes, and every refused certificate). The clients' streams are closed at the end, so
     client processes exit.
@@ -74,8 +74,8 @@ def serve(
         partial.write_text(str(channel.port), encoding="utf-8")
         os.replace(partial, port_file)  # whoever waits for the file reads a whole port number
     try:
-        from ..checkpoint import load_checkpoint
-        from ..experiment import run_experiment
+        from ..experiments.experiment import run_experiment
+        from ..rounds.checkpoint import load_checkpoint
 
         checkpoint = Path(config.output_dir) / "checkpoint"
         if resume and checkpoint.exists():
@@ -109,17 +109,17 @@ class _Unreachable:
 
 
 def client_party(config: ExperimentConfig, kit: ClientKit) -> Any:
-    """The :class:`~fedcore.parties.ClientSide` of this kit's client alone, built from ``config``.
+    """The :class:`~fedcore.rounds.parties.ClientSide` of this kit's client alone, built from ``config``.
 
     Raises:
         ConfigError: the kit's client is not a client of the config's workload.
     """
     import torch
 
-    from ..client import Client
-    from ..executors import InProcessExecutor
-    from ..experiment import build_experiment, build_workload
-    from ..parties import ClientSide
+    from ..experiments.experiment import build_experiment, build_workload
+    from ..rounds.client import Client
+    from ..rounds.executors import InProcessExecutor
+    from ..rounds.parties import ClientSide
 
     check_deployable(config)
     workload = build_workload(config)

@@ -158,7 +158,7 @@ class _Stream:
 
 
 class GrpcChannel:
-    """The server party's :class:`~fedcore.parties.Channel` to client processes over gRPC + mutual TLS.
+    """The server party's :class:`~fedcore.rounds.parties.Channel` to client processes over gRPC + mutual TLS.
 
     ``exchange`` sends a batch to every recipient at once (each client's stream) and waits for
     the replies, each bounded by ``limits.reply_deadline``. Counts every byte of every frame it

@@ -23,10 +23,10 @@ import sys
 import time
 from pathlib import Path
 
-from fedcore.config import load_config
 from fedcore.deploy.processes import PartyAnswer, client_party
 from fedcore.deploy.provision import ClientKit
 from fedcore.deploy.transport import ClientEndpoint, Limits
+from fedcore.experiments.config import load_config
 from secagg.messages import MessageKind
 
 _TRIGGER = {

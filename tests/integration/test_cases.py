@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 import dp
-from fedcore.config import parse_config
-from fedcore.experiment import build_experiment, build_workload
+from fedcore.experiments.config import parse_config
+from fedcore.experiments.experiment import build_experiment, build_workload
 
 pytestmark = pytest.mark.integration
 

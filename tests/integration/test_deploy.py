@@ -18,9 +18,9 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from fedcore.checkpoint import load_checkpoint
-from fedcore.cli import main
 from fedcore.deploy import provision
+from fedcore.experiments.cli import main
+from fedcore.rounds.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.integration
 

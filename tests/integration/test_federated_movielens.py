@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from fedcore.cli import main
-from fedcore.config import parse_config
 from fedcore.errors import ConfigError
-from fedcore.experiment import build_experiment, build_workload
+from fedcore.experiments.cli import main
+from fedcore.experiments.config import parse_config
+from fedcore.experiments.experiment import build_experiment, build_workload
 
 pytestmark = pytest.mark.integration
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import dp
-from fedcore.config import parse_config
-from fedcore.experiment import build_experiment, build_workload, run_experiment
-from fedcore.recsys import minilm_identity
+from fedcore.experiments.config import parse_config
+from fedcore.experiments.experiment import build_experiment, build_workload, run_experiment
+from fedcore.workloads.recsys import minilm_identity
 
 from ..unit.fedcore.test_recsys_lora import _base_of, _pretrained
 

@@ -11,8 +11,9 @@ import pandas as pd
 import pytest
 import torch
 
-from fedcore.datasets import load_clothing_reviews, load_movielens100k, load_movielens100k_grouplens
-from fedcore.recsys import (
+from fedcore.rounds.training import TrainConfig, train_local
+from fedcore.workloads.datasets import load_clothing_reviews, load_movielens100k, load_movielens100k_grouplens
+from fedcore.workloads.recsys import (
     ClothingConfig,
     RecommenderConfig,
     clothing_federation,
@@ -21,7 +22,6 @@ from fedcore.recsys import (
     movielens_federation,
     popularity_scores,
 )
-from fedcore.training import TrainConfig, train_local
 
 pytestmark = pytest.mark.integration
 

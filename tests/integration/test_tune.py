@@ -9,12 +9,12 @@ import pytest
 from opacus.accountants.analysis import rdp as opacus_rdp
 
 import dp
-from fedcore import messages as msg
-from fedcore.cli import main
-from fedcore.config import parse_config
-from fedcore.experiment import build_experiment, build_workload
-from fedcore.server import Federation
-from fedcore.tuning import parse_search_space, tune
+from fedcore.experiments.cli import main
+from fedcore.experiments.config import parse_config
+from fedcore.experiments.experiment import build_experiment, build_workload
+from fedcore.experiments.tuning import parse_search_space, tune
+from fedcore.rounds import messages as msg
+from fedcore.rounds.server import Federation
 
 pytestmark = pytest.mark.integration
 

@@ -32,8 +32,8 @@ from fedcore import (
     TrainConfig,
     UpdatePipeline,
 )
-from fedcore.checkpoint import load_checkpoint
-from fedcore.robust import Krum
+from fedcore.rounds.checkpoint import load_checkpoint
+from fedcore.strategies.robust import Krum
 from secagg import (
     BFVKeyHolder,
     CKKSClient,

@@ -366,9 +366,9 @@ def test_a_client_raising_mid_dp_sgd_leaves_no_state_and_the_next_trains(mode):
 
 
 def test_federated_training_detaches_a_failed_client_in_finally():
-    """The call site (fedcore.training.train_local) runs the next client on the same model after one raises."""
-    from fedcore.task import ClientData
-    from fedcore.training import TrainConfig, train_local
+    """The call site (fedcore.rounds.training.train_local) runs the next client on the same model after one raises."""
+    from fedcore.rounds.training import TrainConfig, train_local
+    from fedcore.workloads.task import ClientData
 
     class Task:
         calls = 0

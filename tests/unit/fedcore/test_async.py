@@ -18,7 +18,7 @@ from fedcore import (
     TrainConfig,
     UpdatePipeline,
 )
-from fedcore.asynchronous import (
+from fedcore.rounds.asynchronous import (
     AsyncFederation,
     Constant,
     ConstantStaleness,

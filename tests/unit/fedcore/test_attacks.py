@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import dp
 from dp.audit import draw_canaries, run_canary_audit
 from fedcore import ClientData, ClientResult, ConfigError, FedAvg, Federation, InProcessExecutor, TrainConfig, UpdatePipeline
-from fedcore.attacks import (
+from fedcore.strategies.attacks import (
     GaussianAttack,
     InjectedUpdates,
     LabelFlippedDataset,
@@ -28,7 +28,7 @@ from fedcore.attacks import (
     flip_implicit_feedback,
     label_flip,
 )
-from fedcore.recsys import InteractionDataset, leave_one_out
+from fedcore.workloads.recsys import InteractionDataset, leave_one_out
 
 from .toy import ToyTask, toy_clients
 

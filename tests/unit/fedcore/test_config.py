@@ -3,9 +3,9 @@ import re
 
 import pytest
 
-from fedcore.cli import build_parser, main
-from fedcore.config import load_config, parse_config
 from fedcore.errors import ConfigError
+from fedcore.experiments.cli import build_parser, main
+from fedcore.experiments.config import load_config, parse_config
 
 
 def test_example_config_parses():

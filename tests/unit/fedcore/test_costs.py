@@ -77,9 +77,9 @@ def test_the_estimate_is_logged_before_round_1_and_warned_about_when_large(caplo
     lines = [r.getMessage() for r in caplog.records if r.name == "fedcore"]
     assert lines[0] == fed.costs.summary() and "estimated cost per round (masked" in lines[0]
     assert sum("estimated cost" in line for line in lines) == 1  # before round 1 only
-    import fedcore.server
+    import fedcore.rounds.server
 
-    monkeypatch.setattr(fedcore.server, "WARN_UPLOAD_BYTES", 100)
+    monkeypatch.setattr(fedcore.rounds.server, "WARN_UPLOAD_BYTES", 100)
     with pytest.warns(CostWarning, match=r"an expensive run: estimated cost per round \(plaintext"):
         _federation(BACKENDS["plaintext"](), 4).run(1)
 

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedcore import ConfigError, FedAvg, Federation, TrainConfig, UpdatePipeline
-from fedcore.cuda import CudaSum, CudaUnavailableError, _stream_weighted_sum, cuda_device, fused_weighted_sum, weighted_sum
+from fedcore.rounds.cuda import CudaSum, CudaUnavailableError, _stream_weighted_sum, cuda_device, fused_weighted_sum, weighted_sum
 from secagg import PlaintextSum, Stage
 
 from .toy import ToyTask, toy_clients

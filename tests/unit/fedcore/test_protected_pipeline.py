@@ -6,7 +6,7 @@ import pytest
 import dp
 import secagg
 from fedcore import ConfigError, FedAvg, Federation, TrainConfig, UpdatePipeline
-from fedcore.client import ClientResult
+from fedcore.rounds.client import ClientResult
 from secagg import Stage
 
 from .toy import ToyTask, run_pipeline, toy_clients

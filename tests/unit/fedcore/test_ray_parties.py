@@ -14,9 +14,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 import dp
 import secagg
 from fedcore import ConfigError, DropoutSimulator, FedAdam, FedAvg, Federation, PoissonSampler, TrainConfig, UpdatePipeline
-from fedcore.asynchronous import AsyncFederation, FedBuff, VirtualClock
-from fedcore.parties import ClientSide
-from fedcore.ray_parties import RayParties
+from fedcore.rounds.asynchronous import AsyncFederation, FedBuff, VirtualClock
+from fedcore.rounds.parties import ClientSide
+from fedcore.rounds.ray_parties import RayParties
 
 from .test_parties import FEATURES, _windows
 from .toy import ToyTask, toy_clients
@@ -176,6 +176,6 @@ def test_missing_ray_names_the_install_command(monkeypatch):
 
 
 def test_importing_fedcore_does_not_import_ray():
-    code = "import sys, fedcore, fedcore.ray_parties, fedcore.asynchronous, fedcore.cuda; print('ray' in sys.modules)"
+    code = "import sys, fedcore, fedcore.rounds.ray_parties, fedcore.rounds.asynchronous, fedcore.rounds.cuda; print('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

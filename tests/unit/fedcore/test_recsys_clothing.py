@@ -7,9 +7,10 @@ import pandas as pd
 import pytest
 import torch
 
-from fedcore.datasets import ClothingReviews
-from fedcore.layout import ParameterLayout
-from fedcore.recsys import (
+from fedcore.rounds.training import TrainConfig, train_local
+from fedcore.stages.layout import ParameterLayout
+from fedcore.workloads.datasets import ClothingReviews
+from fedcore.workloads.recsys import (
     ClothingConfig,
     ClothingTask,
     _text,
@@ -20,8 +21,7 @@ from fedcore.recsys import (
     encode_texts,
     load_minilm,
 )
-from fedcore.task import Task
-from fedcore.training import TrainConfig, train_local
+from fedcore.workloads.task import Task
 
 GOOD = ["love it, fits perfectly", "gorgeous and comfortable", "great quality, flattering", "so soft, wear it daily"]
 BAD = ["cheap fabric, returned it", "runs tiny and itchy", "poor quality, fell apart", "awful fit, sent it back"]
@@ -191,7 +191,7 @@ def test_top_layer_model_works_with_opacus_per_sample_gradients():
 
 def test_classifier_refuses_an_encoder_without_a_list_of_blocks():
     """Fine-tuning the top layers reads ``encoder.encoder.layer``; anything but a list of modules is refused by name."""
-    from fedcore.recsys import MiniLMClassifier
+    from fedcore.workloads.recsys import MiniLMClassifier
 
     encoder = torch.nn.Module()
     encoder.encoder = torch.nn.Module()

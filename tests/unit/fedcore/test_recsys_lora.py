@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from fedcore.layout import ParameterLayout
-from fedcore.recsys import (
+from fedcore.rounds.training import TrainConfig, train_local
+from fedcore.stages.layout import ParameterLayout
+from fedcore.workloads.recsys import (
     ClothingConfig,
     HiddenStates,
     LoraEncoderTop,
@@ -20,7 +21,6 @@ from fedcore.recsys import (
     minilm_identity,
     save_adapters,
 )
-from fedcore.training import TrainConfig, train_local
 
 from .test_recsys_clothing import BAD, GOOD, synthetic_reviews
 
@@ -238,8 +238,8 @@ def test_lora_spec_and_config_errors():
     ],
 )
 def test_config_keys_for_adapters_refuse_bad_values(workload, message):
-    from fedcore.config import parse_config
     from fedcore.errors import ConfigError
+    from fedcore.experiments.config import parse_config
 
     base = {"case": "clothing", "model": "finetune", "adapter": "lora"}
     with pytest.raises(ConfigError, match=message):
@@ -247,8 +247,8 @@ def test_config_keys_for_adapters_refuse_bad_values(workload, message):
 
 
 def test_example_config_builds_the_adapter_it_names():
-    from fedcore.config import load_config
-    from fedcore.experiment import lora_spec
+    from fedcore.experiments.config import load_config
+    from fedcore.experiments.experiment import lora_spec
 
     config = load_config("examples/clothing_lora.toml")
     spec = lora_spec(config.workload, seed=config.seed)

@@ -7,9 +7,10 @@ import pandas as pd
 import pytest
 import torch
 
-from fedcore.datasets import GENRES, MovieLens100K
-from fedcore.layout import ParameterLayout
-from fedcore.recsys import (
+from fedcore.rounds.training import TrainConfig, train_local
+from fedcore.stages.layout import ParameterLayout
+from fedcore.workloads.datasets import GENRES, MovieLens100K
+from fedcore.workloads.recsys import (
     MatrixFactorization,
     MovieLensTask,
     RecommenderConfig,
@@ -18,8 +19,7 @@ from fedcore.recsys import (
     movielens_item_texts,
     zip_regions,
 )
-from fedcore.task import Task
-from fedcore.training import TrainConfig, train_local
+from fedcore.workloads.task import Task
 
 N_USERS, N_ITEMS = 40, 150
 

@@ -11,12 +11,12 @@ from torch.utils.data import DataLoader
 
 import dp
 import secagg
-from fedcore.config import parse_config
-from fedcore.datasets import MovieLens100K
 from fedcore.errors import ConfigError
-from fedcore.experiment import Workload, build_experiment
-from fedcore.recsys import RecommenderConfig, movielens_federation
-from fedcore.training import TrainConfig, train_local
+from fedcore.experiments.config import parse_config
+from fedcore.experiments.experiment import Workload, build_experiment
+from fedcore.rounds.training import TrainConfig, train_local
+from fedcore.workloads.datasets import MovieLens100K
+from fedcore.workloads.recsys import RecommenderConfig, movielens_federation
 
 from .test_recsys_models import N_ITEMS, synthetic_movielens
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedcore.recsys import hit_rate_ndcg, leave_one_out, per_user_hit_ndcg, popularity_scores, rank_of_positive
+from fedcore.workloads.recsys import hit_rate_ndcg, leave_one_out, per_user_hit_ndcg, popularity_scores, rank_of_positive
 
 
 def _ratings(rows):

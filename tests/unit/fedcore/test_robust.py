@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 import dp
 from fedcore import ConfigError, FedAvg, Federation, InProcessExecutor, LocalModel, RoundFailedError, TrainConfig, UpdatePipeline
-from fedcore.attacks import PoisonedExecutor, Scaling, SignFlip
-from fedcore.robust import CoordinateMedian, Krum, MultiKrum, TrimmedMean, norm_bound_updates
+from fedcore.strategies.attacks import PoisonedExecutor, Scaling, SignFlip
+from fedcore.strategies.robust import CoordinateMedian, Krum, MultiKrum, TrimmedMean, norm_bound_updates
 from secagg import MaskedSum
 
 from .toy import ToyTask, toy_clients

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedcore import _threads
+from fedcore.rounds import _threads
 
 from .test_federation import _federation
 

@@ -6,8 +6,8 @@ import pytest
 
 import dp
 import fedcore
-from fedcore.config import parse_config
 from fedcore.errors import ConfigError
+from fedcore.experiments.config import parse_config
 
 SPACE = {"space": {"train.lr": {"loguniform": [0.01, 1.0]}}}
 

@@ -6,8 +6,8 @@ from typing import Any, Protocol, Sequence
 
 import torch
 
+from ..workloads.task import Task
 from .client import Client, ClientResult, Workspace
-from .task import Task
 from .training import SampleLevelPrivacy, TrainConfig
 
 __all__ = ["Executor", "InProcessExecutor"]

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .errors import DataUnavailableError
+from ..errors import DataUnavailableError
 
 __all__ = [
     "GENRES",

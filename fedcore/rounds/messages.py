@@ -50,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import RoundFailedError
+from ..errors import RoundFailedError
 
 __all__ = ["Kind", "Message", "encode", "decode", "kind_of", "is_fedcore_message", "MessageError"]
 

@@ -122,7 +122,7 @@ class MiniLMClassifier(nn.Module):
 class LoraClassifier(nn.Module):
     """MiniLM's top layers with LoRA adapters, mean pooling, dropout and a linear head (one logit).
 
-    Reads the cached input of the lowest adapted layer (:class:`~fedcore.recsys.HiddenStates`).
+    Reads the cached input of the lowest adapted layer (:class:`~fedcore.workloads.recsys.HiddenStates`).
     Trainable: the adapters (``B`` alone under FFA-LoRA) and the head; every pretrained weight is
     frozen, so nothing else enters the update.
     """
@@ -203,7 +203,7 @@ class EmbeddedReviews(Dataset):
 
 
 class ClothingTask:
-    """Binary "Recommended IND" classification as a :class:`fedcore.task.Task`.
+    """Binary "Recommended IND" classification as a :class:`fedcore.workloads.task.Task`.
 
     Loss: per-review binary cross-entropy on the logit. Metrics: ``accuracy`` (threshold 0.5),
     ``auc`` (ROC AUC, scikit-learn; NaN when the data hold one class only) and ``bce``.
@@ -388,7 +388,7 @@ def clothing_federation(
 
     Partition (natural, non-IID): one shop per department; while there are fewer than
     ``num_silos`` shops, the largest shop holding two or more product classes is split in two
-    by class, balancing review counts (:func:`fedcore.partition.nested_silos`; counts taken on all
+    by class, balancing review counts (:func:`fedcore.workloads.partition.nested_silos`; counts taken on all
     reviews with a text). The 13 reviews without department and class join the smallest
     department. No class is split. With 10 shops: Knits, Blouses, Sweaters, Fine gauge (the four
     classes of Tops), Pants + Shorts + Casual bottoms and Jeans + Skirts (Bottoms in two), Dresses,
@@ -487,7 +487,7 @@ def clothing_federation(
         client_rows[name] = tr
     central = client_data(np.sort(train_rows), np.sort(test_rows))
     rule = (f"{num_silos} shops: one per department, the largest departments split by product class "
-            f"(fedcore.partition.nested_silos; reviews without a class join the smallest department); "
+            f"(fedcore.workloads.partition.nested_silos; reviews without a class join the smallest department); "
             + "; ".join(sizes))  # fmt: skip
     return ClothingFederation(
         task=task, clients=clients, central=central, reviews=reviews, client_rows=client_rows, partition_rule=rule

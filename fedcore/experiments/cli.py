@@ -16,8 +16,8 @@ import re
 import sys
 from typing import Any, Sequence
 
+from ..errors import FedcoreError
 from .config import _SECTIONS, ExperimentConfig, load_config
-from .errors import FedcoreError
 
 __all__ = ["main"]
 
@@ -119,9 +119,9 @@ def _client_ids(args: argparse.Namespace, config_path: str | None, count: int | 
 
 
 def _deploy(args: argparse.Namespace) -> int:
-    from . import deploy
-    from .deploy.processes import run_client, serve
-    from .deploy.transport import Limits
+    from .. import deploy
+    from ..deploy.processes import run_client, serve
+    from ..deploy.transport import Limits
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stdout, format="%(message)s")
     logging.getLogger("fedcore.deploy").setLevel(logging.INFO)
@@ -143,8 +143,8 @@ def _deploy(args: argparse.Namespace) -> int:
         run_client(_load(args, args.config), kit=args.kit, server=args.server, server_name=args.server_name,
                    limits=Limits(reconnect_seconds=args.reconnect_seconds))  # fmt: skip
         return 0
-    from .deploy.launch import launch
-    from .deploy.processes import check_deployable
+    from ..deploy.launch import launch
+    from ..deploy.processes import check_deployable
 
     silos = ["--set", f"workload.num_silos={args.clients}"]
     check_deployable(_load(args, args.config, extra={"workload.num_silos": args.clients}))

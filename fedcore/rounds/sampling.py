@@ -7,7 +7,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["ClientSampler", "PoissonSampler", "FixedCountSampler", "AllClients"]
 

@@ -2,11 +2,11 @@
 
 Model poisoning (:class:`SignFlip`, :class:`Scaling`, :class:`GaussianAttack`) rewrites the
 update an attacker hands to the protection pipeline; :class:`PoisonedExecutor` wraps any
-:class:`~fedcore.executors.Executor` and applies it to the attackers' results. Poisoning happens
+:class:`~fedcore.rounds.executors.Executor` and applies it to the attackers' results. Poisoning happens
 where a compromised training script would act: after local training, before the library's clip
 and protection stages (so client-side norm bounding still applies to it).
 
-Data poisoning (:func:`label_flip`) hands the attackers' :class:`~fedcore.task.ClientData` a
+Data poisoning (:func:`label_flip`) hands the attackers' :class:`~fedcore.workloads.task.ClientData` a
 training set whose labels are flipped, so their honest training code learns the wrong thing.
 
 :class:`InjectedUpdates` makes some clients send a fixed vector instead of training (the
@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .client import Client, ClientResult
-from .errors import ConfigError
-from .executors import Executor
-from .task import ClientData
+from ..errors import ConfigError
+from ..rounds.client import Client, ClientResult
+from ..rounds.executors import Executor
+from ..workloads.task import ClientData
 
 __all__ = [
     "ModelPoisoning",
@@ -300,7 +300,7 @@ class LabelFlippedDataset(Dataset):
         if inner is None:
             return [self.flip(self.dataset[i]) for i in indices]
         out = inner(indices)
-        if hasattr(out, "batch"):  # a batch drawn at once (fedcore.recsys InteractionDataset)
+        if hasattr(out, "batch"):  # a batch drawn at once (fedcore.workloads.recsys InteractionDataset)
             out.batch = self.flip(out.batch)
             return out
         return [self.flip(item) for item in out]

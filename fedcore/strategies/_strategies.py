@@ -12,7 +12,7 @@ from typing import Mapping, Protocol
 
 import numpy as np
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = [
     "Aggregate",

@@ -1,7 +1,7 @@
 """Byzantine-robust aggregation: coordinate-wise median, trimmed mean, Krum and Multi-Krum.
 
 Each rule here is a *revealing* strategy: it needs every participant's individual update, so the
-server sees each one in the clear. :class:`~fedcore.server.Federation` therefore runs them only
+server sees each one in the clear. :class:`~fedcore.rounds.server.Federation` therefore runs them only
 with ``allow_reveal=True`` (or sample-level DP covering the local models), records the reveal in
 the report, and refuses them with masked or encrypted aggregation, whose whole point is that the
 server never sees an individual update.
@@ -31,8 +31,8 @@ from typing import Mapping
 
 import numpy as np
 
-from .errors import ConfigError, RoundFailedError
-from .strategies import LocalModel
+from ..errors import ConfigError, RoundFailedError
+from ._strategies import LocalModel
 
 __all__ = ["CoordinateMedian", "TrimmedMean", "Krum", "MultiKrum", "norm_bound_updates"]
 

@@ -15,8 +15,8 @@ import numpy as np
 import dp
 from secagg import MaskedSum, PlaintextSum, SecureSum, SumResult
 
-from .errors import ConfigError, RoundFailedError
-from .strategies import Aggregate
+from ..errors import ConfigError, RoundFailedError
+from ..strategies._strategies import Aggregate
 
 __all__ = ["Clipper", "UpdatePipeline", "RoundAggregate"]
 

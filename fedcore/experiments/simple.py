@@ -1,9 +1,9 @@
 """Bring your own model and data: a task from a model factory, a per-example loss and metrics.
 
-:class:`SimpleTask` implements the :class:`~fedcore.task.Task` protocol for data whose items are
+:class:`SimpleTask` implements the :class:`~fedcore.workloads.task.Task` protocol for data whose items are
 ``(features, label)`` pairs (what :func:`federate_data` makes), so a researcher writes no class.
 :func:`federate_data` splits tensors, NumPy arrays, a pandas DataFrame or a Hugging Face
-``datasets.Dataset`` into clients with one of the partitioners of :mod:`fedcore.partition`,
+``datasets.Dataset`` into clients with one of the partitioners of :mod:`fedcore.workloads.partition`,
 then splits each client's share into train, validation and test inside that client.
 """
 
@@ -17,9 +17,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from . import partition as part
-from .errors import ConfigError
-from .task import ClientData
+from ..errors import ConfigError
+from ..workloads import partition as part
+from ..workloads.task import ClientData
 
 __all__ = ["SimpleTask", "federate_data", "PARTITIONS"]
 
@@ -29,7 +29,7 @@ Metric = Callable[[torch.Tensor, torch.Tensor], Any]
 
 
 class SimpleTask:
-    """A :class:`~fedcore.task.Task` from a model factory, a per-example loss and metrics.
+    """A :class:`~fedcore.workloads.task.Task` from a model factory, a per-example loss and metrics.
 
     Batches are ``(features, labels)``; the model maps features to outputs; the loss maps
     ``(outputs, labels)`` to one loss per example (``reduction="none"``), which the federation

@@ -19,20 +19,20 @@ import torch
 import dp
 from secagg import KEY_HOLDER, MaskedSum, Respond, SecAggError, Stage, drive_round
 
+from ..errors import ConfigError, RoundFailedError
+from ..stages.layout import ParameterLayout
+from ..stages.pipeline import RoundAggregate, UpdatePipeline
+from ..strategies._strategies import LocalModel
+from ..workloads.task import ClientData, Task
 from . import messages as msg
 from ._threads import use_library_threads
 from .checkpoint import Checkpoint, load_checkpoint, load_local_states, save_checkpoint, save_local_state
 from .client import Client, ClientResult
 from .costs import CostEstimate, CostWarning, message_bytes, peak_memory, probe_protection, protection_degree, upload_per_client
-from .errors import ConfigError, RoundFailedError
 from .executors import Executor, InProcessExecutor
-from .layout import ParameterLayout
 from .observability import ConsoleLogger, MetricsLogger, progress
 from .parties import Channel, ClientSide, InProcessChannel, PartyHost, PartySettings, Randomness
-from .pipeline import RoundAggregate, UpdatePipeline
 from .sampling import AllClients, ClientSampler
-from .strategies import LocalModel
-from .task import ClientData, Task
 from .training import SampleLevelPrivacy, TrainConfig
 
 __all__ = ["Federation", "DropoutSimulator", "Reveal"]
@@ -78,9 +78,9 @@ class Federation:
 
     The server party holds the global vector, the strategy, the sampler, the privacy ledger and
     budget, the clients' public keys and the public HE context. It reaches the client parties
-    only through :attr:`channel`, as bytes (:mod:`fedcore.messages` and the secagg formats): it
+    only through :attr:`channel`, as bytes (:mod:`fedcore.rounds.messages` and the secagg formats): it
     never holds a client's update in masked or HE modes, nor a client's secret or noise seed.
-    Each client party (see :mod:`fedcore.parties`) holds its data, local-only parameters, keys and
+    Each client party (see :mod:`fedcore.rounds.parties`) holds its data, local-only parameters, keys and
     randomness, and runs the client half of the pipeline.
 
     Randomness: with ``reproducible=False`` (the default) every seed a client uses, and the
@@ -692,8 +692,8 @@ class Federation:
         """Upload bytes, peak memory and time of one round, estimated before it runs.
 
         The upload comes from the protection backend's own messages on small zero vectors,
-        extrapolated to the model (see :mod:`fedcore.costs`); memory and time are coarser
-        models (see :class:`~fedcore.costs.CostEstimate`). Computed once at construction
+        extrapolated to the model (see :mod:`fedcore.rounds.costs`); memory and time are coarser
+        models (see :class:`~fedcore.rounds.costs.CostEstimate`). Computed once at construction
         (:attr:`costs`) and logged before round 1.
         """
         n = len(self.client_ids)

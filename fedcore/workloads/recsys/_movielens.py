@@ -331,11 +331,11 @@ class CandidateDataset(Dataset):
 
 
 class MovieLensTask:
-    """MovieLens recommendation as a :class:`fedcore.task.Task`.
+    """MovieLens recommendation as a :class:`fedcore.workloads.task.Task`.
 
     Loss: per training example, BCE of the positive against each sampled negative (or a sampled
     softmax). Metrics: ``hr@10`` and ``ndcg@10`` over the 100 candidates of each user in the given
-    :class:`CandidateDataset` (leave-one-out protocol of :mod:`fedcore.recsys._protocol`).
+    :class:`CandidateDataset` (leave-one-out protocol of :mod:`fedcore.workloads.recsys._protocol`).
     With MF, ``user_embedding.*`` is local-only: the server never sees it, so MF is evaluated by
     each client on its own users (the mean over all users is the user-weighted mean of clients').
     """
@@ -520,7 +520,7 @@ def movielens_federation(
         ``"regions"``: cross-silo, ``num_silos`` regional platforms (5 by default). Users are
             grouped by the first digit of their ZIP code (US postal regions 0..9, east to west),
             then non-US codes; the ordered groups are cut into ``num_silos`` contiguous runs of
-            near-equal user counts (:func:`fedcore.partition.merge_groups`, rule "contiguous").
+            near-equal user counts (:func:`fedcore.workloads.partition.merge_groups`, rule "contiguous").
             On the full data: ZIP 0-1 (193 users), 2-3 (163), 4-5 (198), 6-8 (201), 9+non-US (188).
         ``"users"``: cross-device, one client per user (943 on the full data).
 

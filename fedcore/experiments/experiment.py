@@ -1,6 +1,6 @@
-"""Build and run an experiment from an :class:`~fedcore.config.ExperimentConfig`.
+"""Build and run an experiment from an :class:`~fedcore.experiments.config.ExperimentConfig`.
 
-This is where the three packages meet: the workload (``fedcore.recsys``), the protection mode
+This is where the three packages meet: the workload (``fedcore.workloads.recsys``), the protection mode
 (``secagg``) and the privacy mechanisms, ledger, budget and report (``dp``).
 """
 
@@ -18,18 +18,18 @@ import torch
 import dp
 import secagg
 
-from ._threads import use_library_threads
+from ..errors import ConfigError
+from ..rounds._threads import use_library_threads
+from ..rounds.observability import JsonlLogger, MetricsLogger, MultiLogger, TensorBoardLogger, WandbLogger
+from ..rounds.parties import Channel
+from ..rounds.sampling import AllClients, ClientSampler, FixedCountSampler, PoissonSampler
+from ..rounds.server import DropoutSimulator, Federation
+from ..rounds.training import EarlyStopping, TrainConfig
+from ..stages.layout import ParameterLayout
+from ..stages.pipeline import UpdatePipeline
+from ..strategies._strategies import FedAdagrad, FedAdam, FedAvg, FedSGD, FedYogi, ModelSelection, OutputEnsemble
+from ..workloads.task import ClientData, Task
 from .config import ExperimentConfig, WorkloadSection
-from .errors import ConfigError
-from .layout import ParameterLayout
-from .observability import JsonlLogger, MetricsLogger, MultiLogger, TensorBoardLogger, WandbLogger
-from .parties import Channel
-from .pipeline import UpdatePipeline
-from .sampling import AllClients, ClientSampler, FixedCountSampler, PoissonSampler
-from .server import DropoutSimulator, Federation
-from .strategies import FedAdagrad, FedAdam, FedAvg, FedSGD, FedYogi, ModelSelection, OutputEnsemble
-from .task import ClientData, Task
-from .training import EarlyStopping, TrainConfig
 
 __all__ = [
     "Workload",
@@ -77,7 +77,7 @@ def build_workload(config: ExperimentConfig, *, validation: bool | None = None) 
 
     Sets the library's thread policy first (see :class:`~fedcore.Federation`): text encoders run here.
     """
-    from . import datasets, recsys
+    from ..workloads import datasets, recsys
 
     use_library_threads()
     w = config.workload
@@ -129,8 +129,8 @@ def build_workload(config: ExperimentConfig, *, validation: bool | None = None) 
 
 
 def lora_spec(w: WorkloadSection, *, seed: int) -> Any:
-    """The :class:`fedcore.recsys.LoraSpec` of ``[workload]`` (``A`` drawn from the run's seed), or None."""
-    from . import recsys
+    """The :class:`fedcore.workloads.recsys.LoraSpec` of ``[workload]`` (``A`` drawn from the run's seed), or None."""
+    from ..workloads import recsys
 
     if w.adapter == "none":
         return None
@@ -413,7 +413,7 @@ def build_experiment(
         loggers.append(WandbLogger(project=config.name, mode="offline", config=config.to_dict(), dir=str(out)))
     executor = None
     if config.executor == "ray" and channel is None:
-        from .ray_parties import RayParties
+        from ..rounds.ray_parties import RayParties
 
         executor = RayParties(task, device=config.train.device)
     federation = Federation(

@@ -42,10 +42,10 @@ import numpy as np
 
 import dp
 
+from ..errors import ConfigError, RoundFailedError
+from ..strategies._strategies import FedAvg
 from . import messages as msg
-from .errors import ConfigError, RoundFailedError
 from .server import Federation
-from .strategies import FedAvg
 from .training import TrainConfig
 
 __all__ = [

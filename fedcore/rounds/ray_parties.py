@@ -2,12 +2,12 @@
 
 Ray is optional (``pip install 'privfl[ray]'``); importing :mod:`fedcore` never imports it. Pass
 ``executor=RayParties(task)`` to a :class:`~fedcore.Federation` (config: ``executor = "ray"``).
-Instead of one in-process :class:`~fedcore.parties.ClientSide`, every actor builds the client
+Instead of one in-process :class:`~fedcore.rounds.parties.ClientSide`, every actor builds the client
 parties of its group: their data, local-only parameters, identity keys, own randomness and an
 in-process executor. The server party reaches them only through :class:`RayChannel`, whose
 ``exchange`` splits a batch of messages by the actor that hosts each recipient, hands every actor
 its share at once (so the actors train in parallel) and merges the replies; what crosses is
-``bytes`` (:mod:`fedcore.messages`, the secagg formats), recorded like the in-process channel's.
+``bytes`` (:mod:`fedcore.rounds.messages`, the secagg formats), recorded like the in-process channel's.
 
 Set-up is the simulation operator's doing, not a party's: each actor receives its own clients'
 data, the run's settings and the template model state once (every parameter and buffer,
@@ -32,9 +32,9 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from ..errors import ConfigError
 from .checkpoint import load_local_states, save_local_state
 from .client import Client, Workspace
-from .errors import ConfigError
 from .executors import InProcessExecutor
 from .parties import ClientSide, PartySettings, RecordingChannel
 

@@ -31,8 +31,8 @@ import numpy as np
 
 import dp
 
+from ..errors import ConfigError
 from .config import ExperimentConfig, load_config, parse_config
-from .errors import ConfigError
 from .experiment import Experiment, Workload, build_experiment, build_workload
 
 __all__ = ["SEARCHABLE", "SearchSpace", "TrialRecord", "TuneOutcome", "load_search_space", "parse_search_space", "tune"]

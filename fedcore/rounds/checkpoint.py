@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping, cast
 
 import numpy as np
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "save_local_state", "load_local_states", "FORMAT"]
 

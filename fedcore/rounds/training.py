@@ -11,8 +11,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .errors import ConfigError
-from .task import ClientData, Task, move_to
+from ..errors import ConfigError
+from ..workloads.task import ClientData, Task, move_to
 
 __all__ = ["EarlyStopping", "TrainConfig", "TrainResult", "PrivateTraining", "SampleLevelPrivacy", "train_local"]
 

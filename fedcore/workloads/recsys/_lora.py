@@ -1,7 +1,7 @@
 """LoRA adapters (``peft``) on the top MiniLM layers, over a cached output of the frozen layers below.
 
 Only the adapters (and the task's head) require gradients, so only they enter a client's update
-(:class:`fedcore.layout.ParameterLayout` flattens trainable parameters only); the pretrained
+(:class:`fedcore.stages.layout.ParameterLayout` flattens trainable parameters only); the pretrained
 weights stay bit-identical and are never sent. Because every layer below the lowest adapted one
 is frozen, its output for a review never changes: it is computed once and cached on disk
 (:func:`cached_hidden_states`), and training runs only the adapted top of the encoder.

@@ -24,7 +24,7 @@ import torch
 from secagg import Stage, SumResult, check_updates
 from secagg.session import ClientKeys, PlaintextClientSession, PlaintextServerSession
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["CudaUnavailableError", "CudaSum", "cuda_device", "weighted_sum", "fused_weighted_sum"]
 

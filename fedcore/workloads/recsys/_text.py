@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._threads import use_library_threads
+from ...rounds._threads import use_library_threads
 
 __all__ = [
     "EMBEDDING_DIM",

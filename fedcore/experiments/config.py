@@ -22,9 +22,9 @@ try:
 except ImportError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-from .errors import ConfigError
-from .recsys._lora import LORA_TARGETS
-from .training import TrainConfig
+from ..errors import ConfigError
+from ..rounds.training import TrainConfig
+from ..workloads.recsys._lora import LORA_TARGETS
 
 __all__ = [
     "ExperimentConfig",
@@ -73,7 +73,7 @@ class WorkloadSection:
     adapter (clothing ``finetune``): ``none`` | ``lora`` | ``ffa-lora`` (``A`` frozen from the run's
     seed, only ``B`` trained and sent): LoRA adapters instead of whole layers, with lora_rank
     (default 8), lora_alpha (16), lora_layers (MiniLM layers 0..5 adapted, default [5]) and
-    lora_targets (projections, default ["query", "value"]; allowed: fedcore.recsys.LORA_TARGETS).
+    lora_targets (projections, default ["query", "value"]; allowed: fedcore.workloads.recsys.LORA_TARGETS).
     MovieLens models: dim (embedding size), loss (``bce`` | ``softmax``: sampled softmax),
     num_train_negatives (items drawn per training positive), history_length (items the
     transformer's user tower reads).

@@ -4,8 +4,8 @@ A client party holds its data, its local-only parameters, its identity key, its 
 (where the mode gives it one) and its own randomness; after local training it keeps the update,
 runs the client half of the pipeline on it (clip, staleness and example weights) and gives the
 result only to its own protection session (:mod:`secagg.session`), which turns it into protocol
-bytes. The server party (:class:`~fedcore.server.Federation`) holds no reference to any client
-party: it builds messages (:mod:`fedcore.messages`, secagg formats) and hands them to a
+bytes. The server party (:class:`~fedcore.rounds.server.Federation`) holds no reference to any client
+party: it builds messages (:mod:`fedcore.rounds.messages`, secagg formats) and hands them to a
 :class:`Channel`, which returns the replies as bytes. What the server received is in its
 ``inbox`` when the channel records it (tests and notebook 02 read it).
 
@@ -36,12 +36,12 @@ import torch
 import dp
 from secagg import KEY_HOLDER, ClientKeys, ClientSession, ProtocolError
 
+from ..errors import ConfigError
+from ..stages.layout import ParameterLayout
+from ..stages.pipeline import UpdatePipeline
 from . import messages as msg
 from .client import Client, ClientResult, check_results
-from .errors import ConfigError
 from .executors import Executor
-from .layout import ParameterLayout
-from .pipeline import UpdatePipeline
 from .training import SampleLevelPrivacy, TrainConfig
 
 __all__ = [

@@ -14,9 +14,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .errors import ConfigError, RoundFailedError
-from .layout import ParameterLayout
-from .task import ClientData, Task, move_to
+from ..errors import ConfigError, RoundFailedError
+from ..stages.layout import ParameterLayout
+from ..workloads.task import ClientData, Task, move_to
 from .training import SampleLevelPrivacy, TrainConfig, TrainResult, train_local
 
 __all__ = ["Workspace", "Client", "ClientResult", "check_results", "round_seed"]

@@ -1,0 +1,1 @@
+"""Workloads: the Task protocol, real data sets, partitions, and the recommendation and review cases."""
