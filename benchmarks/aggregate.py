@@ -13,7 +13,7 @@ run, wall-clock seconds and effective bandwidth = plaintext bytes read (K * d * 
   written per second): the sum reads K * d * 4 and writes d * 4, the copy reads and writes
   K * d * 4. ``cuda_fraction_of_copy_bw`` is the ratio of traffic bandwidths (the stricter
   convention: a copy writes as much as it reads, so its read bandwidth is only half its traffic);
-* ``masked``: a real SecAgg+ round (``secagg.secure_sum_integers`` with the plan of
+* ``masked``: a real SecAgg+ round (``secagg.protocol.secure_sum_integers`` with the plan of
   ``MaskedSum(graph="secagg+")``), every client and the server exchanging serialized messages.
   ``time_s`` is the aggregation the server waits for after the uploads: summing the masked
   inputs, the unmask stage (clients' responses, Shamir reconstruction, self-mask
@@ -54,7 +54,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from fedcore.rounds.cuda import CudaSum, CudaUnavailableError, cuda_device, fused_weighted_sum  # noqa: E402
-from secagg import CKKSClient, CKKSKeyHolder, HEServer, MaskedSum, PlaintextSum, secure_sum_integers  # noqa: E402
+from secagg import MaskedSum, PlaintextSum
+from secagg.ckks import CKKSClient, CKKSKeyHolder, HEServer
+from secagg.protocol import secure_sum_integers
 
 now = time.perf_counter
 POOL_PLAIN, POOL_CKKS = 8, 4

@@ -42,13 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tenseal as ts  # noqa: E402
 
-from secagg import (  # noqa: E402
-    BFVClient,
-    BFVKeyHolder,
-    CKKSClient,
-    CKKSKeyHolder,
-    HEServer,
-)
+from secagg.bfv import BFVClient, BFVKeyHolder
+from secagg.ckks import CKKSClient, CKKSKeyHolder, HEServer
 
 RESNET50_PARAMS = 25_557_032
 

@@ -50,21 +50,17 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from secagg import (  # noqa: E402
-    DropoutError,
-    FixedPointEncoder,
-    MaskedSum,
+from secagg import DropoutError, MaskedSum, Stage, plan_complete, plan_secagg_plus
+from secagg import _primitives as prim  # noqa: E402
+from secagg.encoding import FixedPointEncoder
+from secagg.graph import simulate_completion
+from secagg.messages import ShareDelivery
+from secagg.protocol import (
+    RoundPolicy,  # noqa: E402
     SecAggClient,
     SecAggServer,
-    ShareDelivery,
-    Stage,
-    plan_complete,
-    plan_secagg_plus,
     secure_sum_integers,
-    simulate_completion,
 )
-from secagg import _primitives as prim  # noqa: E402
-from secagg.protocol import RoundPolicy  # noqa: E402
 
 cpu = time.process_time
 

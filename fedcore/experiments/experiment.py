@@ -184,7 +184,9 @@ def _max_clients(config: ExperimentConfig, num_clients: int) -> int:
 
 def _encoder_scale(noise: Any, *, value_bound: float, max_clients: int, bits: int) -> float:
     """The masking encoder's scale with ``noise``: it makes room for the noise, so the scale depends on it."""
-    return secagg.FixedPointEncoder(value_bound=value_bound, max_clients=max_clients, bits=bits, integer_noise=noise).scale
+    return secagg.encoding.FixedPointEncoder(
+        value_bound=value_bound, max_clients=max_clients, bits=bits, integer_noise=noise
+    ).scale
 
 
 def _sample_noise_multiplier(config: ExperimentConfig, clients: dict[str, ClientData], train: TrainConfig) -> float:

@@ -21,7 +21,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from secagg import Stage, SumResult, check_updates
+from secagg import Stage, SumResult
+from secagg.base import check_updates
 from secagg.session import ClientKeys, PlaintextClientSession, PlaintextServerSession
 
 from ..errors import ConfigError
@@ -280,7 +281,7 @@ class CudaSum:
         """Sum the updates of the clients that did not drop before UNMASK, on the GPU.
 
         Raises:
-            ValueError / TypeError: invalid updates (as :func:`secagg.check_updates` says).
+            ValueError / TypeError: invalid updates (as :func:`secagg.base.check_updates` says).
         """
         if not updates:
             raise ValueError("updates must hold at least one client's vector, got none")

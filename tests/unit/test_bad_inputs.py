@@ -34,26 +34,12 @@ from fedcore import (
 )
 from fedcore.rounds.checkpoint import load_checkpoint
 from fedcore.strategies.robust import Krum
-from secagg import (
-    BFVKeyHolder,
-    CKKSClient,
-    CKKSKeyHolder,
-    HEServer,
-    KeyAdvertisement,
-    KeyList,
-    KeyMaterialError,
-    MaskedInput,
-    MaskedSum,
-    OverflowRiskError,
-    PlaintextSum,
-    ProtocolError,
-    SecAggClient,
-    SecAggServer,
-    Stage,
-    decode_message,
-    secure_sum_integers,
-)
+from secagg import KeyMaterialError, MaskedSum, OverflowRiskError, PlaintextSum, ProtocolError, Stage
 from secagg import _he_wire as wire
+from secagg.bfv import BFVKeyHolder
+from secagg.ckks import CKKSClient, CKKSKeyHolder, HEServer
+from secagg.messages import KeyAdvertisement, KeyList, MaskedInput, decode_message
+from secagg.protocol import SecAggClient, SecAggServer, secure_sum_integers
 
 from .fedcore.toy import ToyTask, toy_clients
 

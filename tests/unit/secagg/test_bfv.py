@@ -7,21 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from secagg import (
-    BFV_PRESETS,
-    BFVClient,
-    BFVEncoder,
-    BFVKeyHolder,
-    BFVPreset,
-    BFVSum,
-    HEServer,
-    KeyMaterialError,
-    OverflowRiskError,
-    ProtocolError,
-    Stage,
-    bfv_preset,
-)
+from secagg import BFV_PRESETS, BFVSum, KeyMaterialError, OverflowRiskError, ProtocolError, Stage, bfv_preset
 from secagg import _he_wire as wire
+from secagg.bfv import BFVClient, BFVEncoder, BFVKeyHolder, BFVPreset
+from secagg.ckks import HEServer
 
 # t is a 20-bit prime: (t - 1) / 2 // (2**15 - 1) = 15 clients at quant_bits=16 (range-limited)
 NARROW = BFVPreset(name="narrow", poly_modulus_degree=4096, coeff_mod_bit_sizes=(60,), plain_modulus_bits=20, summary="test")
@@ -118,7 +107,7 @@ def test_bfv_refuses_tampering_and_ckks_contexts():
     message[100] ^= 1
     with pytest.raises(ProtocolError):
         HEServer(holder.public_context()).add("a", bytes(message))
-    from secagg import CKKSKeyHolder
+    from secagg.ckks import CKKSKeyHolder
 
     ckks = CKKSKeyHolder(value_bound=1.0, max_clients=3)
     with pytest.raises(KeyMaterialError, match="ckks context"):

@@ -12,21 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import secagg
-from secagg import (
-    CKKS_PRESETS,
-    CKKSClient,
-    CKKSKeyHolder,
-    CKKSPreset,
-    CKKSSum,
-    DropoutError,
-    HEServer,
-    KeyMaterialError,
-    OverflowRiskError,
-    ProtocolError,
-    Stage,
-    ckks_preset,
-)
+from secagg import CKKS_PRESETS, CKKSSum, DropoutError, KeyMaterialError, OverflowRiskError, ProtocolError, Stage, ckks_preset
 from secagg import _he_wire as wire
+from secagg.ckks import CKKSClient, CKKSKeyHolder, CKKSPreset, HEServer
 
 
 def _round(holder: CKKSKeyHolder, updates: dict[str, np.ndarray], weights=None) -> bytes:

@@ -21,18 +21,11 @@ import tenseal.sealapi as seal
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from secagg import (
-    KEY_HOLDER,
-    CKKSClient,
-    CKKSSum,
-    ClientKeys,
-    HEServer,
-    ProtocolError,
-    drive_round,
-)
+from secagg import KEY_HOLDER, CKKSSum, ClientKeys, ProtocolError, drive_round
 from secagg import _he_wire as wire
 from secagg._he_core import ckks_error_bound, snap_to_grid
 from secagg._he_seal import _SCRATCH, _SEAL_HEADER, _shared_context
+from secagg.ckks import CKKSClient, HEServer
 
 IDS = ("a", "b", "c")
 

@@ -20,30 +20,27 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from secagg import (
-    BFVClient,
-    BFVKeyHolder,
-    CKKSClient,
-    CKKSKeyHolder,
-    HEServer,
+from secagg import ProtocolError, SecAggError
+from secagg import _he_wire as wire
+from secagg import _primitives as prim
+from secagg.bfv import BFVClient, BFVKeyHolder
+from secagg.ckks import CKKSClient, CKKSKeyHolder, HEServer
+from secagg.messages import (
     KeyAdvertisement,
     KeyList,
     MaskedInput,
-    ProtocolError,
     RoundSetup,
     SealedShare,
-    SecAggClient,
-    SecAggError,
-    SecAggServer,
     ShareBundle,
     ShareDelivery,
+    ShareDigest,
+    SurvivorSet,
+    SurvivorSignature,
     UnmaskRequest,
     UnmaskResponse,
     decode_message,
 )
-from secagg import _he_wire as wire
-from secagg import _primitives as prim
-from secagg.messages import ShareDigest, SurvivorSet, SurvivorSignature
+from secagg.protocol import SecAggClient, SecAggServer
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
 CLASSES = (

@@ -11,23 +11,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from secagg import (
-    ClientKeys,
-    KeyList,
-    MaskedSum,
-    ProtocolError,
-    RoundSetup,
-    SecAggClient,
-    SecAggServer,
-    Stage,
-    UnmaskRequest,
-    UnmaskResponse,
-    shamir,
-)
+from secagg import ClientKeys, MaskedSum, ProtocolError, Stage, shamir
 from secagg import _primitives as prim
 from secagg.graph import derive_graph_seed, neighbours
-from secagg.messages import SurvivorSet, SurvivorSignature, survivor_digest
-from secagg.protocol import _commitment, _pairwise_seed, _self_seed
+from secagg.messages import KeyList, RoundSetup, SurvivorSet, SurvivorSignature, UnmaskRequest, UnmaskResponse, survivor_digest
+from secagg.protocol import SecAggClient, SecAggServer, _commitment, _pairwise_seed, _self_seed
 
 
 def _ids(n):

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from secagg import FixedPointEncoder, OverflowRiskError
-from secagg.encoding import pack, unpack
+from secagg import OverflowRiskError
+from secagg.encoding import FixedPointEncoder, pack, unpack
 
 
 class _FlatNoise:

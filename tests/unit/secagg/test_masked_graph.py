@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from secagg import Stage, neighbours, plan_complete, plan_secagg_plus, round_completes, simulate_completion
-from secagg.graph import neighbours_of
+from secagg import Stage, plan_complete, plan_secagg_plus
+from secagg.graph import neighbours, neighbours_of, round_completes, simulate_completion
 
 
 @settings(max_examples=30, deadline=None)

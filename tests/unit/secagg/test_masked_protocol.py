@@ -10,26 +10,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import chisquare
 
-from secagg import (
-    DropoutError,
+from secagg import DropoutError, ProtocolError, Stage, drive_round
+from secagg import _primitives as prim
+from secagg.graph import neighbours, round_completes
+from secagg.messages import (
+    HEADER_BYTES,
+    KeyAdvertisement,
     KeyList,
     MaskedInput,
-    ProtocolError,
-    SecAggClient,
-    SecAggServer,
+    SealedShare,
     ShareDelivery,
-    Stage,
     UnmaskRequest,
     UnmaskResponse,
     decode_message,
-    drive_round,
-    neighbours,
-    round_completes,
-    secure_sum_integers,
 )
-from secagg import _primitives as prim
-from secagg.messages import HEADER_BYTES, KeyAdvertisement, SealedShare
-from secagg.protocol import SecAggClientSession, SecAggServerSession
+from secagg.protocol import SecAggClient, SecAggClientSession, SecAggServer, SecAggServerSession, secure_sum_integers
 
 STAGES = list(Stage)
 

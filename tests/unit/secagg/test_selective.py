@@ -9,17 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from secagg import (
-    BFVSum,
-    CKKSSum,
-    PlaintextSum,
-    SecureSum,
-    Selection,
-    SelectiveSum,
-    select_by_name,
-    select_indices,
-    select_top_fraction,
-)
+from secagg import BFVSum, CKKSSum, PlaintextSum, SecureSum, SelectiveSum, select_by_name, select_indices, select_top_fraction
+from secagg.selective import Selection
 from tests.unit.secagg import test_contract as contract
 
 SELECTIVE_BACKENDS = {
