@@ -119,11 +119,11 @@ def _embedding_rule(name: str, layer: nn.Embedding, calls: list[_Call], grads: l
         idx0 = calls[0].args[0] if calls[0].args else calls[0].kwargs["input"]
         if idx0.dim() == 1 and layer.padding_idx is None:  # one row per sample: the common recsys case
             _batch_check(name, idx0, batch, "indices")
-            g1 = grads[0]
+            g1, weight = grads[0], layer.weight
             norm_sq1 = torch.linalg.vecdot(g1, g1)
 
             def clipped1(coef: torch.Tensor) -> dict[torch.Tensor, _Grad]:
-                return {layer.weight: (idx0, _as(g1 * _as(coef, g1.dtype).unsqueeze(1), layer.weight.dtype))}
+                return {weight: (idx0, _as(g1 * _as(coef, g1.dtype).unsqueeze(1), weight.dtype))}
 
             return norm_sq1, clipped1
     idx_parts, grad_parts = [], []
@@ -385,6 +385,7 @@ class BookKeepingClipper:
         self.max_grad_norm = float(max_grad_norm)
         # every rule is found: unsupported_layers() refused the layers without one above
         self._layers = [(name, m, rule) for name, m in _trainable_layers(module) if (rule := _rule_for(m)) is not None]
+        self._params_of = {m: [p for p in m.parameters(recurse=False) if p.requires_grad] for _, m, _ in self._layers}
         self._calls: dict[nn.Module, list[_Call]] = {}
         self._handles = [m.register_forward_hook(self._capture, with_kwargs=True) for _, m, _ in self._layers]
         self.last_norms: torch.Tensor | None = None
@@ -410,17 +411,24 @@ class BookKeepingClipper:
 
     @property
     def parameters(self) -> list[nn.Parameter]:
-        return [p for _, m, _ in self._layers for p in m.parameters(recurse=False) if p.requires_grad]
+        return [p for ps in self._params_of.values() for p in ps]
 
     def discard(self) -> None:
         """Forget the recorded forward passes (for an empty batch)."""
         self._calls = {}
 
-    def accumulate(self, per_sample_loss: torch.Tensor, into: Mapping[torch.Tensor, Any], *, scale: float = 1.0) -> torch.Tensor:
+    def accumulate(
+        self,
+        per_sample_loss: torch.Tensor,
+        into: Mapping[torch.Tensor, torch.Tensor],
+        *,
+        scale: float | Mapping[torch.Tensor, float] = 1.0,
+    ) -> torch.Tensor:
         """Add ``scale * sum_i clip(grad loss_i)`` into ``into[p]`` for every parameter in ``into``.
 
-        Targets are parameter-shaped tensors, or objects with the same ``index_add_(dim,
-        index, source)`` and ``add_(other)`` methods (the lazy-noise SGD step uses one).
+        Targets are parameter-shaped tensors. ``scale`` is one factor, or one per parameter
+        (the lazy-noise SGD step adds ``-lr / B`` times the clipped sum straight into a
+        table); it multiplies the clip factors, so a scaled target costs no extra pass.
 
         Consumes the forward passes recorded since the last call. Returns the per-sample
         gradient norms before clipping (also kept as ``last_norms``).
@@ -444,11 +452,8 @@ class BookKeepingClipper:
             entry = by_layer.setdefault(layer, ([], []))
             entry[0].append(c)
             entry[1].append(g)
-        works = []
-        for name, layer, rule in self._layers:
-            if layer in by_layer:
-                cs, gs = by_layer[layer]
-                works.append(rule(name, layer, cs, gs, batch))
+        used = [entry for entry in self._layers if entry[1] in by_layer]
+        works = [rule(name, layer, *by_layer[layer], batch) for name, layer, rule in used]
         dtype = per_sample_loss.dtype
         if not works:
             norm_sq = per_sample_loss.detach().new_zeros(batch)
@@ -458,17 +463,31 @@ class BookKeepingClipper:
             norm_sq = torch.stack([_as(ns, dtype) for ns, _ in works]).sum(0)
         norms = norm_sq.clamp(min=0).sqrt()
         self.last_norms = norms
-        # Opacus's clip factor min(1, C / (norm + 1e-6)), times ``scale``
-        coef = (norms + 1e-6).reciprocal_().mul_(self.max_grad_norm * scale).clamp_(max=scale)
-        for _, clipped in works:
-            for p, grad in clipped(coef).items():
+        inverse = (norms + 1e-6).reciprocal_()
+        coefs: dict[float, torch.Tensor] = {}
+
+        def coef_for(s: float) -> torch.Tensor:
+            """Opacus's clip factor min(1, C / (norm + 1e-6)), times ``s``."""
+            if s not in coefs:
+                c = inverse.mul(self.max_grad_norm * abs(s)).clamp_(max=abs(s))
+                coefs[s] = c.neg_() if s < 0 else c
+            return coefs[s]
+
+        def scale_of(p: torch.Tensor) -> float:
+            return scale[p] if isinstance(scale, Mapping) else scale
+
+        for (_, layer, _), (_, clipped) in zip(used, works):
+            scales = {scale_of(p) for p in self._params_of[layer] if p in into}
+            shared = scales.pop() if len(scales) == 1 else None
+            for p, grad in clipped(coef_for(1.0 if shared is None else shared)).items():
                 target = into.get(p)
                 if target is None:
                     continue
+                alpha = 1.0 if shared is not None else scale_of(p)
                 if isinstance(grad, tuple):
-                    target.index_add_(0, grad[0], grad[1])
+                    target.index_add_(0, grad[0], grad[1], alpha=alpha)
                 else:
-                    target.add_(grad)
+                    target.add_(grad, alpha=alpha)
         return norms
 
     def clipped_sum(self, per_sample_loss: torch.Tensor) -> dict[torch.Tensor, torch.Tensor]:

@@ -39,7 +39,7 @@ from ._calibration import calibrate_for_runs
 from ._errors import DPError, DPTypeError, DPValueError, UnsupportedModelError
 from ._events import SampleLevelEvent
 from ._fastclip import BookKeepingClipper, PackedEmbedding, tied_parameters, unsupported_layers
-from ._lazy import LazyTableNoise, check_lazy_optimizer, update_stddev
+from ._lazy import LazyTableNoise, check_lazy_optimizer, update_stddev, worth_deferring
 
 __all__ = ["SampleLevelDP", "PrivateTraining", "CLIPPING_MODES", "resolve_clipping", "bert_dp_inputs"]
 
@@ -47,19 +47,6 @@ CLIPPING_MODES = ("auto", "default", "ghost", "embedding")
 
 _OPACUS_PARAM_ATTRS = ("grad_sample", "summed_grad", "_forward_counter", "_current_grad_sample", "_norm_sample")
 _OPACUS_MODULE_ATTRS = ("activations", "max_batch_len", "autograd_grad_sample_hooks", "ft_compute_sample_grad")
-
-
-class _ScaledTarget:
-    """Accumulation target that adds ``alpha *`` what it receives (the SGD step of a lazy table)."""
-
-    def __init__(self, tensor: torch.Tensor, alpha: float) -> None:
-        self.tensor, self.alpha = tensor, alpha
-
-    def index_add_(self, dim: int, index: torch.Tensor, source: torch.Tensor) -> None:
-        self.tensor.index_add_(dim, index, source, alpha=self.alpha)
-
-    def add_(self, other: torch.Tensor) -> None:
-        self.tensor.add_(other, alpha=self.alpha)
 
 
 def _register_packed_embedding() -> None:
@@ -375,8 +362,9 @@ class PrivateTraining:
                     if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.weight.requires_grad and id(m.weight) in in_opt
                 ]
                 lazy_groups = check_lazy_optimizer(optimizer, tables)
+                lazy_groups = {t: g for t, g in lazy_groups.items() if worth_deferring(t)}
             self._clipper = BookKeepingClipper(module, max_grad_norm=config.max_grad_norm)
-            if lazy_groups is not None:
+            if lazy_groups:
                 self._lazy = LazyTableNoise(lazy_groups, generator=rng, secure_mode=config.secure_mode)
                 self._state_hook = module.register_state_dict_pre_hook(lambda *_: self.flush())
             self.sample_rate = 1.0 / len(data_loader)
@@ -525,17 +513,18 @@ class PrivateTraining:
         denom = float(self.expected_batch_size)
         std = self.noise_multiplier * self.max_grad_norm / denom
         lazy = {t.weight: t for t in self._lazy.tables} if self._lazy is not None else {}
-        into: dict[Any, Any] = {}
+        into: dict[torch.Tensor, torch.Tensor] = {}
+        scale: dict[torch.Tensor, float] = {}
         for p in self._params:
             table = lazy.get(p)
-            if table is not None:
-                into[p] = _ScaledTarget(p.data, -self._lazy.lr(table))  # type: ignore[union-attr]
+            if table is not None:  # the SGD step itself, into the table; its noise is deferred
+                into[p], scale[p] = p.data, -self._lazy.lr(table) / denom  # type: ignore[union-attr]
                 continue
             p.grad = self._noise(p, std)
-            into[p] = p.grad
+            into[p], scale[p] = p.grad, 1.0 / denom
         if per_sample_loss is not None:
             assert self._clipper is not None
-            self._clipper.accumulate(per_sample_loss, into, scale=1.0 / denom)
+            self._clipper.accumulate(per_sample_loss, into, scale=scale)
         self.optimizer.step()
         if self._lazy is not None:
             self._lazy.add_step(

@@ -250,6 +250,24 @@ def test_bad_configurations_are_refused():
 # ------------------------------------------------------------------ lazy noise for embedding tables
 
 
+@pytest.fixture
+def defer_every_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tests' tables are small; defer their noise anyway (as for a table of any size)."""
+    import dp._lazy
+
+    monkeypatch.setattr(dp._lazy, "MIN_DEFERRED_COORDINATES", 0)
+
+
+def test_lazy_noise_keeps_small_tables_eager():
+    # below MIN_DEFERRED_COORDINATES a table's dense noise is cheaper than deferring it
+    model = MF(users=40, items=40, dim=4)
+    private = attach(model, mf_data(n=64, users=40, items=40), mode="embedding", lazy_noise=True)
+    assert private._lazy is None
+    big = MF(users=4000, items=40, dim=16)
+    private = attach(big, mf_data(n=64, users=4000, items=40), mode="embedding", lazy_noise=True)
+    assert private._lazy is not None and private._lazy.tables == [big.user]
+
+
 class EmbLin(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -261,6 +279,7 @@ class EmbLin(nn.Module):
         return self.head(self.emb(x[:, 0]) * self.bag(x)).squeeze(-1)
 
 
+@pytest.mark.usefixtures("defer_every_table")
 def test_lazy_noise_gives_the_same_updates_as_eager():
     torch.manual_seed(0)
     base = EmbLin()
@@ -278,6 +297,7 @@ def test_lazy_noise_gives_the_same_updates_as_eager():
         torch.testing.assert_close(states[True][k], v, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.usefixtures("defer_every_table")
 def test_lazy_noise_has_the_eager_distribution():
     # zero loss gradient: after k steps every row carries N(0, k (lr sigma C / B)^2), read or not
     model = MF(users=400, items=400, dim=8)
@@ -305,6 +325,7 @@ def test_lazy_noise_has_the_eager_distribution():
     assert abs(var - steps * s2) < 5 * se
 
 
+@pytest.mark.usefixtures("defer_every_table")
 def test_lazy_noise_is_flushed_before_anything_leaves():
     model = MF()
     private = attach(model, mf_data(), mode="embedding", lazy_noise=True)
