@@ -7,7 +7,8 @@ Gaussian with the summed variance ``sum_s (lr_s * sigma * C / B)^2``. This modul
 per table, the running total of that variance and, per row, the total at which the row
 last received its noise; a row gets its pending noise in one draw just before anything
 reads it through the table's forward (a forward pre-hook), and every row does on
-``flush()``, ``state_dict()`` and ``detach()``.
+``flush()``, ``state_dict()`` and ``detach()``. Tables under ``MIN_DEFERRED_COORDINATES``
+keep eager noise, drawn in the step.
 
 Every value the model computes with, and the final parameters, have exactly the
 distribution of eager DP-SGD (independent Gaussians add up), so the privacy guarantee and
@@ -103,7 +104,7 @@ class LazyTableNoise:
         total = self._total[table]
         if total == 0.0:
             return
-        # each row read once, in row order: a mask over the table (O(rows), cheaper than a sort)
+        # each row read once, in row order: a mask over the table's rows instead of a sort
         touched = self._touched[table]
         touched.index_fill_(0, rows.reshape(-1), True)
         rows = touched.nonzero().squeeze(1)

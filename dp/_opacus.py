@@ -135,7 +135,8 @@ class SampleLevelDP:
             noise comes from torch's PRNG: fine for research, not for production.
         lazy_noise: with ``clipping="embedding"`` and plain ``torch.optim.SGD``, give each
             embedding-table row its DP noise only when the row is next read (``dp._lazy``):
-            the same distribution as eager DP-SGD at a fraction of the cost for large tables.
+            the same distribution as eager DP-SGD at a fraction of the cost for large tables
+            (tables under ``dp._lazy.MIN_DEFERRED_COORDINATES`` keep eager noise).
             Rows read directly through ``.weight`` between steps lack pending noise until
             ``flush()`` / ``state_dict()`` / ``event()`` / ``detach()``.
         unit: ``"record"``: one example is the unit of privacy (its ledger events say so).

@@ -266,6 +266,15 @@ def test_lazy_noise_keeps_small_tables_eager():
     big = MF(users=4000, items=40, dim=16)
     private = attach(big, mf_data(n=64, users=4000, items=40), mode="embedding", lazy_noise=True)
     assert private._lazy is not None and private._lazy.tables == [big.user]
+    # zero loss gradient: the eager tables get their noise in the step, every row of them;
+    # the deferred table's rows stay as they were until read, with the step's variance pending
+    before = {n: p.detach().clone() for n, p in big.named_parameters()}
+    x, _ = mf_data(n=64, users=4000, items=40).tensors
+    private.step(big(x[:8]) * 0.0)
+    for name in ("item.weight", "user_bias.weight", "item_bias.weight"):
+        assert bool((big.get_parameter(name) != before[name]).all()), name
+    assert torch.equal(big.user.weight, before["user.weight"])
+    assert float(private._lazy.pending_variance(big.user).min()) > 0.0
 
 
 class EmbLin(nn.Module):
