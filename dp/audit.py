@@ -27,6 +27,7 @@ inclusion bits are looked at (the defaults depend on ``m`` only).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import warnings
@@ -51,6 +52,8 @@ __all__ = [
     "default_guess_counts",
     "audit_ceiling",
     "audit_dp_sgd",
+    "audited_point",
+    "TESTED_DELTAS",
     "audit_scores",
     "draw_canaries",
     "run_canary_audit",
@@ -464,71 +467,153 @@ def run_canary_audit(
     )  # fmt: skip
 
 
-def audit_dp_sgd(
-    *,
-    noise_multiplier: float,
-    sample_rate: float,
-    steps: int,
-    rng: np.random.Generator,
-    max_grad_norm: float = 1.0,
-    num_canaries: int = 1000,
-    dimension: int = 4000,
-    num_records: int = 2000,
-    delta: float = 1e-5,
-    add_noise: bool = True,
-    confidence: float = 0.95,
-) -> AuditResult:
-    """Audit a simulated DP-SGD run of one client with sample-level gradient canaries.
+#: The deltas a DP-SGD audit may test the accountant's privacy curve at (fixed, so the choice
+#: depends on the claim and the canary count only, never on the inclusion bits).
+TESTED_DELTAS = (1e-5, 1e-6, 1e-7, 1e-8, 1e-9, 1e-10)
 
-    White-box canaries (Steinke, Nasr, Jagielski 2023, Sec. 7): canary record ``i`` has the
-    gradient ``max_grad_norm * u_i`` along its own direction; it is in the client's data set
-    with probability 1/2. Every step Poisson-samples each record (``sample_rate``); the honest
-    records' clipped gradients point along a common direction with their own spread; the step
-    sums the clipped gradients, adds ``N(0, (noise_multiplier * max_grad_norm)^2 I)`` and moves
-    the model. The score of a canary is how far the model moved against its gradient. The ledger
-    always records the claimed ``SampleLevelEvent``; ``add_noise=False`` skips the noise while
-    the accountant is told it was added (the broken run an audit must catch, when the claim is
-    below the audit's ceiling). ``extra`` of the result holds the ledger and the canaries.
+
+def audited_point(
+    claimed: Callable[[float], float], *, num_canaries: int, confidence: float = 0.95,
+    guess_counts: Sequence[tuple[int, int]] | None = None, deltas: Sequence[float] = TESTED_DELTAS,
+) -> tuple[float, float, float]:  # fmt: skip
+    """The point ``(delta, epsilon(delta), ceiling)`` of a privacy curve an audit tests best.
+
+    An accountant claims a whole curve, ``(epsilon(delta), delta)``-DP for every ``delta``. At the
+    report's ``delta = 1e-5`` the one-run ceiling stays near 5.8 whatever the canary count (the
+    ``2 m delta`` term), so an epsilon-8 claim there can never be refuted. A smaller ``delta``
+    raises the ceiling faster than the curve's epsilon: the point with the largest margin
+    ``ceiling - epsilon`` is the one a broken run would fail. ``claimed`` maps a delta to the
+    accountant's epsilon.
     """
+    m = chk.integer("num_canaries", num_canaries, minimum=1)
+    conf = chk.open_unit("confidence", confidence)
+    counts = _guess_counts(m, guess_counts)
+    significance = (1.0 - conf) / len(counts)
+    if not deltas:
+        raise DPValueError("deltas must hold at least one delta, got none")
+    points = []
+    for d in deltas:
+        d = _delta(d)
+        ceiling = max(_bound(m, a + b, a + b, d, significance) for a, b in counts)
+        points.append((ceiling - float(claimed(d)), d, float(claimed(d)), ceiling))
+    _, d, eps, ceiling = max(points)
+    return d, eps, ceiling
+
+
+def audit_dp_sgd(
+    events: Sequence[Any],
+    *,
+    num_canaries: int = 100_000,
+    honest_records: int = 200,
+    seed: int = 0,
+    lazy_noise: bool = False,
+    confidence: float = 0.95,
+    deltas: Sequence[float] = TESTED_DELTAS,
+) -> AuditResult:
+    """Audit the library's own DP-SGD (``SampleLevelDP``) at a run's settings, with gradient canaries.
+
+    ``events`` are one client's ``SampleLevelEvent``s (a run's history of that client): each is
+    replayed with its noise multiplier, clip bound, sampling rate and steps through
+    ``PrivateTraining``, the code every DP-SGD client runs (Poisson loader, per-sample clipping,
+    eager or lazy noise, SGD). The model is an ``nn.Embedding`` of ``num_canaries + 1`` rows of
+    one coordinate: canary record ``i`` reads row ``i`` only and pushes it up with a gradient of
+    100 times the clip bound (clipping must cut it), and ``honest_records`` records read the last
+    row. Each canary record is in the data set with probability 1/2; its score is how far its row
+    moved. This is the white-box canary of Steinke, Nasr, Jagielski 2023 (Sec. 7), with the
+    canaries' directions the coordinate axes. Under user-level DP a record is a user (its sampling
+    rate is per user), so the audit is the same.
+
+    The claim tested is the accountant's curve for the same events at the delta of
+    :func:`audited_point` (from ``deltas``), where the audit has the most power; the result's
+    ``delta`` and ``claimed_epsilon`` are that point. A run whose noise or clipping is broken
+    leaks more than the curve allows and is flagged (:class:`PrivacyAuditWarning`).
+
+    Raises:
+        DPTypeError / DPValueError: no events, events that are not sample-level, or a sampling
+            rate that is not 1 over a whole number of batches.
+    """
+    import torch
+
     from ._accounting import sample_level_epsilons
     from ._events import SampleLevelEvent
+    from ._opacus import SampleLevelDP
 
-    sigma = chk.positive("noise_multiplier", noise_multiplier)
-    q = chk.probability("sample_rate", sample_rate)
-    t_max = chk.integer("steps", steps, minimum=1)
-    c = chk.positive("max_grad_norm", max_grad_norm)
-    n = chk.integer("num_records", num_records, minimum=0)
-    if not isinstance(add_noise, bool):
-        raise DPTypeError(f"add_noise must be a bool, got {add_noise!r}")
-    canaries = draw_canaries(num_canaries=num_canaries, dimension=dimension, clip_bound=c, rng=rng)
-    d, m = canaries.dimension, len(canaries.ids)
-    common = canaries.orthogonalize(rng.standard_normal(d))  # the task's direction, away from the canaries
-    common /= np.linalg.norm(common)
+    if not isinstance(events, Sequence) or not events:
+        raise DPValueError(f"events must be a non-empty sequence of SampleLevelEvent, got {events!r}")
+    batches = []
+    for i, e in enumerate(events):
+        if not isinstance(e, SampleLevelEvent):
+            raise DPTypeError(f"events[{i}] must be a SampleLevelEvent, got {type(e).__name__}")
+        per_epoch = round(1.0 / e.sample_rate)
+        if abs(per_epoch * e.sample_rate - 1.0) > 1e-9:
+            raise DPValueError(
+                f"events[{i}].sample_rate must be 1 / (batches per epoch) to be replayed, got {e.sample_rate!r}"
+            )
+        batches.append(per_epoch)
+    m = chk.integer("num_canaries", num_canaries, minimum=1)
+    honest = chk.integer("honest_records", honest_records, minimum=0)
+    chk.integer("seed", seed, minimum=0)
+    if not isinstance(lazy_noise, bool):
+        raise DPTypeError(f"lazy_noise must be a bool, got {lazy_noise!r}")
     ledger = Ledger()
-
-    def train(canary_updates: dict[str, np.ndarray]) -> np.ndarray:
-        del canary_updates  # the gradients are added below in the canaries' own basis, one transform a step
-        moved = np.zeros(d)
-        for _ in range(t_max):
-            k = int(rng.binomial(n, q))
-            total = c * (k * common + math.sqrt(k) * rng.standard_normal(d) / math.sqrt(d)) / math.sqrt(1 + 1 / d)
-            sampled = canaries.included & (rng.random(m) < q)
-            if sampled.any():
-                basis = np.zeros(d)
-                basis[canaries.coordinates[sampled]] = c
-                total += canaries._forward(basis)
-            if add_noise:
-                total += rng.normal(0.0, sigma * c, size=d)
-            moved += total / max(q * (n + m / 2.0), 1.0)
-        ledger.record(SampleLevelEvent(client_id="audited", round_index=0, noise_multiplier=sigma, max_grad_norm=c,
-                                       sample_rate=q, steps=t_max))  # fmt: skip
-        return moved
-
-    result = run_canary_audit(
-        train, canaries=canaries, delta=delta, confidence=confidence, level="sample",
-        claimed_epsilon=lambda: sample_level_epsilons(ledger, delta=delta)["audited"],
+    for e in events:
+        ledger.record(dataclasses.replace(e, client_id="audited"))
+    # the upper and lower halves guessed in and out, less four standard deviations of the number
+    # included, so that a run that leaks everything gets every guess right
+    k = max(1, m // 2 - 2 * math.isqrt(m))
+    guess_counts = ((k, k),)
+    delta, claimed, _ = audited_point(
+        lambda d: sample_level_epsilons(ledger, delta=d)["audited"], num_canaries=m, confidence=confidence,
+        guess_counts=guess_counts, deltas=deltas,
     )  # fmt: skip
-    return AuditResult(**{**result.__dict__, "extra": {"ledger": ledger, "canaries": canaries, "noise_added": add_noise}})
+
+    generator = torch.Generator().manual_seed(seed)
+    included = torch.rand(m, generator=generator) < 0.5
+    rows = torch.cat([torch.nonzero(included).flatten(), torch.full((honest,), m)])
+    model = torch.nn.Embedding(m + 1, 1)
+    torch.nn.init.zeros_(model.weight)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    for e, per_epoch in zip(events, batches):
+        pad = -len(rows) % per_epoch  # so that the loader has exactly 1 / sample_rate batches
+        data = _Rows(torch.cat([rows, torch.full((pad,), m)]))
+        loader = torch.utils.data.DataLoader(data, batch_size=len(data) // per_epoch, collate_fn=_Rows.collate)
+        config = SampleLevelDP(noise_multiplier=e.noise_multiplier, max_grad_norm=e.max_grad_norm,
+                               clipping="embedding", lazy_noise=lazy_noise)  # fmt: skip
+        training = config.attach(model, optimizer, loader, generator=generator)
+        try:
+            while training.steps < e.steps:
+                for (batch,) in training.data_loader:
+                    training.step(-100.0 * e.max_grad_norm * model(batch).flatten())
+                    if training.steps == e.steps:
+                        break
+        finally:
+            training.detach()
+    scores = model.weight.detach()[:m, 0].double().numpy()
+    result = audit_scores(
+        scores, included.numpy(), delta=delta, confidence=confidence, guess_counts=guess_counts,
+        claimed_epsilon=claimed, level="sample",
+    )  # fmt: skip
+    return dataclasses.replace(result, extra={"ledger": ledger, "tested_deltas": tuple(deltas)})
+
+
+class _Rows:
+    """The row each record reads, fetched a batch at a time (a per-item dataset costs seconds a step)."""
+
+    def __init__(self, rows: Any) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> tuple[Any]:
+        return (self.rows[index],)
+
+    def __getitems__(self, indices: list[int]) -> Any:
+        return self.rows[indices]
+
+    @staticmethod
+    def collate(batch: Any) -> tuple[Any]:
+        return (batch,)
 
 
 def audit_dp_fedavg(

@@ -5,16 +5,20 @@ from __future__ import annotations
 import json
 import math
 import re
+import tomllib
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+import torch
 from scipy import stats
 
 import dp
 from dp.audit import (
+    TESTED_DELTAS,
     AuditResult,
     PrivacyAuditWarning,
     audit_ceiling,
@@ -26,7 +30,10 @@ from dp.audit import (
     epsilon_lower_bound,
     one_run_p_value,
     run_canary_audit,
+    audited_point,
 )
+
+MAIN_CONFIG = Path(__file__).resolve().parents[3] / "examples" / "main.toml"
 
 # ----------------------------------------------------------------------------- the bound
 
@@ -156,27 +163,71 @@ def test_ceiling_is_the_bound_with_every_guess_right(m):
     assert ceiling < 6.0
 
 
-def test_sample_level_audit_flags_a_noise_free_dp_sgd_run_when_the_claim_is_within_reach():
-    """Main-job DP-SGD settings (q 0.2, 200 steps): noise off while the ledger claims it.
+def _main_job_events() -> list[dp.SampleLevelEvent]:
+    """One silo's DP-SGD history at the main job's settings (examples/main.toml, calibrated as it is)."""
+    with open(MAIN_CONFIG, "rb") as f:
+        cfg = tomllib.load(f)
+    privacy, epochs, rounds = cfg["privacy"], cfg["train"]["epochs"], cfg["rounds"]
+    assert cfg["train"]["batch_size"] >= 1000 and privacy["unit"] == "user"  # one batch of every user: q = 1
+    z = dp.calibrate_noise_multiplier(target_epsilon=privacy["target_epsilon"], delta=privacy["delta"],
+                                      steps=epochs * rounds, sample_rate=1.0)  # fmt: skip
+    return [
+        dp.SampleLevelEvent(client_id="silo-0", round_index=r, noise_multiplier=z, max_grad_norm=privacy["max_grad_norm"],
+                            sample_rate=1.0, steps=epochs, unit="user")  # fmt: skip
+        for r in range(1, rounds + 1)
+    ]
 
-    Claimed epsilon 2 (below the ceiling): the noise-free run is flagged, the noised one is not.
-    Claimed epsilon 8 (the main job's): above any one-run ceiling at delta 1e-5, so the audit reports
-    INCONCLUSIVE rather than a misleading "consistent", with the largest evidence it can give.
+
+def test_the_audit_flags_a_noise_free_dp_sgd_run_at_the_main_jobs_settings(monkeypatch):
+    """The library's DP-SGD with its noise switched off, while the ledger claims epsilon 8 at 1e-5.
+
+    At delta 1e-5 no one-run audit reaches epsilon 8 (ceiling below 6); the audit tests the same
+    privacy curve at the delta where it has power, and there the noise-free run is refuted.
     """
-    for target in (2.0, 8.0):
-        z = dp.calibrate_noise_multiplier(target_epsilon=target, delta=1e-5, steps=200, sample_rate=0.2)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", PrivacyAuditWarning)
-            broken = audit_dp_sgd(noise_multiplier=z, sample_rate=0.2, steps=200, rng=np.random.default_rng(1), add_noise=False)
-        honest = audit_dp_sgd(noise_multiplier=z, sample_rate=0.2, steps=200, rng=np.random.default_rng(2))
-        assert broken.level == honest.level == "sample"
-        assert broken.claimed_epsilon == pytest.approx(target, rel=2e-3) and broken.claimed_epsilon <= target
-        assert not honest.exceeds_claim and honest.epsilon_lower_bound < broken.epsilon_lower_bound
-        if target < broken.ceiling:
-            assert broken.exceeds_claim and broken.summary().startswith("PRIVACY AUDIT FAILED")
-        else:
-            assert not broken.conclusive and broken.summary().startswith("AUDIT INCONCLUSIVE")
-            assert broken.epsilon_lower_bound >= 0.8 * broken.ceiling
+    events = _main_job_events()
+    assert dp.sample_level_epsilons(events, delta=1e-5)["silo-0"] == pytest.approx(8.0, rel=2e-3)
+    monkeypatch.setattr(dp.PrivateTraining, "_noise", lambda self, p, std: torch.zeros_like(p))
+    with pytest.warns(PrivacyAuditWarning, match="PRIVACY AUDIT FAILED"):
+        broken = audit_dp_sgd(events, seed=1)
+    assert broken.exceeds_claim and broken.conclusive and broken.summary().startswith("PRIVACY AUDIT FAILED")
+    assert broken.correct == broken.guesses  # a run that leaks everything gets every guess right
+    assert broken.delta < 1e-5 and broken.claimed_epsilon == pytest.approx(
+        dp.sample_level_epsilons(events, delta=broken.delta)["silo-0"]
+    )
+
+
+@pytest.mark.parametrize("lazy_noise", [False, True])
+def test_the_audit_passes_the_honest_dp_sgd_run_at_the_main_jobs_settings(lazy_noise):
+    """Eager and lazy noise (the canary table is large enough to be deferred): consistent with the claim."""
+    honest = audit_dp_sgd(_main_job_events(), seed=2, lazy_noise=lazy_noise)
+    assert honest.conclusive and not honest.exceeds_claim
+    assert 0.0 < honest.epsilon_lower_bound < 0.5 * honest.claimed_epsilon
+
+
+def test_the_audit_catches_clipping_that_lets_a_large_gradient_through(monkeypatch):
+    """Canary gradients are 100 times the clip bound: a clip that does not cut is a leak the audit sees."""
+    from dp import _fastclip
+
+    monkeypatch.setattr(_fastclip.BookKeepingClipper, "__init__", _unclipped(_fastclip.BookKeepingClipper.__init__))
+    with pytest.warns(PrivacyAuditWarning):
+        broken = audit_dp_sgd(_main_job_events(), seed=3)
+    assert broken.exceeds_claim
+
+
+def _unclipped(init):
+    def wrapped(self, module, *, max_grad_norm):
+        init(self, module, max_grad_norm=1e12)
+
+    return wrapped
+
+
+def test_tested_point_maximizes_the_margin_of_ceiling_over_claim():
+    claimed = {d: 8.0 - math.log10(d) * 0.2 for d in TESTED_DELTAS}  # a curve that rises slowly as delta falls
+    delta, eps, ceiling = audited_point(claimed.__getitem__, num_canaries=10_000)
+    best = max(TESTED_DELTAS, key=lambda d: audit_ceiling(canaries=10_000, delta=d) - claimed[d])
+    assert delta == best and eps == claimed[best]
+    assert ceiling == pytest.approx(audit_ceiling(canaries=10_000, delta=best))
+    assert audit_ceiling(canaries=10_000, delta=1e-5) < 6.0 < ceiling  # a smaller delta is what makes 8 reachable
 
 
 @pytest.mark.parametrize(
