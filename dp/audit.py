@@ -546,9 +546,7 @@ def audit_dp_sgd(
             raise DPTypeError(f"events[{i}] must be a SampleLevelEvent, got {type(e).__name__}")
         per_epoch = round(1.0 / e.sample_rate)
         if abs(per_epoch * e.sample_rate - 1.0) > 1e-9:
-            raise DPValueError(
-                f"events[{i}].sample_rate must be 1 / (batches per epoch) to be replayed, got {e.sample_rate!r}"
-            )
+            raise DPValueError(f"events[{i}].sample_rate must be 1 / (batches per epoch) to be replayed, got {e.sample_rate!r}")
         batches.append(per_epoch)
     m = chk.integer("num_canaries", num_canaries, minimum=1)
     honest = chk.integer("honest_records", honest_records, minimum=0)

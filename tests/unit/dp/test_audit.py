@@ -5,15 +5,15 @@ from __future__ import annotations
 import json
 import math
 import re
-import tomllib
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tomllib
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-import torch
 from scipy import stats
 
 import dp
@@ -25,12 +25,12 @@ from dp.audit import (
     audit_dp_fedavg,
     audit_dp_sgd,
     audit_scores,
+    audited_point,
     default_guess_counts,
     draw_canaries,
     epsilon_lower_bound,
     one_run_p_value,
     run_canary_audit,
-    audited_point,
 )
 
 MAIN_CONFIG = Path(__file__).resolve().parents[3] / "examples" / "main.toml"
@@ -172,8 +172,15 @@ def _main_job_events() -> list[dp.SampleLevelEvent]:
     z = dp.calibrate_noise_multiplier(target_epsilon=privacy["target_epsilon"], delta=privacy["delta"],
                                       steps=epochs * rounds, sample_rate=1.0)  # fmt: skip
     return [
-        dp.SampleLevelEvent(client_id="silo-0", round_index=r, noise_multiplier=z, max_grad_norm=privacy["max_grad_norm"],
-                            sample_rate=1.0, steps=epochs, unit="user")  # fmt: skip
+        dp.SampleLevelEvent(
+            client_id="silo-0",
+            round_index=r,
+            noise_multiplier=z,
+            max_grad_norm=privacy["max_grad_norm"],
+            sample_rate=1.0,
+            steps=epochs,
+            unit="user",
+        )  # fmt: skip
         for r in range(1, rounds + 1)
     ]
 
