@@ -298,7 +298,7 @@ def _audit_record(audit: Any, lower_bound: float | None) -> dict[str, Any]:
         return {"ran": False}
     if audit is None:
         return {"ran": True, "lower_bound": chk.non_negative("audited_epsilon_lower_bound", lower_bound), "ceiling": None,
-                "confidence": None, "canaries": None, "level": None, "method": None}  # fmt: skip
+                "confidence": None, "canaries": None, "level": None, "method": None, "delta": None, "tested_epsilon": None}  # fmt: skip
     data = audit.to_dict() if hasattr(audit, "to_dict") else audit
     if not isinstance(data, Mapping) or "audited_epsilon_lower_bound" not in data:
         raise DPTypeError(f"audit must be a dp.audit.AuditResult or its to_dict(), got {type(audit).__name__}")
@@ -311,6 +311,9 @@ def _audit_record(audit: Any, lower_bound: float | None) -> dict[str, Any]:
         "canaries": data.get("canaries"),
         "level": data.get("level"),
         "method": data.get("method"),
+        # an audit of the accountant's curve at a delta of its own states the claim it tested
+        "delta": data.get("delta"),
+        "tested_epsilon": data.get("claimed_epsilon"),
     }
 
 
@@ -507,7 +510,8 @@ class PrivacyReport:
         # the claim an audit is checked against: the run's headline figure at the audit's level
         if audit_rec["ran"]:
             claimed = (
-                sample["max_epsilon"] if sample and (audit_rec.get("level") == "sample" or not client)
+                audit_rec.get("tested_epsilon") if audit_rec.get("tested_epsilon") is not None
+                else sample["max_epsilon"] if sample and (audit_rec.get("level") == "sample" or not client)
                 else client["epsilon"] if client else None
             )  # fmt: skip
             ceiling = audit_rec["ceiling"]
@@ -800,7 +804,16 @@ class PrivacyReport:
                        else "it EXCEEDS the claim: the run is broken" if audit["exceeds_claim"]
                        else "it could not have refuted the claim, which is above its ceiling" if not audit["conclusive"]
                        else "consistent with the claim")  # fmt: skip
-            audit_line = f"A privacy audit ran: empirical lower bound {audit['lower_bound']:.3g}{ceiling}; {verdict}."
+            tested = (
+                f" It tested the accountant's privacy curve at delta = {audit['delta']:.3g}, where the claim is "
+                f"epsilon = {audit['claimed_epsilon']:.3g} (the same curve as the headline, at the delta where one "
+                "audited run can refute it)."
+                if audit.get("tested_epsilon") is not None and audit.get("delta") is not None else ""
+            )  # fmt: skip
+            audit_line = (
+                f"A privacy audit ran ({audit['method'] or 'canary audit'}, {audit['canaries'] or 'unknown'} canaries):"
+                f" empirical lower bound {audit['lower_bound']:.3g}{ceiling}; {verdict}.{tested}"
+            )
         else:
             audit_line = "No privacy audit ran for this run."
         return {

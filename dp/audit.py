@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+import torch
 from scipy import fft, optimize, special, stats
 
 from . import _checks as chk
@@ -532,8 +533,6 @@ def audit_dp_sgd(
         DPTypeError / DPValueError: no events, events that are not sample-level, or a sampling
             rate that is not 1 over a whole number of batches.
     """
-    import torch
-
     from ._accounting import sample_level_epsilons
     from ._events import SampleLevelEvent
     from ._opacus import SampleLevelDP
@@ -574,7 +573,9 @@ def audit_dp_sgd(
     for e, per_epoch in zip(events, batches):
         pad = -len(rows) % per_epoch  # so that the loader has exactly 1 / sample_rate batches
         data = _Rows(torch.cat([rows, torch.full((pad,), m)]))
-        loader = torch.utils.data.DataLoader(data, batch_size=len(data) // per_epoch, collate_fn=_Rows.collate)
+        loader: torch.utils.data.DataLoader = torch.utils.data.DataLoader(
+            data, batch_size=len(data) // per_epoch, collate_fn=_Rows.collate
+        )
         config = SampleLevelDP(noise_multiplier=e.noise_multiplier, max_grad_norm=e.max_grad_norm,
                                clipping="embedding", lazy_noise=lazy_noise)  # fmt: skip
         training = config.attach(model, optimizer, loader, generator=generator)
@@ -594,10 +595,10 @@ def audit_dp_sgd(
     return dataclasses.replace(result, extra={"ledger": ledger, "tested_deltas": tuple(deltas)})
 
 
-class _Rows:
+class _Rows(torch.utils.data.Dataset):
     """The row each record reads, fetched a batch at a time (a per-item dataset costs seconds a step)."""
 
-    def __init__(self, rows: Any) -> None:
+    def __init__(self, rows: torch.Tensor) -> None:
         self.rows = rows
 
     def __len__(self) -> int:

@@ -242,6 +242,10 @@ class AggregationSection:
             raise ConfigError(f"aggregation.dropout_rate must be in [0, 1), got {self.dropout_rate!r}")
 
 
+#: The most noise draws (DP-SGD steps times canaries) an after-run audit may cost: about 20 s here.
+AUDIT_MAX_NOISE_DRAWS = 200_000_000
+
+
 @dataclass(frozen=True)
 class PrivacySection:
     """``[privacy]``: ``level`` = none | sample | client.
@@ -256,6 +260,10 @@ class PrivacySection:
     is the effective one, split between the update and the count.
     unit (sample level): ``record`` (one example) or ``user`` (all of a user's examples, clipped
     together); default ``user`` for movielens, ``record`` for clothing (no user ids).
+    audit_canaries (sample level): after the run, the DP-SGD history of the client with the largest
+    epsilon is replayed through the library's DP-SGD with this many canaries and audited
+    (``dp.audit.audit_dp_sgd``), when that costs at most ``AUDIT_MAX_NOISE_DRAWS`` (steps times
+    canaries); 0 turns the audit off.
     """
 
     level: str = "none"
@@ -274,6 +282,7 @@ class PrivacySection:
     clip_learning_rate: float = 0.2
     count_noise_multiplier: float | None = None
     unit: str | None = None
+    audit_canaries: int = 100_000
 
     def __post_init__(self) -> None:
         _choice("privacy.level", self.level, ("none", "sample", "client"))
@@ -283,6 +292,8 @@ class PrivacySection:
                 raise ConfigError(f"privacy.unit applies to level 'sample' (DP-SGD inside a client), got level {self.level!r}")
         if not isinstance(self.lazy_noise, bool):
             raise ConfigError(f"privacy.lazy_noise must be true or false, got {self.lazy_noise!r}")
+        if isinstance(self.audit_canaries, bool) or not isinstance(self.audit_canaries, int) or self.audit_canaries < 0:
+            raise ConfigError(f"privacy.audit_canaries must be an int >= 0 (0: no audit), got {self.audit_canaries!r}")
         if self.lazy_noise and self.level != "sample":
             raise ConfigError(f"privacy.lazy_noise applies to level 'sample' (DP-SGD), got level {self.level!r}")
         if not isinstance(self.adaptive_clip, bool):

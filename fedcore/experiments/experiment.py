@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -17,6 +18,7 @@ import torch
 
 import dp
 import secagg
+from dp.audit import AuditResult, audit_dp_sgd
 
 from ..errors import ConfigError
 from ..rounds._threads import use_library_threads
@@ -29,7 +31,9 @@ from ..stages.layout import ParameterLayout
 from ..stages.pipeline import UpdatePipeline
 from ..strategies._strategies import FedAdagrad, FedAdam, FedAvg, FedSGD, FedYogi, ModelSelection, OutputEnsemble
 from ..workloads.task import ClientData, Task
-from .config import ExperimentConfig, WorkloadSection
+from .config import AUDIT_MAX_NOISE_DRAWS, ExperimentConfig, WorkloadSection
+
+_log = logging.getLogger(__name__)
 
 __all__ = [
     "Workload",
@@ -232,7 +236,7 @@ class Experiment:
     def report(
         self,
         *,
-        audited_epsilon_lower_bound: float | None = None,
+        audit: Any = None,
         ledger: dp.Ledger | None = None,
         budget: dp.PrivacyBudget | None = None,
         tuning: dict[str, Any] | None = None,
@@ -251,7 +255,7 @@ class Experiment:
             accountant=self.config.privacy.accountant,
             unit_of_privacy={"record": "one record of a client"}.get(unit or ""),
             description=self.workload.description,
-            audited_epsilon_lower_bound=audited_epsilon_lower_bound,
+            audit=audit,
             provenance=self.provenance(),
             title=f"Privacy budget report: {self.config.name}" + (" (private hyperparameter search)" if tuning else ""),
         )
@@ -475,6 +479,7 @@ class ExperimentOutcome:
     final_metrics: dict[str, float]
     epsilon: float | None
     stop_reason: str | None
+    audit: str | None = None
 
     def summary(self) -> str:
         """What the CLI prints at the end: where the outputs are, final metrics and epsilon spent."""
@@ -485,8 +490,31 @@ class ExperimentOutcome:
         lines.append(f"final test metrics: {metrics or 'none'}")
         if self.epsilon is not None:
             lines.append(f"epsilon spent: {self.epsilon:.4f}")
+        if self.audit is not None:
+            lines.append(f"privacy audit: {self.audit}")
         lines += [f"  {name}: {path}" for name, path in self.paths.items()]
         return "\n".join(lines)
+
+
+def audit_run(experiment: Experiment) -> AuditResult | None:
+    """The one-run canary audit of a DP-SGD run: the history of the client with the largest epsilon,
+    replayed through the library's DP-SGD (``dp.audit.audit_dp_sgd``); None when there is no DP-SGD,
+    the audit is off (``privacy.audit_canaries = 0``) or it would cost more than ``AUDIT_MAX_NOISE_DRAWS``.
+    """
+    p = experiment.config.privacy
+    if p.level != "sample" or p.audit_canaries == 0:
+        return None
+    ledger = experiment.ledger
+    spent = dp.sample_level_epsilons(ledger, delta=p.delta, accountant=p.accountant)
+    if not spent:
+        return None
+    worst = max(spent, key=lambda cid: spent[cid])
+    events = [e for e in ledger.events if isinstance(e, dp.SampleLevelEvent) and e.client_id == worst]
+    if sum(e.steps for e in events) * p.audit_canaries > AUDIT_MAX_NOISE_DRAWS:
+        _log.info("no privacy audit: %d steps x %d canaries is above %d noise draws", sum(e.steps for e in events),
+                  p.audit_canaries, AUDIT_MAX_NOISE_DRAWS)  # fmt: skip
+        return None
+    return audit_dp_sgd(events, num_canaries=p.audit_canaries, seed=experiment.config.seed, lazy_noise=p.lazy_noise)
 
 
 def run_experiment(
@@ -522,8 +550,9 @@ def run_experiment(
     save_file({k: v.clone() for k, v in fed.layout.to_state_dict(torch.from_numpy(fed.global_vector)).items()}, str(model_path))
     paths["model"] = model_path
     epsilon = None
+    audit = audit_run(experiment)
     if config.privacy.level != "none":
-        report_paths = experiment.report().save(out)
+        report_paths = experiment.report(audit=audit).save(out)
         paths["privacy_report_json"] = Path(report_paths.json)
         paths["privacy_report_html"] = Path(report_paths.html)
         if experiment.budget is not None:
@@ -541,7 +570,8 @@ def run_experiment(
         "base_model": experiment.workload.base_model,
         "shared_parameters": list(fed.layout.names),
         "communication": communication(experiment),
+        "audit": None if audit is None else audit.to_dict(),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str), encoding="utf-8")
     paths["summary"] = out / "summary.json"
-    return ExperimentOutcome(out, paths, final, epsilon, fed.stop_reason)
+    return ExperimentOutcome(out, paths, final, epsilon, fed.stop_reason, None if audit is None else audit.summary())

@@ -780,7 +780,7 @@ class Federation:
         accountant: str | None = None,
         unit_of_privacy: str | None = None,
         description: str | None = None,
-        audited_epsilon_lower_bound: float | None = None,
+        audit: Any = None,
         provenance: Mapping[str, Any] | None = None,
         title: str = "Privacy budget report",
         ledger: dp.Ledger | None = None,
@@ -800,6 +800,8 @@ class Federation:
             unit_of_privacy: overrides the unit derived from the mechanisms.
             description: what the data and partition are (shown with the protection).
             provenance: hashes and identities to state (config, data, base model, shared parameters).
+            audit: a ``dp.audit.AuditResult`` of this run's DP (``dp.audit.audit_dp_sgd`` on its ledger's
+                events), stated in the report beside the claim it tested.
             ledger, budget, tuning: a private search (``fedcore.tune``) reports its selected run
                 with the search's ledger and budget and a description of the search.
 
@@ -833,7 +835,7 @@ class Federation:
                 for r in self.reveals
             ],
             utility={int(h["round"]): {k[5:]: float(v) for k, v in h.items() if k.startswith("test_")} for h in self.history},
-            audited_epsilon_lower_bound=audited_epsilon_lower_bound,
+            audit=audit,
             budget=budget,
             unit_of_privacy=unit_of_privacy or self._unit_of_privacy(),
             non_private_releases=self._non_private_releases(),

@@ -87,6 +87,11 @@ tensorboard = false
     assert report["mode"]["name"] == "masked"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds_run"] == 2 and 0 < summary["epsilon"] <= 8.0
+    # the run's DP-SGD was audited after it (the busiest silo's history, replayed with canaries)
+    audit = report["audit"]
+    assert audit["ran"] and audit["canaries"] == summary["audit"]["canaries"] == 100_000
+    assert not audit["exceeds_claim"] and audit["tested_epsilon"] == summary["audit"]["claimed_epsilon"]
+    assert "privacy audit: audited epsilon lower bound" in printed
     assert (out / "metrics.jsonl").read_text().count("\n") == 2
     # a second run into the same folder is refused; --resume continues it
     assert main(["run", str(config), "--out", str(out), "--quiet"]) == 2

@@ -70,6 +70,10 @@ def test_yaml_and_overrides(tmp_path):
         ({"train": 3}, r"\[train\] must be a table of settings, got 3"),
         ({"privacy": {"lazy_noise": "yes"}}, "privacy.lazy_noise must be true or false, got 'yes'"),
         (
+            {"privacy": {"level": "sample", "noise_multiplier": 1.0, "audit_canaries": -1}},
+            r"privacy.audit_canaries must be an int >= 0 \(0: no audit\), got -1",
+        ),
+        (
             {"privacy": {"level": "client", "noise_multiplier": 1.0, "lazy_noise": True}},
             "privacy.lazy_noise applies to level 'sample' \\(DP-SGD\\), got level 'client'",
         ),
