@@ -159,7 +159,7 @@ def test_ceiling_is_the_bound_with_every_guess_right(m):
     included = rng.random(m) < 0.5
     res = audit_scores(rng.standard_normal(m) + 5 * included, included, delta=1e-5)
     assert res.ceiling == pytest.approx(ceiling) and res.epsilon_lower_bound <= ceiling
-    # at delta 1e-5 no canary count certifies the main job's epsilon 8 (issue 18 item 7)
+    # at delta 1e-5 these counts cannot certify the main job's epsilon 8 (issue 18 item 7): audited_point moves the delta
     assert ceiling < 6.0
 
 
