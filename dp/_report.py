@@ -811,8 +811,8 @@ class PrivacyReport:
                 if audit.get("tested_epsilon") is not None and audit.get("delta") is not None else ""
             )  # fmt: skip
             audit_line = (
-                f"A privacy audit ran ({audit['method'] or 'canary audit'}, {audit['canaries'] or 'unknown'} canaries):"
-                f" empirical lower bound {audit['lower_bound']:.3g}{ceiling}; {verdict}.{tested}"
+                f"A privacy audit ran: empirical lower bound {audit['lower_bound']:.3g}{ceiling}; {verdict}.{tested}"
+                f" Method: {audit['method'] or 'canary audit'}; {audit['canaries'] or 'an unknown number of'} canaries."
             )
         else:
             audit_line = "No privacy audit ran for this run."

@@ -77,7 +77,11 @@ class AuditResult:
         positive_guesses: ``k+`` of the winning guess count.
         negative_guesses: ``k-`` of the winning guess count.
         candidates: how many guess counts were tried (the significance was split among them).
-        claimed_epsilon: the accountant's epsilon for the run, if given.
+        claimed_epsilon: the accountant's epsilon for the run at ``delta``, if given.
+        ceiling: the largest bound these guess counts could give (every guess right).
+        level: ``"client"`` or ``"sample"`` canaries.
+        method: what was audited, in words (stated in reports).
+        extra: what the audit built (ledger, canaries), for inspection.
     """
 
     epsilon_lower_bound: float
@@ -92,6 +96,7 @@ class AuditResult:
     claimed_epsilon: float | None = None
     ceiling: float | None = None
     level: str = "client"
+    method: str = "one-run canary audit (Steinke, Nasr, Jagielski 2023)"
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -143,7 +148,7 @@ class AuditResult:
             "ceiling": self.ceiling,
             "conclusive": self.conclusive,
             "level": self.level,
-            "method": "one-run canary audit (Steinke, Nasr, Jagielski 2023)",
+            "method": self.method,
         }
 
 
@@ -594,7 +599,13 @@ def audit_dp_sgd(
         scores, included.numpy(), delta=delta, confidence=confidence, guess_counts=guess_counts,
         claimed_epsilon=claimed, level="sample",
     )  # fmt: skip
-    return dataclasses.replace(result, extra={"ledger": ledger, "tested_deltas": tuple(deltas)})
+    method = (
+        f"{result.method}: the library's DP-SGD step (PrivacyEngine loader, clipping 'embedding', "
+        f"{'lazy' if lazy_noise else 'eager'} noise) replayed at the run's noise multiplier, clip bound, sampling "
+        "rate and steps with gradient canaries; it checks the mechanism and the accountant at those settings, "
+        "not the run's own model"
+    )
+    return dataclasses.replace(result, method=method, extra={"ledger": ledger, "tested_deltas": tuple(deltas)})
 
 
 class _Rows(torch.utils.data.Dataset):
