@@ -600,7 +600,7 @@ def audit_dp_sgd(
         claimed_epsilon=claimed, level="sample",
     )  # fmt: skip
     method = (
-        f"{result.method}: the library's DP-SGD step (PrivacyEngine loader, clipping 'embedding', "
+        f"{result.method}: the library's DP-SGD step (Opacus's Poisson loader, the library's per-sample clipping, "
         f"{'lazy' if lazy_noise else 'eager'} noise) replayed at the run's noise multiplier, clip bound, sampling "
         "rate and steps with gradient canaries; it checks the mechanism and the accountant at those settings, "
         "not the run's own model"
