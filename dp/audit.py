@@ -41,6 +41,7 @@ from scipy import fft, optimize, special, stats
 from . import _checks as chk
 from ._accounting import epsilon as _accounted_epsilon
 from ._errors import DPTypeError, DPValueError, PrivacyAuditWarning
+from ._lazy import MIN_DEFERRED_COORDINATES
 from ._ledger import Ledger
 from ._noise import CentralGaussian
 
@@ -234,10 +235,10 @@ def audit_ceiling(
     """The largest epsilon an audit with ``canaries`` canaries could ever certify: every guess right.
 
     A claim at or above it cannot be refuted by the audit whatever the run does, so reports state
-    it beside the audited bound. It grows slowly with ``m`` because the bound's ``2 m delta`` term
-    does too: at ``delta = 1e-5`` with one guess count of about half the canaries each way it is
-    5.65 for 1,000 canaries, 8.11 for 100,000 and 7.94 for 1,000,000; at ``delta = 1e-6``, 10.12
-    for 100,000.
+    it beside the audited bound. More canaries give more evidence, but the bound's ``2 m delta``
+    term grows with ``m`` and pulls it back down: at ``delta = 1e-5`` with one guess count of about
+    half the canaries each way it is 5.65 for 1,000 canaries, 8.11 for 100,000 and 7.94 for
+    1,000,000; at ``delta = 1e-6``, 10.12 for 100,000.
     """
     m = chk.integer("canaries", canaries, minimum=1)
     d = _delta(delta)
@@ -517,24 +518,34 @@ def audit_dp_sgd(
     lazy_noise: bool = False,
     confidence: float = 0.95,
     deltas: Sequence[float] = TESTED_DELTAS,
+    accountant: str = "pld",
 ) -> AuditResult:
     """Audit the library's own DP-SGD (``SampleLevelDP``) at a run's settings, with gradient canaries.
 
     ``events`` are one client's ``SampleLevelEvent``s (a run's history of that client): each is
     replayed with its noise multiplier, clip bound, sampling rate and steps through
-    ``PrivateTraining``, the code every DP-SGD client runs (Poisson loader, per-sample clipping,
-    eager or lazy noise, SGD). The model is an ``nn.Embedding`` of ``num_canaries + 1`` rows of
-    one coordinate: canary record ``i`` reads row ``i`` only and pushes it up with a gradient of
-    100 times the clip bound (clipping must cut it), and ``honest_records`` records read the last
-    row. Each canary record is in the data set with probability 1/2; its score is how far its row
-    moved. This is the white-box canary of Steinke, Nasr, Jagielski 2023 (Sec. 7), with the
-    canaries' directions the coordinate axes. Under user-level DP a record is a user (its sampling
-    rate is per user), so the audit is the same.
+    ``PrivateTraining`` with Poisson sampling and the library's own per-sample clipping
+    (``clipping="embedding"``), eager or lazy noise, and SGD. A run that clipped with Opacus's hooks
+    ("default", "ghost"), used fixed-size batches or user-grouped batches is thus checked for its
+    mechanism and accountant at its settings, not for its own code path or model. The model is an
+    ``nn.Embedding`` of ``num_canaries + 1`` rows of one coordinate: canary record ``i`` reads row
+    ``i`` only and pushes it up with a gradient of 100 times the clip bound (clipping must cut it),
+    and ``honest_records`` records read the last row. Each canary record is in the data set with
+    probability 1/2; its score is how far its row moved. This is the white-box canary of Steinke,
+    Nasr, Jagielski 2023 (Sec. 7), with the canaries' directions the coordinate axes. Under
+    user-level DP the unit is a user (its sampling rate is per user): a canary stands for one user.
 
-    The claim tested is the accountant's curve for the same events at the delta of
+    The claim tested is the curve of ``accountant`` (the run's) for the same events at the delta of
     :func:`audited_point` (from ``deltas``), where the audit has the most power; the result's
-    ``delta`` and ``claimed_epsilon`` are that point. A run whose noise or clipping is broken
-    leaks more than the curve allows and is flagged (:class:`PrivacyAuditWarning`).
+    ``delta`` and ``claimed_epsilon`` are that point. A grossly broken run is flagged
+    (:class:`PrivacyAuditWarning`): at the main job's settings, noise switched off or cut fourfold,
+    or clipping not applied; noise cut two- or threefold (true epsilon far above the claim) gives
+    bounds of 3.1 and 5.9, below the claim of 8.8, so a milder break can pass.
+
+    The scores are valid for the bound although the padding records (which make the loader have
+    exactly ``1 / sample_rate`` batches) and the averaging denominator depend on how many canaries
+    were included: padding reads only the last row, which is never scored, and the denominator
+    scales every row alike, which no ranking of the scores sees.
 
     Raises:
         DPTypeError / DPValueError: no events, events that are not sample-level, or a sampling
@@ -554,7 +565,7 @@ def audit_dp_sgd(
         if abs(per_epoch * e.sample_rate - 1.0) > 1e-9:
             raise DPValueError(f"events[{i}].sample_rate must be 1 / (batches per epoch) to be replayed, got {e.sample_rate!r}")
         batches.append(per_epoch)
-    m = chk.integer("num_canaries", num_canaries, minimum=1)
+    m = chk.integer("num_canaries", num_canaries, minimum=100)
     honest = chk.integer("honest_records", honest_records, minimum=0)
     chk.integer("seed", seed, minimum=0)
     if not isinstance(lazy_noise, bool):
@@ -567,7 +578,7 @@ def audit_dp_sgd(
     k = max(1, m // 2 - 2 * math.isqrt(m))
     guess_counts = ((k, k),)
     delta, claimed, _ = audited_point(
-        lambda d: sample_level_epsilons(ledger, delta=d)["audited"], num_canaries=m, confidence=confidence,
+        lambda d: sample_level_epsilons(ledger, delta=d, accountant=accountant)["audited"], num_canaries=m, confidence=confidence,
         guess_counts=guess_counts, deltas=deltas,
     )  # fmt: skip
 
@@ -599,11 +610,13 @@ def audit_dp_sgd(
         scores, included.numpy(), delta=delta, confidence=confidence, guess_counts=guess_counts,
         claimed_epsilon=claimed, level="sample",
     )  # fmt: skip
+    noise = "lazy" if lazy_noise and m + 1 >= MIN_DEFERRED_COORDINATES else "eager"
+    ran = sorted({f"clipping {e.clipping!r}, {e.sampling} sampling of {e.unit}s" for e in events})
     method = (
         f"{result.method}: the library's DP-SGD step (Opacus's Poisson loader, the library's per-sample clipping, "
-        f"{'lazy' if lazy_noise else 'eager'} noise) replayed at the run's noise multiplier, clip bound, sampling "
-        "rate and steps with gradient canaries; it checks the mechanism and the accountant at those settings, "
-        "not the run's own model"
+        f"{noise} noise) replayed at the run's noise multiplier, clip bound, sampling rate and steps with gradient "
+        f"canaries (the run itself: {'; '.join(ran)}); it checks the mechanism and the {accountant} accountant at "
+        "those settings, not the run's own model or code path"
     )
     return dataclasses.replace(result, method=method, extra={"ledger": ledger, "tested_deltas": tuple(deltas)})
 

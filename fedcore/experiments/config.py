@@ -292,8 +292,11 @@ class PrivacySection:
                 raise ConfigError(f"privacy.unit applies to level 'sample' (DP-SGD inside a client), got level {self.level!r}")
         if not isinstance(self.lazy_noise, bool):
             raise ConfigError(f"privacy.lazy_noise must be true or false, got {self.lazy_noise!r}")
-        if isinstance(self.audit_canaries, bool) or not isinstance(self.audit_canaries, int) or self.audit_canaries < 0:
-            raise ConfigError(f"privacy.audit_canaries must be an int >= 0 (0: no audit), got {self.audit_canaries!r}")
+        if (
+            isinstance(self.audit_canaries, bool) or not isinstance(self.audit_canaries, int)
+            or not (self.audit_canaries == 0 or self.audit_canaries >= 100)
+        ):  # fmt: skip
+            raise ConfigError(f"privacy.audit_canaries must be 0 (no audit) or an int >= 100, got {self.audit_canaries!r}")
         if self.lazy_noise and self.level != "sample":
             raise ConfigError(f"privacy.lazy_noise applies to level 'sample' (DP-SGD), got level {self.level!r}")
         if not isinstance(self.adaptive_clip, bool):

@@ -514,7 +514,9 @@ def audit_run(experiment: Experiment) -> AuditResult | None:
         _log.info("no privacy audit: %d steps x %d canaries is above %d noise draws", sum(e.steps for e in events),
                   p.audit_canaries, AUDIT_MAX_NOISE_DRAWS)  # fmt: skip
         return None
-    return audit_dp_sgd(events, num_canaries=p.audit_canaries, seed=experiment.config.seed, lazy_noise=p.lazy_noise)
+    return audit_dp_sgd(
+        events, num_canaries=p.audit_canaries, seed=experiment.config.seed, lazy_noise=p.lazy_noise, accountant=p.accountant
+    )
 
 
 def run_experiment(

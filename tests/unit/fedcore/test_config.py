@@ -71,7 +71,7 @@ def test_yaml_and_overrides(tmp_path):
         ({"privacy": {"lazy_noise": "yes"}}, "privacy.lazy_noise must be true or false, got 'yes'"),
         (
             {"privacy": {"level": "sample", "noise_multiplier": 1.0, "audit_canaries": -1}},
-            r"privacy.audit_canaries must be an int >= 0 \(0: no audit\), got -1",
+            r"privacy.audit_canaries must be 0 \(no audit\) or an int >= 100, got -1",
         ),
         (
             {"privacy": {"level": "client", "noise_multiplier": 1.0, "lazy_noise": True}},
