@@ -144,3 +144,24 @@ def test_cli_reports_config_errors(tmp_path, capsys):
     assert "fedcore: error: rounds must be an integer > 0, got 0" in capsys.readouterr().err
     assert main(["run", str(path), "--set", "oops"]) == 2
     assert "--set takes section.key=value, got 'oops'" in capsys.readouterr().err
+
+
+def test_the_after_run_audit_runs_only_when_cheap_and_on_dp_sgd(caplog):
+    """``audit_run``: no audit without DP-SGD, with ``audit_canaries = 0``, or above AUDIT_MAX_NOISE_DRAWS (said in the log)."""
+    import logging
+    from types import SimpleNamespace
+
+    import dp
+    from fedcore.experiments.config import AUDIT_MAX_NOISE_DRAWS, parse_config
+    from fedcore.experiments.experiment import audit_run
+
+    ledger = dp.Ledger()
+    steps = AUDIT_MAX_NOISE_DRAWS // 100_000 + 1
+    ledger.record(dp.SampleLevelEvent(client_id="a", round_index=1, noise_multiplier=1.0, max_grad_norm=1.0,
+                                      sample_rate=1.0, steps=steps))  # fmt: skip
+    privacy = {"level": "sample", "noise_multiplier": 1.0}
+    for section, expect_log in (({"level": "none"}, False), ({**privacy, "audit_canaries": 0}, False), (privacy, True)):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="fedcore.experiments.experiment"):
+            assert audit_run(SimpleNamespace(config=parse_config({"privacy": section}), ledger=ledger)) is None
+        assert ("no privacy audit" in caplog.text) is expect_log
