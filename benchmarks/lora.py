@@ -21,7 +21,7 @@ The frozen layers below the lowest adapted one are run once per review and cache
 unique items of a training step at 16 tokens costs 2.5 s a step on one thread, about 13 minutes a federated
 round; W: plaintext LoRA upload over the full model's float32 bytes).
 
-Usage: ``python benchmarks/lora.py [--max-reviews 6000] [--rounds 3] [--dp-rounds 2] [--ffa]``.
+Usage: ``python benchmarks/lora.py [--max-reviews 6000] [--rounds 5] [--dp-rounds 2] [--ffa]``.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def _load_utility():
 
 utility = _load_utility()
 
-LORA_TRAIN = {"optimizer": "adam", "lr": 0.002, "batch_size": 32, "epochs": 1}
+LORA_TRAIN = {"optimizer": "adam", "lr": 0.002, "batch_size": 32, "epochs": 2}
 HEAD_TRAIN = {"optimizer": "adam", "lr": 0.01, "batch_size": 64, "epochs": 2}
 DP_TRAIN = {"optimizer": "adam", "lr": 0.002, "batch_size": 128, "epochs": 1}
 DP_GRAD_NORM = 1.0
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--max-reviews", type=int, default=6000, help="slice of the fixed split (80%% train, 20%% test)")
     parser.add_argument("--max-length", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--dp-rounds", type=int, default=2, help="rounds of the DP rows (DP-SGD steps cost about twice)")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--layers", default="5", help="adapted MiniLM layers, comma-separated")
