@@ -806,7 +806,7 @@ class PrivacyReport:
                        else "consistent with the claim")  # fmt: skip
             tested = (
                 f" It tested the accountant's privacy curve at delta = {audit['delta']:.3g}, where the claim is "
-                f"epsilon = {audit['claimed_epsilon']:.3g} (the same curve as the headline, at the delta where one "
+                f"epsilon = {audit['tested_epsilon']:.3g} (the same curve as the headline, at the delta where one "
                 "audited run can refute it)."
                 if audit.get("tested_epsilon") is not None and audit.get("delta") is not None else ""
             )  # fmt: skip

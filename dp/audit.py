@@ -245,7 +245,11 @@ def audit_ceiling(
     conf = chk.open_unit("confidence", confidence)
     counts = _guess_counts(m, guess_counts)
     significance = (1.0 - conf) / len(counts)
-    return max(_bound(m, a + b, a + b, d, significance) for a, b in counts)
+    return _ceiling(m, counts, d, significance)
+
+
+def _ceiling(m: int, counts: Sequence[tuple[int, int]], delta: float, significance: float) -> float:
+    return max(_bound(m, a + b, a + b, delta, significance) for a, b in counts)
 
 
 def _guess_counts(m: int, guess_counts: Sequence[tuple[int, int]] | None) -> tuple[tuple[int, int], ...]:
@@ -329,7 +333,7 @@ def audit_scores(
     result = AuditResult(
         epsilon_lower_bound=best[0], confidence=conf, delta=d, canaries=m, guesses=best[1], correct=best[2],
         positive_guesses=best[3], negative_guesses=best[4], candidates=len(counts), claimed_epsilon=claimed,
-        ceiling=max(_bound(m, a + b, a + b, d, significance) for a, b in counts), level=level,
+        ceiling=_ceiling(m, counts, d, significance), level=level,
     )  # fmt: skip
     if result.exceeds_claim:
         warnings.warn(result.summary(), PrivacyAuditWarning, stacklevel=2)
@@ -491,8 +495,7 @@ def audited_point(
     report's ``delta = 1e-5`` the one-run ceiling is barely above an epsilon-8 claim even with
     100,000 canaries (8.11; see :func:`audit_ceiling`). A smaller ``delta`` raises the ceiling
     faster than the curve's epsilon: the point with the largest margin ``ceiling - epsilon`` is the
-    one a broken run would fail. ``claimed`` maps a delta to the
-    accountant's epsilon.
+    one a broken run would fail. ``claimed`` maps a delta to the accountant's epsilon.
     """
     m = chk.integer("num_canaries", num_canaries, minimum=1)
     conf = chk.open_unit("confidence", confidence)
@@ -501,10 +504,9 @@ def audited_point(
     if not deltas:
         raise DPValueError("deltas must hold at least one delta, got none")
     points = []
-    for d in deltas:
-        d = _delta(d)
-        ceiling = max(_bound(m, a + b, a + b, d, significance) for a, b in counts)
-        points.append((ceiling - float(claimed(d)), d, float(claimed(d)), ceiling))
+    for d in map(_delta, deltas):
+        ceiling, eps = _ceiling(m, counts, d, significance), float(claimed(d))
+        points.append((ceiling - eps, d, eps, ceiling))
     _, d, eps, ceiling = max(points)
     return d, eps, ceiling
 

@@ -510,9 +510,10 @@ def audit_run(experiment: Experiment) -> AuditResult | None:
         return None
     worst = max(spent, key=lambda cid: spent[cid])
     events = [e for e in ledger.events if isinstance(e, dp.SampleLevelEvent) and e.client_id == worst]
-    if sum(e.steps for e in events) * p.audit_canaries > AUDIT_MAX_NOISE_DRAWS:
-        _log.info("no privacy audit: %d steps x %d canaries is above %d noise draws", sum(e.steps for e in events),
-                  p.audit_canaries, AUDIT_MAX_NOISE_DRAWS)  # fmt: skip
+    steps = sum(e.steps for e in events)
+    if steps * p.audit_canaries > AUDIT_MAX_NOISE_DRAWS:
+        _log.info("no privacy audit: %d steps x %d canaries is above %d noise draws", steps, p.audit_canaries,
+                  AUDIT_MAX_NOISE_DRAWS)  # fmt: skip
         return None
     return audit_dp_sgd(
         events, num_canaries=p.audit_canaries, seed=experiment.config.seed, lazy_noise=p.lazy_noise, accountant=p.accountant

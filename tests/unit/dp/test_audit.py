@@ -206,6 +206,15 @@ def test_the_audit_flags_a_noise_free_dp_sgd_run_at_the_main_jobs_settings(monke
         assert broken.correct == broken.guesses  # a run that leaks everything gets every guess right
 
 
+def test_the_audit_tests_the_curve_of_the_runs_own_accountant():
+    """The report says the audit tested the headline's curve: with accountant 'rdp' the claim is RDP's, not PLD's."""
+    events = _main_job_events()
+    rdp = audit_dp_sgd(events, num_canaries=2000, accountant="rdp")
+    assert rdp.claimed_epsilon == pytest.approx(dp.sample_level_epsilons(events, delta=rdp.delta, accountant="rdp")["silo-0"])
+    assert rdp.claimed_epsilon > dp.sample_level_epsilons(events, delta=rdp.delta, accountant="pld")["silo-0"]
+    assert "the rdp accountant" in rdp.method
+
+
 def test_the_audit_passes_a_run_whose_noise_is_cut_threefold_its_stated_limit(monkeypatch):
     """The audit's power, as the README states it: a threefold cut (true epsilon far above 8) stays below the claim."""
     noise = dp.PrivateTraining._noise
