@@ -112,12 +112,9 @@ def _sparse_rows_norm_sq(
 def _embedding_rule(name: str, layer: nn.Embedding, calls: list[_Call], grads: list[torch.Tensor], batch: int) -> _Work:
     if layer.scale_grad_by_freq:  # pragma: no cover - refused at attach
         raise UnsupportedModelError(f"layer {name!r}: scale_grad_by_freq=True couples samples; not supported")
-    if any(_packed_sample(c) is not None for c in calls):
-        return _packed_embedding_rule(name, layer, calls, grads, batch)
-    dim = layer.embedding_dim
-    if len(calls) == 1:
-        idx0 = calls[0].args[0] if calls[0].args else calls[0].kwargs["input"]
-        if idx0.dim() == 1 and layer.padding_idx is None:  # one row per sample: the common recsys case
+    if len(calls) == 1 and len(calls[0].args) == 1 and layer.padding_idx is None:
+        idx0 = calls[0].args[0]
+        if idx0.dim() == 1:  # one row per sample, batch-first: the common recsys case
             _batch_check(name, idx0, batch, "indices")
             g1, weight = grads[0], layer.weight
             norm_sq1 = torch.linalg.vecdot(g1, g1)
@@ -126,6 +123,9 @@ def _embedding_rule(name: str, layer: nn.Embedding, calls: list[_Call], grads: l
                 return {weight: (idx0, _as(g1 * _as(coef, g1.dtype).unsqueeze(1), weight.dtype))}
 
             return norm_sq1, clipped1
+    if any(_packed_sample(c) is not None for c in calls):
+        return _packed_embedding_rule(name, layer, calls, grads, batch)
+    dim = layer.embedding_dim
     idx_parts, grad_parts = [], []
     for call, g in zip(calls, grads):
         idx = call.args[0] if call.args else call.kwargs["input"]
@@ -484,8 +484,8 @@ class BookKeepingClipper:
                 if target is None:
                     continue
                 alpha = 1.0 if shared is not None else scale_of(p)
-                if isinstance(grad, tuple):
-                    target.index_add_(0, grad[0], grad[1], alpha=alpha)
+                if isinstance(grad, tuple):  # alpha=1.0 passed explicitly costs torch a slower kernel
+                    target.index_add_(0, grad[0], grad[1]) if alpha == 1.0 else target.index_add_(0, *grad, alpha=alpha)
                 else:
                     target.add_(grad, alpha=alpha)
         return norms

@@ -28,7 +28,14 @@ import torch.nn as nn
 
 from ._errors import DPValueError
 
-__all__ = ["LazyTableNoise", "check_lazy_optimizer", "update_stddev", "worth_deferring", "MIN_DEFERRED_COORDINATES"]
+__all__ = [
+    "LazyTableNoise",
+    "check_lazy_optimizer",
+    "plain_sgd_params",
+    "update_stddev",
+    "worth_deferring",
+    "MIN_DEFERRED_COORDINATES",
+]
 
 Table = nn.Embedding | nn.EmbeddingBag
 """An embedding table whose noise may be deferred."""
@@ -42,6 +49,14 @@ about 17,000 normal draws), more than a small table's whole dense noise."""
 def worth_deferring(table: Table) -> bool:
     """Whether deferring this table's noise saves time (see ``MIN_DEFERRED_COORDINATES``)."""
     return table.weight.numel() >= MIN_DEFERRED_COORDINATES
+
+
+_PLAIN_SGD = (("momentum", 0), ("weight_decay", 0), ("nesterov", False), ("maximize", False))
+"""The SGD options that must keep these values for the update to be linear in the noise."""
+
+
+def _first_nonlinear_option(group: dict) -> tuple[str, Any] | None:
+    return next(((key, ok) for key, ok in _PLAIN_SGD if group.get(key, ok) != ok), None)
 
 
 def check_lazy_optimizer(optimizer: torch.optim.Optimizer, tables: list[Table]) -> dict[Table, dict]:
@@ -59,13 +74,29 @@ def check_lazy_optimizer(optimizer: torch.optim.Optimizer, tables: list[Table]) 
     for table in tables:
         for group in optimizer.param_groups:
             if any(p is table.weight for p in group["params"]):
-                for key, ok in (("momentum", 0), ("weight_decay", 0), ("nesterov", False), ("maximize", False)):
-                    if group.get(key, ok) != ok:
-                        raise DPValueError(
-                            f"lazy_noise=True needs plain SGD for embedding tables: {key} must be {ok!r}, got {group[key]!r}"
-                        )
+                bad = _first_nonlinear_option(group)
+                if bad is not None:
+                    raise DPValueError(
+                        f"lazy_noise=True needs plain SGD for embedding tables: {bad[0]} must be {bad[1]!r}, "
+                        f"got {group[bad[0]]!r}"
+                    )
                 groups[table] = group
     return groups
+
+
+def plain_sgd_params(optimizer: torch.optim.SGD) -> dict[torch.Tensor, dict]:
+    """Each trainable parameter in a plain-SGD group of ``optimizer``, with its group.
+
+    Their update ``p -= lr * grad`` is applied by the DP step itself (one pass, no ``p.grad``),
+    which with lazy noise saves the optimizer's per-step overhead.
+    """
+    return {
+        p: group
+        for group in optimizer.param_groups
+        if _first_nonlinear_option(group) is None
+        for p in group["params"]
+        if p.requires_grad
+    }
 
 
 class LazyTableNoise:
@@ -99,7 +130,6 @@ class LazyTableNoise:
             return _generate_noise(std=1.0, reference=torch.empty(shape, dtype=like.dtype), generator=self._gen, secure_mode=True)
         return torch.empty(shape, dtype=like.dtype, device=like.device).normal_(0.0, 1.0, generator=self._gen)
 
-    @torch.no_grad()
     def _flush_rows(self, table: Table, rows: torch.Tensor) -> None:
         total = self._total[table]
         if total == 0.0:
@@ -107,19 +137,19 @@ class LazyTableNoise:
         # each row read once, in row order: a mask over the table's rows instead of a sort
         touched = self._touched[table]
         touched.index_fill_(0, rows.reshape(-1), True)
-        rows = touched.nonzero().squeeze(1)
+        rows = touched.nonzero().squeeze_(1)
         touched.zero_()
         last = self._last[table]
-        std = last.index_select(0, rows).neg_().add_(total).clamp_(min=0.0).sqrt_().to(table.weight.dtype)
-        w = table.weight
-        noise = self._normal((rows.numel(), w.shape[1]), w).mul_(std.unsqueeze(1))
-        w.index_add_(0, rows, noise)
+        # totals only grow, so total - last >= 0 exactly; .data: the update is not part of the graph
+        std = torch.rsub(last.index_select(0, rows), total).sqrt_().to(table.weight.dtype)
+        w = table.weight.data
+        w.index_add_(0, rows, self._normal((rows.numel(), w.shape[1]), w).mul_(std.unsqueeze_(1)))
         last.index_fill_(0, rows, total)
 
     def _before_read(self, table: Table, args: tuple, kwargs: dict) -> None:
         idx = args[0] if args else kwargs.get("input")
         if isinstance(idx, torch.Tensor) and idx.numel():
-            self._flush_rows(table, idx.detach())
+            self._flush_rows(table, idx)
 
     @torch.no_grad()
     def flush(self) -> None:

@@ -39,7 +39,7 @@ from ._calibration import calibrate_for_runs
 from ._errors import DPError, DPTypeError, DPValueError, UnsupportedModelError
 from ._events import SampleLevelEvent
 from ._fastclip import BookKeepingClipper, PackedEmbedding, tied_parameters, unsupported_layers
-from ._lazy import LazyTableNoise, check_lazy_optimizer, update_stddev, worth_deferring
+from ._lazy import LazyTableNoise, check_lazy_optimizer, plain_sgd_params, update_stddev, worth_deferring
 
 __all__ = ["SampleLevelDP", "PrivateTraining", "CLIPPING_MODES", "resolve_clipping", "bert_dp_inputs"]
 
@@ -138,7 +138,10 @@ class SampleLevelDP:
             the same distribution as eager DP-SGD at a fraction of the cost for large tables
             (tables under ``dp._lazy.MIN_DEFERRED_COORDINATES`` keep eager noise).
             Rows read directly through ``.weight`` between steps lack pending noise until
-            ``flush()`` / ``state_dict()`` / ``event()`` / ``detach()``.
+            ``flush()`` / ``state_dict()`` / ``event()`` / ``detach()``. Parameters in plain-SGD
+            groups are then updated by the DP step itself (no ``p.grad``); the optimizer's
+            ``step()`` runs only when some group is not plain SGD, so its step hooks (and a
+            learning-rate scheduler's check that it stepped) see only those steps.
         unit: ``"record"``: one example is the unit of privacy (its ledger events say so).
     """
 
@@ -322,6 +325,8 @@ class PrivateTraining:
         self._hooks: Any = None
         self._clipper: BookKeepingClipper | None = None
         self._lazy: LazyTableNoise | None = None
+        self._deferred: dict[torch.Tensor, nn.Module] = {}  # table weight -> table, noise deferred
+        self._direct: dict[torch.Tensor, dict] = {}  # parameter -> plain-SGD group, updated by the step itself
         self._state_hook: Any = None
         self._user_optimizer = optimizer
         self.module._dp_attached = True  # type: ignore[assignment]  # torch types Module.__setattr__ for tensors and modules only
@@ -364,9 +369,11 @@ class PrivateTraining:
                 ]
                 lazy_groups = check_lazy_optimizer(optimizer, tables)
                 lazy_groups = {t: g for t, g in lazy_groups.items() if worth_deferring(t)}
+                self._direct = plain_sgd_params(optimizer)
             self._clipper = BookKeepingClipper(module, max_grad_norm=config.max_grad_norm)
             if lazy_groups:
                 self._lazy = LazyTableNoise(lazy_groups, generator=rng, secure_mode=config.secure_mode)
+                self._deferred = {t.weight: t for t in lazy_groups}
                 self._state_hook = module.register_state_dict_pre_hook(lambda *_: self.flush())
             self.sample_rate = 1.0 / len(data_loader)
             # len(data_loader) above already needed a sized dataset; torch's Dataset type has no __len__
@@ -403,6 +410,8 @@ class PrivateTraining:
         else:
             self.data_loader = plain_loader
         self._params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+        # with lazy noise every plain-SGD parameter is updated by the step; the optimizer only for the rest
+        self._optimizer_steps = any(p not in self._direct for p in self._params)
         self._layers = [(n, m) for n, m in module.named_modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
 
     # ----------------------------------------------------------------------------- training
@@ -457,7 +466,8 @@ class PrivateTraining:
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 self._opacus_backward(per_sample_loss)
             self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self._optimizer_steps:
+            self.optimizer.zero_grad(set_to_none=True)
         self._reset_hook_state()
         self._steps += 1
 
@@ -513,20 +523,23 @@ class PrivateTraining:
         """
         denom = float(self.expected_batch_size)
         std = self.noise_multiplier * self.max_grad_norm / denom
-        lazy = {t.weight: t for t in self._lazy.tables} if self._lazy is not None else {}
         into: dict[torch.Tensor, torch.Tensor] = {}
         scale: dict[torch.Tensor, float] = {}
         for p in self._params:
-            table = lazy.get(p)
-            if table is not None:  # the SGD step itself, into the table; its noise is deferred
-                into[p], scale[p] = p.data, -self._lazy.lr(table) / denom  # type: ignore[union-attr]
+            group = self._direct.get(p)
+            if group is None:  # noise into p.grad, the clipped sum added there, the optimizer steps
+                p.grad = self._noise(p, std)
+                into[p], scale[p] = p.grad, 1.0 / denom
                 continue
-            p.grad = self._noise(p, std)
-            into[p], scale[p] = p.grad, 1.0 / denom
+            lr = group["lr"]  # plain SGD, applied here: p -= lr * (noise + clipped sum / B)
+            if p not in self._deferred:
+                p.data.add_(self._noise(p, std), alpha=-lr)
+            into[p], scale[p] = p.data, -lr / denom
         if per_sample_loss is not None:
             assert self._clipper is not None
             self._clipper.accumulate(per_sample_loss, into, scale=scale)
-        self.optimizer.step()
+        if self._optimizer_steps:
+            self.optimizer.step()
         if self._lazy is not None:
             self._lazy.add_step(
                 {

@@ -307,6 +307,36 @@ def test_lazy_noise_gives_the_same_updates_as_eager():
 
 
 @pytest.mark.usefixtures("defer_every_table")
+@pytest.mark.parametrize("head_momentum", [0.0, 0.9])
+def test_lazy_noise_applies_plain_sgd_itself_and_leaves_the_rest_to_the_optimizer(head_momentum):
+    # the tables' group is plain SGD: the DP step updates it; a head with momentum needs the optimizer
+    torch.manual_seed(0)
+    base = EmbLin()
+    data = mf_data(n=64, users=30, items=30)
+    x, y = data.tensors
+    states, optimizer_steps = {}, {}
+    for lazy in (False, True):
+        model = copy.deepcopy(base)
+        groups = [
+            {"params": [model.emb.weight, model.bag.weight]},
+            {"params": model.head.parameters(), "momentum": head_momentum},
+        ]
+        opt = torch.optim.SGD(groups, lr=0.5)
+        calls: list[int] = []
+        opt.register_step_pre_hook(lambda *_, calls=calls: calls.append(1))
+        cfg = dp.SampleLevelDP(noise_multiplier=1e-9, max_grad_norm=0.3, clipping="embedding", lazy_noise=lazy)
+        loader = torch.utils.data.DataLoader(data, batch_size=8)
+        private = cfg.attach(model, opt, loader, generator=torch.Generator().manual_seed(0))
+        for i in range(6):
+            private.step((model(x[i * 8 : (i + 1) * 8]) - y[i * 8 : (i + 1) * 8]) ** 2)
+        private.detach()
+        states[lazy], optimizer_steps[lazy] = model.state_dict(), len(calls)
+    for k, v in states[False].items():
+        torch.testing.assert_close(states[True][k], v, rtol=1e-5, atol=1e-6)
+    assert optimizer_steps == {False: 6, True: 6 if head_momentum else 0}
+
+
+@pytest.mark.usefixtures("defer_every_table")
 def test_lazy_noise_has_the_eager_distribution():
     # zero loss gradient: after k steps every row carries N(0, k (lr sigma C / B)^2), read or not
     model = MF(users=400, items=400, dim=8)
