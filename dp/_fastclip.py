@@ -94,6 +94,11 @@ def _batch_check(name: str, tensor: torch.Tensor, batch: int, what: str) -> None
         )
 
 
+def _detached(a: Any) -> Any:
+    """A layer input as recorded: tensors that carry a graph are detached (indices need not be)."""
+    return a.detach() if isinstance(a, torch.Tensor) and a.requires_grad else a
+
+
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
@@ -395,8 +400,8 @@ class BookKeepingClipper:
             return None
         if not isinstance(output, torch.Tensor) or not output.requires_grad:
             return None
-        detached = tuple([a.detach() if isinstance(a, torch.Tensor) else a for a in args])
-        kw = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()} if kwargs else kwargs
+        detached = tuple([_detached(a) for a in args])
+        kw = {k: _detached(v) for k, v in kwargs.items()} if kwargs else kwargs
         calls = self._calls.get(layer)
         if calls is None:
             self._calls[layer] = [_Call(detached, kw, output, output._version)]
