@@ -531,7 +531,7 @@ class PrivateTraining:
                 p.grad = self._noise(p, std)
                 into[p], scale[p] = p.grad, 1.0 / denom
                 continue
-            lr = group["lr"]  # plain SGD, applied here: p -= lr * (noise + clipped sum / B)
+            lr = float(group["lr"])  # plain SGD, applied here: p -= lr * (noise + clipped sum / B)
             if p not in self._deferred:
                 p.data.add_(self._noise(p, std), alpha=-lr)
             into[p], scale[p] = p.data, -lr / denom
