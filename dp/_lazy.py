@@ -21,7 +21,7 @@ the guarantee, which is why the adapter flushes before ``event()`` and ``detach(
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Container
 
 import torch
 import torch.nn as nn
@@ -55,8 +55,17 @@ _PLAIN_SGD = (("momentum", 0), ("weight_decay", 0), ("nesterov", False), ("maxim
 """The SGD options that must keep these values for the update to be linear in the noise."""
 
 
-def _first_nonlinear_option(group: dict) -> tuple[str, Any] | None:
-    return next(((key, ok) for key, ok in _PLAIN_SGD if group.get(key, ok) != ok), None)
+def _refuse_nonlinear(group: dict, *, note: str = "") -> None:
+    bad = next(((key, ok) for key, ok in _PLAIN_SGD if group.get(key, ok) != ok), None)
+    if bad is not None:
+        key, ok = bad
+        raise DPValueError(
+            f"lazy_noise=True needs plain SGD for embedding tables: {key} must be {ok!r}, got {group[key]!r}{note}"
+        )
+
+
+def _is_plain(group: dict) -> bool:
+    return all(group.get(key, ok) == ok for key, ok in _PLAIN_SGD)
 
 
 def check_lazy_optimizer(optimizer: torch.optim.Optimizer, tables: list[Table]) -> dict[Table, dict]:
@@ -74,29 +83,29 @@ def check_lazy_optimizer(optimizer: torch.optim.Optimizer, tables: list[Table]) 
     for table in tables:
         for group in optimizer.param_groups:
             if any(p is table.weight for p in group["params"]):
-                bad = _first_nonlinear_option(group)
-                if bad is not None:
-                    raise DPValueError(
-                        f"lazy_noise=True needs plain SGD for embedding tables: {bad[0]} must be {bad[1]!r}, "
-                        f"got {group[bad[0]]!r}"
-                    )
+                _refuse_nonlinear(group)
                 groups[table] = group
     return groups
 
 
-def plain_sgd_params(optimizer: torch.optim.SGD) -> dict[torch.Tensor, dict]:
-    """Each trainable parameter in a plain-SGD group of ``optimizer``, with its group.
+def plain_sgd_params(optimizer: torch.optim.Optimizer, deferred: Container[torch.Tensor]) -> dict[torch.Tensor, dict]:
+    """Each trainable parameter in a group that is plain SGD at this step, with its group.
 
-    Their update ``p -= lr * grad`` is applied by the DP step itself (one pass, no ``p.grad``),
-    which with lazy noise saves the optimizer's per-step overhead.
+    Their update ``p -= lr * grad`` is applied by the DP step itself (no ``p.grad``, no optimizer
+    step when every group is plain). Read at every step: a group's options can change after
+    attach (a learning-rate scheduler cycling momentum); the other groups go to the optimizer.
+
+    Raises:
+        DPValueError: a group holding a ``deferred`` table weight is no longer plain SGD.
     """
-    return {
-        p: group
-        for group in optimizer.param_groups
-        if _first_nonlinear_option(group) is None
-        for p in group["params"]
-        if p.requires_grad
-    }
+    out: dict[torch.Tensor, dict] = {}
+    for group in optimizer.param_groups:
+        params = [p for p in group["params"] if p.requires_grad]
+        if _is_plain(group):
+            out.update(dict.fromkeys(params, group))
+        elif any(p in deferred for p in params):
+            _refuse_nonlinear(group, note=" (changed after attach, e.g. by a learning-rate scheduler)")
+    return out
 
 
 class LazyTableNoise:
@@ -136,7 +145,7 @@ class LazyTableNoise:
             return
         # each row read once, in row order: a mask over the table's rows instead of a sort
         touched = self._touched[table]
-        touched.index_fill_(0, rows.reshape(-1), True)
+        touched.index_fill_(0, rows.reshape(-1).long(), True)  # .long(): index_fill_ takes int64 only
         rows = touched.nonzero().squeeze_(1)
         touched.zero_()
         last = self._last[table]

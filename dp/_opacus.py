@@ -138,10 +138,14 @@ class SampleLevelDP:
             the same distribution as eager DP-SGD at a fraction of the cost for large tables
             (tables under ``dp._lazy.MIN_DEFERRED_COORDINATES`` keep eager noise).
             Rows read directly through ``.weight`` between steps lack pending noise until
-            ``flush()`` / ``state_dict()`` / ``event()`` / ``detach()``. Parameters in plain-SGD
-            groups are then updated by the DP step itself (no ``p.grad``); the optimizer's
-            ``step()`` runs only when some group is not plain SGD, so its step hooks (and a
-            learning-rate scheduler's check that it stepped) see only those steps.
+            ``flush()`` / ``state_dict()`` / ``event()`` / ``detach()`` (so does a ``deepcopy`` of
+            the attached module, and a forward pre-hook registered after attach that changes the
+            indices: the rows flushed are those the lookup was called with). Parameters in groups
+            that are plain SGD at a step are updated by the DP step itself (no ``p.grad``); the
+            optimizer's ``step()`` runs only when some group is not, so its step hooks (and a
+            learning-rate scheduler's check that it stepped) see only those steps. A table's group
+            that stops being plain SGD after attach (a scheduler cycling momentum) is refused at
+            the next step.
         unit: ``"record"``: one example is the unit of privacy (its ledger events say so).
     """
 
@@ -326,8 +330,8 @@ class PrivateTraining:
         self._clipper: BookKeepingClipper | None = None
         self._lazy: LazyTableNoise | None = None
         self._deferred: dict[torch.Tensor, nn.Module] = {}  # table weight -> table, noise deferred
-        self._direct: dict[torch.Tensor, dict] = {}  # parameter -> plain-SGD group, updated by the step itself
-        self._state_hook: Any = None
+        self._state_hooks: list[Any] = []
+        self._optimizer_stepped = True  # the last step went through optimizer.step() (its grads to clear)
         self._user_optimizer = optimizer
         self.module._dp_attached = True  # type: ignore[assignment]  # torch types Module.__setattr__ for tensors and modules only
         try:
@@ -369,12 +373,12 @@ class PrivateTraining:
                 ]
                 lazy_groups = check_lazy_optimizer(optimizer, tables)
                 lazy_groups = {t: g for t, g in lazy_groups.items() if worth_deferring(t)}
-                self._direct = plain_sgd_params(optimizer)
             self._clipper = BookKeepingClipper(module, max_grad_norm=config.max_grad_norm)
             if lazy_groups:
                 self._lazy = LazyTableNoise(lazy_groups, generator=rng, secure_mode=config.secure_mode)
                 self._deferred = {t.weight: t for t in lazy_groups}
-                self._state_hook = module.register_state_dict_pre_hook(lambda *_: self.flush())
+                # on the tables themselves: the state_dict of any module holding one flushes first
+                self._state_hooks = [t.register_state_dict_pre_hook(lambda *_: self.flush()) for t in lazy_groups]
             self.sample_rate = 1.0 / len(data_loader)
             # len(data_loader) above already needed a sized dataset; torch's Dataset type has no __len__
             self.expected_batch_size = int(len(cast(Sized, data_loader.dataset)) * self.sample_rate)
@@ -410,8 +414,6 @@ class PrivateTraining:
         else:
             self.data_loader = plain_loader
         self._params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
-        # with lazy noise every plain-SGD parameter is updated by the step; the optimizer only for the rest
-        self._optimizer_steps = any(p not in self._direct for p in self._params)
         self._layers = [(n, m) for n, m in module.named_modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
 
     # ----------------------------------------------------------------------------- training
@@ -466,7 +468,7 @@ class PrivateTraining:
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 self._opacus_backward(per_sample_loss)
             self.optimizer.step()
-        if self._optimizer_steps:
+        if self._optimizer_stepped:
             self.optimizer.zero_grad(set_to_none=True)
         self._reset_hook_state()
         self._steps += 1
@@ -523,22 +525,33 @@ class PrivateTraining:
         """
         denom = float(self.expected_batch_size)
         std = self.noise_multiplier * self.max_grad_norm / denom
+        # with lazy noise every parameter in a plain-SGD group is updated here, the rest by the optimizer
+        try:
+            direct = plain_sgd_params(self.optimizer, self._deferred) if self.config.lazy_noise else {}
+        except DPValueError:
+            assert self._clipper is not None
+            self._clipper.discard()  # the refused step leaves no recorded forward behind
+            raise
         into: dict[torch.Tensor, torch.Tensor] = {}
         scale: dict[torch.Tensor, float] = {}
+        eager: list[tuple[torch.Tensor, torch.Tensor, float]] = []
         for p in self._params:
-            group = self._direct.get(p)
+            group = direct.get(p)
             if group is None:  # noise into p.grad, the clipped sum added there, the optimizer steps
                 p.grad = self._noise(p, std)
                 into[p], scale[p] = p.grad, 1.0 / denom
                 continue
             lr = float(group["lr"])  # plain SGD, applied here: p -= lr * (noise + clipped sum / B)
-            if p not in self._deferred:
-                p.data.add_(self._noise(p, std), alpha=-lr)
+            if p not in self._deferred:  # drawn now (eager's order), added after the backward that reads p
+                eager.append((p, self._noise(p, std), lr))
             into[p], scale[p] = p.data, -lr / denom
         if per_sample_loss is not None:
             assert self._clipper is not None
             self._clipper.accumulate(per_sample_loss, into, scale=scale)
-        if self._optimizer_steps:
+        for p, noise, lr in eager:
+            p.data.add_(noise, alpha=-lr)
+        self._optimizer_stepped = len(direct) < len(self._params)
+        if self._optimizer_stepped:
             self.optimizer.step()
         if self._lazy is not None:
             self._lazy.add_step(
@@ -629,8 +642,8 @@ class PrivateTraining:
                 self._lazy.flush()
             finally:
                 self._lazy.remove()
-                if self._state_hook is not None:
-                    self._state_hook.remove()
+                for hook in self._state_hooks:
+                    hook.remove()
         if self._hooks is not None:
             self._hooks.cleanup()
         if self._clipper is not None:

@@ -336,6 +336,117 @@ def test_lazy_noise_applies_plain_sgd_itself_and_leaves_the_rest_to_the_optimize
     assert optimizer_steps == {False: 6, True: 6 if head_momentum else 0}
 
 
+class Deep(nn.Module):
+    """A table feeding two linear layers: the lower layers' gradients read the upper weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(30, 4)
+        self.hidden = nn.Linear(4, 6)
+        self.head = nn.Linear(6, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.hidden(self.emb(x[:, 0])))).squeeze(-1)
+
+
+def _lazy_and_eager(factory, *, z, steps=6, groups=None, before_step=None):
+    """Final state_dicts of eager and lazy DP-SGD from one initial model and one generator seed."""
+    torch.manual_seed(0)
+    base = factory()
+    data = mf_data(n=64, users=30, items=30)
+    x, y = data.tensors
+    states = {}
+    for lazy in (False, True):
+        model = copy.deepcopy(base)
+        opt = torch.optim.SGD(groups(model) if groups else model.parameters(), lr=0.5)
+        cfg = dp.SampleLevelDP(noise_multiplier=z, max_grad_norm=0.3, clipping="embedding", lazy_noise=lazy)
+        private = cfg.attach(
+            model, opt, torch.utils.data.DataLoader(data, batch_size=8), generator=torch.Generator().manual_seed(0)
+        )
+        for i in range(steps):
+            if before_step is not None:
+                before_step(i, opt)
+            private.step((model(x[i * 8 : (i + 1) * 8]) - y[i * 8 : (i + 1) * 8]) ** 2)
+        private.detach()
+        states[lazy] = model.state_dict()
+    return states
+
+
+@pytest.mark.parametrize("factory", [EmbLin, Deep])
+def test_lazy_noise_with_real_noise_matches_eager_when_no_table_is_deferred(factory):
+    # small tables keep eager noise, so both draw the same noise in the same order: with real
+    # noise the updates agree, i.e. no gradient is computed through weights already noised
+    states = _lazy_and_eager(factory, z=1.0)
+    assert any(float((states[False][k] - factory().state_dict()[k]).abs().max()) > 1e-2 for k in states[False])
+    for k, v in states[False].items():
+        torch.testing.assert_close(states[True][k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_lazy_noise_follows_a_group_that_gains_momentum_after_attach():
+    # a scheduler may set momentum on a group after attach: from then on the optimizer steps it
+    def groups(model):
+        return [{"params": [model.emb.weight, model.bag.weight]}, {"params": model.head.parameters()}]
+
+    def momentum_from_step_2(i, opt):
+        if i == 2:
+            opt.param_groups[1]["momentum"] = 0.9
+
+    states = _lazy_and_eager(EmbLin, z=1e-9, groups=groups, before_step=momentum_from_step_2)
+    for k, v in states[False].items():
+        torch.testing.assert_close(states[True][k], v, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.usefixtures("defer_every_table")
+def test_lazy_noise_refuses_a_table_group_that_stops_being_plain_sgd_and_loses_nothing():
+    model = MF()
+    data = mf_data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    cfg = dp.SampleLevelDP(noise_multiplier=1.0, max_grad_norm=1.0, clipping="embedding", lazy_noise=True)
+    private = cfg.attach(model, opt, torch.utils.data.DataLoader(data, batch_size=8), generator=torch.Generator().manual_seed(0))
+    x, y = data.tensors
+    private.step((model(x[:8]) - y[:8]) ** 2)
+    opt.param_groups[0]["momentum"] = 0.85  # what OneCycleLR(cycle_momentum=True) does
+    loss = (model(x[8:16]) - y[8:16]) ** 2
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(dp.DPValueError, match=r"momentum must be 0, got 0.85 \(changed after attach"):
+        private.step(loss)
+    assert private.steps == 1 and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    opt.param_groups[0]["momentum"] = 0
+    private.step((model(x[16:24]) - y[16:24]) ** 2)  # nothing of the refused forward is left behind
+    assert private.steps == 2
+
+
+def test_a_failed_lazy_step_leaves_the_parameters_as_they_were():
+    # the clipper refuses a non-batch-first input inside the step: no noise may have been applied
+    torch.manual_seed(0)
+    model = EmbLin()
+    data = mf_data(n=64, users=30, items=30)
+    x, y = data.tensors
+    cfg = dp.SampleLevelDP(noise_multiplier=1.0, max_grad_norm=0.3, clipping="embedding", lazy_noise=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    private = cfg.attach(model, opt, torch.utils.data.DataLoader(data, batch_size=8), generator=torch.Generator().manual_seed(0))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    xb = x[:8]
+    out = model.head((model.emb(xb[:, 0]) * model.bag(xb)).unsqueeze(0)).reshape(-1)
+    with pytest.raises(dp.UnsupportedModelError, match="batch-first"):
+        private.step((out - y[:8]) ** 2)
+    assert private.steps == 0 and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.usefixtures("defer_every_table")
+def test_lazy_noise_takes_int32_indices_and_flushes_a_submodule_state_dict():
+    model = MF()
+    data = mf_data()
+    private = attach(model, data, mode="embedding", lazy_noise=True)
+    x, y = data.tensors
+    for i in range(3):
+        xb = x[i * 8 : (i + 1) * 8].int()
+        private.step((model(xb) - y[i * 8 : (i + 1) * 8]) ** 2)
+    assert float(private._lazy.pending_variance(model.item).max()) > 0
+    model.item.state_dict()  # the table's own state_dict, not the root's
+    assert float(private._lazy.pending_variance(model.item).max()) == 0.0
+
+
 @pytest.mark.usefixtures("defer_every_table")
 def test_lazy_noise_has_the_eager_distribution():
     # zero loss gradient: after k steps every row carries N(0, k (lr sigma C / B)^2), read or not
