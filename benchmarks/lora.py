@@ -126,7 +126,7 @@ def utility_rows(args: argparse.Namespace, shops: dict[str, Any], workload: Work
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--max-reviews", type=int, default=6000, help="slice of the fixed split (80%% train, 20%% test)")
-    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--max-length", type=int, default=96, help="tokens per review (64 truncates more: AUC 0.932)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--dp-rounds", type=int, default=2, help="rounds of the DP rows (DP-SGD steps cost about twice)")
     parser.add_argument("--rank", type=int, default=8)
