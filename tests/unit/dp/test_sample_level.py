@@ -290,18 +290,7 @@ class EmbLin(nn.Module):
 
 @pytest.mark.usefixtures("defer_every_table")
 def test_lazy_noise_gives_the_same_updates_as_eager():
-    torch.manual_seed(0)
-    base = EmbLin()
-    data = mf_data(n=64, users=30, items=30)
-    x, y = data.tensors
-    states = {}
-    for lazy in (False, True):
-        model = copy.deepcopy(base)
-        private = attach(model, data, mode="embedding", z=1e-9, c=0.3, lr=0.5, lazy_noise=lazy)
-        for i in range(6):
-            private.step((model(x[i * 8 : (i + 1) * 8]) - y[i * 8 : (i + 1) * 8]) ** 2)
-        private.detach()
-        states[lazy] = model.state_dict()
+    states = _lazy_and_eager(EmbLin, z=1e-9)
     for k, v in states[False].items():
         torch.testing.assert_close(states[True][k], v, rtol=1e-5, atol=1e-6)
 
