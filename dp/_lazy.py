@@ -55,17 +55,18 @@ _PLAIN_SGD = (("momentum", 0), ("weight_decay", 0), ("nesterov", False), ("maxim
 """The SGD options that must keep these values for the update to be linear in the noise."""
 
 
+def _nonlinear_option(group: dict) -> tuple[str, Any] | None:
+    """The first option of ``group`` that makes its SGD update nonlinear, with its required value."""
+    return next(((key, ok) for key, ok in _PLAIN_SGD if group.get(key, ok) != ok), None)
+
+
 def _refuse_nonlinear(group: dict, *, note: str = "") -> None:
-    bad = next(((key, ok) for key, ok in _PLAIN_SGD if group.get(key, ok) != ok), None)
+    bad = _nonlinear_option(group)
     if bad is not None:
         key, ok = bad
         raise DPValueError(
             f"lazy_noise=True needs plain SGD for embedding tables: {key} must be {ok!r}, got {group[key]!r}{note}"
         )
-
-
-def _is_plain(group: dict) -> bool:
-    return all(group.get(key, ok) == ok for key, ok in _PLAIN_SGD)
 
 
 def check_lazy_optimizer(optimizer: torch.optim.Optimizer, tables: list[Table]) -> dict[Table, dict]:
@@ -101,7 +102,7 @@ def plain_sgd_params(optimizer: torch.optim.Optimizer, deferred: Container[torch
     out: dict[torch.Tensor, dict] = {}
     for group in optimizer.param_groups:
         params = [p for p in group["params"] if p.requires_grad]
-        if _is_plain(group):
+        if _nonlinear_option(group) is None:
             out.update(dict.fromkeys(params, group))
         elif any(p in deferred for p in params):
             _refuse_nonlinear(group, note=" (changed after attach, e.g. by a learning-rate scheduler)")
