@@ -380,7 +380,7 @@ def movielens_case(s: Settings, args: argparse.Namespace, ns: argparse.Namespace
           "users per silo to average it over. All of those used the BCE loss. The sampled softmax loss (the rows above; "
           "q = 1, 40 steps) reaches 0.485 at lr 30 C 0.1, 0.484 at lr 10 C 0.3, 0.468 at lr 3 C 1, 0.444 at lr 100 C 0.03, "
           "0.422 at lr 10 C 0.1, 0.305 at lr 100 C 0.1; dim 4 / 16: 0.488 / 0.474; 32 negatives 0.468; 20 / 80 steps "
-          "0.453 / 0.476; SGD momentum 0.5 / 0.9 (lr 15 / 3) 0.452 / 0.369. Its twin without DP: 0.633.")  # fmt: skip
+          "0.453 / 0.476; SGD momentum 0.5 / 0.9 (lr 15 / 3) 0.452 / 0.369. Its twin without DP: 0.633 in the sweep (the table's run may differ by 0.01).")  # fmt: skip
     _, central_hr, central_ndcg, _, _ = central.find("MF dim 32 (BCE")
     return {
         "ml100k_central_hr10": central_hr,
