@@ -21,13 +21,19 @@ The frozen layers below the lowest adapted one are run once per review and cache
 unique items of a training step at 16 tokens costs 2.5 s a step on one thread, about 13 minutes a federated
 round; W: plaintext LoRA upload over the full model's float32 bytes).
 
-Usage: ``python benchmarks/lora.py [--max-reviews 6000] [--rounds 5] [--dp-rounds 2] [--ffa]``.
+Once the cache is built, the DP rows run in a second process beside the others (one core each on
+the 2-core machine; ``--serial`` keeps them in this process, after the others).
+
+Usage: ``python benchmarks/lora.py [--max-reviews 6000] [--rounds 5] [--dp-rounds 2] [--ffa] [--serial]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
+import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -126,6 +132,38 @@ def utility_rows(args: argparse.Namespace, shops: dict[str, Any], workload: Work
     ]  # fmt: skip
 
 
+def dp_rows(args: argparse.Namespace, cfg: Any, workload: Workload, keys: tuple[str, str]) -> tuple[list[Any], dict[str, float]]:
+    """The DP-SGD rows (LoRA, and FFA-LoRA with ``--ffa``) and their AUC by adapter."""
+    dp_train = {**DP_TRAIN, "lr": args.dp_lr, "batch_size": args.dp_batch, "epochs": args.dp_epochs}
+    privacy = {"level": "sample", "target_epsilon": 8.0, "delta": utility.DELTA, "max_grad_norm": DP_GRAD_NORM, "clip": args.clip}
+    adapters = args.dp_adapters.split(",") if args.dp_adapters else ["lora"] + (["ffa-lora"] if args.ffa else [])
+    rows, dp8 = [], {}
+    for adapter in adapters:
+        label = f"{'FFA-LoRA' if adapter == 'ffa-lora' else 'LoRA'} + head, DP-SGD eps=8 + masked"
+        config = cfg(adapter, train=dp_train, rounds=args.dp_rounds, aggregation={"mode": "masked"}, privacy=privacy)
+        work = workload if adapter == "lora" else build_workload(config)
+        out = utility.run(config, work, utility.pooled_eval)
+        dp8[adapter] = out.metrics["auc"]
+        rows.append(utility.fed_row(label, out, keys, f"FedAvg, {args.dp_rounds} rounds, {utility._train_text(dp_train)}, "
+                                    f"max_grad_norm {DP_GRAD_NORM:g}, clip {args.clip:g}"))  # fmt: skip
+    return rows, dp8
+
+
+def start_dp_process(argv: list[str], folder: str) -> tuple[subprocess.Popen, Path]:
+    """This script with ``--dp-only`` in a second process (one core each), its rows to a JSON file."""
+    path = Path(folder) / "dp_rows.json"
+    command = [sys.executable, str(Path(__file__).resolve()), *argv, "--dp-only", "--rows-json", str(path)]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL), path
+
+
+def read_dp_rows(process: subprocess.Popen, path: Path) -> tuple[list[Any], dict[str, float]]:
+    if process.wait() != 0:
+        raise SystemExit(f"the DP rows' process failed with exit status {process.returncode} (its error is above)")
+    data = json.loads(path.read_text())
+    rows = [utility.Row(r["name"], tuple(r["metrics"]), r["epsilon"], r["seconds_per_round"], r["setting"]) for r in data["rows"]]
+    return rows, data["auc"]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--max-reviews", type=int, default=6000, help="slice of the fixed split (80%% train, 20%% test)")
@@ -143,8 +181,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dp-epochs", type=int, default=DP_TRAIN["epochs"])
     parser.add_argument("--clip", type=float, default=CLIP, help="client-level L2 clip = masking value bound (DP rows)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of each process")
+    parser.add_argument("--serial", action="store_true", help="the DP rows in this process too, after the others")
+    parser.add_argument("--rows-json", default=None, help=argparse.SUPPRESS)  # the DP process's output
     args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     torch.set_num_threads(args.threads)
     shops = {"case": "clothing", "model": "finetune", "partition": "silos", "num_silos": 10, "max_length": args.max_length,
              "max_reviews": args.max_reviews, "lora_rank": args.rank, "lora_layers": [int(x) for x in args.layers.split(",")],
@@ -156,20 +197,17 @@ def main(argv: list[str] | None = None) -> None:
     keys = ("accuracy", "auc")
     rows = []
 
-    dp_train = {**DP_TRAIN, "lr": args.dp_lr, "batch_size": args.dp_batch, "epochs": args.dp_epochs}
-    if not args.dp_only:
-        rows += utility_rows(args, shops, workload, keys)
-    privacy = {"level": "sample", "target_epsilon": 8.0, "delta": utility.DELTA, "max_grad_norm": DP_GRAD_NORM, "clip": args.clip}
-    adapters = args.dp_adapters.split(",") if args.dp_adapters else ["lora"] + (["ffa-lora"] if args.ffa else [])
-    dp8 = {}
-    for adapter in adapters:
-        label = f"{'FFA-LoRA' if adapter == 'ffa-lora' else 'LoRA'} + head, DP-SGD eps=8 + masked"
-        config = cfg(adapter, train=dp_train, rounds=args.dp_rounds, aggregation={"mode": "masked"}, privacy=privacy)
-        work = workload if adapter == "lora" else build_workload(config)
-        out = utility.run(config, work, utility.pooled_eval)
-        dp8[adapter] = out.metrics["auc"]
-        rows.append(utility.fed_row(label, out, keys, f"FedAvg, {args.dp_rounds} rounds, {utility._train_text(dp_train)}, "
-                                    f"max_grad_norm {DP_GRAD_NORM:g}, clip {args.clip:g}"))  # fmt: skip
+    if args.rows_json is not None:  # the DP process started below: its rows go back as JSON
+        found, auc = dp_rows(args, cfg, workload, keys)
+        Path(args.rows_json).write_text(json.dumps({"rows": [dataclasses.asdict(r) for r in found], "auc": auc}))
+        return
+    with tempfile.TemporaryDirectory(prefix="lora-dp-") as folder:
+        # the cache is built: the DP rows run beside the others, each process on its own core
+        dp_process = None if args.serial or args.dp_only else start_dp_process(argv, folder)
+        if not args.dp_only:
+            rows += utility_rows(args, shops, workload, keys)
+        found, dp8 = dp_rows(args, cfg, workload, keys) if dp_process is None else read_dp_rows(*dp_process)
+    rows += found
     test = workload.central.test
     base_model = minilm_identity()
     spec = workload.task.config.adapter  # type: ignore[attr-defined]

@@ -143,9 +143,16 @@ class Outcome:
 def experiment_config(
     *, workload: dict[str, Any], train: dict[str, Any], rounds: int, seed: int, **sections: dict[str, Any]
 ) -> ExperimentConfig:
-    """An experiment config with quiet logging and no files beyond the run's checkpoint."""
+    """An experiment config with quiet logging and no files beyond the run's checkpoint.
+
+    A run without DP is ``reproducible``: every draw (the clients' shuffles and negatives too) comes
+    from the seed, so the masked and CKKS runs differ from the plaintext one by their encoding
+    alone, which ``max_diff`` shows. A DP run is not: its clients draw their noise afresh, as in a
+    deployment (``run_repeated`` averages such runs).
+    """
     raw: dict[str, Any] = {
         "name": "utility", "seed": seed, "rounds": rounds, "output_dir": "unused", "evaluate_every": 0,
+        "reproducible": "level" not in sections.get("privacy", {}),
         "workload": workload, "train": train, "logging": {"jsonl": False, "tensorboard": False, "quiet": True},
     }  # fmt: skip
     raw.update(sections)
