@@ -204,9 +204,13 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="lora-dp-") as folder:
         # the cache is built: the DP rows run beside the others, each process on its own core
         dp_process = None if args.serial or args.dp_only else start_dp_process(argv, folder)
-        if not args.dp_only:
-            rows += utility_rows(args, shops, workload, keys)
-        found, dp8 = dp_rows(args, cfg, workload, keys) if dp_process is None else read_dp_rows(*dp_process)
+        try:
+            if not args.dp_only:
+                rows += utility_rows(args, shops, workload, keys)
+            found, dp8 = dp_rows(args, cfg, workload, keys) if dp_process is None else read_dp_rows(*dp_process)
+        finally:  # a failure here leaves no DP process running on
+            if dp_process is not None and dp_process[0].poll() is None:
+                dp_process[0].kill()
     rows += found
     test = workload.central.test
     base_model = minilm_identity()
