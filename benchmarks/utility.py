@@ -20,7 +20,8 @@ round without evaluation. The last line is ``utility ml100k_central_hr10=A ml100
 ml100k_text_fed_hr10=C ml100k_dp8_hr10=D clothing_central_auc=E clothing_fed_auc=F ml100k_userdp8_hr10=G``
 (D: record-level DP at epsilon 8; G: user-level DP at epsilon 8).
 
-Usage: ``python benchmarks/utility.py`` (about 17 minutes on 2 shared CPU cores) or ``--quick``
+Usage: ``python benchmarks/utility.py`` (about 24 minutes on a fresh machine, 9 of them filling the clothing
+embedding cache; about 15 once it is filled) or ``--quick``
 (about 2 minutes: fewer rounds and epochs, the 3,000-review clothing slice).
 """
 
@@ -79,7 +80,7 @@ class Settings:
 
 
 FULL = Settings(central_mf_epochs=20, central_tr_epochs=5, ft_max_train=2000, max_reviews=None, ml_rounds=20, ml_dp_rounds=10,
-                main_job_rounds=None, transformer_rounds=5, clothing_rounds=20, device_rounds=100, dp_repeats=3)  # fmt: skip
+                main_job_rounds=None, transformer_rounds=5, clothing_rounds=20, device_rounds=100, dp_repeats=5)  # fmt: skip
 QUICK = Settings(central_mf_epochs=3, central_tr_epochs=1, ft_max_train=300, max_reviews=3000, ml_rounds=3, ml_dp_rounds=2,
                  main_job_rounds=2, transformer_rounds=1, clothing_rounds=5, device_rounds=10, dp_repeats=1)  # fmt: skip
 
@@ -89,8 +90,9 @@ ML_TRAIN = {"optimizer": "adam", "lr": 0.01, "batch_size": 256, "epochs": 1}
 ML_DP_TRAIN = {"optimizer": "sgd", "lr": 300.0, "batch_size": 4096, "epochs": 4}
 ML_DP_GRAD_NORM = 0.3
 # The DP rows' MF dimension (examples/main.toml's): fewer coordinates to noise per item. At epsilon 8 dimensions 4
-# and 8 give the same HR@10 under DP (means of 3 runs: record level 0.581 / 0.584, user level 0.490 / 0.480), and
-# dimension 4 without DP is weaker (twins 0.621 / 0.636 and 0.628 / 0.647): DP costs the smaller model less.
+# and 8 give about the same HR@10 under DP (means of 3 to 5 runs: record level 0.571 to 0.584 / 0.584, user level
+# 0.490 to 0.502 / 0.480), and dimension 4 without DP is weaker (twins 0.621 / 0.636 and 0.628 / 0.647): DP costs
+# the smaller model less.
 ML_DP_DIM = 4
 # The DP rows' loss (and their no-DP twins'): sampled softmax over the positive and its negatives. At epsilon 8,
 # seed 0 it beats BCE at both units: record level HR@10 0.571 against 0.533, user level 0.485 against 0.410 (one
