@@ -103,9 +103,8 @@ ML_DP_LOSS = "softmax"
 # where a record-level step averages about 4,000 ratings); the sweep is printed under the table.
 ML_USER_DP_TRAIN = {"optimizer": "sgd", "lr": 30.0, "batch_size": 100_000, "epochs": 4}
 ML_USER_DP_GRAD_NORM = 0.1
-# The pooled reference row (all 943 users in one silo): five times the users per noise draw afford a step size
-# (lr x max_grad_norm) three times larger; at lr 30 and C 0.3 / 0.5 and lr 50 C 0.3 it gave 0.547 to 0.566.
-ML_POOLED_USER_DP_TRAIN = {**ML_USER_DP_TRAIN, "lr": 30.0}
+# The pooled reference row (all 943 users in one silo, the same training): five times the users per noise draw
+# afford a per-user bound three times larger; at dim 8, C 0.3 / 0.5 and lr 30 / 20 / 50 gave 0.547 to 0.566.
 ML_POOLED_USER_DP_GRAD_NORM = 0.3
 ML_CLIP = 100.0  # client-level L2 clip (= value bound) of the protected modes; not binding for MF
 CLOTHING_TRAIN = {"optimizer": "adam", "lr": 0.01, "batch_size": 64, "epochs": 2}
@@ -356,12 +355,12 @@ def movielens_case(s: Settings, args: argparse.Namespace, ns: argparse.Namespace
     rows.append(fed_row(f"one silo of all users: plaintext, MF dim {ML_DP_DIM}, {ML_DP_LOSS}", pooled_twin, keys,
                         "reference, not federated: the next row's model without DP"))  # fmt: skip
     pooled_user = {**user, "max_grad_norm": ML_POOLED_USER_DP_GRAD_NORM}
-    pooled_cfg = experiment_config(workload=pooled_regions, seed=seed, train=ML_POOLED_USER_DP_TRAIN, rounds=s.ml_dp_rounds,
+    pooled_cfg = experiment_config(workload=pooled_regions, seed=seed, train=ML_USER_DP_TRAIN, rounds=s.ml_dp_rounds,
                                    privacy=pooled_user)  # fmt: skip
     out, each = run_repeated(pooled_cfg, pooled_workload, s.dp_repeats)
     rows.append(fed_row(f"one silo of all users: DP-SGD eps=8 user level, MF dim {ML_DP_DIM}", out, keys,
                         f"reference, not federated: 943 users behind one noise draw per step; {s.ml_dp_rounds} rounds, "
-                        f"{_train_text(ML_POOLED_USER_DP_TRAIN)}, per-user max_grad_norm {ML_POOLED_USER_DP_GRAD_NORM:g}"
+                        f"{_train_text(ML_USER_DP_TRAIN)}, per-user max_grad_norm {ML_POOLED_USER_DP_GRAD_NORM:g}"
                         f"{'; ' + each if each else ''}"))  # fmt: skip
     main_over = {"logging.tensorboard": False, "logging.jsonl": False, "logging.quiet": True, "seed": seed, "evaluate_every": 0}
     if s.main_job_rounds is not None:
@@ -430,14 +429,14 @@ def movielens_case(s: Settings, args: argparse.Namespace, ns: argparse.Namespace
           "q = 1, 40 steps) reaches 0.485 at lr 30 C 0.1, 0.484 at lr 10 C 0.3, 0.468 at lr 3 C 1, 0.444 at lr 100 C 0.03, "
           "0.422 at lr 10 C 0.1, 0.305 at lr 100 C 0.1; dim 4 / 16: 0.488 / 0.474; 32 negatives 0.468; 20 / 80 steps "
           "0.453 / 0.476; SGD momentum 0.5 / 0.9 (lr 15 / 3) 0.452 / 0.369. Its twin without DP: 0.633 in the sweep (the table's run may differ by 0.01). "
-          "Where the gap comes from (seed 0, q = 1, 40 steps): with the noise all but off (epsilon 1000) the same clipped SGD "
+          "Where the gap comes from (dim 8, seed 0, q = 1, 40 steps): with the noise all but off (epsilon 1000) the same clipped SGD "
           "reaches 0.536 at lr 30 C 0.1, 0.614 at lr 100 C 0.1 and 0.643 at lr 30 C 1, so most of the gap is the small step "
           "(lr x C about 3) that the noise of about 190 users per silo allows, and the noise itself costs the last 0.05; "
           "refitting the user rows to the final item table (Adam, 20 epochs) adds 0.005, averaging the last 2 to 5 global "
           "models -0.01 to +0.01. Pooling every user behind one noise draw (the reference rows: one silo of 943 users) affords "
           "lr x C 9 and 0.547 to 0.566 in single runs (lr 20 to 50, C 0.3 / 0.5) against 0.645 / 0.652 without DP: a cross-silo user-level mechanism (each silo summing its "
-          "users' clipped gradients into one secure sum, the noise added once) would close about half the user-level gap (0.08 of 0.17 in the table's means).")  # fmt: skip
-    print("# Record-level runs of the sweep (the table's setting, epsilon 8): 0.564 / 0.571 / 0.577 at seed 0, 0.572 / 0.592 at seed 1; "
+          "users' clipped gradients into one secure sum, the noise added once) would close about half the user-level gap (0.08 of 0.17 at dim 8, 0.08 of 0.13 at dim 4, the table's means).")  # fmt: skip
+    print("# Record-level runs of the sweep (the table's setting at dim 8, epsilon 8): 0.564 / 0.571 / 0.577 at seed 0, 0.572 / 0.592 at seed 1; "
           "8 local epochs, 20 rounds, lr 500, C 0.5 with lr 200, or batch 8192 with lr 500 and 8 epochs: 0.546 to 0.590, no "
           "better. With the noise all but off the same clipped SGD reaches 0.618 (C 1: 0.643), so here too the step the "
           "noise allows is most of the gap.")  # fmt: skip
