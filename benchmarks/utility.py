@@ -76,7 +76,7 @@ class Settings:
     transformer_rounds: int
     clothing_rounds: int
     device_rounds: int
-    dp_repeats: int  # runs of each MovieLens DP row at epsilon 8 (each client draws its own noise: no two runs agree)
+    dp_repeats: int  # runs of each DP row at epsilon 8 (each client draws its own noise: no two runs agree)
 
 
 FULL = Settings(central_mf_epochs=20, central_tr_epochs=5, ft_max_train=2000, max_reviews=None, ml_rounds=20, ml_dp_rounds=10,
@@ -184,21 +184,6 @@ def run(config: ExperimentConfig, workload: Workload, evaluate: Callable[[Experi
     )
 
 
-def run_repeated(config: ExperimentConfig, workload: Workload, repeats: int) -> tuple[Outcome, str]:
-    """``repeats`` runs of one DP config: the outcome with their mean metrics, and each run's HR@10 in words.
-
-    The clients draw their DP noise from the operating system (the server must not know it), so a
-    run is one draw of the noise: the mean over runs is what a table of figures can stand on.
-    """
-    outs = [run(config, workload, federated_eval) for _ in range(repeats)]
-    if repeats == 1:
-        return outs[0], ""
-    metrics = {k: float(np.mean([o.metrics[k] for o in outs])) for k in outs[0].metrics}
-    mean = replace(outs[0], metrics=metrics, seconds_per_round=float(np.mean([o.seconds_per_round for o in outs])))
-    each = " / ".join(f"{o.metrics['hr@10']:.3f}" for o in outs)
-    return mean, f"mean of {repeats} runs, each its own noise draw (HR@10 {each})"
-
-
 def federated_eval(experiment: Experiment) -> dict[str, float]:
     """Each client scores the global model with its local-only parameters (MF user vectors stay home)."""
     return experiment.federation.evaluate("test")
@@ -207,6 +192,27 @@ def federated_eval(experiment: Experiment) -> dict[str, float]:
 def pooled_eval(experiment: Experiment) -> dict[str, float]:
     """The shared model on the pooled held-out split (ROC AUC is not a mean of per-shop AUCs)."""
     return experiment.workload.task.evaluate(experiment.federation.model(), experiment.workload.central.test)
+
+
+def run_repeated(
+    config: ExperimentConfig,
+    workload: Workload,
+    repeats: int,
+    evaluate: Callable[[Experiment], dict[str, float]] = federated_eval,
+    metric: str = "hr@10",
+) -> tuple[Outcome, str]:
+    """``repeats`` runs of one DP config: the outcome with their mean metrics, and each run's ``metric`` in words.
+
+    The clients draw their DP noise from the operating system (the server must not know it), so a
+    run is one draw of the noise: the mean over runs is what a table of figures can stand on.
+    """
+    outs = [run(config, workload, evaluate) for _ in range(repeats)]
+    if repeats == 1:
+        return outs[0], ""
+    metrics = {k: float(np.mean([o.metrics[k] for o in outs])) for k in outs[0].metrics}
+    mean = replace(outs[0], metrics=metrics, seconds_per_round=float(np.mean([o.seconds_per_round for o in outs])))
+    each = " / ".join(f"{o.metrics[metric]:.3f}" for o in outs)
+    return mean, f"mean of {repeats} runs, each its own noise draw ({metric.upper()} {each})"
 
 
 def _fmt(x: float | None, digits: int = 4) -> str:
@@ -486,14 +492,11 @@ def clothing_case(s: Settings, args: argparse.Namespace, ns: argparse.Namespace)
             "max_grad_norm": CLOTHING_DP_GRAD_NORM,
             "clip": CLOTHING_CLIP,
         }
-        out = run(
-            cl(train=CLOTHING_DP_TRAIN, rounds=s.clothing_rounds, aggregation={"mode": "masked"}, privacy=privacy),
-            workload,
-            pooled_eval,
-        )
+        config = cl(train=CLOTHING_DP_TRAIN, rounds=s.clothing_rounds, aggregation={"mode": "masked"}, privacy=privacy)
+        out, each = run_repeated(config, workload, s.dp_repeats if eps == 8.0 else 1, pooled_eval, "auc")
         rows.append(fed_row(f"federated DP-SGD eps={eps:g} + masked, frozen + head", out, keys,
                             f"FedAvg, {s.clothing_rounds} rounds, {_train_text(CLOTHING_DP_TRAIN)}, max_grad_norm "
-                            f"{CLOTHING_DP_GRAD_NORM:g}"))  # fmt: skip
+                            f"{CLOTHING_DP_GRAD_NORM:g}{'; ' + each if each else ''}"))  # fmt: skip
     test = workload.central.test
     sliced = f"the first {s.max_reviews} reviews of the shuffled split" if s.max_reviews else "all 22,641 reviews with a text"
     print_table(
