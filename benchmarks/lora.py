@@ -160,7 +160,7 @@ def read_dp_rows(process: subprocess.Popen, path: Path) -> tuple[list[Any], dict
     if process.wait() != 0:
         raise SystemExit(f"the DP rows' process failed with exit status {process.returncode} (its error is above)")
     data = json.loads(path.read_text())
-    rows = [utility.Row(r["name"], tuple(r["metrics"]), r["epsilon"], r["seconds_per_round"], r["setting"]) for r in data["rows"]]
+    rows = [utility.Row(**{**r, "metrics": tuple(r["metrics"])}) for r in data["rows"]]  # JSON made the tuple a list
     return rows, data["auc"]
 
 

@@ -143,6 +143,7 @@ class Outcome:
     clipped: float
     rounds: int
     stop_reason: str | None
+    repeats: str | None = None  # for a mean over runs: how many, and each run's metric (``run_repeated``)
 
 
 def experiment_config(
@@ -201,19 +202,23 @@ def run_repeated(
     repeats: int,
     evaluate: Callable[[Experiment], dict[str, float]] = federated_eval,
     metric: str = "hr@10",
-) -> tuple[Outcome, str]:
-    """``repeats`` runs of one DP config: the outcome with their mean metrics, and each run's ``metric`` in words.
+) -> Outcome:
+    """``repeats`` runs of one DP config: an outcome with their mean metrics (``repeats`` names each run's ``metric``).
 
     The clients draw their DP noise from the operating system (the server must not know it), so a
     run is one draw of the noise: the mean over runs is what a table of figures can stand on.
     """
     outs = [run(config, workload, evaluate) for _ in range(repeats)]
     if repeats == 1:
-        return outs[0], ""
+        return outs[0]
     metrics = {k: float(np.mean([o.metrics[k] for o in outs])) for k in outs[0].metrics}
-    mean = replace(outs[0], metrics=metrics, seconds_per_round=float(np.mean([o.seconds_per_round for o in outs])))
     each = " / ".join(f"{o.metrics[metric]:.3f}" for o in outs)
-    return mean, f"mean of {repeats} runs, each its own noise draw ({metric.upper()} {each})"
+    return replace(
+        outs[0],
+        metrics=metrics,
+        seconds_per_round=float(np.mean([o.seconds_per_round for o in outs])),
+        repeats=f"mean of {repeats} runs, each its own noise draw ({metric.upper()} {each})",
+    )
 
 
 def _fmt(x: float | None, digits: int = 4) -> str:
@@ -241,6 +246,8 @@ def fed_row(name: str, outcome: Outcome, keys: tuple[str, str], setting: str) ->
         extra.append(f"{outcome.clipped:.0%} of updates clipped")
     if outcome.stop_reason:
         extra.append(f"stopped after {outcome.rounds} rounds: {outcome.stop_reason}")
+    if outcome.repeats:
+        extra.append(outcome.repeats)
     return Row(name, (outcome.metrics[keys[0]], outcome.metrics[keys[1]]), outcome.epsilon, outcome.seconds_per_round,
                "; ".join([setting, *extra]))  # fmt: skip
 
@@ -337,22 +344,21 @@ def movielens_case(s: Settings, args: argparse.Namespace, ns: argparse.Namespace
     for eps in EPSILONS:
         dp_cfg = experiment_config(workload=small_regions, seed=seed, train=ML_DP_TRAIN, rounds=s.ml_dp_rounds,
                                    aggregation={"mode": "masked"}, privacy={**record, "target_epsilon": eps})  # fmt: skip
-        out, each = run_repeated(dp_cfg, record_workload, s.dp_repeats if eps == 8.0 else 1)
+        out = run_repeated(dp_cfg, record_workload, s.dp_repeats if eps == 8.0 else 1)
         rows.append(fed_row(f"federated DP-SGD eps={eps:g} record level + masked, MF dim {ML_DP_DIM}, {ML_DP_LOSS}", out, keys,
                             f"{s.ml_dp_rounds} rounds, {_train_text(ML_DP_TRAIN)}, max_grad_norm {ML_DP_GRAD_NORM:g}; "
-                            f"unit: one rating{'; ' + each if each else ''}"))  # fmt: skip
+                            "unit: one rating"))  # fmt: skip
         if eps == 8.0:
             dp8 = out.metrics["hr@10"]
     user = {"level": "sample", "unit": "user", "target_epsilon": 8.0, "delta": DELTA, "max_grad_norm": ML_USER_DP_GRAD_NORM,
             "clip": ML_CLIP}  # fmt: skip
     user_cfg = experiment_config(workload=small_regions, seed=seed, train=ML_USER_DP_TRAIN, rounds=s.ml_dp_rounds,
                                  aggregation={"mode": "masked"}, privacy=user)  # fmt: skip
-    out, each = run_repeated(user_cfg, small_workload, s.dp_repeats)
+    out = run_repeated(user_cfg, small_workload, s.dp_repeats)
     userdp8 = out.metrics["hr@10"]
     rows.append(fed_row(f"federated DP-SGD eps=8 user level + masked, MF dim {ML_DP_DIM}, {ML_DP_LOSS}", out, keys,
                         f"{s.ml_dp_rounds} rounds, {_train_text(ML_USER_DP_TRAIN)}, per-user max_grad_norm "
-                        f"{ML_USER_DP_GRAD_NORM:g}; unit: one user (Poisson sampling of users, user rows local and noise-free)"
-                        f"{'; ' + each if each else ''}"))  # fmt: skip
+                        f"{ML_USER_DP_GRAD_NORM:g}; unit: one user (Poisson sampling of users, user rows local and noise-free)"))  # fmt: skip
     # The same mechanism with every user in one silo: what user-level DP over all 943 people could reach if the
     # silos pooled their users' clipped gradients before the noise (no protocol here does that yet).
     pooled_regions = {**small_regions, "num_silos": 1}
@@ -364,11 +370,10 @@ def movielens_case(s: Settings, args: argparse.Namespace, ns: argparse.Namespace
     pooled_user = {**user, "max_grad_norm": ML_POOLED_USER_DP_GRAD_NORM}
     pooled_cfg = experiment_config(workload=pooled_regions, seed=seed, train=ML_USER_DP_TRAIN, rounds=s.ml_dp_rounds,
                                    privacy=pooled_user)  # fmt: skip
-    out, each = run_repeated(pooled_cfg, pooled_workload, s.dp_repeats)
+    out = run_repeated(pooled_cfg, pooled_workload, s.dp_repeats)
     rows.append(fed_row(f"one silo of all users: DP-SGD eps=8 user level, MF dim {ML_DP_DIM}", out, keys,
                         f"reference, not federated: 943 users behind one noise draw per step; {s.ml_dp_rounds} rounds, "
-                        f"{_train_text(ML_USER_DP_TRAIN)}, per-user max_grad_norm {ML_POOLED_USER_DP_GRAD_NORM:g}"
-                        f"{'; ' + each if each else ''}"))  # fmt: skip
+                        f"{_train_text(ML_USER_DP_TRAIN)}, per-user max_grad_norm {ML_POOLED_USER_DP_GRAD_NORM:g}"))  # fmt: skip
     main_over = {"logging.tensorboard": False, "logging.jsonl": False, "logging.quiet": True, "seed": seed, "evaluate_every": 0}
     if s.main_job_rounds is not None:
         main_over["rounds"] = s.main_job_rounds
@@ -494,10 +499,10 @@ def clothing_case(s: Settings, args: argparse.Namespace, ns: argparse.Namespace)
             "clip": CLOTHING_CLIP,
         }
         config = cl(train=CLOTHING_DP_TRAIN, rounds=s.clothing_rounds, aggregation={"mode": "masked"}, privacy=privacy)
-        out, each = run_repeated(config, workload, s.dp_repeats if eps == 8.0 else 1, pooled_eval, "auc")
+        out = run_repeated(config, workload, s.dp_repeats if eps == 8.0 else 1, pooled_eval, "auc")
         rows.append(fed_row(f"federated DP-SGD eps={eps:g} + masked, frozen + head", out, keys,
                             f"FedAvg, {s.clothing_rounds} rounds, {_train_text(CLOTHING_DP_TRAIN)}, max_grad_norm "
-                            f"{CLOTHING_DP_GRAD_NORM:g}{'; ' + each if each else ''}"))  # fmt: skip
+                            f"{CLOTHING_DP_GRAD_NORM:g}"))  # fmt: skip
     test = workload.central.test
     sliced = f"the first {s.max_reviews} reviews of the shuffled split" if s.max_reviews else "all 22,641 reviews with a text"
     print_table(
