@@ -115,6 +115,6 @@ __all__ = [
     "UnsupportedModelError",
     "PrivacyAuditWarning",
 ]
-from ._user_level import UserLevelDP, UserLevelTraining  # noqa: E402  (user-level DP-SGD inside a silo)
+from ._user_level import UserLevelDP, UserLevelTraining, clipped_user_gradients  # noqa: E402  (user-level DP)
 
-__all__ += ["UserLevelDP", "UserLevelTraining"]
+__all__ += ["UserLevelDP", "UserLevelTraining", "clipped_user_gradients"]

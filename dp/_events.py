@@ -5,9 +5,11 @@ never a config). Each event states what an accountant needs: the mechanism, its 
 relative to the sensitivity, how the contributors were sampled and how often it ran, plus
 who took part. Modelled on ``dp_accounting/dp_event.py`` (google/differential-privacy).
 
-Levels: ``"client"`` events protect a whole client's contribution to a round (DP-FedAvg);
-``"sample"`` events protect one record of one client's data set (DP-SGD on that client).
-Adjacency is add/remove-one (of a client, or of a record) throughout, as in Opacus.
+Levels: ``"client"`` events protect a whole client's contribution to a round (DP-FedAvg), or,
+with ``unit="user"``, one user's contribution to the sum over all clients (user-level DP across
+silos: each silo clips each of its users' gradients and sends their sum); ``"sample"`` events
+protect one record (or one user) of one client's data set (DP-SGD on that client).
+Adjacency is add/remove-one (of a client, a user, or a record) throughout, as in Opacus.
 """
 
 from __future__ import annotations
@@ -57,6 +59,10 @@ def _common(ev: Any) -> None:
         raise DPTypeError(f"client_id must be a str or None, got {ev.client_id!r}")
 
 
+#: What one client-level event protects: a client's whole update, or one user of a silo.
+CLIENT_LEVEL_UNITS = ("client", "user")
+
+
 def _participants(ev: Any) -> None:
     _f(ev, "participants", chk.integer, minimum=0)
     _f(ev, "survivors", chk.integer, minimum=0)
@@ -79,6 +85,8 @@ class GaussianEvent:
         sampling: see ``SAMPLINGS``.
         level: ``"client"``.
         client_id: ``None`` (a client-level event concerns every client).
+        unit: ``"client"`` (``clip_bound`` bounds each client's update) or ``"user"`` (it bounds
+            each user's gradient inside a silo's sum; ``participants`` and ``survivors`` count silos).
     """
 
     mechanism: ClassVar[str] = "gaussian"
@@ -92,6 +100,7 @@ class GaussianEvent:
     sampling: str = "poisson"
     level: str = "client"
     client_id: str | None = None
+    unit: str = "client"
 
     def __post_init__(self) -> None:
         _common(self)
@@ -100,6 +109,7 @@ class GaussianEvent:
         _f(self, "clip_bound", chk.positive)
         _f(self, "count", chk.integer, minimum=1)
         _f(self, "level", chk.one_of, ("client",))
+        _f(self, "unit", chk.one_of, CLIENT_LEVEL_UNITS)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -199,6 +209,9 @@ class _DistributedNoiseEvent:
         min_clients: survivors the noise was sized for.
         target_noise_multiplier: the noise multiplier requested for ``min_clients`` survivors.
         noise_multiplier: the one actually present, ``sqrt(variance) / l2_sensitivity``.
+        unit: as in ``GaussianEvent``; with ``"user"`` the sensitivities bound one user's
+            gradient in its silo's rounded vector (``dp.rounded_l2_sensitivity`` holds for the
+            difference of two stochastically rounded vectors too, coupled coordinate by coordinate).
     """
 
     round_index: int
@@ -216,10 +229,12 @@ class _DistributedNoiseEvent:
     sampling: str = "poisson"
     level: str = "client"
     client_id: str | None = None
+    unit: str = "client"
 
     def __post_init__(self) -> None:
         _common(self)
         _participants(self)
+        _f(self, "unit", chk.one_of, CLIENT_LEVEL_UNITS)
         _f(self, "scale", chk.positive)
         _f(self, "clip_bound", chk.positive)
         _f(self, "dim", chk.integer, minimum=1)

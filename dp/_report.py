@@ -116,7 +116,7 @@ def _event_unit(e: Event) -> str:
     """What one use of the mechanism protects: a record or a user of a client, or a client's whole update."""
     if isinstance(e, TuningEvent):  # a search protects what its trials protect
         return _event_unit(e.trial[0]) if e.trial else ("client" if e.level == "client" else "record")
-    return getattr(e, "unit", "record") if isinstance(e, SampleLevelEvent) else "client"
+    return getattr(e, "unit", "record" if isinstance(e, SampleLevelEvent) else "client")
 
 
 def _flat(events: Sequence[Event]) -> list[Event]:
@@ -755,6 +755,9 @@ class PrivacyReport:
 
     @staticmethod
     def _default_unit(client_events: Sequence[Event], sample_events: Sequence[Event]) -> str:
+        if any(_event_unit(e) == "user" for e in client_events):
+            return ("one user of one silo (all of that user's records): each silo clips every one of its users' "
+                    "gradients to the bound and sends their sum, and the noise is added once to the sum over all silos")  # fmt: skip
         if client_events:
             return "one whole client (all of its data)"
         if sample_events:
@@ -785,7 +788,12 @@ class PrivacyReport:
         if any(isinstance(e, (SkellamEvent, DiscreteGaussianEvent)) for e in client_events):
             against.append(f"Client level, distributed noise in a {mode} sum: each client noises its own update before "
                            "it is protected, so it holds against the server too, as long as at least the number of "
-                           "clients the noise was sized for survive each round.")  # fmt: skip
+                           "clients the noise was sized for survive each round and the server colludes with none of "
+                           "them (each client knows its own share of the noise).")  # fmt: skip
+        if any(_event_unit(e) == "user" for e in client_events):
+            against.append("User level across silos: each silo holds its users' data and is trusted by them to clip "
+                           "each user's gradient; the guarantee is the client-level one above with a user, not a "
+                           "silo, as the unit, and it does not hold against the user's own silo.")  # fmt: skip
         if not against:
             against.append("No one: no differential-privacy mechanism ran; only the protection mode applies.")
         not_covered = [f"{x['what']}" + (f" ({x['note']})" if x["note"] else "") for x in releases]
@@ -850,6 +858,15 @@ class PrivacyReport:
         out = [
             "Adjacency is add/remove one client (client level) or one record of one client (sample level); "
             "the client-level guarantee and each client's sample-level guarantee are separate (epsilon, delta) statements.",
+            *(
+                [
+                    "Client level with unit 'user': adjacency is add/remove one user; each user's data sits in one silo "
+                    "(checked when the run is built), every silo sums every round, and one user moves its silo's rounded, "
+                    "clipped sum by at most the recorded sensitivity (the silo's clip is a projection, so 1-Lipschitz)."
+                ]
+                if any(_event_unit(e) == "user" for e in client_events)
+                else []
+            ),
             "Headline figures: the PLD accountant of dp_accounting with pessimistic rounding (an upper bound) for "
             "Gaussian mechanisms; Skellam and discrete Gaussian noise through their RDP bounds; RDP is the cross-check.",
         ]

@@ -31,23 +31,31 @@ DP: Kearns et al. ITCS 2014; Jain et al. NeurIPS 2021, "Differentially private m
 personalization"). Not covered: row ``u`` itself and what is computed from it (``u``'s own scores
 and metrics): it is a function of ``u``'s data and stays with ``u``'s silo. ``step`` checks that
 each user-owned table reads exactly one distinct row per batch row.
+
+Across silos (``clipped_user_gradients``): the same per-user clipping, without noise, gives a
+silo's share of one DP-FedSGD step over every silo's users; the noise is added once to the sum
+over silos (``fedcore``: privacy level ``client`` with unit ``user``), so about 190 users per silo
+no longer each need a silo's worth of noise. The argument above carries over with the sum over
+silos as the released quantity, provided each user sits in one silo.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
+from . import _checks as chk
 from ._errors import DPTypeError, DPValueError
 from ._events import SampleLevelEvent
+from ._fastclip import BookKeepingClipper
 from ._opacus import PrivateTraining, SampleLevelDP, resolve_clipping
 
-__all__ = ["UserLevelDP", "UserLevelTraining"]
+__all__ = ["UserLevelDP", "UserLevelTraining", "clipped_user_gradients"]
 
 # Optimizers whose update and state are per element, so a user's row depends on that row alone.
 _ELEMENTWISE = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.Adagrad, torch.optim.RMSprop)
@@ -203,8 +211,7 @@ class UserLevelTraining:
             if config.poisson_sampling else self._inner.data_loader
         )  # fmt: skip
         self._tables = [(name, t) for name, t in tables if t.weight.requires_grad]
-        self._lookups: dict[str, list[torch.Tensor]] = {}
-        self._handles = [t.register_forward_hook(self._record(name)) for name, t in self._tables]
+        self._reads = _RowReads(self._tables)
 
     # ----------------------------------------------------------------------------- delegated
 
@@ -254,24 +261,6 @@ class UserLevelTraining:
 
     # ----------------------------------------------------------------------------- training
 
-    def _record(self, name: str):
-        def hook(layer: nn.Module, args: tuple, output: Any) -> None:
-            if torch.is_grad_enabled() and args:
-                self._lookups.setdefault(name, []).append(args[0].detach())
-
-        return hook
-
-    def _check_lookups(self, batch: int) -> None:
-        for name, calls in self._lookups.items():
-            first = calls[0]
-            ok = first.dim() == 1 and first.shape[0] == batch and torch.unique(first).numel() == batch
-            if not ok or any(not torch.equal(c, first) for c in calls[1:]):
-                raise DPValueError(
-                    f"user parameter {name!r} must read one distinct row per user (indices of shape ({batch},), the same "
-                    f"in every call), got indices of shape {tuple(first.shape)} in {len(calls)} call(s): another user's "
-                    "row would then learn from this user's data"
-                )
-
     def step(self, per_sample_loss: torch.Tensor) -> None:
         """One step: user-owned rows take their own gradient, the rest per-user clipped DP-SGD.
 
@@ -284,14 +273,12 @@ class UserLevelTraining:
                 self._tables and isinstance(per_sample_loss, torch.Tensor) and per_sample_loss.dim() == 1
                 and per_sample_loss.numel() > 0 and per_sample_loss.requires_grad
             ):  # fmt: skip
-                self._check_lookups(per_sample_loss.shape[0])
-                weights = [t.weight for _, t in self._tables]
-                grads = torch.autograd.grad(per_sample_loss.sum(), weights, retain_graph=True, allow_unused=True)
+                grads = self._reads.own_gradients(per_sample_loss)
                 scale = 1.0 / float(self._inner.expected_batch_size)
-                for w, g in zip(weights, grads):
-                    w.grad = None if g is None else g.mul_(scale)
+                for (_, t), g in zip(self._tables, grads.values()):
+                    t.weight.grad = None if g is None else g.mul_(scale)
         finally:
-            self._lookups = {}
+            self._reads.forget()
         self._inner.step(per_sample_loss)
 
     def event(self, *, client_id: str, round_index: int) -> SampleLevelEvent:
@@ -300,9 +287,7 @@ class UserLevelTraining:
 
     def detach(self) -> nn.Module:
         """Remove every hook; return the user's own module (see ``PrivateTraining.detach``)."""
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        self._reads.remove()
         return self._inner.detach()
 
     def __repr__(self) -> str:
@@ -328,3 +313,103 @@ def _check_user_optimizer(optimizer: torch.optim.Optimizer) -> None:
             f"user_parameters need an optimizer known to update each element on its own ({allowed}), so that one "
             f"user's row depends on that user alone; got {type(optimizer).__name__}"
         )
+
+
+class _RowReads:
+    """Records which rows the user tables read, so a step can check that row ``i`` is batch row ``i``'s own."""
+
+    def __init__(self, tables: list[tuple[str, nn.Embedding]]) -> None:
+        self.tables = tables
+        self._lookups: dict[str, list[torch.Tensor]] = {}
+        self._handles = [t.register_forward_hook(self._record(name)) for name, t in tables]
+
+    def _record(self, name: str):
+        def hook(layer: nn.Module, args: tuple, output: Any) -> None:
+            if torch.is_grad_enabled() and args:
+                self._lookups.setdefault(name, []).append(args[0].detach())
+
+        return hook
+
+    def own_gradients(self, per_user_loss: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        """Each table's gradient of the summed losses, after checking every user read only its own row.
+
+        Raises:
+            DPValueError: a table read rows other than one distinct row per user.
+        """
+        batch = per_user_loss.shape[0]
+        for name, calls in self._lookups.items():
+            first = calls[0]
+            ok = first.dim() == 1 and first.shape[0] == batch and torch.unique(first).numel() == batch
+            if not ok or any(not torch.equal(c, first) for c in calls[1:]):
+                raise DPValueError(
+                    f"user parameter {name!r} must read one distinct row per user (indices of shape ({batch},), the same "
+                    f"in every call), got indices of shape {tuple(first.shape)} in {len(calls)} call(s): another user's "
+                    "row would then learn from this user's data"
+                )
+        weights = [t.weight for _, t in self.tables]
+        grads = torch.autograd.grad(per_user_loss.sum(), weights, retain_graph=True, allow_unused=True) if weights else ()
+        return {name: g for (name, _), g in zip(self.tables, grads)}
+
+    def forget(self) -> None:
+        self._lookups = {}
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._lookups = {}
+
+
+def clipped_user_gradients(
+    module: nn.Module,
+    per_user_loss: Callable[[nn.Module], torch.Tensor],
+    *,
+    max_grad_norm: float,
+    user_parameters: tuple[str, ...] = (),
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor | None]]:
+    """A silo's half of user-level DP across silos: the sum of its users' clipped gradients.
+
+    Each user's gradient of the shared parameters (every trainable parameter outside the user
+    tables) is clipped to ``max_grad_norm`` over all of them together, and the clipped gradients
+    are summed; adding or removing one user moves the sum by at most ``max_grad_norm``. The noise
+    is not added here: it is added once to the sum over all silos (central, or in shares by the
+    silos before masking), which is what makes the silos' users share one noise draw. The user
+    tables' gradients come back unclipped: row ``i`` is read by user ``i``'s examples alone and
+    never leaves the silo (the module docstring says why that keeps the guarantee).
+
+    Args:
+        module: the model; ``per_user_loss(module)`` runs its forward on a batch grouped by
+            user and returns one loss per user, shape ``(U,)``.
+        max_grad_norm: the per-user L2 bound (the sensitivity of the sum).
+        user_parameters: names of the ``nn.Embedding`` tables whose row ``i`` is user ``i``'s.
+
+    Returns:
+        ``(shared, own)``: parameter name to the clipped sum, and table name to its gradient.
+
+    Raises:
+        DPValueError: a bad bound, a loss not of shape ``(U,)``, a user table that is not an
+            embedding of ``module`` or that reads rows not one per user.
+        UnsupportedModelError: a layer the per-user clipping has no rule for.
+    """
+    bound = chk.positive("max_grad_norm", max_grad_norm)
+    tables = [(n, t) for n, t in _user_tables(module, tuple(user_parameters)) if t.weight.requires_grad]
+    for _, t in tables:  # so that the clipper neither clips them nor sums them
+        t.weight.requires_grad_(False)
+    try:
+        clipper = BookKeepingClipper(module, max_grad_norm=bound)
+    finally:
+        for _, t in tables:
+            t.weight.requires_grad_(True)
+    reads = _RowReads(tables)
+    try:
+        losses = per_user_loss(module)
+        if not isinstance(losses, torch.Tensor) or losses.dim() != 1:
+            shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+            raise DPValueError(f"per_user_loss must return one loss per user, shape (U,), got {shape}")
+        own = reads.own_gradients(losses)
+        sums = clipper.clipped_sum(losses)
+    finally:
+        reads.remove()
+        clipper.remove()
+    names = {id(p): n for n, p in module.named_parameters()}
+    return {names[id(p)]: g for p, g in sums.items()}, own

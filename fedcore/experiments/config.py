@@ -259,7 +259,11 @@ class PrivacySection:
     from a count noised with ``count_noise_multiplier`` (required); a calibrated noise multiplier
     is the effective one, split between the update and the count.
     unit (sample level): ``record`` (one example) or ``user`` (all of a user's examples, clipped
-    together); default ``user`` for movielens, ``record`` for clothing (no user ids).
+    together); default ``user`` for movielens, ``record`` for clothing (no user ids). At level
+    client, ``user`` is user-level DP across silos: with strategy fedsgd and every silo in every
+    round, each silo sends the sum of its users' gradients, each clipped to ``clip``, and the
+    noise is added once to the sum over all silos (all users share one noise draw); the silo's sum
+    is clipped to ``aggregation.value_bound``, which a protected mode then needs set.
     audit_canaries (sample level): after the run, the DP-SGD history of the client with the largest
     epsilon is replayed through the library's DP-SGD with this many canaries and audited
     (``dp.audit.audit_dp_sgd``), when that costs at most ``AUDIT_MAX_NOISE_DRAWS`` (steps times
@@ -288,8 +292,11 @@ class PrivacySection:
         _choice("privacy.level", self.level, ("none", "sample", "client"))
         if self.unit is not None:
             _choice("privacy.unit", self.unit, ("record", "user"))
-            if self.level != "sample":
-                raise ConfigError(f"privacy.unit applies to level 'sample' (DP-SGD inside a client), got level {self.level!r}")
+            if self.level == "none" or (self.level == "client" and self.unit != "user"):
+                raise ConfigError(
+                    f"privacy.unit {self.unit!r} at level {self.level!r}: a unit applies to level 'sample' (record or "
+                    "user) or to level 'client' ('user': user-level DP across silos)"
+                )
         if not isinstance(self.lazy_noise, bool):
             raise ConfigError(f"privacy.lazy_noise must be true or false, got {self.lazy_noise!r}")
         if (
@@ -379,9 +386,12 @@ class ExperimentConfig:
 
     @property
     def privacy_unit(self) -> str | None:
-        """The unit of sample-level DP (``privacy.unit`` or the case's default); None without it."""
+        """The unit of privacy below a whole client: ``privacy.unit`` or, at sample level, the case's default.
+
+        None at level none, and at level client for a whole client's update.
+        """
         if self.privacy.level != "sample":
-            return None
+            return self.privacy.unit if self.privacy.level == "client" else None
         return self.privacy.unit or ("user" if self.workload.case == "movielens" else "record")
 
     def to_dict(self) -> dict[str, Any]:

@@ -152,10 +152,54 @@ def _train_config(config: ExperimentConfig, task: Task) -> TrainConfig:
             patience=t.early_stopping_patience,
             higher_is_better=task.higher_is_better if t.early_stopping_metric == task.primary_metric else True,
         )
+    user_clip = config.privacy.clip if _users_across_silos(config) else None
     return TrainConfig(
         optimizer=t.optimizer, lr=t.lr, epochs=t.epochs, max_steps=t.max_steps, batch_size=t.batch_size,
-        weight_decay=t.weight_decay, momentum=t.momentum, device=t.device, early_stopping=stopping,
+        weight_decay=t.weight_decay, momentum=t.momentum, device=t.device, early_stopping=stopping, user_clip=user_clip,
     )  # fmt: skip
+
+
+def _users_across_silos(config: ExperimentConfig) -> bool:
+    """Whether the run is user-level DP across silos (``privacy.level = "client"``, ``unit = "user"``)."""
+    return config.privacy.level == "client" and config.privacy_unit == "user"
+
+
+def _check_users_across_silos(config: ExperimentConfig, workload: Workload) -> None:
+    """User-level DP across silos holds only if each user sits in one silo and every silo sums every round.
+
+    Raises:
+        ConfigError: naming the setting that breaks it.
+    """
+    if "user" not in workload.units:
+        raise ConfigError(f"privacy.unit 'user': the workload's examples support {list(workload.units)}")
+    if config.strategy.name != "fedsgd":
+        raise ConfigError(
+            f"privacy.unit 'user' at level 'client' needs strategy.name = 'fedsgd' (each silo sends its users' clipped "
+            f"gradients, one step a round), got {config.strategy.name!r}"
+        )
+    if config.sampling.kind != "all":
+        raise ConfigError(
+            f"privacy.unit 'user' at level 'client' needs sampling.kind = 'all': sampling silos would sample their users "
+            f"together, not independently as the accountant assumes; got {config.sampling.kind!r}"
+        )
+    if config.aggregation.mode != "plaintext" and config.aggregation.value_bound is None:
+        raise ConfigError(
+            "privacy.unit 'user' at level 'client': a silo sends the sum of its users' clipped gradients (up to users x "
+            f"privacy.clip in norm), clipped to aggregation.value_bound for the {config.aggregation.mode} encoder; set "
+            "aggregation.value_bound"
+        )
+    seen: dict[int, str] = {}
+    for name, data in workload.clients.items():
+        users = getattr(data.train, "users", None)
+        if users is None:
+            raise ConfigError(f"privacy.unit 'user': client {name!r}'s training data does not say which users it holds")
+        for u in np.asarray(users).tolist():
+            if u in seen:
+                raise ConfigError(
+                    f"privacy.unit 'user': user {u} is held by clients {seen[u]!r} and {name!r}; one user's gradient "
+                    "would enter the sum twice"
+                )
+            seen[u] = name
 
 
 def _sampler(config: ExperimentConfig) -> ClientSampler:
@@ -325,6 +369,9 @@ def build_experiment(
         limit = p.budget_epsilon or p.target_epsilon
         if limit is not None:
             budget = dp.PrivacyBudget(epsilon=limit, delta=p.delta, accountant=p.accountant, level="sample")
+    across = _users_across_silos(config)
+    if across:
+        _check_users_across_silos(config, workload)
     distributed = client_level and p.noise in ("skellam", "discrete_gaussian")
     if client_level:
         noise_multiplier = (
@@ -343,7 +390,9 @@ def build_experiment(
         limit = p.budget_epsilon or p.target_epsilon
         if limit is not None:
             budget = dp.PrivacyBudget(epsilon=limit, delta=p.delta, accountant=p.accountant, level="client")
-    if client_level or a.mode != "plaintext":
+    if across:  # each user's gradient is clipped to p.clip by its silo; the clip stage bounds the silo's sum
+        clip = dp.L2Clip(a.value_bound) if a.value_bound is not None else None
+    elif client_level or a.mode != "plaintext":
         clip = dp.L2Clip(p.clip)
     if p.adaptive_clip:
         count = float(p.count_noise_multiplier)  # type: ignore[arg-type]
@@ -407,6 +456,7 @@ def build_experiment(
         weighting="uniform" if client_level else "examples",
         max_examples=None if client_level else max(c.num_train for c in clients.values()),
         central_noise=central,
+        user_bound=p.clip if across else None,
     )
     out = Path(config.output_dir)
     quiet = config.logging.quiet if quiet is None else quiet

@@ -7,12 +7,14 @@ import math
 import numbers
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+
+import dp
 
 from ..errors import ConfigError, RoundFailedError
 from ..stages.layout import ParameterLayout
@@ -153,7 +155,11 @@ class Client:
                     "sample-level DP, or client-level DP on the gradients"
                 )
             started = time.perf_counter()
-            update = _mean_gradient(workspace, self.data.train, config, generator)
+            if config.user_clip is None:
+                update = _mean_gradient(workspace, self.data.train, config, generator)
+            else:
+                update = _clipped_user_gradient_sum(workspace, self.data.train, config)
+                self.local_state = workspace.layout.local_state(workspace.model)
             return ClientResult(self.client_id, update, self.data.num_train, train_seconds=time.perf_counter() - started)
         started = time.perf_counter()
         result: TrainResult = train_local(
@@ -231,3 +237,47 @@ def _mean_gradient(workspace: Workspace, dataset: Dataset, config: TrainConfig, 
         grads.append((grad if grad is not None else torch.zeros(s.shape)).reshape(-1).cpu())
     model.zero_grad(set_to_none=True)
     return torch.cat(grads).numpy().astype(np.float32)
+
+
+def _clipped_user_gradient_sum(workspace: Workspace, dataset: Dataset, config: TrainConfig) -> np.ndarray:
+    """``sum_u clip(grad L_u)`` over this client's users, in layout order; each user's own rows take an SGD step.
+
+    Raises:
+        ConfigError: data not grouped by user, or per-user clipped parameters that are not the
+            shared ones (a local-only parameter outside the user tables would be clipped too).
+    """
+    model, task = workspace.model, workspace.task
+    by_user = getattr(dataset, "by_user", None)
+    if not callable(by_user):
+        raise ConfigError(
+            f"user_clip needs training data grouped by user (a dataset with by_user()), got {type(dataset).__name__}"
+        )
+    assert config.user_clip is not None  # the caller's branch
+    bound = float(config.user_clip)
+    user_parameters = tuple(getattr(task, "user_parameters", ()))
+    tables = dict(model.named_modules())
+
+    def loss_of(batch: Any) -> Callable[[nn.Module], torch.Tensor]:
+        return lambda m: task.loss(m, batch)
+
+    model.train()
+    model.zero_grad(set_to_none=True)
+    totals = {s.name: torch.zeros(s.shape) for s in workspace.layout.slots}
+    loader = DataLoader(by_user(), batch_size=config.batch_size, shuffle=False, collate_fn=task.collate)
+    for batch in loader:
+        batch = move_to(batch, workspace.device)
+        shared, own = dp.clipped_user_gradients(model, loss_of(batch), max_grad_norm=bound, user_parameters=user_parameters)
+        if set(shared) != set(totals):
+            raise ConfigError(
+                f"user_clip clips the parameters {sorted(shared)} per user, but the shared ones are {sorted(totals)}: "
+                "every local-only trainable parameter must be one of the task's user_parameters tables"
+            )
+        for name, grad in shared.items():
+            totals[name] += grad.cpu()
+        with torch.no_grad():
+            for name, own_grad in own.items():
+                if own_grad is not None:
+                    weight = tables[name].weight
+                    assert isinstance(weight, torch.Tensor)  # dp.clipped_user_gradients checked it is an embedding
+                    weight.sub_(own_grad, alpha=config.lr)
+    return torch.cat([totals[s.name].reshape(-1) for s in workspace.layout.slots]).numpy().astype(np.float32)

@@ -846,6 +846,9 @@ class Federation:
         )
 
     def _unit_of_privacy(self) -> str | None:
+        if self.pipeline.user_bound is not None:
+            return ("one user of one silo (all of that user's examples): each silo clips every one of its users' "
+                    "gradients and sends their sum, and the noise is added once to the sum over all silos")  # fmt: skip
         if self.pipeline.client_level_dp:
             return "a whole client (all of its data)"
         if self.sample_privacy is None:

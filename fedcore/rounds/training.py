@@ -63,6 +63,12 @@ class TrainConfig:
         momentum: SGD momentum.
         device: torch device, chosen explicitly (never silently moved to a GPU).
         early_stopping: optional stopping rule, checked after each epoch on validation data.
+        user_clip: with FedSGD (update kind ``"gradient"``), user-level DP across silos: the
+            client sends the sum over its users of each user's gradient clipped to this L2 bound
+            (``dp.clipped_user_gradients``), and moves each user's own rows (the task's
+            ``user_parameters``) by plain SGD at ``lr``; the noise is the update pipeline's. It
+            takes one full pass, so ``batch_size`` is then users per chunk, and it needs
+            ``optimizer="sgd"`` with no momentum, weight decay, early stopping or step cap.
     """
 
     optimizer: str = "adam"
@@ -74,6 +80,7 @@ class TrainConfig:
     momentum: float = 0.0
     device: str = "cpu"
     early_stopping: EarlyStopping | None = None
+    user_clip: float | None = None
 
     def __post_init__(self) -> None:
         if self.optimizer not in _OPTIMIZERS:
@@ -94,6 +101,21 @@ class TrainConfig:
             raise ConfigError(
                 f"momentum applies to optimizer 'sgd' only, got optimizer {self.optimizer!r} with momentum {self.momentum!r}"
             )
+        if self.user_clip is not None:
+            if isinstance(self.user_clip, bool) or not (
+                isinstance(self.user_clip, (int, float)) and math.isfinite(self.user_clip) and self.user_clip > 0
+            ):
+                raise ConfigError(f"user_clip must be a finite number > 0 or None, got {self.user_clip!r}")
+            ignored = {"optimizer": self.optimizer != "sgd", "momentum": self.momentum != 0, "weight_decay": self.weight_decay != 0,
+                       "epochs": self.epochs != 1, "max_steps": self.max_steps is not None,
+                       "early_stopping": self.early_stopping is not None}  # fmt: skip
+            bad = [name for name, differs in ignored.items() if differs]
+            if bad:
+                raise ConfigError(
+                    f"user_clip (one pass of per-user clipped gradients, users' rows moved by plain SGD) cannot honour "
+                    f"{', '.join(f'{n}={getattr(self, n)!r}' for n in bad)}; use optimizer='sgd', momentum=0, "
+                    "weight_decay=0, epochs=1, no max_steps and no early_stopping"
+                )
         try:
             torch.device(self.device)
         except RuntimeError as exc:

@@ -54,6 +54,11 @@ class UpdatePipeline:
             capped at weight one.
         central_noise: optional Gaussian noise the server adds to the sum (client-level DP with a
             trusted server); needs ``clip`` and uniform weighting.
+        user_bound: user-level DP across silos: each client sends the sum of its users' gradients,
+            each clipped to this bound (``TrainConfig.user_clip``), so the noise's sensitivity is
+            ``user_bound`` and its events say ``unit="user"``; ``clip`` then bounds a client's
+            whole sum for the encoder (projection is 1-Lipschitz, so one user still moves it by
+            at most ``user_bound``). Needs client-level noise.
         expected_clients: the fixed denominator of the average under client-level DP
             (McMahan et al. 2018: sensitivity is bounded only with a fixed denominator).
     """
@@ -66,6 +71,7 @@ class UpdatePipeline:
         weighting: str = "examples",
         max_examples: int | None = None,
         central_noise: dp.CentralGaussian | None = None,
+        user_bound: float | None = None,
     ) -> None:
         if weighting not in WEIGHTINGS:
             raise ConfigError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
@@ -76,6 +82,11 @@ class UpdatePipeline:
         self.weighting = weighting
         self.max_examples = max_examples
         self.central_noise = central_noise
+        if user_bound is not None and not (
+            isinstance(user_bound, (int, float)) and not isinstance(user_bound, bool) and user_bound > 0
+        ):
+            raise ConfigError(f"user_bound must be a number > 0 or None, got {user_bound!r}")
+        self.user_bound = None if user_bound is None else float(user_bound)
         self.expected_clients: float | None = None
         self._built = False
 
@@ -112,8 +123,19 @@ class UpdatePipeline:
                     f"the backend allows at most max_clients={max_clients} per round, but "
                     f"{expected_clients:g} clients are expected per round"
                 )
+        if self.user_bound is not None:
+            if not self.client_level_dp:
+                raise ConfigError("user_bound is the sensitivity of client-level noise, but no central or integer noise is set")
+            if self.adaptive:
+                raise ConfigError("user_bound fixes each user's bound; adaptive clipping would move the client's instead")
+            integer = getattr(self.backend, "integer_noise", None)
+            if integer is not None and integer.beta != 0:
+                raise ConfigError(
+                    f"user_bound with integer_noise.beta={integer.beta!r}: one user's share of a rounded sum is bounded "
+                    "only for unconditional stochastic rounding (beta=0)"
+                )
         if self.client_level_dp:
-            if self.clip is None:
+            if self.clip is None and self.user_bound is None:
                 raise ConfigError("client-level DP noise needs clip: noise is calibrated to the clip bound")
             if self.weighting != "uniform":
                 raise ConfigError(
@@ -145,13 +167,14 @@ class UpdatePipeline:
         Raises:
             ConfigError: naming both settings when they disagree.
         """
-        clip_bound = None if self.clip is None else float(self.clip.bound)
+        clip_bound = self.user_bound if self.user_bound is not None else None if self.clip is None else float(self.clip.bound)
+        what = "user_bound" if self.user_bound is not None else "the clip stage's bound"
         for name, noise in (("central_noise", self.central_noise), ("integer_noise", integer_noise)):
             if noise is None:
                 continue
             if clip_bound is not None and float(noise.clip_bound) != clip_bound:
                 raise ConfigError(
-                    f"{name}.clip_bound={noise.clip_bound!r} differs from the clip stage's bound {clip_bound!r}: "
+                    f"{name}.clip_bound={noise.clip_bound!r} differs from {what} {clip_bound!r}: "
                     "the noise would be calibrated to a sensitivity the clip does not enforce; give both the same bound"
                 )
         if integer_noise is not None and int(integer_noise.dim) != length:
@@ -269,6 +292,15 @@ class UpdatePipeline:
         self, *, round_index: int, participants: int, survivors: int, sample_rate: float, sampling: str
     ) -> list[Any]:
         """The ledger event of the client-level update noise for one protected sum (none without it)."""
+        events = self._noise_events(
+            round_index=round_index, participants=participants, survivors=survivors, sample_rate=sample_rate,
+            sampling=sampling,
+        )  # fmt: skip
+        return [replace(e, unit="user") for e in events] if self.user_bound is not None else events
+
+    def _noise_events(
+        self, *, round_index: int, participants: int, survivors: int, sample_rate: float, sampling: str
+    ) -> list[Any]:
         if self.central_noise is not None:
             noise = self.central_noise
             bound = self.broadcast_bound()
@@ -316,6 +348,7 @@ class UpdatePipeline:
             "weighting": self.weighting,
             "max_examples": self.max_examples,
             "central_noise": repr(self.central_noise),
+            "user_bound": self.user_bound,
         }
 
     def describe(self) -> dict[str, Any]:
@@ -326,4 +359,5 @@ class UpdatePipeline:
             "weighting": self.weighting,
             "max_examples": self.max_examples,
             "central_noise_multiplier": None if self.central_noise is None else self.central_noise.noise_multiplier,
+            "user_bound": self.user_bound,
         }

@@ -293,3 +293,49 @@ def test_an_empty_poisson_batch_keeps_the_grouped_format_and_adds_noise_only():
             private.step(per_user_loss(private.module, b))
     private.detach()
     assert 0 in shapes and private.steps == len(shapes) == 30
+
+
+@given(counts=st.lists(st.integers(1, 6), min_size=2, max_size=6), c=st.floats(0.05, 5.0))
+@settings(max_examples=15, deadline=None)
+def test_clipped_user_gradients_are_the_per_user_loop_and_one_user_moves_their_sum_by_at_most_the_bound(counts, c):
+    """User-level DP across silos: the silo's sum is the example-by-example reference, and removing a user moves it <= c."""
+    torch.manual_seed(0)
+    data, model = Examples(counts), Toy(len(counts))
+    grouped, users = data.by_user(), list(range(len(counts)))
+
+    def silo_sum(members: list[int]) -> tuple[torch.Tensor, dict]:
+        sums, own = dp.clipped_user_gradients(
+            model, lambda m: per_user_loss(m, grouped.batch(members)), max_grad_norm=c, user_parameters=("user_bias",)
+        )
+        assert set(sums) == {"linear.weight", "linear.bias", "item_bias.weight"}  # the user table is not clipped
+        return torch.cat([sums[n].flatten() for n in ("linear.weight", "linear.bias", "item_bias.weight")]), own
+
+    got, own = silo_sum(users)
+    want, want_own, _ = reference(model, data, users, c, owned=True)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.allclose(own["user_bias"], want_own, atol=1e-5)
+    for gone in users:  # the neighbouring silo without one user
+        fewer, fewer_own = silo_sum([u for u in users if u != gone])
+        assert float((got - fewer).norm()) <= c * (1 + 1e-5)
+        kept = [u for u in users if u != gone]
+        assert torch.allclose(fewer_own["user_bias"][kept], own["user_bias"][kept], atol=1e-6)  # others' rows: their own data
+    assert all(p.grad is None for p in model.parameters()) and not any(m._forward_hooks for m in model.modules())
+
+
+def test_clipped_user_gradients_refuse_what_would_break_the_bound():
+    torch.manual_seed(0)
+    data, model = Examples([2, 3, 1]), Toy(3)
+    grouped = data.by_user()
+    with pytest.raises(dp.DPValueError, match="max_grad_norm must be > 0"):
+        dp.clipped_user_gradients(model, lambda m: per_user_loss(m, grouped.batch([0, 1])), max_grad_norm=0.0)
+    with pytest.raises(dp.DPValueError, match=r"one loss per user, shape \(U,\), got \(\)"):
+        dp.clipped_user_gradients(model, lambda m: per_user_loss(m, grouped.batch([0, 1])).sum(), max_grad_norm=1.0)
+    with pytest.raises(dp.DPValueError, match="user parameter 'user_bias' must read one distinct row per user"):
+        dp.clipped_user_gradients(
+            model, lambda m: per_user_loss(m, grouped.batch([1, 1])), max_grad_norm=1.0, user_parameters=("user_bias",)
+        )
+    with pytest.raises(dp.DPValueError, match="user_parameters entry 'linear' must name an nn.Embedding"):
+        dp.clipped_user_gradients(
+            model, lambda m: per_user_loss(m, grouped.batch([0])), max_grad_norm=1.0, user_parameters=("linear",)
+        )
+    assert all(p.requires_grad for p in model.parameters()) and not any(m._forward_hooks for m in model.modules())

@@ -211,8 +211,8 @@ def test_user_level_dp_on_a_silo_clips_per_user_and_keeps_user_rows_noise_free(d
             r"privacy.unit must be one of \['record', 'user'\], got 'rating'",
         ),
         (
-            {"privacy": {"level": "client", "noise_multiplier": 1.0, "unit": "user"}},
-            "privacy.unit applies to level 'sample' .*, got level 'client'",
+            {"privacy": {"level": "client", "noise_multiplier": 1.0, "unit": "record"}},
+            "privacy.unit 'record' at level 'client': a unit applies to level 'sample' .* or to level 'client' .'user'",
         ),
         (
             {"workload": {"case": "clothing"}, "privacy": {"level": "sample", "target_epsilon": 8.0, "unit": "user"}},

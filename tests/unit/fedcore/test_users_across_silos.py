@@ -1,0 +1,143 @@
+"""User-level DP across silos: each silo sums its users' clipped gradients, the noise is added once to the sum."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import Subset
+
+from fedcore.errors import ConfigError
+from fedcore.experiments.config import parse_config
+from fedcore.experiments.experiment import Experiment, Workload, build_experiment
+from fedcore.rounds.client import Workspace, _clipped_user_gradient_sum
+from fedcore.rounds.training import TrainConfig
+from fedcore.workloads.recsys import RecommenderConfig, movielens_federation
+
+from .test_recsys_models import synthetic_movielens
+
+pytestmark = pytest.mark.filterwarnings("ignore:Secure RNG turned off", "ignore:Optimal order is the")
+
+CLIP = 0.5
+
+
+@pytest.fixture(scope="module")
+def data():
+    return synthetic_movielens()
+
+
+@pytest.fixture(scope="module")
+def federation(data):
+    return movielens_federation(data, config=RecommenderConfig(dim=8, num_train_negatives=3), num_silos=3, unit="user")
+
+
+def raw(tmp_path, **sections) -> dict:
+    out = {
+        "rounds": 2, "output_dir": str(tmp_path), "workload": {"case": "movielens", "num_silos": 3, "dim": 8},
+        "train": {"optimizer": "sgd", "lr": 0.05, "batch_size": 64, "epochs": 1},
+        "strategy": {"name": "fedsgd", "lr": 0.5},
+        "aggregation": {"mode": "masked", "value_bound": 20.0},
+        "privacy": {"level": "client", "unit": "user", "clip": CLIP, "noise": "skellam", "target_epsilon": 8.0},
+        "logging": {"jsonl": False, "tensorboard": False, "quiet": True},
+    }  # fmt: skip
+    for name, section in sections.items():
+        out[name] = {**out.get(name, {}), **section} if isinstance(section, dict) else section
+    return out
+
+
+def build(federation, tmp_path, clients=None, **sections) -> Experiment:
+    config = parse_config(raw(tmp_path, **sections))
+    workload = Workload(
+        federation.task, clients or federation.clients, federation.central, "synthetic", {}, config.workload,
+        units=federation.units,
+    )  # fmt: skip
+    return build_experiment(config, workload=workload)
+
+
+def test_a_run_charges_one_users_bound_per_round_within_the_budget_and_the_report_names_the_unit(federation, tmp_path):
+    exp = build(federation, tmp_path)
+    assert exp.federation.pipeline.user_bound == CLIP
+    exp.federation.run(2)
+    events = exp.ledger.events
+    assert len(events) == 2 and all(
+        (e.unit, e.clip_bound, e.sample_rate, e.participants) == ("user", CLIP, 1.0, 3) for e in events
+    )
+    assert 0 < exp.budget.spent(exp.ledger) <= 8.0
+    summary = exp.report().data["summary"]
+    assert summary["unit_of_privacy"].startswith("one user of one silo")
+    assert any(line.startswith("User level across silos") for line in summary["protected_against"])
+
+
+class WithoutUser:
+    """A silo's training data without one of its users: the neighbouring silo at user level."""
+
+    def __init__(self, train, gone: int) -> None:
+        self.train, self.gone = train, gone
+
+    def by_user(self):
+        grouped = self.train.by_user()
+        return Subset(grouped, [r for r in range(len(grouped)) if r != self.gone])
+
+
+def test_removing_one_user_moves_the_silos_sum_by_at_most_the_clip_and_no_other_users_row(federation):
+    """The adversary's neighbouring silo: its sum must not move by more than the sensitivity the noise is sized for."""
+    task = federation.task
+    name = next(iter(federation.clients))
+    train = federation.clients[name].train
+    torch.manual_seed(0)
+    workspace = Workspace(task)
+    start = {k: v.clone() for k, v in workspace.model.state_dict().items()}
+    config = TrainConfig(optimizer="sgd", lr=0.05, batch_size=1000, user_clip=CLIP)
+
+    def silo(data) -> tuple[np.ndarray, torch.Tensor]:
+        workspace.model.load_state_dict(start)
+        torch.manual_seed(1)  # the same negatives for every user in both silos (one key, drawn from torch's RNG)
+        update = _clipped_user_gradient_sum(workspace, data, config)
+        return update, workspace.model.user_embedding.weight.detach().clone()
+
+    full, rows = silo(train)
+    assert rows.shape[0] > 0 and not torch.equal(rows, start["user_embedding.weight"])  # users' rows learn at home
+    users = train.users
+    moved = []
+    for gone in range(len(users)):
+        fewer, fewer_rows = silo(WithoutUser(train, gone))
+        moved.append(float(np.linalg.norm(full.astype(np.float64) - fewer)))
+        others = np.delete(users, gone)
+        assert torch.equal(fewer_rows[others], rows[others])
+        assert torch.equal(fewer_rows[users[gone]], start["user_embedding.weight"][users[gone]])  # its row: untouched
+    assert 0 < max(moved) <= CLIP * (1 + 1e-5)
+    assert sum(m > CLIP * 0.99 for m in moved) > 0  # the bound binds for some users: the test can fail
+
+
+def test_the_masked_sum_is_the_plaintext_sum_within_the_encoders_bound(federation, tmp_path):
+    """The protected path against the plaintext reference, with the same central noise (reproducible runs)."""
+    vectors = {}
+    for mode in ("plaintext", "masked"):
+        exp = build(federation, tmp_path / mode, aggregation={"mode": mode}, privacy={"noise": "central"}, reproducible=True)
+        exp.federation.run(2)
+        vectors[mode] = exp.federation.global_vector.copy()
+    diff = float(np.max(np.abs(vectors["masked"] - vectors["plaintext"])))
+    assert 0 < diff < 1e-3
+
+
+@pytest.mark.parametrize(
+    "sections,match",
+    [
+        ({"strategy": {"name": "fedavg"}}, "needs strategy.name = 'fedsgd'"),
+        ({"sampling": {"kind": "poisson", "q": 0.5}}, "needs sampling.kind = 'all'"),
+        ({"aggregation": {"mode": "masked", "value_bound": None}}, "set aggregation.value_bound"),
+        ({"train": {"optimizer": "adam"}}, "user_clip .* cannot honour optimizer='adam'"),
+        ({"train": {"epochs": 2}}, "cannot honour epochs=2"),
+        ({"privacy": {"adaptive_clip": True, "noise": "central", "count_noise_multiplier": 1.0}}, "adaptive clipping"),
+    ],
+)
+def test_settings_that_would_break_the_user_level_guarantee_are_refused(federation, tmp_path, sections, match):
+    with pytest.raises(ConfigError, match=match):
+        build(federation, tmp_path, **sections)
+
+
+def test_a_user_held_by_two_silos_is_refused(federation, tmp_path):
+    first = next(iter(federation.clients.values()))
+    clients = {**federation.clients, "copy": first}
+    with pytest.raises(ConfigError, match=r"user \d+ is held by clients .* and 'copy'"):
+        build(federation, tmp_path, clients=clients)
