@@ -756,8 +756,7 @@ class PrivacyReport:
     @staticmethod
     def _default_unit(client_events: Sequence[Event], sample_events: Sequence[Event]) -> str:
         if any(_event_unit(e) == "user" for e in client_events):
-            return ("one user of one silo (all of that user's records): each silo clips every one of its users' "
-                    "gradients to the bound and sends their sum, and the noise is added once to the sum over all silos")  # fmt: skip
+            return "one user of one silo (all of that user's records)"
         if client_events:
             return "one whole client (all of its data)"
         if sample_events:
@@ -791,9 +790,10 @@ class PrivacyReport:
                            "clients the noise was sized for survive each round and the server colludes with none of "
                            "them (each client knows its own share of the noise).")  # fmt: skip
         if any(_event_unit(e) == "user" for e in client_events):
-            against.append("User level across silos: each silo holds its users' data and is trusted by them to clip "
-                           "each user's gradient; the guarantee is the client-level one above with a user, not a "
-                           "silo, as the unit, and it does not hold against the user's own silo.")  # fmt: skip
+            against.append("User level across silos: each silo clips every one of its users' gradients to the bound and "
+                           "sends their sum, and the noise is added once to the sum over all silos; the guarantee is the "
+                           "client-level one above with a user, not a silo, as the unit. Each silo holds its users' data "
+                           "and is trusted by them to clip; it does not hold against the user's own silo.")  # fmt: skip
         if not against:
             against.append("No one: no differential-privacy mechanism ran; only the protection mode applies.")
         not_covered = [f"{x['what']}" + (f" ({x['note']})" if x["note"] else "") for x in releases]
@@ -861,8 +861,10 @@ class PrivacyReport:
             *(
                 [
                     "Client level with unit 'user': adjacency is add/remove one user; each user's data sits in one silo "
-                    "(checked when the run is built), every silo sums every round, and one user moves its silo's rounded, "
-                    "clipped sum by at most the recorded sensitivity (the silo's clip is a projection, so 1-Lipschitz)."
+                    "(checked when the run is built), every silo is asked every round (no sampling of silos; a silo "
+                    "that drops out takes its users out of that round's sum), each silo draws its users' randomness "
+                    "once a round, and one user moves its silo's rounded, clipped sum by at most the recorded "
+                    "sensitivity (the silo's clip is a projection, so 1-Lipschitz)."
                 ]
                 if any(_event_unit(e) == "user" for e in client_events)
                 else []

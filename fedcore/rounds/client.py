@@ -161,6 +161,11 @@ class Client:
                 update = _clipped_user_gradient_sum(workspace, self.data.train, config)
                 self.local_state = workspace.layout.local_state(workspace.model)
             return ClientResult(self.client_id, update, self.data.num_train, train_seconds=time.perf_counter() - started)
+        if config.user_clip is not None:
+            raise ConfigError(
+                f"user_clip sums per-user clipped gradients, which only update_kind 'gradient' (FedSGD) sends; "
+                f"got update_kind {update_kind!r}"
+            )
         started = time.perf_counter()
         result: TrainResult = train_local(
             workspace.model,
@@ -263,8 +268,15 @@ def _clipped_user_gradient_sum(workspace: Workspace, dataset: Dataset, config: T
     model.train()
     model.zero_grad(set_to_none=True)
     totals = {s.name: torch.zeros(s.shape) for s in workspace.layout.slots}
-    loader = DataLoader(by_user(), batch_size=config.batch_size, shuffle=False, collate_fn=task.collate)
-    for batch in loader:
+    users = by_user()
+    # Every chunk starts from the same RNG state, so a user's random draws (its negatives) are the
+    # same whichever chunk holds it: removing one user changes no other user's gradient.
+    state = torch.get_rng_state()
+    for start in range(0, len(users), config.batch_size):
+        torch.set_rng_state(state)
+        indices = list(range(start, min(start + config.batch_size, len(users))))
+        fetch = getattr(users, "__getitems__", None)
+        batch = task.collate(fetch(indices) if fetch is not None else [users[i] for i in indices])
         batch = move_to(batch, workspace.device)
         shared, own = dp.clipped_user_gradients(model, loss_of(batch), max_grad_norm=bound, user_parameters=user_parameters)
         if set(shared) != set(totals):

@@ -216,6 +216,7 @@ class Federation:
         if pipeline is None:
             pipeline = UpdatePipeline(max_examples=max(self.declared_sizes.values()))
         self.pipeline = pipeline
+        self._check_users_across_silos(clients)
         self.reveals: list[Reveal] = []
         self.history: list[dict[str, Any]] = []
         self.round_index = 0
@@ -845,10 +846,52 @@ class Federation:
             tuning=tuning,
         )
 
+    def _check_users_across_silos(self, clients: Mapping[str, ClientData]) -> None:
+        """User-level DP across silos holds only with one clipped gradient per user per round, in one silo.
+
+        Raises:
+            ConfigError: naming each setting that would let one user move the sum by more than
+                the bound the noise is sized for, or its inclusion be accounted wrongly.
+        """
+        bound, clip = self.pipeline.user_bound, self.train.user_clip
+        if bound is None and clip is None:
+            return
+        problems = []
+        if bound != clip:
+            problems.append(
+                f"train.user_clip={clip!r} must equal the pipeline's user_bound={bound!r} (the bound the noise is sized for)"
+            )
+        if self.strategy.update_kind != "gradient":
+            problems.append(
+                f"strategy {self.strategy.name!r} sends {self.strategy.update_kind!r} updates; each silo's sum of per-user "
+                "clipped gradients needs strategy.name = 'fedsgd' (update_kind 'gradient')"
+            )
+        if not isinstance(self.sampler, AllClients):
+            problems.append(
+                f"sampler {type(self.sampler).__name__} samples silos, which takes their users in or out together, not "
+                "independently as the accountant assumes; user level needs sampling.kind = 'all' (AllClients)"
+            )
+        if self.sample_privacy is not None:
+            problems.append("sample_privacy (DP-SGD inside the silos) cannot be combined with per-user clipped gradients")
+        seen: dict[int, str] = {}
+        for name in sorted(clients):
+            users = getattr(clients[name].train, "users", None)
+            if users is None:
+                problems.append(f"client {name!r}'s training data does not say which users it holds (no .users)")
+                continue
+            for u in np.asarray(users).tolist():
+                if u in seen:
+                    problems.append(
+                        f"user {u} is held by clients {seen[u]!r} and {name!r}: its gradient would enter the sum twice"
+                    )
+                    break
+                seen[u] = name
+        if problems:
+            raise ConfigError("user-level DP across silos: " + "; ".join(problems))
+
     def _unit_of_privacy(self) -> str | None:
         if self.pipeline.user_bound is not None:
-            return ("one user of one silo (all of that user's examples): each silo clips every one of its users' "
-                    "gradients and sends their sum, and the noise is added once to the sum over all silos")  # fmt: skip
+            return "one user of one silo (all of that user's examples)"
         if self.pipeline.client_level_dp:
             return "a whole client (all of its data)"
         if self.sample_privacy is None:
@@ -869,6 +912,16 @@ class Federation:
             out.append("individual local models revealed to the server for model selection or ensembles (listed under reveals)")
         if self.pipeline.weighting == "examples":
             out.append("the sum of the contributors' bounded example weights (the weight coordinate of the protected sum)")
+        if self.pipeline.client_level_dp:
+            out.append("each client's declared number of training examples (when it enrols) and its training time per round")
+        local = getattr(self.task, "local_only", ())
+        if local:
+            what = ", ".join(local) if isinstance(local, (tuple, list)) else "the task's local_only"
+            out.append(
+                f"the clients' local-only parameters ({what}): never sent, trained on their "
+                "owner's data without noise; they and what is computed from them (the owner's own scores and metrics) "
+                "are protected only from the other parties"
+            )
         return out
 
     # ------------------------------------------------------------ evaluation

@@ -220,7 +220,9 @@ class UpdatePipeline:
         vec = np.asarray(update, dtype=np.float32)
         bit = 1
         if self.clip is not None:
-            bound = float(self.clip.bound) if clip_bound is None else float(clip_bound)
+            bound = float(self.clip.bound)
+            if clip_bound is not None:  # a fixed clip never grows at the server's word; an adaptive one follows it
+                bound = float(clip_bound) if self.adaptive else min(bound, float(clip_bound))
             vec, bit = dp.AdaptiveClip.client_half(vec, bound=bound)
             vec = vec.astype(np.float32, copy=False)
         if staleness_weight != 1.0:

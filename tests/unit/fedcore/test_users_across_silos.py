@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from torch.utils.data import Subset
 
-from fedcore.errors import ConfigError
-from fedcore.experiments.config import parse_config
+import dp
+from fedcore.errors import ConfigError, RoundFailedError
+from fedcore.experiments.config import load_config, parse_config
 from fedcore.experiments.experiment import Experiment, Workload, build_experiment
-from fedcore.rounds.client import Workspace, _clipped_user_gradient_sum
+from fedcore.rounds.client import Client, Workspace, _clipped_user_gradient_sum
+from fedcore.rounds.sampling import PoissonSampler
+from fedcore.rounds.server import Federation
 from fedcore.rounds.training import TrainConfig
+from fedcore.stages.pipeline import UpdatePipeline
+from fedcore.strategies import FedAvg, FedSGD
 from fedcore.workloads.recsys import RecommenderConfig, movielens_federation
 
 from .test_recsys_models import synthetic_movielens
@@ -19,6 +26,7 @@ from .test_recsys_models import synthetic_movielens
 pytestmark = pytest.mark.filterwarnings("ignore:Secure RNG turned off", "ignore:Optimal order is the")
 
 CLIP = 0.5
+EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "users_across_silos.toml"
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +87,8 @@ class WithoutUser:
         return Subset(grouped, [r for r in range(len(grouped)) if r != self.gone])
 
 
-def test_removing_one_user_moves_the_silos_sum_by_at_most_the_clip_and_no_other_users_row(federation):
+@pytest.mark.parametrize("chunk", [1000, 4])  # users per chunk: one chunk, or several (each draws the same negatives)
+def test_removing_one_user_moves_the_silos_sum_by_at_most_the_clip_and_no_other_users_row(federation, chunk):
     """The adversary's neighbouring silo: its sum must not move by more than the sensitivity the noise is sized for."""
     task = federation.task
     name = next(iter(federation.clients))
@@ -87,7 +96,7 @@ def test_removing_one_user_moves_the_silos_sum_by_at_most_the_clip_and_no_other_
     torch.manual_seed(0)
     workspace = Workspace(task)
     start = {k: v.clone() for k, v in workspace.model.state_dict().items()}
-    config = TrainConfig(optimizer="sgd", lr=0.05, batch_size=1000, user_clip=CLIP)
+    config = TrainConfig(optimizer="sgd", lr=0.05, batch_size=chunk, user_clip=CLIP)
 
     def silo(data) -> tuple[np.ndarray, torch.Tensor]:
         workspace.model.load_state_dict(start)
@@ -139,5 +148,56 @@ def test_settings_that_would_break_the_user_level_guarantee_are_refused(federati
 def test_a_user_held_by_two_silos_is_refused(federation, tmp_path):
     first = next(iter(federation.clients.values()))
     clients = {**federation.clients, "copy": first}
-    with pytest.raises(ConfigError, match=r"user \d+ is held by clients .* and 'copy'"):
+    with pytest.raises(ConfigError, match=r"user \d+ is held by clients '.+' and '.+': its gradient would enter the sum twice"):
         build(federation, tmp_path, clients=clients)
+
+
+def test_with_silos_dropping_out_down_to_the_threshold_the_run_never_spends_beyond_its_budget(federation, tmp_path):
+    """The noise is sized for the fewest survivors masking allows; a dropped silo takes its users and its share away."""
+    exp = build(
+        federation, tmp_path, rounds=6, reproducible=True,
+        aggregation={"dropout_rate": 0.3, "dropout_tolerance": 0.34}, privacy={"budget_epsilon": 8.0},
+    )  # fmt: skip
+    failed = 0
+    for _ in range(6):
+        try:
+            exp.federation.run_round()
+        except RoundFailedError:  # fewer survivors than the threshold: the round changes nothing and costs nothing
+            failed += 1
+    events = exp.ledger.events
+    assert len(events) == 6 - failed
+    threshold = exp.federation.pipeline.backend.integer_noise.min_clients
+    assert threshold < 3 and any(e.survivors < e.participants for e in events)  # dropouts happened
+    assert all(e.survivors >= threshold for e in events)
+    assert exp.budget.spent(exp.ledger) <= 8.0
+
+
+def test_the_example_config_runs_on_the_real_data_and_charges_users(tmp_path):
+    config = load_config(
+        EXAMPLE, overrides={"rounds": 2, "output_dir": str(tmp_path), "logging.jsonl": False, "logging.quiet": True}
+    )
+    exp = build_experiment(config)
+    assert exp.federation.pipeline.user_bound == config.privacy.clip
+    exp.federation.run(2)
+    assert [e.unit for e in exp.ledger.events] == ["user", "user"] and 0 < exp.budget.spent(exp.ledger) <= 8.0
+
+
+def test_the_federation_refuses_a_per_user_clip_the_noise_is_not_sized_for(federation):
+    """The same guarantees through the Python API, which builds no config."""
+    noise = dp.CentralGaussian(noise_multiplier=1.0, clip_bound=CLIP)
+    common = dict(task=federation.task, clients=federation.clients, quiet=True)
+    with pytest.raises(ConfigError, match=r"train.user_clip=5.0 must equal the pipeline's user_bound=0.5"):
+        Federation(**common, strategy=FedSGD(lr=0.1), train=TrainConfig(optimizer="sgd", user_clip=5.0),
+                   pipeline=UpdatePipeline(central_noise=noise, user_bound=CLIP, weighting="uniform"))  # fmt: skip
+    with pytest.raises(ConfigError, match=r"strategy 'fedavg' sends 'delta' updates"):
+        Federation(**common, strategy=FedAvg(), train=TrainConfig(optimizer="sgd", user_clip=CLIP),
+                   pipeline=UpdatePipeline(central_noise=noise, user_bound=CLIP, weighting="uniform"))  # fmt: skip
+    with pytest.raises(ConfigError, match=r"sampler PoissonSampler samples silos"):
+        Federation(**common, strategy=FedSGD(lr=0.1), train=TrainConfig(optimizer="sgd", user_clip=CLIP),
+                   pipeline=UpdatePipeline(central_noise=noise, user_bound=CLIP, weighting="uniform"),
+                   sampler=PoissonSampler(q=0.5))  # fmt: skip
+    client = Client("silo", next(iter(federation.clients.values())))
+    workspace = Workspace(federation.task)
+    with pytest.raises(ConfigError, match="user_clip sums per-user clipped gradients, which only update_kind 'gradient'"):
+        client.fit(workspace, global_vector=workspace.layout.flatten(workspace.model), seed=0, round_index=1,
+                   config=TrainConfig(optimizer="sgd", user_clip=CLIP), update_kind="delta")  # fmt: skip
