@@ -106,8 +106,8 @@ ML_USER_DP_TRAIN = {"optimizer": "sgd", "lr": 30.0, "batch_size": 100_000, "epoc
 ML_USER_DP_GRAD_NORM = 0.1
 # User-level DP across silos (FedSGD: one step a round over all 943 users, noise added once to the silos' sum): the
 # same 40 steps, per-user bound and step as one silo holding every user (lr 30 over the 943 users' clipped sum), which
-# at dim 8 gave 0.547 to 0.566 for C 0.3 / 0.5 and lr 20 to 50; at dim 4, single runs of the masked row: 0.539 to 0.565
-# at lr 30, 0.541 to 0.568 at lr 45, 0.541 / 0.559 at lr 60, 0.567 at C 0.5.
+# at dim 8 gave 0.547 to 0.566 for C 0.3 / 0.5 and lr 20 to 50; at dim 4, single runs of the masked row (seeds 0 to 3):
+# 0.539 to 0.565 at lr 30, 0.541 to 0.568 at lr 45, 0.541 to 0.559 at lr 60; C 0.5: 0.567 (lr 30), 0.534 (lr 45).
 ML_ACROSS_GRAD_NORM = 0.3
 ML_ACROSS_LR = 30.0
 ML_ACROSS_STEPS_PER_DP_ROUND = 4  # the in-silo rows' 4 local epochs of one full batch, one round each
