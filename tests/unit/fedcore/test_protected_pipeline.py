@@ -213,3 +213,13 @@ def test_budget_is_checked_against_the_fewest_survivors_the_protocol_allows():
     all_survive = noise.event(round_index=1, scale=backend.encoder.scale, participants=5, survivors=5)
     worst = dp.epsilon(dp.Ledger([planned]), delta=1e-5)
     assert worst > dp.epsilon(dp.Ledger([all_survive]), delta=1e-5)  # planning for everyone would under-state it
+
+
+def test_a_fixed_clip_never_grows_at_the_servers_word():
+    """A lying server announcing a larger bound must not widen what a client sends (its noise is sized for CLIP)."""
+    pipe = UpdatePipeline(clip=dp.L2Clip(CLIP), weighting="uniform")
+    pipe.build(dimension=3, num_clients=2, expected_clients=2)
+    sent = pipe.prepare(np.array([30.0, 40.0, 0.0], dtype=np.float32), num_examples=1, clip_bound=100.0)
+    assert np.linalg.norm(sent.astype(np.float64)) <= CLIP
+    smaller = pipe.prepare(np.array([30.0, 40.0, 0.0], dtype=np.float32), num_examples=1, clip_bound=0.5)
+    assert np.linalg.norm(smaller.astype(np.float64)) == pytest.approx(0.5, rel=1e-6)
