@@ -756,7 +756,7 @@ class PrivacyReport:
     @staticmethod
     def _default_unit(client_events: Sequence[Event], sample_events: Sequence[Event]) -> str:
         if any(_event_unit(e) == "user" for e in client_events):
-            return "one user of one silo (all of that user's records)"
+            return "one user of one silo (all of that user's examples)"
         if client_events:
             return "one whole client (all of its data)"
         if sample_events:
@@ -863,14 +863,18 @@ class PrivacyReport:
                     "Client level with unit 'user': adjacency is add/remove one user; each user's data sits in one silo "
                     "(checked when the run is built), every silo is asked every round (no sampling of silos; a silo "
                     "that drops out takes its users out of that round's sum), each silo draws its users' randomness "
-                    "once a round, and one user moves its silo's rounded, clipped sum by at most the recorded "
-                    "sensitivity (the silo's clip is a projection, so 1-Lipschitz)."
+                    "once a round, the model draws no randomness of its own (no dropout; refused), the rounds are "
+                    "synchronous (asynchronous buffers are refused), and one user moves its silo's rounded, clipped "
+                    "sum by at most the recorded sensitivity (the silo's clip is a projection, so 1-Lipschitz)."
                 ]
                 if any(_event_unit(e) == "user" for e in client_events)
                 else []
             ),
             "Headline figures: the PLD accountant of dp_accounting with pessimistic rounding (an upper bound) for "
             "Gaussian mechanisms; Skellam and discrete Gaussian noise through their RDP bounds; RDP is the cross-check.",
+            "Each round is released once: a round run again after restoring a checkpoint (after a crash, or by a server "
+            "that restores on purpose) draws fresh noise and is charged once; whoever sees both runs of a round could "
+            "average them.",
         ]
         if any(e.sampling == "poisson" and e.sample_rate < 1 for e in events):
             out.append(

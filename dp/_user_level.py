@@ -379,7 +379,11 @@ def clipped_user_gradients(
 
     Args:
         module: the model; ``per_user_loss(module)`` runs its forward on a batch grouped by
-            user and returns one loss per user, shape ``(U,)``.
+            user and returns one loss per user, shape ``(U,)``, row ``i``'s from user ``i``'s data
+            alone (a loss that mixes rows, such as one centred on the batch mean, breaks the
+            bound). In training mode it must draw no randomness of its own (dropout): the
+            masks of a shared stream depend on each user's position in the batch, so removing
+            one user would change the others' gradients.
         max_grad_norm: the per-user L2 bound (the sensitivity of the sum).
         user_parameters: names of the ``nn.Embedding`` tables whose row ``i`` is user ``i``'s.
 
@@ -388,10 +392,17 @@ def clipped_user_gradients(
 
     Raises:
         DPValueError: a bad bound, a loss not of shape ``(U,)``, a user table that is not an
-            embedding of ``module`` or that reads rows not one per user.
+            embedding of ``module`` or that reads rows not one per user, active dropout.
         UnsupportedModelError: a layer the per-user clipping has no rule for.
     """
     bound = chk.positive("max_grad_norm", max_grad_norm)
+    random = [name or "the module" for name, m in module.named_modules() if _draws_randomness(m)] if module.training else []
+    if random:
+        raise DPValueError(
+            f"clipped_user_gradients needs a module that draws no randomness in training mode, but {random} apply "
+            "dropout: its masks follow each user's position in the batch, so removing one user would change the "
+            "others' gradients; set their dropout to 0"
+        )
     tables = [(n, t) for n, t in _user_tables(module, tuple(user_parameters)) if t.weight.requires_grad]
     for _, t in tables:  # so that the clipper neither clips them nor sums them
         t.weight.requires_grad_(False)
@@ -413,3 +424,13 @@ def clipped_user_gradients(
         clipper.remove()
     names = {id(p): n for n, p in module.named_parameters()}
     return {names[id(p)]: g for p, g in sums.items()}, own
+
+
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+def _draws_randomness(m: nn.Module) -> bool:
+    """Dropout layers with p > 0, and attention whose functional dropout is on."""
+    if isinstance(m, _DROPOUTS):
+        return m.p > 0
+    return isinstance(m, nn.MultiheadAttention) and m.dropout > 0

@@ -366,6 +366,11 @@ class AsyncFederation:
         clock = VirtualClock() if clock is None else clock
         if not isinstance(clock, VirtualClock):
             raise TypeError(f"clock must be a VirtualClock, got {type(clock).__name__}")
+        if federation.pipeline.user_bound is not None:
+            raise ConfigError(
+                "user-level DP across silos needs every silo's sum in every round; an asynchronous buffer holds the "
+                "silos that finished first, and one user's data can decide which (its silo's training time)"
+            )
         n = len(federation.client_ids)
         if schedule.concurrency > n:
             raise ConfigError(f"concurrency must be <= the {n} clients, got {schedule.concurrency!r}")

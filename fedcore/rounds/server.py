@@ -873,6 +873,11 @@ class Federation:
             )
         if self.sample_privacy is not None:
             problems.append("sample_privacy (DP-SGD inside the silos) cannot be combined with per-user clipped gradients")
+        if self.client_deadline is not None:
+            problems.append(
+                f"client_deadline={self.client_deadline!r} makes a silo's dropout depend on its training time, so on its "
+                "users' data; one user could take a whole silo's sum out of a round"
+            )
         seen: dict[int, str] = {}
         for name in sorted(clients):
             users = getattr(clients[name].train, "users", None)
@@ -904,7 +909,10 @@ class Federation:
         """What the run released that no DP mechanism covers."""
         out = []
         if self.evaluate_every:
-            out.append("federated test metrics of every evaluated round, computed on the clients' held-out private data")
+            out.append(
+                "federated test metrics of every evaluated round, computed on the clients' held-out private data (the "
+                "server receives each client's metrics and its number of evaluated examples)"
+            )
         out.append("per-round counts of participants, contributors and dropouts, and bytes uploaded")
         if self.sample_privacy is not None:
             out.append("each client's DP-SGD sampling rate and step count in its ledger events (they reveal its dataset size)")

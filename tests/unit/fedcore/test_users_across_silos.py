@@ -13,6 +13,7 @@ import dp
 from fedcore.errors import ConfigError, RoundFailedError
 from fedcore.experiments.config import load_config, parse_config
 from fedcore.experiments.experiment import Experiment, Workload, build_experiment
+from fedcore.rounds.asynchronous import AsyncFederation, FedBuff
 from fedcore.rounds.client import Client, Workspace, _clipped_user_gradient_sum
 from fedcore.rounds.sampling import PoissonSampler
 from fedcore.rounds.server import Federation
@@ -196,8 +197,27 @@ def test_the_federation_refuses_a_per_user_clip_the_noise_is_not_sized_for(feder
         Federation(**common, strategy=FedSGD(lr=0.1), train=TrainConfig(optimizer="sgd", user_clip=CLIP),
                    pipeline=UpdatePipeline(central_noise=noise, user_bound=CLIP, weighting="uniform"),
                    sampler=PoissonSampler(q=0.5))  # fmt: skip
+    with pytest.raises(ConfigError, match=r"client_deadline=5.0 makes a silo's dropout depend on its training time"):
+        Federation(**common, strategy=FedSGD(lr=0.1), train=TrainConfig(optimizer="sgd", user_clip=CLIP),
+                   pipeline=UpdatePipeline(central_noise=noise, user_bound=CLIP, weighting="uniform"),
+                   client_deadline=5.0)  # fmt: skip
     client = Client("silo", next(iter(federation.clients.values())))
     workspace = Workspace(federation.task)
     with pytest.raises(ConfigError, match="user_clip sums per-user clipped gradients, which only update_kind 'gradient'"):
         client.fit(workspace, global_vector=workspace.layout.flatten(workspace.model), seed=0, round_index=1,
                    config=TrainConfig(optimizer="sgd", user_clip=CLIP), update_kind="delta")  # fmt: skip
+
+
+def test_a_model_with_dropout_or_an_asynchronous_buffer_is_refused(data, tmp_path, federation):
+    """Dropout masks follow a user's position in the batch; a buffer holds the silos that finished first."""
+    transformer = movielens_federation(
+        data, config=RecommenderConfig(model="transformer", dim=8, num_train_negatives=3), num_silos=3, unit="user"
+    )
+    train = next(iter(transformer.clients.values())).train
+    model = transformer.task.build_model()
+    batch = transformer.task.collate(train.by_user().__getitems__([0, 1]))
+    with pytest.raises(dp.DPValueError, match="needs a module that draws no randomness in training mode"):
+        dp.clipped_user_gradients(model, lambda m: transformer.task.loss(m, batch), max_grad_norm=CLIP)
+    exp = build(federation, tmp_path)
+    with pytest.raises(ConfigError, match="an asynchronous buffer holds the silos that finished first"):
+        AsyncFederation(exp.federation, schedule=FedBuff(buffer_size=2, concurrency=3))
