@@ -269,13 +269,13 @@ def _clipped_user_gradient_sum(workspace: Workspace, dataset: Dataset, config: T
     model.zero_grad(set_to_none=True)
     totals = {s.name: torch.zeros(s.shape) for s in workspace.layout.slots}
     users = by_user()
+    fetch = getattr(users, "__getitems__", None)
     # Every chunk starts from the same RNG state, so a user's random draws (its negatives) are the
     # same whichever chunk holds it: removing one user changes no other user's gradient.
     state = torch.get_rng_state()
     for start in range(0, len(users), config.batch_size):
         torch.set_rng_state(state)
         indices = list(range(start, min(start + config.batch_size, len(users))))
-        fetch = getattr(users, "__getitems__", None)
         batch = task.collate(fetch(indices) if fetch is not None else [users[i] for i in indices])
         batch = move_to(batch, workspace.device)
         shared, own = dp.clipped_user_gradients(model, loss_of(batch), max_grad_norm=bound, user_parameters=user_parameters)
