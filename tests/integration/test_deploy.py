@@ -31,8 +31,13 @@ ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("P
 BOUND = 420  # seconds any one process may take
 
 
-def _config(tmp_path: Path, *, rounds: int, noise: str, threshold: int | None = None, signed: bool = False) -> Path:
+def _config(
+    tmp_path: Path, *, rounds: int, noise: str, threshold: int | None = None, signed: bool = False, users: bool = False
+) -> Path:
+    """The deployed job: client-level DP, or (``users``) user-level DP across the silos (FedSGD, per-user clip)."""
     path = tmp_path / "job.toml"
+    train = 'optimizer = "sgd"\nlr = 0.03\nbatch_size = 64' if users else "batch_size = 256"
+    across = '[strategy]\nname = "fedsgd"\nlr = 0.2\n' if users else ""
     path.write_text(
         f"""
 name = "deploy"
@@ -46,16 +51,18 @@ model = "mf"
 num_silos = 5
 max_users = 150
 [train]
-batch_size = 256
-[aggregation]
+{train}
+{across}[aggregation]
 mode = "masked"
 {f"threshold = {threshold}" if threshold else ""}
+{"value_bound = 20.0" if users else ""}
 signed_keys = {str(signed).lower()}
 [privacy]
 level = "client"
+{'unit = "user"' if users else ""}
 noise = "{noise}"
 noise_multiplier = 0.5
-clip = 10.0
+clip = {0.3 if users else 10.0}
 [logging]
 tensorboard = false
 """
@@ -84,8 +91,10 @@ def _checkpoint_round(folder: Path) -> int:
 
 
 def test_launch_gives_the_in_process_run_bit_for_bit(tmp_path):
-    # signed masking: each client signs with the identity key of its kit, checked against the directory
-    config = _config(tmp_path, rounds=2, noise="skellam", signed=True)
+    # signed masking: each client signs with the identity key of its kit, checked against the directory; user-level
+    # DP across the silos, so each client process clips its own users' gradients (the killed-clients test below
+    # deploys client-level DP)
+    config = _config(tmp_path, rounds=2, noise="skellam", signed=True, users=True)
     assert main(["run", str(config), "--out", str(tmp_path / "run"), "--quiet"]) == 0
     launched = subprocess.run(
         [sys.executable, "-m", "fedcore", "launch", str(config), "--clients", "5", "--out", str(tmp_path / "deployed"),
@@ -105,6 +114,8 @@ def test_launch_gives_the_in_process_run_bit_for_bit(tmp_path):
     report = {n: json.loads((tmp_path / n / "privacy_report.json").read_text()) for n in ("run", "deployed")}
     assert report["run"]["mode"]["name"] == "masked" and report["run"]["seed_derivable"] is True
     assert report["run"]["secure_aggregation"]["parameters"]["backend"]["signed_keys"] is True
+    assert report["run"]["summary"]["unit_of_privacy"].startswith("one user of one silo")
+    assert {m["unit"] for m in report["run"]["mechanisms"]} == {"user"}
     assert {k for k in report["run"] if report["run"][k] != report["deployed"][k]} == {"generated_at"}
     history = [
         [json.loads(line) for line in (tmp_path / n / "metrics.jsonl").read_text().splitlines()] for n in ("run", "deployed")
