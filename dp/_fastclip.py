@@ -64,6 +64,26 @@ class _Call(NamedTuple):
     version: int
 
 
+class _ScaledRows:
+    """The clipped sum of a table read at one row per sample: row ``rows[i]`` gets ``coef[i] * grads[i]``.
+
+    Called with the clip factors like any rule's closure; ``accumulate`` reads the fields instead,
+    so that the tables of one step share one column of clip factors.
+    """
+
+    __slots__ = ("weight", "rows", "grads")
+
+    def __init__(self, weight: torch.Tensor, rows: torch.Tensor, grads: torch.Tensor) -> None:
+        self.weight, self.rows, self.grads = weight, rows, grads
+
+    def __call__(self, coef: torch.Tensor) -> dict[torch.Tensor, _Grad]:
+        return {self.weight: (self.rows, self.scaled(_as(coef, self.grads.dtype).unsqueeze(1)))}
+
+    def scaled(self, column: torch.Tensor) -> torch.Tensor:
+        """``grads`` times the clip factors as a ``(B, 1)`` column of the gradients' dtype."""
+        return _as(self.grads * column, self.weight.dtype)
+
+
 # ----------------------------------------------------------------------------- rules
 # A rule turns the calls of one layer (inputs, output gradients) into per-sample squared
 # norms (B,) and a closure producing {param: clipped summed gradient} from the clip factors.
@@ -121,13 +141,8 @@ def _embedding_rule(name: str, layer: nn.Embedding, calls: list[_Call], grads: l
         idx0 = calls[0].args[0]
         if idx0.dim() == 1:  # one row per sample, batch-first: the common recsys case
             _batch_check(name, idx0, batch, "indices")
-            g1, weight = grads[0], layer.weight
-            norm_sq1 = torch.linalg.vecdot(g1, g1)
-
-            def clipped1(coef: torch.Tensor) -> dict[torch.Tensor, _Grad]:
-                return {weight: (idx0, _as(g1 * _as(coef, g1.dtype).unsqueeze(1), weight.dtype))}
-
-            return norm_sq1, clipped1
+            g1 = grads[0]
+            return torch.linalg.vecdot(g1, g1), _ScaledRows(layer.weight, idx0, g1)
     if any(_packed_sample(c) is not None for c in calls):
         return _packed_embedding_rule(name, layer, calls, grads, batch)
     dim = layer.embedding_dim
@@ -392,22 +407,23 @@ class BookKeepingClipper:
         self._layers = [(name, m, rule) for name, m in _trainable_layers(module) if (rule := _rule_for(m)) is not None]
         self._params_of = {m: [p for p in m.parameters(recurse=False) if p.requires_grad] for _, m, _ in self._layers}
         self._calls: dict[nn.Module, list[_Call]] = {}
+        # layers whose output downstream code gets as is (no copy), fixed at attach
+        self._tables = {m for _, m, _ in self._layers if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
         self._handles = [m.register_forward_hook(self._capture, with_kwargs=True) for _, m, _ in self._layers]
         self.last_norms: torch.Tensor | None = None
 
     def _capture(self, layer: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        if not torch.is_grad_enabled():
+        if not (isinstance(output, torch.Tensor) and output.requires_grad and torch.is_grad_enabled()):
             return None
-        if not isinstance(output, torch.Tensor) or not output.requires_grad:
-            return None
-        detached = tuple([_detached(a) for a in args])
-        kw = {k: _detached(v) for k, v in kwargs.items()} if kwargs else kwargs
+        # a layer input as recorded: tensors that carry a graph are detached (indices need not be)
+        detached = tuple([a.detach() if isinstance(a, torch.Tensor) and a.requires_grad else a for a in args])
+        call = _Call(detached, {k: _detached(v) for k, v in kwargs.items()} if kwargs else kwargs, output, output._version)
         calls = self._calls.get(layer)
         if calls is None:
-            self._calls[layer] = [_Call(detached, kw, output, output._version)]
+            self._calls[layer] = [call]
         else:
-            calls.append(_Call(detached, kw, output, output._version))
-        if isinstance(layer, (nn.Embedding, nn.EmbeddingBag)):
+            calls.append(call)
+        if layer in self._tables:
             return None  # rarely modified in place; if it is, clipped_sum says so
         # Downstream code gets a copy, so an in-place op after the layer (ReLU(inplace=True),
         # ``x *= scale``) cannot change the tensor whose gradient is the layer's own; the
@@ -440,23 +456,31 @@ class BookKeepingClipper:
         """
         calls, self._calls = self._calls, {}
         batch = per_sample_loss.shape[0]
-        flat = [(layer, c) for layer, cs in calls.items() for c in cs]
-        for layer, c in flat:
-            if c.output._version != c.version:
-                name = next(n for n, m, _ in self._layers if m is layer)
-                raise UnsupportedModelError(
-                    f"the output of layer {name!r} was modified in place after the layer ran; "
-                    f"clipping='embedding' needs the layer's own output gradient. Use clipping='ghost'."
-                )
-        outs = [c.output for _, c in flat]
-        grads = torch.autograd.grad(per_sample_loss.sum(), outs, allow_unused=True) if outs else ()
+        layers: list[nn.Module] = []
+        recorded: list[_Call] = []
+        for layer, cs in calls.items():
+            for c in cs:
+                if c.output._version != c.version:
+                    name = next(n for n, m, _ in self._layers if m is layer)
+                    raise UnsupportedModelError(
+                        f"the output of layer {name!r} was modified in place after the layer ran; "
+                        f"clipping='embedding' needs the layer's own output gradient. Use clipping='ghost'."
+                    )
+                layers.append(layer)
+                recorded.append(c)
+        outs = [c.output for c in recorded]
+        # the gradient of sum_i loss_i: ones as the loss's output gradient (no sum node, the same gradients)
+        grads = torch.autograd.grad(per_sample_loss, outs, torch.ones_like(per_sample_loss), allow_unused=True) if outs else ()
         by_layer: dict[nn.Module, tuple[list[_Call], list[torch.Tensor]]] = {}
-        for (layer, c), g in zip(flat, grads):
+        for layer, c, g in zip(layers, recorded, grads):
             if g is None:
                 continue
-            entry = by_layer.setdefault(layer, ([], []))
-            entry[0].append(c)
-            entry[1].append(g)
+            entry = by_layer.get(layer)
+            if entry is None:
+                by_layer[layer] = ([c], [g])
+            else:
+                entry[0].append(c)
+                entry[1].append(g)
         used = [entry for entry in self._layers if entry[1] in by_layer]
         works = [rule(name, layer, *by_layer[layer], batch) for name, layer, rule in used]
         dtype = per_sample_loss.dtype
@@ -466,29 +490,39 @@ class BookKeepingClipper:
             norm_sq = _as(works[0][0], dtype)
         else:
             norm_sq = torch.stack([_as(ns, dtype) for ns, _ in works]).sum(0)
-        norms = norm_sq.clamp(min=0).sqrt()
+        norms = norm_sq.clamp(min=0).sqrt_()
         self.last_norms = norms
-        inverse = (norms + 1e-6).reciprocal_()
+        inverse = norms.add(1e-6).reciprocal_()
         coefs: dict[float, torch.Tensor] = {}
-
-        def coef_for(s: float) -> torch.Tensor:
-            """Opacus's clip factor min(1, C / (norm + 1e-6)), times ``s``."""
-            if s not in coefs:
-                c = inverse.mul(self.max_grad_norm * abs(s)).clamp_(max=abs(s))
-                coefs[s] = c.neg_() if s < 0 else c
-            return coefs[s]
-
-        def scale_of(p: torch.Tensor) -> float:
-            return scale[p] if isinstance(scale, Mapping) else scale
-
+        columns: dict[tuple[float, torch.dtype], torch.Tensor] = {}  # coefs as (B, 1) columns, per gradient dtype
+        per_param = isinstance(scale, Mapping)  # else one float for every parameter
+        max_grad_norm = self.max_grad_norm
         for (_, layer, _), (_, clipped) in zip(used, works):
-            scales = {scale_of(p) for p in self._params_of[layer] if p in into}
-            shared = scales.pop() if len(scales) == 1 else None
-            for p, grad in clipped(coef_for(1.0 if shared is None else shared)).items():
+            if per_param:
+                scales = {scale[p] for p in self._params_of[layer] if p in into}  # type: ignore[index]
+                shared = scales.pop() if len(scales) == 1 else None
+            else:
+                shared = scale
+            s = 1.0 if shared is None else shared
+            coef = coefs.get(s)
+            if coef is None:  # Opacus's clip factor min(1, C / (norm + 1e-6)), times ``s``
+                # for s < 0, max(a * (C s), s) is -min(a * (C |s|), |s|) exactly: the sign folded in, no negation pass
+                coef = inverse.mul(max_grad_norm * s)
+                coef = coefs[s] = coef.clamp_(min=s) if s < 0 else coef.clamp_(max=s)
+            if shared is not None and type(clipped) is _ScaledRows:  # one row per sample: the shared column
+                target = into.get(clipped.weight)
+                if target is not None:
+                    key = (s, clipped.grads.dtype)
+                    column = columns.get(key)
+                    if column is None:
+                        column = columns[key] = _as(coef, clipped.grads.dtype).unsqueeze(1)
+                    target.index_add_(0, clipped.rows, clipped.scaled(column))
+                continue
+            for p, grad in clipped(coef).items():
                 target = into.get(p)
                 if target is None:
                     continue
-                alpha = 1.0 if shared is not None else scale_of(p)
+                alpha = 1.0 if shared is not None else scale[p]  # type: ignore[index]
                 if isinstance(grad, tuple):  # alpha=1.0 passed explicitly costs torch a slower kernel
                     target.index_add_(0, grad[0], grad[1]) if alpha == 1.0 else target.index_add_(0, *grad, alpha=alpha)
                 else:

@@ -57,7 +57,10 @@ _PLAIN_SGD = (("momentum", 0), ("weight_decay", 0), ("nesterov", False), ("maxim
 
 def _nonlinear_option(group: dict) -> tuple[str, Any] | None:
     """The first option of ``group`` that makes its SGD update nonlinear, with its required value."""
-    return next(((key, ok) for key, ok in _PLAIN_SGD if group.get(key, ok) != ok), None)
+    for key, ok in _PLAIN_SGD:  # a loop, not next(generator): read at every step
+        if group.get(key, ok) != ok:
+            return key, ok
+    return None
 
 
 def _refuse_nonlinear(group: dict, *, note: str = "") -> None:
@@ -101,10 +104,11 @@ def plain_sgd_params(optimizer: torch.optim.Optimizer, deferred: Container[torch
     """
     out: dict[torch.Tensor, dict] = {}
     for group in optimizer.param_groups:
-        params = [p for p in group["params"] if p.requires_grad]
         if _nonlinear_option(group) is None:
-            out.update(dict.fromkeys(params, group))
-        elif any(p in deferred for p in params):
+            for p in group["params"]:
+                if p.requires_grad:
+                    out[p] = group
+        elif any(p in deferred for p in group["params"] if p.requires_grad):
             _refuse_nonlinear(group, note=" (changed after attach, e.g. by a learning-rate scheduler)")
     return out
 
@@ -117,7 +121,9 @@ class LazyTableNoise:
         self._gen = generator
         self._secure = secure_mode
         self._total = {t: 0.0 for t in tables}
-        self._last = {t: torch.zeros(t.weight.shape[0], dtype=torch.float64) for t in tables}
+        # per row, the total at its last noise: a (rows, 1) column read by the flush, a (rows,) view of it elsewhere
+        self._last_col = {t: torch.zeros(t.weight.shape[0], 1, dtype=torch.float64) for t in tables}
+        self._last = {t: col.view(-1) for t, col in self._last_col.items()}
         self._touched = {t: torch.zeros(t.weight.shape[0], dtype=torch.bool) for t in tables}
         self._handles = [t.register_forward_pre_hook(self._before_read, with_kwargs=True) for t in tables]
 
@@ -125,20 +131,25 @@ class LazyTableNoise:
     def tables(self) -> list[Table]:
         return list(self._groups)
 
-    def lr(self, table: Table) -> float:
-        return float(self._groups[table]["lr"])
-
-    def add_step(self, stddev_of: dict[Table, float]) -> None:
-        """Record one step's noise (standard deviation of the update per table), not yet drawn."""
-        for table, std in stddev_of.items():
-            self._total[table] += std * std
+    def add_dp_step(self, *, noise_multiplier: float, max_grad_norm: float, expected_batch_size: int) -> None:
+        """Record one DP-SGD step's noise, not yet drawn: per table ``update_stddev`` at its group's current lr."""
+        total = self._total
+        for table, group in self._groups.items():
+            std = update_stddev(
+                lr=float(group["lr"]),
+                noise_multiplier=noise_multiplier,
+                max_grad_norm=max_grad_norm,
+                expected_batch_size=expected_batch_size,
+            )
+            total[table] += std * std
 
     def _normal(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         if self._secure:
             from opacus.optimizers.optimizer import _generate_noise
 
             return _generate_noise(std=1.0, reference=torch.empty(shape, dtype=like.dtype), generator=self._gen, secure_mode=True)
-        return torch.empty(shape, dtype=like.dtype, device=like.device).normal_(0.0, 1.0, generator=self._gen)
+        # randn is empty(shape).normal_(0, 1): the same draws, in one call
+        return torch.randn(shape, generator=self._gen, dtype=like.dtype, device=like.device)
 
     def _flush_rows(self, table: Table, rows: torch.Tensor) -> None:
         total = self._total[table]
@@ -146,14 +157,20 @@ class LazyTableNoise:
             return
         # each row read once, in row order: a mask over the table's rows instead of a sort
         touched = self._touched[table]
-        touched.index_fill_(0, rows.reshape(-1).long(), True)  # .long(): index_fill_ takes int64 only
+        if rows.dim() != 1:
+            rows = rows.reshape(-1)
+        if rows.dtype != torch.int64:
+            rows = rows.long()  # index_fill_ takes int64 only
+        touched.index_fill_(0, rows, True)
         rows = touched.nonzero().squeeze_(1)
         touched.zero_()
-        last = self._last[table]
+        last = self._last_col[table]
         # totals only grow, so total - last >= 0 exactly; .data: the update is not part of the graph
-        std = torch.rsub(last.index_select(0, rows), total).sqrt_().to(table.weight.dtype)
         w = table.weight.data
-        w.index_add_(0, rows, self._normal((rows.numel(), w.shape[1]), w).mul_(std.unsqueeze_(1)))
+        std = torch.rsub(last.index_select(0, rows), total).sqrt_()  # (rows, 1): one per row, broadcast over the row
+        if std.dtype != w.dtype:
+            std = std.to(w.dtype)
+        w.index_add_(0, rows, self._normal((rows.numel(), w.shape[1]), w).mul_(std))
         last.index_fill_(0, rows, total)
 
     def _before_read(self, table: Table, args: tuple, kwargs: dict) -> None:

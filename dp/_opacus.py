@@ -39,7 +39,7 @@ from ._calibration import calibrate_for_runs
 from ._errors import DPError, DPTypeError, DPValueError, UnsupportedModelError
 from ._events import SampleLevelEvent
 from ._fastclip import BookKeepingClipper, PackedEmbedding, tied_parameters, unsupported_layers
-from ._lazy import LazyTableNoise, check_lazy_optimizer, plain_sgd_params, update_stddev, worth_deferring
+from ._lazy import LazyTableNoise, check_lazy_optimizer, plain_sgd_params, worth_deferring
 
 __all__ = ["SampleLevelDP", "PrivateTraining", "CLIPPING_MODES", "resolve_clipping", "bert_dp_inputs"]
 
@@ -414,6 +414,7 @@ class PrivateTraining:
         else:
             self.data_loader = plain_loader
         self._params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+        self._param_deferred = [(p, p in self._deferred) for p in self._params]  # fixed at attach, read every step
         self._layers = [(n, m) for n, m in module.named_modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
 
     # ----------------------------------------------------------------------------- training
@@ -470,7 +471,8 @@ class PrivateTraining:
             self.optimizer.step()
         if self._optimizer_stepped:
             self.optimizer.zero_grad(set_to_none=True)
-        self._reset_hook_state()
+        if self._hooks is not None:
+            self._reset_hook_state()
         self._steps += 1
 
     def _opacus_backward(self, per_sample_loss: torch.Tensor) -> None:
@@ -535,35 +537,30 @@ class PrivateTraining:
         into: dict[torch.Tensor, torch.Tensor] = {}
         scale: dict[torch.Tensor, float] = {}
         eager: list[tuple[torch.Tensor, torch.Tensor, float]] = []
-        for p in self._params:
+        for p, deferred in self._param_deferred:
             group = direct.get(p)
             if group is None:  # noise into p.grad, the clipped sum added there, the optimizer steps
-                p.grad = self._noise(p, std)
-                into[p], scale[p] = p.grad, 1.0 / denom
+                p.grad = grad = self._noise(p, std)
+                into[p], scale[p] = grad, 1.0 / denom
                 continue
             lr = float(group["lr"])  # plain SGD, applied here: p -= lr * (noise + clipped sum / B)
-            if p not in self._deferred:  # drawn now (eager's order), added after the backward that reads p
-                eager.append((p, self._noise(p, std), lr))
-            into[p], scale[p] = p.data, -lr / denom
+            data = p.data  # one alias for the clipped rows and the eager noise alike
+            into[p], scale[p] = data, -lr / denom
+            if not deferred:  # drawn now (eager's order), added after the backward that reads p
+                eager.append((data, self._noise(p, std), lr))
         if per_sample_loss is not None:
             assert self._clipper is not None
             self._clipper.accumulate(per_sample_loss, into, scale=scale)
-        for p, noise, lr in eager:
-            p.data.add_(noise, alpha=-lr)
+        for data, noise, lr in eager:
+            data.add_(noise, alpha=-lr)
         self._optimizer_stepped = len(direct) < len(self._params)
         if self._optimizer_stepped:
             self.optimizer.step()
         if self._lazy is not None:
-            self._lazy.add_step(
-                {
-                    t: update_stddev(
-                        lr=self._lazy.lr(t),
-                        noise_multiplier=self.noise_multiplier,
-                        max_grad_norm=self.max_grad_norm,
-                        expected_batch_size=self.expected_batch_size,
-                    )
-                    for t in self._lazy.tables
-                }
+            self._lazy.add_dp_step(
+                noise_multiplier=self.noise_multiplier,
+                max_grad_norm=self.max_grad_norm,
+                expected_batch_size=self.expected_batch_size,
             )
         self._engine.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
 
