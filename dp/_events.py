@@ -210,8 +210,8 @@ class _DistributedNoiseEvent:
         target_noise_multiplier: the noise multiplier requested for ``min_clients`` survivors.
         noise_multiplier: the one actually present, ``sqrt(variance) / l2_sensitivity``.
         unit: as in ``GaussianEvent``; with ``"user"`` the sensitivities bound one user's
-            gradient in its silo's rounded vector (``dp.rounded_l2_sensitivity`` holds for the
-            difference of two stochastically rounded vectors too, coupled coordinate by coordinate).
+            gradient in its silo's rounded vector (the bound of ``_noise.rounded_l2_sensitivity`` holds
+            for the difference of two stochastically rounded vectors too, coupled coordinate by coordinate).
     """
 
     round_index: int

@@ -124,8 +124,10 @@ class CentralGaussian:
         survivors: int,
         sample_rate: float = 1.0,
         sampling: str = "poisson",
+        unit: str = "client",
     ) -> GaussianEvent:
-        """The ledger event for one use of this noise (``survivors``: clients in the noised sum)."""
+        """The ledger event for one use of this noise (``survivors``: clients in the noised sum; ``unit``: what
+        ``clip_bound`` bounds, a client's update or one user's gradient, as in ``GaussianEvent``)."""
         return GaussianEvent(
             round_index=round_index,
             noise_multiplier=self.noise_multiplier,
@@ -134,6 +136,7 @@ class CentralGaussian:
             participants=participants,
             survivors=survivors,
             sampling=sampling,
+            unit=unit,
         )
 
     def plan(
@@ -144,6 +147,7 @@ class CentralGaussian:
         min_survivors: int,
         sample_rate: float = 1.0,
         sampling: str = "poisson",
+        unit: str = "client",
     ) -> GaussianEvent:
         """The event to check the budget with before a round: the worst case the protocol allows.
 
@@ -152,7 +156,7 @@ class CentralGaussian:
         """
         _check_plan(participants, min_survivors)
         return self.event(round_index=round_index, participants=participants, survivors=min_survivors,
-                          sample_rate=sample_rate, sampling=sampling)  # fmt: skip
+                          sample_rate=sample_rate, sampling=sampling, unit=unit)  # fmt: skip
 
 
 def _check_plan(participants: int, min_survivors: int) -> None:
@@ -210,6 +214,7 @@ class _DistributedNoise:
         survivors: int,
         sample_rate: float = 1.0,
         sampling: str = "poisson",
+        unit: str = "client",
     ) -> SkellamEvent | DiscreteGaussianEvent:  # pragma: no cover - defined by each subclass
         raise NotImplementedError
 
@@ -222,6 +227,7 @@ class _DistributedNoise:
         min_survivors: int,
         sample_rate: float = 1.0,
         sampling: str = "poisson",
+        unit: str = "client",
     ) -> Any:
         """The event to check the budget with before a round: only ``min_survivors`` clients' noise in the sum.
 
@@ -231,7 +237,7 @@ class _DistributedNoise:
         """
         _check_plan(participants, min_survivors)
         return self.event(round_index=round_index, scale=scale, participants=participants, survivors=min_survivors,
-                          sample_rate=sample_rate, sampling=sampling)  # fmt: skip
+                          sample_rate=sample_rate, sampling=sampling, unit=unit)  # fmt: skip
 
     def calibrated(
         self,
@@ -329,8 +335,9 @@ class SkellamNoise(_DistributedNoise):
         survivors: int,
         sample_rate: float = 1.0,
         sampling: str = "poisson",
+        unit: str = "client",
     ) -> SkellamEvent:
-        """The ledger event: the noise present in the sum of ``survivors`` clients' noise."""
+        """The ledger event: the noise present in the sum of ``survivors`` clients' noise (``unit`` as in ``GaussianEvent``)."""
         self._check_round(participants, survivors)
         return SkellamEvent(
             round_index=round_index,
@@ -346,6 +353,7 @@ class SkellamNoise(_DistributedNoise):
             participants=participants,
             survivors=survivors,
             sampling=sampling,
+            unit=unit,
         )
 
 
@@ -383,8 +391,9 @@ class DiscreteGaussianNoise(_DistributedNoise):
         survivors: int,
         sample_rate: float = 1.0,
         sampling: str = "poisson",
+        unit: str = "client",
     ) -> DiscreteGaussianEvent:
-        """The ledger event: the noise present in the sum of ``survivors`` clients' noise."""
+        """The ledger event: the noise present in the sum of ``survivors`` clients' noise (``unit`` as in ``GaussianEvent``)."""
         self._check_round(participants, survivors)
         return DiscreteGaussianEvent(
             round_index=round_index,
@@ -400,4 +409,5 @@ class DiscreteGaussianNoise(_DistributedNoise):
             participants=participants,
             survivors=survivors,
             sampling=sampling,
+            unit=unit,
         )

@@ -164,7 +164,7 @@ def _users_across_silos(config: ExperimentConfig) -> bool:
     return config.privacy.level == "client" and config.privacy_unit == "user"
 
 
-def _check_users_across_silos(config: ExperimentConfig, workload: Workload) -> None:
+def _check_user_level_config(config: ExperimentConfig, workload: Workload) -> None:
     """The config half of the checks (the federation checks the rest: strategy, sampling, users in one silo).
 
     Raises:
@@ -349,7 +349,7 @@ def build_experiment(
             budget = dp.PrivacyBudget(epsilon=limit, delta=p.delta, accountant=p.accountant, level="sample")
     across = _users_across_silos(config)
     if across:
-        _check_users_across_silos(config, workload)
+        _check_user_level_config(config, workload)
     distributed = client_level and p.noise in ("skellam", "discrete_gaussian")
     if client_level:
         noise_multiplier = (

@@ -896,7 +896,7 @@ class Federation:
 
     def _unit_of_privacy(self) -> str | None:
         if self.pipeline.user_bound is not None:
-            return "one user of one silo (all of that user's examples)"
+            return None  # the report names it from the ledger's events (unit "user")
         if self.pipeline.client_level_dp:
             return "a whole client (all of its data)"
         if self.sample_privacy is None:

@@ -167,8 +167,8 @@ class UpdatePipeline:
         Raises:
             ConfigError: naming both settings when they disagree.
         """
-        clip_bound = self.user_bound if self.user_bound is not None else None if self.clip is None else float(self.clip.bound)
-        what = "user_bound" if self.user_bound is not None else "the clip stage's bound"
+        clip_bound = self.sensitivity
+        what = "the clip stage's bound" if self.user_bound is None else "user_bound"
         for name, noise in (("central_noise", self.central_noise), ("integer_noise", integer_noise)):
             if noise is None:
                 continue
@@ -182,6 +182,13 @@ class UpdatePipeline:
                 f"integer_noise.dim={integer_noise.dim!r} but clients send {length} coordinates "
                 "(the shared parameters, plus one for the weight with example weighting); set dim to that"
             )
+
+    @property
+    def sensitivity(self) -> float | None:
+        """The L2 bound the noise is calibrated to: one user's (``user_bound``), else the clip stage's."""
+        if self.user_bound is not None:
+            return self.user_bound
+        return None if self.clip is None else float(self.clip.bound)
 
     def vector_length(self, dimension: int) -> int:
         """Coordinates a client sends for a model of ``dimension`` shared parameters."""
@@ -294,15 +301,7 @@ class UpdatePipeline:
         self, *, round_index: int, participants: int, survivors: int, sample_rate: float, sampling: str
     ) -> list[Any]:
         """The ledger event of the client-level update noise for one protected sum (none without it)."""
-        events = self._noise_events(
-            round_index=round_index, participants=participants, survivors=survivors, sample_rate=sample_rate,
-            sampling=sampling,
-        )  # fmt: skip
-        return [replace(e, unit="user") for e in events] if self.user_bound is not None else events
-
-    def _noise_events(
-        self, *, round_index: int, participants: int, survivors: int, sample_rate: float, sampling: str
-    ) -> list[Any]:
+        unit = "client" if self.user_bound is None else "user"
         if self.central_noise is not None:
             noise = self.central_noise
             bound = self.broadcast_bound()
@@ -310,14 +309,14 @@ class UpdatePipeline:
                 noise = replace(noise, clip_bound=bound)
             return [noise.event(
                 round_index=round_index, participants=participants, survivors=survivors, sample_rate=sample_rate,
-                sampling=sampling,
+                sampling=sampling, unit=unit,
             )]  # fmt: skip
         integer_noise = getattr(self.backend, "integer_noise", None)
         if integer_noise is not None:
             encoder = cast(MaskedSum, self.backend).encoder  # the backend that adds integer noise encodes
             return [integer_noise.event(
                 round_index=round_index, scale=encoder.scale, participants=participants,
-                survivors=survivors, sample_rate=sample_rate, sampling=sampling,
+                survivors=survivors, sample_rate=sample_rate, sampling=sampling, unit=unit,
             )]  # fmt: skip
         return []
 

@@ -7,9 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.utils.data import Subset
 
 import dp
+import secagg
 from fedcore.errors import ConfigError, RoundFailedError
 from fedcore.experiments.config import load_config, parse_config
 from fedcore.experiments.experiment import Experiment, Workload, build_experiment
@@ -221,3 +224,36 @@ def test_a_model_with_dropout_or_an_asynchronous_buffer_is_refused(data, tmp_pat
     exp = build(federation, tmp_path)
     with pytest.raises(ConfigError, match="an asynchronous buffer holds the silos that finished first"):
         AsyncFederation(exp.federation, schedule=FedBuff(buffer_size=2, concurrency=3))
+
+
+@given(dim=st.integers(1, 400), c=st.floats(1e-7, 1.0), spread=st.booleans(), seed=st.integers(0, 2**31 - 1))
+@settings(max_examples=60, deadline=None)
+def test_one_users_share_of_a_rounded_sum_is_within_the_rounded_sensitivity(dim, c, spread, seed):
+    """dp._events' claim: two sums differing by one user's g (|g| <= c), rounded with the encoder's shared
+    uniforms (the coupling floor(x s + U)), differ by at most the sensitivity the ledger charges (s c + sqrt(d));
+    ``spread`` puts g in every coordinate (each may round the other way), else in one."""
+    rng = np.random.default_rng(seed)
+    encoder = secagg.MaskedSum(value_bound=60.0, max_clients=5).encoder
+    x = rng.uniform(-50, 50, dim)
+    g = rng.normal(size=dim) if spread else np.eye(dim)[0]
+    g *= c / np.linalg.norm(g)
+    a = encoder.quantize(x, rng=np.random.default_rng(seed))
+    b = encoder.quantize(x + g, rng=np.random.default_rng(seed))
+    bound = dp.SkellamNoise(noise_multiplier=1.0, clip_bound=c, dim=dim, min_clients=1).l2_sensitivity(scale=encoder.scale)
+    assert float(np.linalg.norm((b - a).astype(np.float64))) <= bound
+
+
+@given(seed=st.integers(0, 2**31 - 1), size=st.floats(0.1, 200.0))
+@settings(max_examples=40, deadline=None)
+def test_the_silos_clip_of_its_sum_moves_by_no_more_than_the_users_gradient(seed, size):
+    """The report's claim that the pipeline's clip of a silo's sum is 1-Lipschitz: one user still moves it <= |g|."""
+    rng = np.random.default_rng(seed)
+    pipe = UpdatePipeline(clip=dp.L2Clip(20.0), weighting="uniform", user_bound=CLIP,
+                          central_noise=dp.CentralGaussian(noise_multiplier=1.0, clip_bound=CLIP))  # fmt: skip
+    pipe.build(dimension=50, num_clients=3, expected_clients=3)
+    total = rng.normal(size=50) * size / np.sqrt(50)  # inside or far outside the silo's bound of 20
+    g = rng.normal(size=50)
+    g *= CLIP / np.linalg.norm(g)
+    a = pipe.prepare(total.astype(np.float32), num_examples=1).astype(np.float64)
+    b = pipe.prepare((total + g).astype(np.float32), num_examples=1).astype(np.float64)
+    assert np.linalg.norm(b - a) <= CLIP * (1 + 1e-5)
