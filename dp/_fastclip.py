@@ -485,12 +485,14 @@ class BookKeepingClipper:
         works = [rule(name, layer, *by_layer[layer], batch) for name, layer, rule in used]
         dtype = per_sample_loss.dtype
         if not works:
-            norm_sq = per_sample_loss.detach().new_zeros(batch)
+            norms = per_sample_loss.detach().new_zeros(batch)
         elif len(works) == 1:
-            norm_sq = _as(works[0][0], dtype)
-        else:
-            norm_sq = torch.stack([_as(ns, dtype) for ns, _ in works]).sum(0)
-        norms = norm_sq.clamp(min=0).sqrt_()
+            norms = _as(works[0][0], dtype).clamp(min=0).sqrt_()
+        else:  # the first sum is a fresh tensor, the rest is added in place
+            norm_sq = _as(works[0][0], dtype) + _as(works[1][0], dtype)
+            for ns, _ in works[2:]:
+                norm_sq.add_(_as(ns, dtype))
+            norms = norm_sq.clamp_(min=0).sqrt_()
         self.last_norms = norms
         inverse = norms.add(1e-6).reciprocal_()
         coefs: dict[float, torch.Tensor] = {}
@@ -499,8 +501,14 @@ class BookKeepingClipper:
         max_grad_norm = self.max_grad_norm
         for (_, layer, _), (_, clipped) in zip(used, works):
             if per_param:
-                scales = {scale[p] for p in self._params_of[layer] if p in into}  # type: ignore[index]
-                shared = scales.pop() if len(scales) == 1 else None
+                params = self._params_of[layer]
+                if len(params) == 1:  # one scale by construction (tables, biasless layers)
+                    if params[0] not in into:
+                        continue
+                    shared = scale[params[0]]  # type: ignore[index]
+                else:
+                    scales = {scale[p] for p in params if p in into}  # type: ignore[index]
+                    shared = scales.pop() if len(scales) == 1 else None
             else:
                 shared = scale
             s = 1.0 if shared is None else shared
