@@ -872,9 +872,11 @@ class PrivacyReport:
             ),
             "Headline figures: the PLD accountant of dp_accounting with pessimistic rounding (an upper bound) for "
             "Gaussian mechanisms; Skellam and discrete Gaussian noise through their RDP bounds; RDP is the cross-check.",
-            "Each round is released once: a round run again after restoring a checkpoint (after a crash, or by a server "
-            "that restores on purpose) draws fresh noise and is charged once; whoever sees both runs of a round could "
-            "average them.",
+            "Each round is released once or charged again: a round interrupted by a crash is charged at its planned "
+            "worst case when the run resumes (the server writes the round's planned events before the round starts) "
+            "and its number is not used again. Not covered: a server that restores an earlier checkpoint on purpose, "
+            "or discards that record, gets the round run again with fresh noise and charged once; whoever sees both "
+            "runs of a round could average them (the clients keep no record of the rounds they answered).",
         ]
         if any(e.sampling == "poisson" and e.sample_rate < 1 for e in events):
             out.append(

@@ -10,6 +10,11 @@ party's folder:
 
 Local-only parameters never enter it: each client party keeps its own in a file of its own
 (:func:`save_local_state`, one ``<client>.npz`` per client in the client's folder).
+
+Beside the folder, ``<folder>.begun.json`` is the write-ahead record of a round that began after
+the checkpoint (:func:`save_begun_round`): its number and the privacy events it planned. A round
+interrupted by a crash may have released noised updates to the server; the resumed run charges
+those events instead of running the round again under the same number.
 """
 
 from __future__ import annotations
@@ -28,7 +33,18 @@ import numpy as np
 
 from ..errors import ConfigError
 
-__all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "save_local_state", "load_local_states", "FORMAT"]
+__all__ = [
+    "Checkpoint",
+    "BegunRound",
+    "save_checkpoint",
+    "load_checkpoint",
+    "save_local_state",
+    "load_local_states",
+    "save_begun_round",
+    "load_begun_round",
+    "clear_begun_round",
+    "FORMAT",
+]
 
 FORMAT = "fedcore-checkpoint/2"
 _ARRAY_FILES = ("global.npy", "strategy.npz")
@@ -45,6 +61,50 @@ class Checkpoint:
     history: list[dict[str, Any]]
     ledger_json: str | None
     extra: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class BegunRound:
+    """A round that began after the last checkpoint: its number and its planned ledger events (as dicts)."""
+
+    round_index: int
+    events: list[dict[str, Any]]
+
+
+def _begun_path(folder: str | Path) -> Path:
+    folder = Path(folder)
+    return folder.with_name(folder.name + ".begun.json")
+
+
+def save_begun_round(folder: str | Path, begun: BegunRound) -> Path:
+    """Write the write-ahead record of ``begun`` beside checkpoint ``folder``, atomically."""
+    path = _begun_path(folder)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name("." + path.name + ".tmp")
+    record = {"format": FORMAT, "round": begun.round_index, "events": begun.events}
+    tmp.write_text(json.dumps(record, indent=1, sort_keys=True), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def load_begun_round(folder: str | Path) -> BegunRound | None:
+    """The write-ahead record beside checkpoint ``folder`` (None if there is none).
+
+    Raises:
+        ConfigError: the record is damaged or of another format.
+    """
+    path = _begun_path(folder)
+    if not path.exists():
+        return None
+    record = _read(path, lambda p: json.loads(p.read_text(encoding="utf-8")))
+    if not isinstance(record, dict) or record.get("format") != FORMAT or not isinstance(record.get("events"), list):
+        raise ConfigError(f"write-ahead record {str(path)!r} is damaged or not of format {FORMAT!r}")
+    return BegunRound(round_index=int(record["round"]), events=list(record["events"]))
+
+
+def clear_begun_round(folder: str | Path) -> None:
+    """Remove the write-ahead record beside ``folder`` (its round is in the checkpoint now)."""
+    _begun_path(folder).unlink(missing_ok=True)
 
 
 def save_checkpoint(folder: str | Path, checkpoint: Checkpoint) -> Path:

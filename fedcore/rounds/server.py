@@ -26,7 +26,17 @@ from ..strategies._strategies import LocalModel
 from ..workloads.task import ClientData, Task
 from . import messages as msg
 from ._threads import use_library_threads
-from .checkpoint import Checkpoint, load_checkpoint, load_local_states, save_checkpoint, save_local_state
+from .checkpoint import (
+    BegunRound,
+    Checkpoint,
+    clear_begun_round,
+    load_begun_round,
+    load_checkpoint,
+    load_local_states,
+    save_begun_round,
+    save_checkpoint,
+    save_local_state,
+)
 from .client import Client, ClientResult
 from .costs import CostEstimate, CostWarning, message_bytes, peak_memory, probe_protection, protection_degree, upload_per_client
 from .executors import Executor, InProcessExecutor
@@ -441,6 +451,10 @@ class Federation:
     def run_round(self) -> dict[str, Any]:
         """Run one synchronous round; on failure the server state is left as it was.
 
+        With ``checkpoint_dir``, the round's planned ledger events are written beside the checkpoint
+        before anything is sent (:func:`~fedcore.rounds.checkpoint.save_begun_round`): a run resumed
+        after a crash in this round charges them (see :meth:`restore`).
+
         Raises:
             RoundFailedError: the protected sum failed (too few survivors, a bad message).
             dp.BudgetExceededError: the round would exceed the privacy budget (nothing ran).
@@ -451,8 +465,11 @@ class Federation:
             self.client_ids, self.randomness.generator(round_index=t, party="server", purpose="sampling")
         )
         rate = self.sampler.rate(len(self.client_ids))
+        planned = self._planned_events(t, participants, rate)
 
         def body() -> tuple[np.ndarray, list[Any], dict[str, Any]]:
+            if self.checkpoint_dir is not None:  # before anything is released: a crash from here on is charged
+                save_begun_round(self.checkpoint_dir, BegunRound(t, [dp.event_to_dict(e) for e in planned]))
             record: dict[str, Any] = {"round": t, "participants": len(participants)}
             if not participants:
                 record.update(contributors=0, dropped=0)
@@ -480,12 +497,18 @@ class Federation:
             events = [dp.event_from_dict(reports[c]["privacy_event"]) for c in ok if reports[c]["privacy_event"]]
             return new_vector, events + round_events, record
 
-        record = self.transact(f"round {t}", self._planned_events(t, participants, rate), body)
+        try:
+            record = self.transact(f"round {t}", planned, body)
+        except RoundFailedError:
+            if self.checkpoint_dir is not None:  # a failed round released nothing: there is nothing to charge
+                clear_begun_round(self.checkpoint_dir)
+            raise
         self.round_index = t
         self._finish_record(t, record, started, key="round_seconds")
         self.history.append(record)
         if self.checkpoint_dir is not None:
             self.save(self.checkpoint_dir)
+            clear_begun_round(self.checkpoint_dir)
         return record
 
     def _finish_record(self, t: int, record: dict[str, Any], started: float, *, key: str) -> None:
@@ -830,7 +853,7 @@ class Federation:
             mode=backend.mode,
             trust_model=backend.trust_model,
             secure_aggregation=protection,
-            dropouts={int(h["round"]): int(h.get("dropped", 0)) for h in self.history},
+            dropouts={int(h["round"]): int(h.get("dropped", 0)) for h in self.history if not h.get("interrupted")},
             reveals=[
                 dp.Reveal(round_index=r.round_index, what=f"{r.what}: {', '.join(r.client_ids)}", why=r.why_allowed)
                 for r in self.reveals
@@ -1041,6 +1064,9 @@ class Federation:
     def restore(self, folder: str | Path) -> None:
         """Resume from a checkpoint written by a federation built with the same settings.
 
+        A round that began after the checkpoint and did not finish (the server died in it) is
+        charged at its planned worst case and its number is not used again.
+
         Raises:
             ConfigError: the checkpoint belongs to another seed, strategy, model size or
                 protection (pipeline, DP settings, budget), or a file was changed.
@@ -1072,3 +1098,26 @@ class Federation:
         self.round_index = ckpt.round_index
         if self.ledger is not None and ckpt.ledger_json is not None:
             self.ledger = type(self.ledger).from_json(ckpt.ledger_json)
+        begun = load_begun_round(folder)
+        if begun is not None and begun.round_index > ckpt.round_index:
+            self._charge_interrupted(begun, folder)
+
+    def _charge_interrupted(self, begun: BegunRound, folder: str | Path) -> None:
+        """A round that began after the checkpoint and never finished: charge its planned events, skip its number.
+
+        Its clients may have trained and released their noised updates before the crash, so the
+        round counts as run (at its planned worst case); the model stays at the checkpoint's and
+        the next round gets a new number, whose fresh noise is charged as a round of its own.
+        The checkpoint is written again at once, so a second crash does not charge it twice.
+        """
+        events = [dp.event_from_dict(e) for e in begun.events]
+        if self.ledger is not None:
+            for event in events:
+                self.ledger.record(event)
+        self.round_index = begun.round_index
+        record: dict[str, Any] = {"round": begun.round_index, "interrupted": True, "charged_events": len(events)}
+        if self.budget is not None:
+            record["epsilon"] = float(self.budget.spent(self.ledger))
+        self.history.append(record)
+        self.save(folder)
+        clear_begun_round(folder)

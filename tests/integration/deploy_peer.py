@@ -6,9 +6,9 @@
   (the masked-input stage: its masked input is never sent);
 * ``die-unmask``: kill -9 itself on receiving the unmask request of round ROUND (its masked input
   was sent, its shares for the unmasking are not);
-* ``replay``: in round ROUND, answer the share delivery with its masked input captured in the
-  round before (a replay by a client holding a valid certificate), once the file ``replay-gate``
-  exists beside the config (the test makes it after restarting the server).
+* ``replay``: in round ROUND and every later one, answer the share delivery with its masked input
+  captured in round ROUND - 1 (a replay by a client holding a valid certificate), once the file
+  ``replay-gate`` exists beside the config (the test makes it after restarting the server).
 
 Otherwise it is ``fedcore client``: the same kit, party and transport.
 """
@@ -50,8 +50,13 @@ class FaultyAnswer:
 
     def __call__(self, message: bytes) -> bytes | None:
         head = _secagg(message)
-        hit = head is not None and head[0] == _TRIGGER[self.fault] and head[1] == self.round_index
-        if hit and self.fault == "replay" and self.gate is not None:
+        replay = self.fault == "replay"
+        hit = (
+            head is not None
+            and head[0] == _TRIGGER[self.fault]
+            and (head[1] >= self.round_index if replay else head[1] == self.round_index)
+        )
+        if hit and replay and self.gate is not None:
             while not self.gate.exists():  # hold the round until the test has restarted the server
                 time.sleep(0.1)
         if hit and self.fault.startswith("die"):
@@ -60,9 +65,10 @@ class FaultyAnswer:
         reply = self.inner(message)
         if head is not None and head[0] == MessageKind.SHARE_DELIVERY:
             self.captured[head[1]] = reply
-            if hit and head[1] - 1 in self.captured:
-                print(f"{self.inner.client_id}: replaying its masked input of round {head[1] - 1}", flush=True)
-                return self.captured[head[1] - 1]
+            before = self.round_index - 1
+            if hit and before in self.captured:
+                print(f"{self.inner.client_id}: replaying its masked input of round {before}", flush=True)
+                return self.captured[before]
         return reply
 
 

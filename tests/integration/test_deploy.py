@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
+import dp
 from fedcore.deploy import provision
 from fedcore.experiments.cli import main
 from fedcore.rounds.checkpoint import load_checkpoint
@@ -128,9 +129,10 @@ def test_launch_gives_the_in_process_run_bit_for_bit(tmp_path):
 
 def test_killed_clients_are_dropouts_a_restarted_server_resumes_and_a_replayed_message_is_refused(tmp_path):
     """Round 1: one client is killed (-9) at the masked-input stage, another at unmask; rounds 1 and 2
-    complete. The server is killed after round 2 and restarted: it resumes at round 3 with its ledger;
-    in round 3 a client replays its round-2 masked input: the round fails with the protocol error and
-    records nothing. A last start with ``--rounds 2`` ends the run and writes the report."""
+    complete. The server is killed in round 3 and restarted: it resumes after round 2, charges the
+    interrupted round 3 (its clients had begun) and runs round 4, where a client replays its round-2
+    masked input: the round fails with the protocol error and records nothing. A last start with
+    ``--rounds 3`` ends the run and writes the report."""
     config = _config(tmp_path, rounds=3, noise="central", threshold=3)
     kits = provision(tmp_path / "kits", client_ids=IDS)
     out = tmp_path / "out"
@@ -161,7 +163,8 @@ def test_killed_clients_are_dropouts_a_restarted_server_resumes_and_a_replayed_m
             )
             clients[cid] = _start(*args, log=logs / f"{cid}.log")
         procs += clients.values()
-        _wait_for(lambda: _checkpoint_round(out / "checkpoint") == 2, what="round 2's checkpoint", procs=[first])
+        begun = out / "checkpoint.begun.json"  # round 3's write-ahead record: round 3 has begun
+        _wait_for(lambda: _checkpoint_round(out / "checkpoint") == 2 and begun.exists(), what="round 3's start", procs=[first])
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=30)
         before = load_checkpoint(out / "checkpoint")
@@ -170,24 +173,26 @@ def test_killed_clients_are_dropouts_a_restarted_server_resumes_and_a_replayed_m
         assert (r1["participants"], r1["contributors"], r1["dropped"]) == (5, 4, 2)  # one sent its masked input before dying
         assert (r2["participants"], r2["failed"], r2["contributors"], r2["dropped"]) == (5, 2, 3, 2)
 
-        second = server("server-2", "--resume", "--enrol-timeout", "30")  # two clients are gone for good
-        (tmp_path / "replay-gate").touch()  # the replaying client answers round 3 now, to the restarted server
+        second = server("server-2", "--resume", "--rounds", "4", "--enrol-timeout", "30")  # two clients are gone for good
+        (tmp_path / "replay-gate").touch()  # the replaying client answers round 4 now, to the restarted server
         assert second.wait(timeout=BOUND) == 2
         log2 = (logs / "server-2.log").read_text()
         assert "resuming after round 2" in log2
-        assert "round 3 failed and changed nothing: masked input for round 2; the server is in round 3" in log2, log2[-3000:]
+        assert "round 4 failed and changed nothing: masked input for round 2; the server is in round 4" in log2, log2[-3000:]
         after = load_checkpoint(out / "checkpoint")
-        assert after.round_index == 2 and after.ledger_json == before.ledger_json and after.history == before.history
+        charged = dp.Ledger.from_json(after.ledger_json).events[len(dp.Ledger.from_json(before.ledger_json).events) :]
+        assert after.round_index == 3 and charged and {e.round_index for e in charged} == {3}  # round 3 charged, not run
+        assert after.history[:2] == before.history and after.history[2]["interrupted"] is True
         assert (after.global_vector.tobytes(), after.extra) == (before.global_vector.tobytes(), before.extra)
         assert "replaying its masked input of round 2" in (logs / "zip-8+9+non-US.log").read_text()
 
-        third = server("server-3", "--resume", "--rounds", "2")
+        third = server("server-3", "--resume", "--rounds", "3")
         assert third.wait(timeout=BOUND) == 0, (logs / "server-3.log").read_text()[-3000:]
         for cid in ("zip-4+5", "zip-6+7", "zip-8+9+non-US"):
             assert clients[cid].wait(timeout=60) == 0  # the end of the run ends the clients
         report = json.loads((out / "privacy_report.json").read_text())
         assert {d["round"]: d["dropped"] for d in report["secure_aggregation"]["dropouts"]} == {1: 2, 2: 2}
-        assert load_checkpoint(out / "checkpoint").ledger_json == before.ledger_json
+        assert load_checkpoint(out / "checkpoint").ledger_json == after.ledger_json
     finally:
         for proc in procs:
             if proc.poll() is None:

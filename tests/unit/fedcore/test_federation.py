@@ -156,6 +156,7 @@ def test_failed_round_changes_nothing(tmp_path):
     assert all(np.array_equal(state[k], fed.strategy.state_dict()[k]) for k in state)
     assert fed.round_index == 2 and len(fed.history) == 2
     assert (tmp_path / "ck" / "state.json").read_text() == saved
+    assert not (tmp_path / "ck.begun.json").exists()  # a failed round released nothing: a resume charges nothing
 
 
 def test_revealing_strategies_need_consent_and_plaintext():
@@ -335,3 +336,60 @@ def test_run_prints_one_line_per_round_unless_quiet(capsys):
     assert f"test_accuracy={fed.history[1]['test_accuracy']:.4f}" in lines[1]
     _federation(quiet=True).run(2)
     assert capsys.readouterr().out == ""
+
+
+class _Crash(BaseException):
+    """The server process dying mid-round (not an Exception: nothing may catch it on the way)."""
+
+
+def _crash_in_round(tmp_path, crash_round: int) -> tuple[Federation, dp.Ledger]:
+    """A DP run checkpointed each round whose server dies in round ``crash_round``, after it received the sum."""
+    privacy = dp.SampleLevelDP(noise_multiplier=1.0, max_grad_norm=1.0)
+    fed = _federation(sample_privacy=privacy, ledger=dp.Ledger(), checkpoint_dir=tmp_path / "ck")
+    apply = fed.strategy.apply
+
+    def apply_or_die(vector, aggregate):
+        if fed.round_index + 1 == crash_round:
+            raise _Crash()
+        return apply(vector, aggregate)
+
+    fed.strategy.apply = apply_or_die
+    with pytest.raises(_Crash):
+        fed.run(crash_round)
+    assert fed.round_index == crash_round - 1
+    resumed = _federation(sample_privacy=privacy, ledger=dp.Ledger(), checkpoint_dir=tmp_path / "ck")
+    resumed.restore(tmp_path / "ck")
+    return resumed, fed.ledger
+
+
+def test_a_round_interrupted_by_a_crash_is_charged_on_resume_and_not_run_again_under_its_number(tmp_path):
+    """The attack: a server that dies after its clients released round 3, then resumes, must not get round 3 for free."""
+    resumed, crashed_ledger = _crash_in_round(tmp_path, 3)
+    charged = [e for e in resumed.ledger.events if e.round_index == 3]
+    assert len(charged) == 4  # every participant's planned DP-SGD run of round 3, though round 3 never finished
+    assert len(crashed_ledger.events) == 2 * 4  # the crashed server's ledger had only rounds 1 and 2
+    assert resumed.round_index == 3 and resumed.history[-1]["interrupted"] is True
+    resumed.run(4)
+    assert [h["round"] for h in resumed.history] == [1, 2, 3, 4]
+    assert sorted({e.round_index for e in resumed.ledger.events}) == [1, 2, 3, 4]
+    assert not (tmp_path / "ck.begun.json").exists()
+    # each client's spend covers four rounds of DP-SGD, more than the three that finished
+    finished = [e for e in resumed.ledger.events if e.round_index != 3]
+    spent = dp.sample_level_epsilons(resumed.ledger, delta=1e-5)
+    without = dp.sample_level_epsilons(finished, delta=1e-5)
+    assert all(spent[cid] > without[cid] > 0 for cid in spent)
+
+
+def test_a_finished_round_leaves_no_write_ahead_record_and_a_second_restore_charges_nothing_again(tmp_path):
+    resumed, _ = _crash_in_round(tmp_path, 2)
+    events = len(resumed.ledger.events)
+    again = _federation(
+        sample_privacy=dp.SampleLevelDP(noise_multiplier=1.0, max_grad_norm=1.0),
+        ledger=dp.Ledger(),
+        checkpoint_dir=tmp_path / "ck",
+    )
+    again.restore(tmp_path / "ck")  # a second crash right after the first resume
+    assert len(again.ledger.events) == events and again.round_index == 2
+    fed = _federation(checkpoint_dir=tmp_path / "plain")
+    fed.run(2)
+    assert not (tmp_path / "plain.begun.json").exists()
