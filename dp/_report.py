@@ -874,9 +874,11 @@ class PrivacyReport:
             "Gaussian mechanisms; Skellam and discrete Gaussian noise through their RDP bounds; RDP is the cross-check.",
             "Each round is released once or charged again: a round interrupted by a crash is charged at its planned "
             "worst case when the run resumes (the server writes the round's planned events before the round starts) "
-            "and its number is not used again. Not covered: a server that restores an earlier checkpoint on purpose, "
-            "or discards that record, gets the round run again with fresh noise and charged once; whoever sees both "
-            "runs of a round could average them (the clients keep no record of the rounds they answered).",
+            "and its number is not used again. The ledger is the server's: a server that restores an earlier "
+            "checkpoint on purpose, or discards its ledger, can have rounds run again with fresh noise that this "
+            "report does not count. Against that, under a sample-level budget each client party keeps its own ledger "
+            "of the updates it released and refuses one that would take it over the budget, so no client gives "
+            "more than the budget whatever the server asks; client-level noise has no such client-side limit.",
         ]
         if any(e.sampling == "poisson" and e.sample_rate < 1 for e in events):
             out.append(

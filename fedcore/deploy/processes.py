@@ -120,6 +120,7 @@ def client_party(config: ExperimentConfig, kit: ClientKit) -> Any:
     from ..rounds.client import Client
     from ..rounds.executors import InProcessExecutor
     from ..rounds.parties import ClientSide
+    from ..rounds.server import clients_own_budget
 
     check_deployable(config)
     workload = build_workload(config)
@@ -146,6 +147,7 @@ def client_party(config: ExperimentConfig, kit: ClientKit) -> Any:
         update_kind=fed.strategy.update_kind,
         privacy=fed.sample_privacy,
         randomness=fed.randomness,
+        budget=clients_own_budget(fed.budget, fed.sample_privacy),
         identities={cid: kit.identity_key},
         directory=kit.directory,
     )

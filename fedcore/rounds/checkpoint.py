@@ -40,6 +40,8 @@ __all__ = [
     "load_checkpoint",
     "save_local_state",
     "load_local_states",
+    "save_client_ledger",
+    "load_client_ledgers",
     "save_begun_round",
     "load_begun_round",
     "clear_begun_round",
@@ -213,3 +215,26 @@ def load_local_states(folder: str | Path) -> dict[str, dict[str, np.ndarray]]:
     if not folder.is_dir():
         return {}
     return {path.stem: _read(path, _arrays) for path in sorted(folder.glob("*.npz"))}
+
+
+def save_client_ledger(folder: str | Path, client_id: str, ledger_json: str) -> Path:
+    """Write one client's own ledger (the updates it released) to ``<folder>/<client_id>.ledger.json``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{client_id}.ledger.json"
+    tmp = folder / f".{client_id}.ledger.json.tmp"
+    tmp.write_text(ledger_json, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def load_client_ledgers(folder: str | Path) -> dict[str, str]:
+    """Every client's own ledger (JSON) saved in ``folder`` (none if it does not exist)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return {}
+    suffix = ".ledger.json"
+    return {
+        path.name[: -len(suffix)]: _read(path, lambda p: p.read_text(encoding="utf-8"))
+        for path in sorted(folder.glob(f"*{suffix}"))
+    }

@@ -28,6 +28,7 @@ import math
 import secrets
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
@@ -40,6 +41,7 @@ from ..errors import ConfigError
 from ..stages.layout import ParameterLayout
 from ..stages.pipeline import UpdatePipeline
 from . import messages as msg
+from .checkpoint import load_client_ledgers, load_local_states, save_client_ledger, save_local_state
 from .client import Client, ClientResult, check_results
 from .executors import Executor
 from .training import SampleLevelPrivacy, TrainConfig
@@ -100,6 +102,8 @@ class PartySettings:
     privacy: SampleLevelPrivacy | None
     randomness: Randomness
     client_deadline: float | None = None
+    budget: dp.PrivacyBudget | None = None
+    state_folder: Path | None = None
 
     def as_kwargs(self) -> dict[str, Any]:
         """The settings as :class:`ClientSide` keyword arguments."""
@@ -114,6 +118,7 @@ class _Pending:
     result: ClientResult
     local_after: dict[str, torch.Tensor] | None = None
     session: ClientSession | None = None
+    released: bool = False
 
 
 class ClientSide:
@@ -126,6 +131,13 @@ class ClientSide:
     By default each client makes its own identity key here. A deployed client process (see
     :mod:`fedcore.deploy`) passes the one provisioned into its kit instead: ``identities`` (its
     Ed25519 private key by client id) and ``directory`` (every client's public key).
+
+    ``budget`` (sample level): each client keeps its own ledger of the DP-SGD runs whose updates
+    it released (PROTECT or REVEAL) and refuses to release one that would take its own epsilon
+    over the budget, whatever the server asks: a server that forgets its ledger, or restores an
+    earlier checkpoint on purpose and asks again, gets no more than the budget from any client.
+    With ``state_folder`` (the clients' disk) a client writes its ledger there as it releases,
+    so that a crash does not lose it; :meth:`load_states` reads it back on resume.
     """
 
     def __init__(
@@ -140,6 +152,8 @@ class ClientSide:
         privacy: SampleLevelPrivacy | None,
         randomness: Randomness,
         client_deadline: float | None = None,
+        budget: dp.PrivacyBudget | None = None,
+        state_folder: Path | None = None,
         identities: Mapping[str, Any] | None = None,
         directory: Mapping[str, bytes] | None = None,
     ) -> None:
@@ -154,6 +168,14 @@ class ClientSide:
         self.privacy = privacy
         self.randomness = randomness
         self.client_deadline = client_deadline
+        if budget is not None and budget.level != "sample":
+            raise ConfigError(
+                f"a client's own budget covers its sample-level (DP-SGD) releases: level must be 'sample', got {budget.level!r}"
+            )
+        self.budget = budget
+        self.state_folder = state_folder
+        # per client, the sample-level events of the updates it released: its own account, not the server's
+        self.spent: dict[str, dp.Ledger] = {cid: dp.Ledger() for cid in self.clients}
         self._pending: dict[str, _Pending] = {}
         self._keys: dict[str, ClientKeys] = {}
         self.key_holder: Any = None
@@ -286,7 +308,9 @@ class ClientSide:
             check_results(results, participants=ids, dimension=vector.numel(), round_index=t)
             for cid, result, local_after in zip(ids, results, after):
                 late = self.client_deadline is not None and result.train_seconds > self.client_deadline
-                ok = result.error is None and not late
+                error = result.error or (f"missed the deadline of {self.client_deadline} s" if late else None)
+                error = error or self._over_budget(cid, result, t)
+                ok = error is None
                 if ok:
                     self._pending[cid] = _Pending(t, result, local_after)
                 else:
@@ -298,7 +322,7 @@ class ClientSide:
                         "round": t,
                         "client": cid,
                         "ok": ok,
-                        "error": result.error or (f"missed the deadline of {self.client_deadline} s" if late else None),
+                        "error": error,
                         "train_seconds": float(result.train_seconds),
                         "steps": int(result.steps),
                         "metrics": {k: float(v) for k, v in result.metrics.items() if math.isfinite(float(v))},
@@ -306,6 +330,43 @@ class ClientSide:
                     },
                 )
         return replies
+
+    def _over_budget(self, cid: str, result: ClientResult, t: int) -> str | None:
+        """Why ``cid`` refuses to release this update (its own budget would be exceeded), or None."""
+        if self.budget is None or result.privacy_event is None:
+            return None
+        try:
+            self.budget.check(self.spent[cid], [result.privacy_event], what=f"client {cid!r}'s update of round {t}")
+        except dp.BudgetExceededError as exc:
+            return f"refused by the client: {exc}"
+        return None
+
+    def _release(self, cid: str, pending: _Pending) -> None:
+        """The update leaves the client now (masked, encrypted or plain): its own ledger records it, once."""
+        if not pending.released and pending.result.privacy_event is not None:
+            self.spent[cid].record(pending.result.privacy_event)
+            if self.state_folder is not None:
+                save_client_ledger(self.state_folder, cid, self.spent[cid].to_json())
+        pending.released = True
+
+    def save_states(self, folder: str | Path) -> None:
+        """Each client's own files in ``folder`` (its disk): its local-only parameters and its own ledger."""
+        for cid, client in self.clients.items():
+            if client.local_state:
+                save_local_state(folder, cid, {k: t.detach().cpu().numpy() for k, t in client.local_state.items()})
+            if self.spent[cid].events:
+                save_client_ledger(folder, cid, self.spent[cid].to_json())
+
+    def load_states(self, folder: str | Path) -> set[str]:
+        """Read back what :meth:`save_states` wrote for this party's clients; return the ids of files of other clients."""
+        local, ledgers = load_local_states(folder), load_client_ledgers(folder)
+        for cid, params in local.items():
+            if cid in self.clients:
+                self.clients[cid].local_state = {k: torch.from_numpy(v.copy()) for k, v in params.items()}
+        for cid, text in ledgers.items():
+            if cid in self.clients:
+                self.spent[cid] = dp.Ledger.from_json(text)
+        return (set(local) | set(ledgers)) - set(self.clients)
 
     def _finish(self, cid: str, decoded: msg.Message) -> bytes:
         """The simulated job ended: a deferred local state takes effect now."""
@@ -337,12 +398,14 @@ class ClientSide:
         )
         session.set_input(vector)
         pending.session = session
+        self._release(cid, pending)
         return msg.encode(msg.Kind.ACK, {"round": t, "client": cid})
 
     def _reveal(self, cid: str, decoded: msg.Message) -> bytes:
         pending = self._pending.get(cid)
         if pending is None:
             raise ProtocolError(f"client {cid!r} was asked to reveal an update it does not have")
+        self._release(cid, pending)
         result = pending.result
         return msg.encode(
             msg.Kind.REVEALED,

@@ -33,7 +33,6 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from .checkpoint import load_local_states, save_local_state
 from .client import Client, Workspace
 from .executors import InProcessExecutor
 from .parties import ClientSide, PartySettings, RecordingChannel
@@ -76,15 +75,11 @@ class _PartyActor:
         return self.side.handle_batch(batch)
 
     def save_local_states(self, folder: str) -> bool:
-        for cid, client in self.side.clients.items():
-            if client.local_state:
-                save_local_state(Path(folder), cid, {k: t.detach().cpu().numpy() for k, t in client.local_state.items()})
+        self.side.save_states(folder)
         return True
 
     def load_local_states(self, folder: str) -> bool:
-        for cid, params in load_local_states(Path(folder)).items():
-            if cid in self.side.clients:
-                self.side.clients[cid].local_state = {k: torch.from_numpy(v.copy()) for k, v in params.items()}
+        self.side.load_states(folder)  # the other clients' files belong to the other actors
         return True
 
 

@@ -9,7 +9,7 @@ import math
 import os
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, cast
 
@@ -35,7 +35,6 @@ from .checkpoint import (
     load_local_states,
     save_begun_round,
     save_checkpoint,
-    save_local_state,
 )
 from .client import Client, ClientResult
 from .costs import CostEstimate, CostWarning, message_bytes, peak_memory, probe_protection, protection_degree, upload_per_client
@@ -45,7 +44,7 @@ from .parties import Channel, ClientSide, InProcessChannel, PartyHost, PartySett
 from .sampling import AllClients, ClientSampler
 from .training import SampleLevelPrivacy, TrainConfig
 
-__all__ = ["Federation", "DropoutSimulator", "Reveal"]
+__all__ = ["Federation", "DropoutSimulator", "Reveal", "clients_own_budget"]
 
 _STREAM_DROPOUT = 3
 _LOG = logging.getLogger("fedcore")
@@ -81,6 +80,13 @@ class Reveal:
     client_ids: tuple[str, ...]
     what: str
     why_allowed: str
+
+
+def clients_own_budget(budget: dp.PrivacyBudget | None, sample_privacy: Any) -> dp.PrivacyBudget | None:
+    """The cap each client party puts on its own sample-level epsilon: the run's budget, where it covers that level."""
+    if budget is None or budget.level == "client" or not isinstance(sample_privacy, dp.SampleLevelDP):
+        return None
+    return replace(budget, level="sample")
 
 
 class Federation:
@@ -261,6 +267,8 @@ class Federation:
                 privacy=sample_privacy,
                 randomness=self.randomness,
                 client_deadline=client_deadline,
+                budget=clients_own_budget(budget, sample_privacy),
+                state_folder=None if checkpoint_dir is None else self.client_folder(checkpoint_dir),
             )
             self.channel, self.public_keys = self._client_parties(executor, parties, settings, record_inbox)
         else:
@@ -1023,9 +1031,8 @@ class Federation:
         local-only parameters never enter the server's checkpoint.
         """
         folder = Path(folder)
-        for cid, c in self.clients.items():
-            if c.local_state:
-                save_local_state(self.client_folder(folder), cid, {k: t.detach().cpu().numpy() for k, t in c.local_state.items()})
+        if self.client_side is not None:
+            self.client_side.save_states(self.client_folder(folder))
         hosted = getattr(self.channel, "save_local_states", None)
         if hosted is not None:  # parties hosted elsewhere write their own files
             hosted(self.client_folder(folder))
@@ -1084,14 +1091,13 @@ class Federation:
         if ckpt.global_vector.shape != (self.layout.size,):
             raise ConfigError(f"checkpoint vector has shape {ckpt.global_vector.shape}, the model needs ({self.layout.size},)")
         hosted = getattr(self.channel, "load_local_states", None)
-        local = load_local_states(self.client_folder(folder)) if hosted is None else {}
-        unknown = set(local) - set(self.clients)
-        if unknown:
-            raise ConfigError(f"checkpoint holds clients this federation lacks: {sorted(unknown)[:5]}")
+        if self.client_side is not None:
+            unknown = set(load_local_states(self.client_folder(folder))) - set(self.clients)
+            if unknown:
+                raise ConfigError(f"checkpoint holds clients this federation lacks: {sorted(unknown)[:5]}")
+            self.client_side.load_states(self.client_folder(folder))
         self.strategy.load_state_dict(ckpt.strategy_state)
         self.global_vector = ckpt.global_vector.astype(np.float32)
-        for cid, params in local.items():
-            self.clients[cid].local_state = {k: torch.from_numpy(v.copy()) for k, v in params.items()}
         if hosted is not None:  # parties hosted elsewhere read their own files
             hosted(self.client_folder(folder))
         self.history = list(ckpt.history)

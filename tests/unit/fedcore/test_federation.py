@@ -369,6 +369,8 @@ def test_a_round_interrupted_by_a_crash_is_charged_on_resume_and_not_run_again_u
     assert len(charged) == 4  # every participant's planned DP-SGD run of round 3, though round 3 never finished
     assert len(crashed_ledger.events) == 2 * 4  # the crashed server's ledger had only rounds 1 and 2
     assert resumed.round_index == 3 and resumed.history[-1]["interrupted"] is True
+    # each client's own ledger came back from its disk, with the round 3 update it released before the crash
+    assert all({e.round_index for e in resumed.client_side.spent[cid].events} == {1, 2, 3} for cid in resumed.clients)
     resumed.run(4)
     assert [h["round"] for h in resumed.history] == [1, 2, 3, 4]
     assert sorted({e.round_index for e in resumed.ledger.events}) == [1, 2, 3, 4]
@@ -393,3 +395,45 @@ def test_a_finished_round_leaves_no_write_ahead_record_and_a_second_restore_char
     fed = _federation(checkpoint_dir=tmp_path / "plain")
     fed.run(2)
     assert not (tmp_path / "plain.begun.json").exists()
+
+
+def _lying_server_spend(client_budgets: bool) -> tuple[dict[str, float], float, list[str]]:
+    """An honest run up to its sample-level budget, then the server forgets (model, round number, ledger, budget)
+    and asks the same client parties again, as a server restoring an earlier checkpoint on purpose would.
+
+    Returns each client's epsilon over every update the server used in both runs (from the server's own
+    ledgers, built from the clients' reports), the budget, and the errors of the rounds that failed.
+    """
+    privacy = dp.SampleLevelDP(noise_multiplier=1.0, max_grad_norm=1.0)
+    probe = _federation(sample_privacy=privacy, ledger=dp.Ledger())
+    probe.run(2)
+    limit = 1.0001 * max(dp.sample_level_epsilons(probe.ledger, delta=1e-5).values())  # two rounds fit every client
+    budget = dp.PrivacyBudget(epsilon=limit, delta=1e-5, level="sample")
+    fed = _federation(sample_privacy=privacy, ledger=dp.Ledger(), budget=budget)
+    if not client_budgets:
+        fed.client_side.budget = None
+    start = fed.global_vector.copy()
+    with pytest.warns(UserWarning, match="training stopped"):
+        fed.run(10)  # the honest server stops at its budget
+    honest = list(fed.ledger.events)
+    fed.global_vector, fed.round_index, fed.ledger, fed.budget, fed.history = start.copy(), 0, dp.Ledger(), None, []
+    errors = []
+    for _ in range(4):
+        try:
+            fed.run_round()
+        except RoundFailedError as exc:
+            errors.append(str(exc))
+    spent = dp.sample_level_epsilons(honest + list(fed.ledger.events), delta=1e-5)
+    return spent, limit, errors
+
+
+def test_a_server_that_forgets_its_ledger_and_asks_again_gets_no_more_than_each_clients_budget():
+    spent, limit, errors = _lying_server_spend(client_budgets=True)
+    assert spent and all(eps <= limit for eps in spent.values()), (spent, limit)
+    assert errors and "refused by the client" in errors[0] and "budget" in errors[0]
+
+
+def test_without_the_clients_own_budgets_the_same_lying_server_gets_more():
+    """The positive control: the attack above works when clients keep no account of their own."""
+    spent, limit, errors = _lying_server_spend(client_budgets=False)
+    assert not errors and max(spent.values()) > 1.5 * limit
