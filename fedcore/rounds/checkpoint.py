@@ -42,6 +42,7 @@ __all__ = [
     "load_local_states",
     "save_client_ledger",
     "load_client_ledgers",
+    "saved_client_ids",
     "save_begun_round",
     "load_begun_round",
     "clear_begun_round",
@@ -238,3 +239,11 @@ def load_client_ledgers(folder: str | Path) -> dict[str, str]:
         path.name[: -len(suffix)]: _read(path, lambda p: p.read_text(encoding="utf-8"))
         for path in sorted(folder.glob(f"*{suffix}"))
     }
+
+
+def saved_client_ids(folder: str | Path) -> set[str]:
+    """The clients that have a local-state or ledger file in ``folder``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return set()
+    return {p.stem for p in folder.glob("*.npz")} | {p.name[: -len(".ledger.json")] for p in folder.glob("*.ledger.json")}

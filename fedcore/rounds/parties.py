@@ -357,16 +357,21 @@ class ClientSide:
             if self.spent[cid].events:
                 save_client_ledger(folder, cid, self.spent[cid].to_json())
 
-    def load_states(self, folder: str | Path) -> set[str]:
-        """Read back what :meth:`save_states` wrote for this party's clients; return the ids of files of other clients."""
-        local, ledgers = load_local_states(folder), load_client_ledgers(folder)
-        for cid, params in local.items():
+    def load_states(self, folder: str | Path) -> None:
+        """Read back what :meth:`save_states` wrote for this party's clients (files of other clients are theirs).
+
+        A client's ledger never shrinks: events it already holds stay, those in the file are added,
+        so restoring an older folder cannot make a client forget an update it released.
+        """
+        for cid, params in load_local_states(folder).items():
             if cid in self.clients:
                 self.clients[cid].local_state = {k: torch.from_numpy(v.copy()) for k, v in params.items()}
-        for cid, text in ledgers.items():
+        for cid, text in load_client_ledgers(folder).items():
             if cid in self.clients:
-                self.spent[cid] = dp.Ledger.from_json(text)
-        return (set(local) | set(ledgers)) - set(self.clients)
+                held = self.spent[cid]
+                for event in dp.Ledger.from_json(text).events:
+                    if event not in held.events:
+                        held.record(event)
 
     def _finish(self, cid: str, decoded: msg.Message) -> bytes:
         """The simulated job ended: a deferred local state takes effect now."""

@@ -32,9 +32,9 @@ from .checkpoint import (
     clear_begun_round,
     load_begun_round,
     load_checkpoint,
-    load_local_states,
     save_begun_round,
     save_checkpoint,
+    saved_client_ids,
 )
 from .client import Client, ClientResult
 from .costs import CostEstimate, CostWarning, message_bytes, peak_memory, probe_protection, protection_degree, upload_per_client
@@ -1092,7 +1092,7 @@ class Federation:
             raise ConfigError(f"checkpoint vector has shape {ckpt.global_vector.shape}, the model needs ({self.layout.size},)")
         hosted = getattr(self.channel, "load_local_states", None)
         if self.client_side is not None:
-            unknown = set(load_local_states(self.client_folder(folder))) - set(self.clients)
+            unknown = saved_client_ids(self.client_folder(folder)) - set(self.clients)
             if unknown:
                 raise ConfigError(f"checkpoint holds clients this federation lacks: {sorted(unknown)[:5]}")
             self.client_side.load_states(self.client_folder(folder))

@@ -437,3 +437,21 @@ def test_without_the_clients_own_budgets_the_same_lying_server_gets_more():
     """The positive control: the attack above works when clients keep no account of their own."""
     spent, limit, errors = _lying_server_spend(client_budgets=False)
     assert not errors and max(spent.values()) > 1.5 * limit
+
+
+def test_restoring_an_older_copy_does_not_roll_back_a_clients_own_ledger(tmp_path):
+    """The attack: the server keeps a copy of round 1's folders and restores it after round 3 on purpose."""
+    import shutil
+
+    fed = _federation(
+        sample_privacy=dp.SampleLevelDP(noise_multiplier=1.0, max_grad_norm=1.0),
+        ledger=dp.Ledger(),
+        checkpoint_dir=tmp_path / "ck",
+    )
+    fed.run(1)
+    for name in ("ck", "ck-clients"):
+        shutil.copytree(tmp_path / name, tmp_path / name.replace("ck", "old"))
+    fed.run(3)
+    fed.restore(tmp_path / "old")
+    assert fed.round_index == 1 and len(fed.ledger.events) == 4  # the server forgot rounds 2 and 3
+    assert all({e.round_index for e in fed.client_side.spent[cid].events} == {1, 2, 3} for cid in fed.clients)
