@@ -27,6 +27,7 @@ import hashlib
 import math
 import secrets
 import time
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence
@@ -369,9 +370,10 @@ class ClientSide:
         for cid, text in load_client_ledgers(folder).items():
             if cid in self.clients:
                 held = self.spent[cid]
-                for event in dp.Ledger.from_json(text).events:
-                    if event not in held.events:
-                        held.record(event)
+                # as multisets: each event as many times as the larger of the two records holds it
+                extra = Counter(dp.Ledger.from_json(text).events) - Counter(held.events)
+                for event in extra.elements():
+                    held.record(event)
 
     def _finish(self, cid: str, decoded: msg.Message) -> bytes:
         """The simulated job ended: a deferred local state takes effect now."""

@@ -455,3 +455,20 @@ def test_restoring_an_older_copy_does_not_roll_back_a_clients_own_ledger(tmp_pat
     fed.restore(tmp_path / "old")
     assert fed.round_index == 1 and len(fed.ledger.events) == 4  # the server forgot rounds 2 and 3
     assert all({e.round_index for e in fed.client_side.spent[cid].events} == {1, 2, 3} for cid in fed.clients)
+
+
+def test_a_clients_ledger_file_is_read_as_a_multiset(tmp_path):
+    """A round the client released twice (a server that asked again) stays two releases after a restart."""
+    from fedcore.rounds.checkpoint import save_client_ledger
+
+    fed = _federation(sample_privacy=dp.SampleLevelDP(noise_multiplier=1.0, max_grad_norm=1.0), ledger=dp.Ledger())
+    event = dp.SampleLevelEvent(
+        client_id="client-0", round_index=2, noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.1, steps=3
+    )
+    twice = dp.Ledger()
+    twice.record(event)
+    twice.record(event)
+    save_client_ledger(tmp_path, "client-0", twice.to_json())
+    fed.client_side.spent["client-0"].record(event)  # already holds one of them
+    fed.client_side.load_states(tmp_path)
+    assert fed.client_side.spent["client-0"].events == (event, event)
