@@ -148,6 +148,7 @@ def client_party(config: ExperimentConfig, kit: ClientKit) -> Any:
         privacy=fed.sample_privacy,
         randomness=fed.randomness,
         budget=clients_own_budget(fed.budget, fed.sample_privacy),
+        reveals=fed.reveals_models,
         identities={cid: kit.identity_key},
         directory=kit.directory,
     )

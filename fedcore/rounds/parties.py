@@ -105,6 +105,7 @@ class PartySettings:
     client_deadline: float | None = None
     budget: dp.PrivacyBudget | None = None
     state_folder: Path | None = None
+    reveals: bool = False
 
     def as_kwargs(self) -> dict[str, Any]:
         """The settings as :class:`ClientSide` keyword arguments."""
@@ -133,6 +134,9 @@ class ClientSide:
     :mod:`fedcore.deploy`) passes the one provisioned into its kit instead: ``identities`` (its
     Ed25519 private key by client id) and ``directory`` (every client's public key).
 
+    ``reveals``: whether the run's strategy reveals local models in the clear (model selection and
+    ensembles, plaintext mode, with consent); otherwise a REVEAL is refused, whatever the server says.
+
     ``budget`` (sample level): each client keeps its own ledger of the DP-SGD runs whose updates
     it released (PROTECT or REVEAL) and refuses to release one that would take its own epsilon
     over the budget, whatever the server asks: a server that forgets its ledger, or restores an
@@ -155,6 +159,7 @@ class ClientSide:
         client_deadline: float | None = None,
         budget: dp.PrivacyBudget | None = None,
         state_folder: Path | None = None,
+        reveals: bool = False,
         identities: Mapping[str, Any] | None = None,
         directory: Mapping[str, bytes] | None = None,
     ) -> None:
@@ -175,6 +180,7 @@ class ClientSide:
             )
         self.budget = budget
         self.state_folder = state_folder
+        self.reveals = reveals
         # per client, the sample-level events of the updates it released: its own account, not the server's
         self.spent: dict[str, dp.Ledger] = {cid: dp.Ledger() for cid in self.clients}
         self._pending: dict[str, _Pending] = {}
@@ -412,6 +418,11 @@ class ClientSide:
         pending = self._pending.get(cid)
         if pending is None:
             raise ProtocolError(f"client {cid!r} was asked to reveal an update it does not have")
+        if not self.reveals:
+            raise ProtocolError(
+                f"client {cid!r} refuses to reveal its update: this run's strategy does not reveal local models "
+                f"(mode {self.pipeline.backend.mode!r}); its updates leave it only through the protection pipeline"
+            )
         self._release(cid, pending)
         result = pending.result
         return msg.encode(

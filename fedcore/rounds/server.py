@@ -237,14 +237,15 @@ class Federation:
         self.history: list[dict[str, Any]] = []
         self.round_index = 0
         self.stop_reason: str | None = None
-        self._revealing = hasattr(strategy, "combine")
-        if self._revealing and not (allow_reveal or sample_privacy is not None):
+        # whether the strategy has clients reveal their local models in the clear (checked below: consent, plaintext)
+        self.reveals_models = hasattr(strategy, "combine")
+        if self.reveals_models and not (allow_reveal or sample_privacy is not None):
             raise ConfigError(
                 f"strategy {strategy.name!r} reveals individual local models to the server "
                 f"({strategy.reveal_reason}); allow it with allow_reveal=True or cover the models with "
                 "sample-level DP (sample_privacy=...)"
             )
-        if self._revealing and pipeline.backend.mode != "plaintext":
+        if self.reveals_models and pipeline.backend.mode != "plaintext":
             raise ConfigError(
                 f"strategy {strategy.name!r} needs individual local models, which {pipeline.backend.mode!r} "
                 "aggregation exists to hide; use aggregation 'plaintext' with it"
@@ -269,6 +270,7 @@ class Federation:
                 client_deadline=client_deadline,
                 budget=clients_own_budget(budget, sample_privacy),
                 state_folder=None if checkpoint_dir is None else self.client_folder(checkpoint_dir),
+                reveals=self.reveals_models,
             )
             self.channel, self.public_keys = self._client_parties(executor, parties, settings, record_inbox)
         else:
@@ -488,7 +490,7 @@ class Federation:
             if not ok:
                 raise RoundFailedError(f"round {t}: every participant failed or dropped; first failure: {failures[0]}")
             round_events: list[Any] = []
-            if self._revealing:
+            if self.reveals_models:
                 new_vector, contributors, dropped = self._reveal_round(t, ok)
                 record.update(contributors=contributors, dropped=dropped + len(failures))
             else:
@@ -703,7 +705,7 @@ class Federation:
                         unit=self.sample_privacy.unit,
                     )
                 )
-        if participants and not self._revealing:
+        if participants and not self.reveals_models:
             n = len(participants)
             events += self.pipeline.planned_events(
                 round_index=t, participants=n, survivors=self.min_survivors(n), sample_rate=rate, sampling=self._sampling()
@@ -732,7 +734,7 @@ class Federation:
         participants = max(1, round(self.sampler.rate(n) * n))
         length = self.pipeline.vector_length(self.layout.size)
         backend = self.pipeline.backend
-        if self._revealing:  # the local model in the clear, nothing else
+        if self.reveals_models:  # the local model in the clear, nothing else
             client = float(len(msg.encode(msg.Kind.REVEALED, {"round": 1, "client": "c", "num_examples": 1.0, "metrics": {}})))
             client += 4 * self.layout.size
             holder, protect_seconds = 0.0, 0.0
@@ -947,7 +949,7 @@ class Federation:
         out.append("per-round counts of participants, contributors and dropouts, and bytes uploaded")
         if self.sample_privacy is not None:
             out.append("each client's DP-SGD sampling rate and step count in its ledger events (they reveal its dataset size)")
-        if self._revealing:
+        if self.reveals_models:
             out.append("individual local models revealed to the server for model selection or ensembles (listed under reveals)")
         if self.pipeline.weighting == "examples":
             out.append("the sum of the contributors' bounded example weights (the weight coordinate of the protected sum)")

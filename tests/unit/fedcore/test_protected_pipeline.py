@@ -223,3 +223,18 @@ def test_a_fixed_clip_never_grows_at_the_servers_word():
     assert np.linalg.norm(sent.astype(np.float64)) <= CLIP
     smaller = pipe.prepare(np.array([30.0, 40.0, 0.0], dtype=np.float32), num_examples=1, clip_bound=0.5)
     assert np.linalg.norm(smaller.astype(np.float64)) == pytest.approx(0.5, rel=1e-6)
+
+
+def test_a_server_that_asks_a_masked_run_s_client_to_reveal_its_update_is_refused():
+    """The attack: under masking, the server sends TRAIN, then REVEAL for the raw update the mask exists to hide."""
+    from fedcore.rounds import messages as msg
+    from secagg import ProtocolError
+
+    fed = _federation(_backends()["masked"])
+    report = msg.decode(
+        fed.channel.send("client-0", msg.encode(msg.Kind.TRAIN, {"round": 1, "version": 0}, fed.global_vector)),
+        expect=msg.Kind.TRAIN_REPORT,
+    )
+    assert report.header["ok"]
+    with pytest.raises(ProtocolError, match="client 'client-0' refuses to reveal its update"):
+        fed.channel.send("client-0", msg.encode(msg.Kind.REVEAL, {"round": 1}))
