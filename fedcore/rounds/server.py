@@ -459,14 +459,17 @@ class Federation:
         return record
 
     def run_round(self) -> dict[str, Any]:
-        """Run one synchronous round; on failure the server state is left as it was.
+        """Run one synchronous round; on failure the model and the server optimizer are left as they were.
 
-        With ``checkpoint_dir``, the round's planned ledger events are written beside the checkpoint
-        before anything is sent (:func:`~fedcore.rounds.checkpoint.save_begun_round`): a run resumed
-        after a crash in this round charges them (see :meth:`restore`).
+        A round that fails or is interrupted after its first update may have left a client (PROTECT or
+        REVEAL) is charged at its planned worst case and its number is used up (the model is
+        unchanged); one that fails before (every client failed in training) changes nothing. With
+        ``checkpoint_dir`` the planned events are written beside the checkpoint at that point
+        (:func:`~fedcore.rounds.checkpoint.save_begun_round`), so a run resumed after a crash in the
+        round charges them too (see :meth:`restore`).
 
         Raises:
-            RoundFailedError: the protected sum failed (too few survivors, a bad message).
+            RoundFailedError: the protected sum failed (too few survivors, a bad message); charged as above.
             dp.BudgetExceededError: the round would exceed the privacy budget (nothing ran).
         """
         t = self.round_index + 1
@@ -476,10 +479,10 @@ class Federation:
         )
         rate = self.sampler.rate(len(self.client_ids))
         planned = self._planned_events(t, participants, rate)
+        released = False  # from the first PROTECT or REVEAL on, updates may have left the clients
 
         def body() -> tuple[np.ndarray, list[Any], dict[str, Any]]:
-            if self.checkpoint_dir is not None:  # before anything is released: a crash from here on is charged
-                save_begun_round(self.checkpoint_dir, BegunRound(t, [dp.event_to_dict(e) for e in planned]))
+            nonlocal released
             record: dict[str, Any] = {"round": t, "participants": len(participants)}
             if not participants:
                 record.update(contributors=0, dropped=0)
@@ -489,6 +492,8 @@ class Federation:
             failures = [f"{c}: {reports[c]['error']}" for c in participants if not reports[c]["ok"]]
             if not ok:
                 raise RoundFailedError(f"round {t}: every participant failed or dropped; first failure: {failures[0]}")
+            self._write_ahead(t, planned)
+            released = True
             round_events: list[Any] = []
             if self.reveals_models:
                 new_vector, contributors, dropped = self._reveal_round(t, ok)
@@ -509,9 +514,9 @@ class Federation:
 
         try:
             record = self.transact(f"round {t}", planned, body)
-        except RoundFailedError:
-            if self.checkpoint_dir is not None:  # a failed round released nothing: there is nothing to charge
-                clear_begun_round(self.checkpoint_dir)
+        except BaseException as exc:
+            if released:  # a failure or an interruption after updates may have left: charged, its number used
+                self._charge_unfinished(t, planned, folder=self.checkpoint_dir, error=f"{type(exc).__name__}: {exc}")
             raise
         self.round_index = t
         self._finish_record(t, record, started, key="round_seconds")
@@ -1107,25 +1112,38 @@ class Federation:
         if self.ledger is not None and ckpt.ledger_json is not None:
             self.ledger = type(self.ledger).from_json(ckpt.ledger_json)
         begun = load_begun_round(folder)
-        if begun is not None and begun.round_index > ckpt.round_index:
-            self._charge_interrupted(begun, folder)
+        if begun is not None and begun.round_index > ckpt.round_index:  # the server died in that round
+            events = [dp.event_from_dict(e) for e in begun.events]
+            self._charge_unfinished(begun.round_index, events, folder=folder, error="the server stopped in this round")
 
-    def _charge_interrupted(self, begun: BegunRound, folder: str | Path) -> None:
-        """A round that began after the checkpoint and never finished: charge its planned events, skip its number.
+    def _write_ahead(self, t: int, planned: Sequence[Any]) -> None:
+        """Before round ``t``'s first update leaves a client: its planned events beside the checkpoint.
 
-        Its clients may have trained and released their noised updates before the crash, so the
-        round counts as run (at its planned worst case); the model stays at the checkpoint's and
-        the next round gets a new number, whose fresh noise is charged as a round of its own.
-        The checkpoint is written again at once, so a second crash does not charge it twice.
+        A first round gets a checkpoint of the starting state first, so a crash in it can be resumed
+        (and charged) like any other.
         """
-        events = [dp.event_from_dict(e) for e in begun.events]
+        if self.checkpoint_dir is None:
+            return
+        if not (self.checkpoint_dir / "state.json").exists():
+            self.save(self.checkpoint_dir)
+        save_begun_round(self.checkpoint_dir, BegunRound(t, [dp.event_to_dict(e) for e in planned]))
+
+    def _charge_unfinished(self, t: int, events: Sequence[Any], *, folder: str | Path | None, error: str) -> None:
+        """Round ``t`` did not finish after its updates may have left the clients: charge ``events``, use up ``t``.
+
+        The round counts as run at its planned worst case (its clients may have released noised
+        updates to the server); the model stays as it was and the next round gets a new number, whose
+        fresh noise is charged as a round of its own. With ``folder``, the checkpoint is written at
+        once and the write-ahead record removed, so a later crash does not charge the round twice.
+        """
         if self.ledger is not None:
             for event in events:
                 self.ledger.record(event)
-        self.round_index = begun.round_index
-        record: dict[str, Any] = {"round": begun.round_index, "interrupted": True, "charged_events": len(events)}
+        self.round_index = t
+        record: dict[str, Any] = {"round": t, "interrupted": True, "charged_events": len(events), "error": error[:300]}
         if self.budget is not None:
             record["epsilon"] = float(self.budget.spent(self.ledger))
         self.history.append(record)
-        self.save(folder)
-        clear_begun_round(folder)
+        if folder is not None:
+            self.save(folder)
+            clear_begun_round(folder)

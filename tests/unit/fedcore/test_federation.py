@@ -22,6 +22,7 @@ from fedcore import (
     TrainConfig,
     UpdatePipeline,
 )
+from fedcore.rounds.checkpoint import load_checkpoint
 from fedcore.rounds.client import ClientResult
 from secagg import DropoutError, PlaintextSum
 
@@ -134,7 +135,10 @@ def test_pipeline_must_be_built_and_weighting_known():
         UpdatePipeline(max_examples=1).prepare(np.zeros(1, np.float32), num_examples=1)
 
 
-def test_failed_round_changes_nothing(tmp_path):
+def test_a_round_that_fails_after_its_updates_left_changes_no_model_but_is_charged_and_uses_its_number(tmp_path):
+    """The failure comes after the clients' inputs reached the server (here: at the unmasking), so they may have
+    been seen: the round is charged at its planned worst case, and a retry runs under a new number."""
+
     class Failing(PlaintextSum):
         def server_session(self, **kw):
             session = super().server_session(**kw)
@@ -145,18 +149,37 @@ def test_failed_round_changes_nothing(tmp_path):
             session.finish = finish
             return session
 
-    fed = _federation(strategy=FedAdam(lr=0.05), checkpoint_dir=tmp_path / "ck")
+    privacy = dp.SampleLevelDP(noise_multiplier=1.0, max_grad_norm=1.0)
+    fed = _federation(strategy=FedAdam(lr=0.05), checkpoint_dir=tmp_path / "ck", sample_privacy=privacy, ledger=dp.Ledger())
     fed.run(2)
-    vector, state = fed.global_vector.copy(), fed.strategy.state_dict()
-    saved = (tmp_path / "ck" / "state.json").read_text()
+    vector, state, events = fed.global_vector.copy(), fed.strategy.state_dict(), len(fed.ledger.events)
+    backend = fed.pipeline.backend
     fed.pipeline.backend = Failing()
     with pytest.raises(RoundFailedError, match="round 3 failed and changed nothing: only 1 of 4"):
         fed.run_round()
     assert np.array_equal(fed.global_vector, vector)
     assert all(np.array_equal(state[k], fed.strategy.state_dict()[k]) for k in state)
-    assert fed.round_index == 2 and len(fed.history) == 2
-    assert (tmp_path / "ck" / "state.json").read_text() == saved
-    assert not (tmp_path / "ck.begun.json").exists()  # a failed round released nothing: a resume charges nothing
+    assert fed.round_index == 3 and fed.history[-1]["interrupted"] is True and "only 1 of 4" in fed.history[-1]["error"]
+    assert {e.round_index for e in fed.ledger.events[events:]} == {3} and len(fed.ledger.events) == events + 4
+    assert load_checkpoint(tmp_path / "ck").round_index == 3 and not (tmp_path / "ck.begun.json").exists()
+    fed.pipeline.backend = backend
+    assert fed.run_round()["round"] == 4
+
+
+def test_a_round_interrupted_in_a_notebook_after_its_updates_left_is_charged_without_any_checkpoint():
+    class Stop(BaseException):
+        pass
+
+    fed = _federation(sample_privacy=dp.SampleLevelDP(noise_multiplier=1.0, max_grad_norm=1.0), ledger=dp.Ledger())
+    fed.run(1)
+    apply = fed.strategy.apply
+    fed.strategy.apply = lambda vector, aggregate: (_ for _ in ()).throw(Stop())  # the user presses stop
+    with pytest.raises(Stop):
+        fed.run_round()
+    fed.strategy.apply = apply
+    fed.run(3)
+    assert [h["round"] for h in fed.history] == [1, 2, 3] and fed.history[1]["interrupted"] is True
+    assert sorted(e.round_index for e in fed.ledger.events) == [1] * 4 + [2] * 4 + [3] * 4
 
 
 def test_revealing_strategies_need_consent_and_plaintext():
@@ -343,38 +366,43 @@ class _Crash(BaseException):
 
 
 def _crash_in_round(tmp_path, crash_round: int) -> tuple[Federation, dp.Ledger]:
-    """A DP run checkpointed each round whose server dies in round ``crash_round``, after it received the sum."""
+    """A DP run checkpointed each round whose server dies in round ``crash_round``, after it received the sum.
+
+    A kill runs no handler: the disk as it was at that moment (copied to ``tmp_path / "disk"``) is what a
+    resumed server finds.
+    """
+    import shutil
+
     privacy = dp.SampleLevelDP(noise_multiplier=1.0, max_grad_norm=1.0)
-    fed = _federation(sample_privacy=privacy, ledger=dp.Ledger(), checkpoint_dir=tmp_path / "ck")
+    fed = _federation(sample_privacy=privacy, ledger=dp.Ledger(), checkpoint_dir=tmp_path / "run" / "ck")
     apply = fed.strategy.apply
 
     def apply_or_die(vector, aggregate):
         if fed.round_index + 1 == crash_round:
+            shutil.copytree(tmp_path / "run", tmp_path / "disk")
             raise _Crash()
         return apply(vector, aggregate)
 
     fed.strategy.apply = apply_or_die
     with pytest.raises(_Crash):
         fed.run(crash_round)
-    assert fed.round_index == crash_round - 1
-    resumed = _federation(sample_privacy=privacy, ledger=dp.Ledger(), checkpoint_dir=tmp_path / "ck")
-    resumed.restore(tmp_path / "ck")
+    resumed = _federation(sample_privacy=privacy, ledger=dp.Ledger(), checkpoint_dir=tmp_path / "disk" / "ck")
+    resumed.restore(tmp_path / "disk" / "ck")
     return resumed, fed.ledger
 
 
 def test_a_round_interrupted_by_a_crash_is_charged_on_resume_and_not_run_again_under_its_number(tmp_path):
     """The attack: a server that dies after its clients released round 3, then resumes, must not get round 3 for free."""
-    resumed, crashed_ledger = _crash_in_round(tmp_path, 3)
+    resumed, _ = _crash_in_round(tmp_path, 3)
     charged = [e for e in resumed.ledger.events if e.round_index == 3]
     assert len(charged) == 4  # every participant's planned DP-SGD run of round 3, though round 3 never finished
-    assert len(crashed_ledger.events) == 2 * 4  # the crashed server's ledger had only rounds 1 and 2
     assert resumed.round_index == 3 and resumed.history[-1]["interrupted"] is True
     # each client's own ledger came back from its disk, with the round 3 update it released before the crash
     assert all({e.round_index for e in resumed.client_side.spent[cid].events} == {1, 2, 3} for cid in resumed.clients)
     resumed.run(4)
     assert [h["round"] for h in resumed.history] == [1, 2, 3, 4]
     assert sorted({e.round_index for e in resumed.ledger.events}) == [1, 2, 3, 4]
-    assert not (tmp_path / "ck.begun.json").exists()
+    assert not (tmp_path / "disk" / "ck.begun.json").exists()
     # each client's spend covers four rounds of DP-SGD, more than the three that finished
     finished = [e for e in resumed.ledger.events if e.round_index != 3]
     spent = dp.sample_level_epsilons(resumed.ledger, delta=1e-5)
@@ -388,9 +416,9 @@ def test_a_finished_round_leaves_no_write_ahead_record_and_a_second_restore_char
     again = _federation(
         sample_privacy=dp.SampleLevelDP(noise_multiplier=1.0, max_grad_norm=1.0),
         ledger=dp.Ledger(),
-        checkpoint_dir=tmp_path / "ck",
+        checkpoint_dir=tmp_path / "disk" / "ck",
     )
-    again.restore(tmp_path / "ck")  # a second crash right after the first resume
+    again.restore(tmp_path / "disk" / "ck")  # a second crash right after the first resume
     assert len(again.ledger.events) == events and again.round_index == 2
     fed = _federation(checkpoint_dir=tmp_path / "plain")
     fed.run(2)
@@ -472,3 +500,11 @@ def test_a_clients_ledger_file_is_read_as_a_multiset(tmp_path):
     fed.client_side.spent["client-0"].record(event)  # already holds one of them
     fed.client_side.load_states(tmp_path)
     assert fed.client_side.spent["client-0"].events == (event, event)
+
+
+def test_a_crash_in_the_first_round_is_resumed_and_charged(tmp_path):
+    """No round had finished, so there was no checkpoint: the first release writes one of the starting state."""
+    resumed, _ = _crash_in_round(tmp_path, 1)
+    assert resumed.round_index == 1 and sorted({e.round_index for e in resumed.ledger.events}) == [1]
+    resumed.run(2)
+    assert sorted({e.round_index for e in resumed.ledger.events}) == [1, 2]
