@@ -873,13 +873,16 @@ class PrivacyReport:
             "Headline figures: the PLD accountant of dp_accounting with pessimistic rounding (an upper bound) for "
             "Gaussian mechanisms; Skellam and discrete Gaussian noise through their RDP bounds; RDP is the cross-check.",
             "Each round is released once or charged again: a synchronous round that fails, is interrupted or "
-            "crashes after its first update may have left a client is charged at its planned worst case (the server "
-            "writes the planned events before the first update leaves; a resumed run records them) and its number is "
-            "not used again; asynchronous updates that fail are not covered. The ledger is the server's: a server that restores an earlier "
-            "checkpoint on purpose, or discards its ledger, can have rounds run again with fresh noise that this "
-            "report does not count. Against that, under a sample-level budget each client party keeps its own ledger "
-            "of the updates it released and refuses one that would take it over the budget, so no client gives "
-            "more than the budget whatever the server asks; client-level noise has no such client-side limit.",
+            "crashes after its first update may have left a client is charged at its planned worst case and its "
+            "number is not used again (the server writes the planned events before the first update leaves, and a "
+            "resumed run records them); a masked or encrypted round whose protocol fails reveals nothing and is not "
+            "charged; asynchronous updates that fail are not covered. The ledger is the server's: a server that "
+            "restores an earlier checkpoint on purpose, or discards its ledger, can have rounds run again with fresh "
+            "noise that this report does not count. Against that, under a sample-level budget each client party keeps "
+            "its own ledger of the updates it released and refuses, before training, a round that would take it over "
+            "the budget, so no client releases more DP-SGD updates than the budget allows whatever the server asks; "
+            "the metrics it reports are the non-private releases listed, and client-level noise has no such "
+            "client-side limit.",
         ]
         if any(e.sampling == "poisson" and e.sample_rate < 1 for e in events):
             out.append(

@@ -112,6 +112,28 @@ class PartySettings:
         return {f: getattr(self, f) for f in self.__dataclass_fields__}
 
 
+def planned_sample_event(
+    privacy: dp.SampleLevelDP, train: TrainConfig, *, client_id: str, round_index: int, num_examples: int, clipping: str
+) -> dp.SampleLevelEvent:
+    """The DP-SGD run a client holding ``num_examples`` makes in one round, every planned step taken.
+
+    What the server plans a round's budget with and what a client checks its own budget with before
+    it trains (early stopping only spends less).
+    """
+    steps, sample_rate = train.dp_schedule(num_examples)
+    return dp.SampleLevelEvent(
+        client_id=client_id,
+        round_index=round_index,
+        noise_multiplier=privacy.noise(),
+        max_grad_norm=privacy.max_grad_norm,
+        sample_rate=sample_rate,
+        steps=steps,
+        clipping=clipping,
+        sampling="poisson" if privacy.poisson_sampling else "fixed_size",
+        unit=privacy.unit,
+    )
+
+
 @dataclass
 class _Pending:
     """A client's trained update, waiting for the server's PROTECT or REVEAL."""
@@ -138,9 +160,11 @@ class ClientSide:
     ensembles, plaintext mode, with consent); otherwise a REVEAL is refused, whatever the server says.
 
     ``budget`` (sample level): each client keeps its own ledger of the DP-SGD runs whose updates
-    it released (PROTECT or REVEAL) and refuses to release one that would take its own epsilon
-    over the budget, whatever the server asks: a server that forgets its ledger, or restores an
-    earlier checkpoint on purpose and asks again, gets no more than the budget from any client.
+    it released (PROTECT or REVEAL) and refuses, before training, a round whose planned run would
+    take its own epsilon over the budget: a server that forgets its ledger, or restores an earlier
+    checkpoint on purpose and asks again, gets no more updates than the budget allows from any
+    client. What a client reports besides (training and evaluation metrics) is listed in the
+    report as non-private releases and is not limited by it.
     With ``state_folder`` (the clients' disk) a client writes its ledger there as it releases,
     so that a crash does not lose it; :meth:`load_states` reads it back on resume.
     """
@@ -294,7 +318,18 @@ class ClientSide:
                 raise ProtocolError(f"a TRAIN message for {cid!r}, which is no client of this federation")
             by_version.setdefault((int(d.header["round"]), int(d.header["version"])), []).append(cid)
         replies: dict[str, bytes] = {}
-        for (t, _version), ids in by_version.items():
+        for (t, _version), asked in by_version.items():
+            refused = {cid: why for cid in asked if (why := self._over_budget(cid, t)) is not None}
+            for cid, why in refused.items():  # refused before training: no update, no metrics
+                self._pending.pop(cid, None)
+                replies[cid] = msg.encode(
+                    msg.Kind.TRAIN_REPORT,
+                    {"round": t, "client": cid, "ok": False, "error": why, "train_seconds": 0.0, "steps": 0, "metrics": {},
+                     "privacy_event": None},
+                )  # fmt: skip
+            ids = [cid for cid in asked if cid not in refused]
+            if not ids:
+                continue
             vector = torch.from_numpy(decoded[ids[0]].payload)
             jobs = [int(decoded[c].header.get("job", t)) for c in ids]
             clients = [self.clients[c] for c in ids]
@@ -316,7 +351,6 @@ class ClientSide:
             for cid, result, local_after in zip(ids, results, after):
                 late = self.client_deadline is not None and result.train_seconds > self.client_deadline
                 error = result.error or (f"missed the deadline of {self.client_deadline} s" if late else None)
-                error = error or self._over_budget(cid, result, t)
                 ok = error is None
                 if ok:
                     self._pending[cid] = _Pending(t, result, local_after)
@@ -338,12 +372,22 @@ class ClientSide:
                 )
         return replies
 
-    def _over_budget(self, cid: str, result: ClientResult, t: int) -> str | None:
-        """Why ``cid`` refuses to release this update (its own budget would be exceeded), or None."""
-        if self.budget is None or result.privacy_event is None:
+    def _over_budget(self, cid: str, t: int) -> str | None:
+        """Why ``cid`` refuses to train for round ``t`` (its planned run would exceed its own budget), or None."""
+        if self.budget is None or not isinstance(self.privacy, dp.SampleLevelDP):
             return None
+        # the clipping mode does not enter the accounting; this planned event is checked, never recorded
+        clipping = "default" if self.privacy.clipping == "auto" else self.privacy.clipping
+        planned = planned_sample_event(
+            self.privacy,
+            self.train,
+            client_id=cid,
+            round_index=t,
+            num_examples=self.clients[cid].data.num_train,
+            clipping=clipping,
+        )
         try:
-            self.budget.check(self.spent[cid], [result.privacy_event], what=f"client {cid!r}'s update of round {t}")
+            self.budget.check(self.spent[cid], [planned], what=f"client {cid!r}'s update of round {t}")
         except dp.BudgetExceededError as exc:
             return f"refused by the client: {exc}"
         return None

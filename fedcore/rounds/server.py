@@ -40,7 +40,7 @@ from .client import Client, ClientResult
 from .costs import CostEstimate, CostWarning, message_bytes, peak_memory, probe_protection, protection_degree, upload_per_client
 from .executors import Executor, InProcessExecutor
 from .observability import ConsoleLogger, MetricsLogger, progress
-from .parties import Channel, ClientSide, InProcessChannel, PartyHost, PartySettings, Randomness
+from .parties import Channel, ClientSide, InProcessChannel, PartyHost, PartySettings, Randomness, planned_sample_event
 from .sampling import AllClients, ClientSampler
 from .training import SampleLevelPrivacy, TrainConfig
 
@@ -463,7 +463,9 @@ class Federation:
 
         A round that fails or is interrupted after its first update may have left a client (PROTECT or
         REVEAL) is charged at its planned worst case and its number is used up (the model is
-        unchanged); one that fails before (every client failed in training) changes nothing. With
+        unchanged), unless masking or encryption failed as a protocol (too few survivors, a refused
+        message: nothing was revealed); one that fails before (every client failed in training)
+        changes nothing. With
         ``checkpoint_dir`` the planned events are written beside the checkpoint at that point
         (:func:`~fedcore.rounds.checkpoint.save_begun_round`), so a run resumed after a crash in the
         round charges them too (see :meth:`restore`).
@@ -515,8 +517,14 @@ class Federation:
         try:
             record = self.transact(f"round {t}", planned, body)
         except BaseException as exc:
-            if released:  # a failure or an interruption after updates may have left: charged, its number used
+            # masking and encryption reveal nothing when their protocol fails (too few survivors, a refused
+            # message); anything else after the first update left (a plaintext or revealed update, a failure
+            # after the sum, an interruption) may have shown something: charged, its number used up
+            hidden = isinstance(exc, RoundFailedError) and self.pipeline.backend.mode != "plaintext"
+            if released and not hidden:
                 self._charge_unfinished(t, planned, folder=self.checkpoint_dir, error=f"{type(exc).__name__}: {exc}")
+            elif released and self.checkpoint_dir is not None:
+                clear_begun_round(self.checkpoint_dir)
             raise
         self.round_index = t
         self._finish_record(t, record, started, key="round_seconds")
@@ -653,6 +661,10 @@ class Federation:
         if not alive:
             raise RoundFailedError(f"round {t}: every participant dropped out; nothing to select from")
         replies = self.channel.exchange({cid: msg.encode(msg.Kind.REVEAL, {"round": t}) for cid in alive})
+        # recorded as soon as the models are here: a round that fails after this still revealed them
+        self.reveals.append(
+            Reveal(t, tuple(alive), what=f"local models ({self.strategy.name})", why_allowed=self._reveal_basis())
+        )
         local_models = []
         for cid in alive:
             revealed = msg.decode(replies.get(cid) or b"", expect=msg.Kind.REVEALED)
@@ -664,9 +676,6 @@ class Federation:
                 cid, self.global_vector + revealed.payload, float(revealed.header["num_examples"]), revealed.header["metrics"]
             ))  # fmt: skip
         new_vector = self.strategy.combine(self.global_vector, local_models)
-        self.reveals.append(
-            Reveal(t, tuple(alive), what=f"local models ({self.strategy.name})", why_allowed=self._reveal_basis())
-        )
         return new_vector, len(alive), len(ids) - len(alive)
 
     def _reveal_basis(self) -> str:
@@ -696,20 +705,12 @@ class Federation:
         if isinstance(self.sample_privacy, dp.SampleLevelDP):
             clipping = dp.resolve_clipping(self.executor_model(), self.sample_privacy.clipping)
             for cid in participants:
-                steps, sample_rate = self.train.dp_schedule(self.declared_sizes[cid])
                 events.append(
-                    dp.SampleLevelEvent(
-                        client_id=cid,
-                        round_index=t,
-                        noise_multiplier=self.sample_privacy.noise(),
-                        max_grad_norm=self.sample_privacy.max_grad_norm,
-                        sample_rate=sample_rate,
-                        steps=steps,
-                        clipping=clipping,
-                        sampling="poisson" if self.sample_privacy.poisson_sampling else "fixed_size",
-                        unit=self.sample_privacy.unit,
+                    planned_sample_event(
+                        self.sample_privacy, self.train, client_id=cid, round_index=t,
+                        num_examples=self.declared_sizes[cid], clipping=clipping,
                     )
-                )
+                )  # fmt: skip
         if participants and not self.reveals_models:
             n = len(participants)
             events += self.pipeline.planned_events(
