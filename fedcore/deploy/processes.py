@@ -149,6 +149,7 @@ def client_party(config: ExperimentConfig, kit: ClientKit) -> Any:
         randomness=fed.randomness,
         budget=clients_own_budget(fed.budget, fed.sample_privacy),
         reveals=fed.reveals_models,
+        state_folder=None if kit.folder is None else kit.folder / "state",
         identities={cid: kit.identity_key},
         directory=kit.directory,
     )

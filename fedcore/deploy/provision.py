@@ -224,6 +224,7 @@ class ClientKit:
     identity_key: Ed25519PrivateKey
     ca: bytes
     directory: dict[str, bytes]
+    folder: Path | None = None  # where it was loaded from: the client's disk, which also keeps its own ledger
 
     @classmethod
     def load(cls, folder: str | Path) -> ClientKit:
@@ -243,7 +244,9 @@ class ClientKit:
             raise ConfigError(f"{folder}/client.pem does not bind the identity key in {folder}/identity.key")
         _read(folder, "directory.json")
         directory = {cid: key for cid, (_, key) in _load_directory(folder / "directory.json").items()}
-        return cls(_common_name(cert), _read(folder, "client.key"), cert_pem, identity, _read(folder, "ca.pem"), directory)
+        return cls(
+            _common_name(cert), _read(folder, "client.key"), cert_pem, identity, _read(folder, "ca.pem"), directory, folder
+        )
 
 
 def _common_name(cert: x509.Certificate) -> str:

@@ -165,8 +165,9 @@ class ClientSide:
     checkpoint on purpose and asks again, gets no more updates than the budget allows from any
     client. What a client reports besides (training and evaluation metrics) is listed in the
     report as non-private releases and is not limited by it.
-    With ``state_folder`` (the clients' disk) a client writes its ledger there as it releases,
-    so that a crash does not lose it; :meth:`load_states` reads it back on resume.
+    With ``state_folder`` (the clients' disk) a client writes its ledger there as it releases and
+    reads it back when it starts, so that neither a crash nor a restart loses it; :meth:`load_states`
+    adds what another folder holds, never removing an event.
     """
 
     def __init__(
@@ -207,6 +208,8 @@ class ClientSide:
         self.reveals = reveals
         # per client, the sample-level events of the updates it released: its own account, not the server's
         self.spent: dict[str, dp.Ledger] = {cid: dp.Ledger() for cid in self.clients}
+        if state_folder is not None:  # a client restarted on its disk keeps its account
+            self._merge_ledgers(state_folder)
         self._pending: dict[str, _Pending] = {}
         self._keys: dict[str, ClientKeys] = {}
         self.key_holder: Any = None
@@ -417,10 +420,13 @@ class ClientSide:
         for cid, params in load_local_states(folder).items():
             if cid in self.clients:
                 self.clients[cid].local_state = {k: torch.from_numpy(v.copy()) for k, v in params.items()}
+        self._merge_ledgers(folder)
+
+    def _merge_ledgers(self, folder: str | Path) -> None:
+        """Add the clients' ledgers saved in ``folder`` to what they hold, as multisets (never fewer events)."""
         for cid, text in load_client_ledgers(folder).items():
             if cid in self.clients:
                 held = self.spent[cid]
-                # as multisets: each event as many times as the larger of the two records holds it
                 extra = Counter(dp.Ledger.from_json(text).events) - Counter(held.events)
                 for event in extra.elements():
                     held.record(event)

@@ -437,7 +437,8 @@ def _lying_server_spend(client_budgets: bool) -> tuple[dict[str, float], float, 
     probe.run(2)
     limit = 1.0001 * max(dp.sample_level_epsilons(probe.ledger, delta=1e-5).values())  # two rounds fit every client
     budget = dp.PrivacyBudget(epsilon=limit, delta=1e-5, level="sample")
-    fed = _federation(sample_privacy=privacy, ledger=dp.Ledger(), budget=budget)
+    # fresh client randomness: every round asked again is a new noise draw, not a replay of the first
+    fed = _federation(sample_privacy=privacy, ledger=dp.Ledger(), budget=budget, reproducible=False)
     if not client_budgets:
         fed.client_side.budget = None
     start = fed.global_vector.copy()
@@ -508,3 +509,20 @@ def test_a_crash_in_the_first_round_is_resumed_and_charged(tmp_path):
     assert resumed.round_index == 1 and sorted({e.round_index for e in resumed.ledger.events}) == [1]
     resumed.run(2)
     assert sorted({e.round_index for e in resumed.ledger.events}) == [1, 2]
+
+
+def test_a_server_restarted_on_the_clients_disk_without_restoring_gets_no_more_updates(tmp_path):
+    """The attack: a new server (and freshly started client parties) on the same disk, that never restores."""
+    privacy = dp.SampleLevelDP(noise_multiplier=1.0, max_grad_norm=1.0)
+    probe = _federation(sample_privacy=privacy, ledger=dp.Ledger())
+    probe.run(2)
+    limit = 1.0001 * max(dp.sample_level_epsilons(probe.ledger, delta=1e-5).values())
+    budget = dp.PrivacyBudget(epsilon=limit, delta=1e-5, level="sample")
+    first = _federation(sample_privacy=privacy, ledger=dp.Ledger(), budget=budget, checkpoint_dir=tmp_path / "ck")
+    with pytest.warns(UserWarning, match="training stopped"):
+        first.run(10)
+    again = _federation(sample_privacy=privacy, ledger=dp.Ledger(), budget=budget, checkpoint_dir=tmp_path / "ck")
+    again.budget = None  # the new server ignores any budget
+    assert all(len(again.client_side.spent[c].events) == len(first.client_side.spent[c].events) > 0 for c in again.clients)
+    with pytest.raises(RoundFailedError, match="refused by the client"):
+        again.run_round()
