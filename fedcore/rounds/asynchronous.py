@@ -415,6 +415,7 @@ class AsyncFederation:
         self._speeds: dict[str, float] = {}
         self._dispatched = 0
         self._started = False
+        self._refused: set[str] = set()  # clients that refused to train past their own privacy budget
 
     # ------------------------------------------------------------------ running
     @property
@@ -441,6 +442,11 @@ class AsyncFederation:
                     self.stop_reason = str(exc)
                     break
                 raise
+            except RoundFailedError as exc:
+                if on_budget == "stop" and self._refused and not self._jobs:  # the clients' own budgets are spent
+                    self.stop_reason = str(exc)
+                    break
+                raise
         return self.history
 
     def step(self) -> dict[str, Any]:
@@ -453,6 +459,11 @@ class AsyncFederation:
         """
         self._start()
         while True:
+            if not self._jobs:
+                raise RoundFailedError(
+                    f"no client can train: {len(self._refused)} of {len(self.federation.client_ids)} refused to go past "
+                    f"their own privacy budget, too few are left to fill a buffer of {self.schedule.buffer_size}"
+                )
             _, job = heapq.heappop(self._jobs)
             self.now = job.finish
             if job.report is None:
@@ -466,6 +477,8 @@ class AsyncFederation:
             limit = self.schedule.max_staleness
             if (limit is not None and tau > limit) or not job.report["ok"]:
                 self.discarded += 1
+                if str(job.report.get("error") or "").startswith("refused by the client"):
+                    self._refused.add(job.client_id)
             else:
                 self._buffer.append((job, tau))
             record = None
@@ -504,7 +517,7 @@ class AsyncFederation:
 
     def _dispatch(self) -> bool:
         """Start one idle client (uniformly at random) on the current model; False if none is idle."""
-        busy = {job.client_id for _, job in self._jobs} | {job.client_id for job, _ in self._buffer}
+        busy = {job.client_id for _, job in self._jobs} | {job.client_id for job, _ in self._buffer} | self._refused
         idle = [c for c in self.federation.client_ids if c not in busy]
         if not idle:
             return False

@@ -237,6 +237,22 @@ def test_budget_stops_before_the_update_that_would_exceed_it():
     assert dp.epsilon(ledger, delta=1e-5) <= 5.0
 
 
+def test_clients_refusing_past_their_own_budget_end_an_asynchronous_run_cleanly():
+    """Refused jobs fill no buffer: the run stops, naming why, instead of dispatching refused clients forever."""
+    privacy = dp.SampleLevelDP(noise_multiplier=1.0, max_grad_norm=1.0)
+    probe = _federation(sample_privacy=privacy, ledger=dp.Ledger())
+    probe.run(2)
+    limit = 1.0001 * max(dp.sample_level_epsilons(probe.ledger, delta=1e-5).values())  # two updates fit a client
+    budget = dp.PrivacyBudget(epsilon=limit, delta=1e-5, level="sample")
+    fed = _federation(sample_privacy=privacy, ledger=dp.Ledger(), budget=budget)
+    fed.budget = None  # the server does not stop itself: the clients' own ledgers must
+    runner = AsyncFederation(fed, schedule=FedBuff(buffer_size=2, concurrency=4), clock=VirtualClock())
+    runner.run(100)
+    assert runner.stop_reason is not None and "refused to go past their own privacy budget" in runner.stop_reason
+    spent = {cid: dp.sample_level_epsilons(ledger, delta=1e-5).get(cid, 0.0) for cid, ledger in fed.client_side.spent.items()}
+    assert 0 < max(spent.values()) <= limit and runner.version < 100
+
+
 # ---------------------------------------------------------------- FedAsync
 def test_fedasync_mixes_each_result_as_specified():
     fed = _federation(executor=SpyExecutor(ToyTask()))
