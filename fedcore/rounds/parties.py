@@ -92,6 +92,10 @@ class Randomness:
         return np.random.default_rng(self.seed(round_index=round_index, party=party, purpose=purpose))
 
 
+HELD_OUT_SPLITS = ("validation", "test")
+"""The splits a client scores the global model on when the server asks (never its training data)."""
+
+
 @dataclass(frozen=True)
 class PartySettings:
     """What every client party of a federation is built with, besides its own data and executor."""
@@ -493,6 +497,11 @@ class ClientSide:
         for cid, d in decoded.items():
             if cid not in self.clients:
                 raise ProtocolError(f"an EVALUATE message for {cid!r}, which is no client of this federation")
+            if str(d.header["split"]) not in HELD_OUT_SPLITS:
+                raise ProtocolError(
+                    f"client {cid!r} scores the global model on its held-out splits {HELD_OUT_SPLITS} only, "
+                    f"got split {d.header['split']!r} (its training data's scores would be an exact release about it)"
+                )
             groups.setdefault((str(d.header["split"]), d.payload.tobytes()), []).append(cid)
         for (split, _), ids in groups.items():
             vector = torch.from_numpy(decoded[ids[0]].payload)
@@ -514,6 +523,8 @@ class ClientSide:
         (a whole client changes it by at most 1). Noise standard deviation: ``multiplier`` x 1.
         """
         metric, per, z = str(noise["metric"]), str(noise["per"]), float(noise["multiplier"])
+        if not (math.isfinite(z) and z > 0):
+            raise ProtocolError(f"client {cid!r} noises its score with a positive noise multiplier only, got {z!r}")
         if metric not in metrics or not math.isfinite(float(metrics[metric])):
             raise ProtocolError(f"client {cid!r} has no finite {metric!r} on this split to noise")
         value = float(metrics[metric]) * (count if per == "sum" else 1)

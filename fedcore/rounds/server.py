@@ -40,7 +40,16 @@ from .client import Client, ClientResult
 from .costs import CostEstimate, CostWarning, message_bytes, peak_memory, probe_protection, protection_degree, upload_per_client
 from .executors import Executor, InProcessExecutor
 from .observability import ConsoleLogger, MetricsLogger, progress
-from .parties import Channel, ClientSide, InProcessChannel, PartyHost, PartySettings, Randomness, planned_sample_event
+from .parties import (
+    HELD_OUT_SPLITS,
+    Channel,
+    ClientSide,
+    InProcessChannel,
+    PartyHost,
+    PartySettings,
+    Randomness,
+    planned_sample_event,
+)
 from .sampling import AllClients, ClientSampler
 from .training import SampleLevelPrivacy, TrainConfig
 
@@ -953,6 +962,10 @@ class Federation:
                 "server receives each client's metrics and its number of evaluated examples)"
             )
         out.append("per-round counts of participants, contributors and dropouts, and bytes uploaded")
+        out.append(
+            "each client's local training metrics in its report of every round it trained (computed on its own data "
+            "during local training, without noise)"
+        )
         if self.sample_privacy is not None:
             out.append("each client's DP-SGD sampling rate and step count in its ledger events (they reveal its dataset size)")
         if self.reveals_models:
@@ -981,8 +994,8 @@ class Federation:
         the pooled predictions: for a model without local-only parameters, score ``self.model()``
         on pooled data instead.
         """
-        if split not in ("train", "validation", "test"):
-            raise ConfigError(f"split must be 'train', 'validation' or 'test', got {split!r}")
+        if split not in HELD_OUT_SPLITS:
+            raise ConfigError(f"split must be one of the clients' held-out splits {HELD_OUT_SPLITS}, got {split!r}")
         request = msg.encode(msg.Kind.EVALUATE, {"split": split}, self.global_vector)
         replies = self.channel.exchange({cid: request for cid in self.client_ids})
         totals: dict[str, float] = {}
@@ -1010,8 +1023,8 @@ class Federation:
         """
         if per not in ("sum", "mean"):
             raise ConfigError(f"per must be 'sum' or 'mean', got {per!r}")
-        if split not in ("validation", "test"):
-            raise ConfigError(f"split must be 'validation' or 'test', got {split!r}")
+        if split not in HELD_OUT_SPLITS:
+            raise ConfigError(f"split must be one of the clients' held-out splits {HELD_OUT_SPLITS}, got {split!r}")
         noise = {"metric": metric, "multiplier": float(noise_multiplier), "per": per, "round": self.round_index}
         request = msg.encode(msg.Kind.EVALUATE, {"split": split, "noise": noise}, self.global_vector)
         replies = self.channel.exchange({cid: request for cid in self.client_ids})

@@ -120,3 +120,23 @@ def test_randomness_is_fresh_by_default_and_derived_only_in_simulation():
     assert sim.seed(round_index=1, party="a", purpose="train") != sim.seed(round_index=1, party="b", purpose="train")
     with pytest.raises(Exception, match="simulation_seed must be an int or None"):
         Randomness("5")  # type: ignore[arg-type]
+
+
+def test_a_server_asking_for_scores_on_the_clients_training_data_or_an_unnoised_score_is_refused():
+    """The attacks: exact metrics of the training data (a neighbouring record moves them), and a 'noised' score at
+    multiplier 0; the server's own API refuses the first, each client refuses both whatever the server sends."""
+    from fedcore import ConfigError
+    from fedcore.rounds import messages as msg
+    from secagg import ProtocolError
+
+    fed = _federation(UpdatePipeline(backend=_backend("plaintext"), clip=dp.L2Clip(1.0), max_examples=100))
+    with pytest.raises(ConfigError, match="split must be one of the clients' held-out splits"):
+        fed.evaluate("train")
+    train = msg.encode(msg.Kind.EVALUATE, {"split": "train"}, fed.global_vector)
+    with pytest.raises(ProtocolError, match="scores the global model on its held-out splits"):
+        fed.channel.send("client-0", train)
+    noise = {"metric": "accuracy", "multiplier": 0.0, "per": "mean", "round": 0}
+    exact = msg.encode(msg.Kind.EVALUATE, {"split": "validation", "noise": noise}, fed.global_vector)
+    with pytest.raises(ProtocolError, match="positive noise multiplier only, got 0.0"):
+        fed.channel.send("client-0", exact)
+    assert fed.evaluate("test")  # the held-out splits are still scored
