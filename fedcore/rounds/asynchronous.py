@@ -576,6 +576,19 @@ class AsyncFederation:
             weights.append(s)
         return weights
 
+    def _charge_unfinished(self, t: int, planned: list[Any], error: str) -> None:
+        """Update ``t`` failed after its updates may have left: charge its planned events, use up its number.
+
+        The model stays as it was (a new version of the same vector), as a synchronous round does.
+        """
+        fed = self.federation
+        if fed.ledger is not None:
+            for event in planned:
+                fed.ledger.record(event)
+        self.version = t
+        self._snapshots[t] = fed.global_vector.copy()
+        self.history.append({"update": t, "interrupted": True, "charged_events": len(planned), "error": error[:300]})
+
     def _apply(self) -> dict[str, Any]:
         fed = self.federation
         started = time.perf_counter()
@@ -592,7 +605,11 @@ class AsyncFederation:
             round_index=t, participants=n, survivors=fed.min_survivors(n), sample_rate=1.0, sampling="full"
         )
 
+        released = False  # from the first PROTECT on, the buffer's updates may have left their clients
+
         def body() -> tuple[np.ndarray, list[Any], dict[str, Any]]:
+            nonlocal released
+            released = True
             staleness = {cid: 1.0 if mixing else w for cid, w in zip(ids, weights)}
             out = fed.protected_sum(t, ids, staleness=staleness, sample_rate=1.0, sampling="full")
             if mixing:
@@ -620,9 +637,13 @@ class AsyncFederation:
 
         try:
             record = fed.transact(f"asynchronous update {t}", planned, body)
-        except RoundFailedError as exc:
+        except BaseException as exc:
             self._buffer.clear()
-            raise RoundFailedError(f"{exc}; its {n} results were discarded") from exc
+            if released and not fed.revealed_nothing(exc):
+                self._charge_unfinished(t, planned, f"{type(exc).__name__}: {exc}")
+            if isinstance(exc, RoundFailedError):
+                raise RoundFailedError(f"{exc}; its {n} results were discarded") from exc
+            raise
         self.version = t
         self._snapshots[t] = fed.global_vector.copy()
         self._buffer.clear()

@@ -41,6 +41,7 @@ __all__ = [
     "save_local_state",
     "load_local_states",
     "save_client_ledger",
+    "load_client_ledger",
     "load_client_ledgers",
     "saved_client_ids",
     "save_begun_round",
@@ -227,6 +228,12 @@ def save_client_ledger(folder: str | Path, client_id: str, ledger_json: str) -> 
     tmp.write_text(ledger_json, encoding="utf-8")
     os.replace(tmp, path)
     return path
+
+
+def load_client_ledger(folder: str | Path, client_id: str) -> str | None:
+    """One client's own ledger (JSON) saved in ``folder``, or None."""
+    path = Path(folder) / f"{client_id}.ledger.json"
+    return _read(path, lambda p: p.read_text(encoding="utf-8")) if path.exists() else None
 
 
 def load_client_ledgers(folder: str | Path) -> dict[str, str]:

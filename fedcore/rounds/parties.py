@@ -42,7 +42,7 @@ from ..errors import ConfigError
 from ..stages.layout import ParameterLayout
 from ..stages.pipeline import UpdatePipeline
 from . import messages as msg
-from .checkpoint import load_client_ledgers, load_local_states, save_client_ledger, save_local_state
+from .checkpoint import load_client_ledger, load_client_ledgers, load_local_states, save_client_ledger, save_local_state
 from .client import Client, ClientResult, check_results
 from .executors import Executor
 from .training import SampleLevelPrivacy, TrainConfig
@@ -402,6 +402,8 @@ class ClientSide:
     def _release(self, cid: str, pending: _Pending) -> None:
         """The update leaves the client now (masked, encrypted or plain): its own ledger records it, once."""
         if not pending.released and pending.result.privacy_event is not None:
+            if self.state_folder is not None:  # what another party object on this disk wrote meanwhile stays
+                self._merge(cid, load_client_ledger(self.state_folder, cid))
             self.spent[cid].record(pending.result.privacy_event)
             if self.state_folder is not None:
                 save_client_ledger(self.state_folder, cid, self.spent[cid].to_json())
@@ -409,6 +411,7 @@ class ClientSide:
 
     def save_states(self, folder: str | Path) -> None:
         """Each client's own files in ``folder`` (its disk): its local-only parameters and its own ledger."""
+        self._merge_ledgers(folder)  # a ledger file never ends up shorter than it was
         for cid, client in self.clients.items():
             if client.local_state:
                 save_local_state(folder, cid, {k: t.detach().cpu().numpy() for k, t in client.local_state.items()})
@@ -427,13 +430,18 @@ class ClientSide:
         self._merge_ledgers(folder)
 
     def _merge_ledgers(self, folder: str | Path) -> None:
-        """Add the clients' ledgers saved in ``folder`` to what they hold, as multisets (never fewer events)."""
+        """Add the clients' ledgers saved in ``folder`` to what they hold (see :meth:`_merge`)."""
         for cid, text in load_client_ledgers(folder).items():
             if cid in self.clients:
-                held = self.spent[cid]
-                extra = Counter(dp.Ledger.from_json(text).events) - Counter(held.events)
-                for event in extra.elements():
-                    held.record(event)
+                self._merge(cid, text)
+
+    def _merge(self, cid: str, text: str | None) -> None:
+        """Add a saved ledger of ``cid`` to what it holds, as multisets: never fewer events than either."""
+        if text is None:
+            return
+        held = self.spent[cid]
+        for event in (Counter(dp.Ledger.from_json(text).events) - Counter(held.events)).elements():
+            held.record(event)
 
     def _finish(self, cid: str, decoded: msg.Message) -> bytes:
         """The simulated job ended: a deferred local state takes effect now."""

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 import dp
-from secagg import KEY_HOLDER, MaskedSum, Respond, SecAggError, Stage, drive_round
+from secagg import KEY_HOLDER, DropoutError, MaskedSum, Respond, SecAggError, Stage, drive_round
 
 from ..errors import ConfigError, RoundFailedError
 from ..stages.layout import ParameterLayout
@@ -472,8 +472,8 @@ class Federation:
 
         A round that fails or is interrupted after its first update may have left a client (PROTECT or
         REVEAL) is charged at its planned worst case and its number is used up (the model is
-        unchanged), unless masking or encryption failed as a protocol (too few survivors, a refused
-        message: nothing was revealed); one that fails before (every client failed in training)
+        unchanged), unless it showed the server nothing (:meth:`revealed_nothing`: masking or
+        encryption with too few survivors); one that fails before (every client failed in training)
         changes nothing. With
         ``checkpoint_dir`` the planned events are written beside the checkpoint at that point
         (:func:`~fedcore.rounds.checkpoint.save_begun_round`), so a run resumed after a crash in the
@@ -526,11 +526,7 @@ class Federation:
         try:
             record = self.transact(f"round {t}", planned, body)
         except BaseException as exc:
-            # masking and encryption reveal nothing when their protocol fails (too few survivors, a refused
-            # message); anything else after the first update left (a plaintext or revealed update, a failure
-            # after the sum, an interruption) may have shown something: charged, its number used up
-            hidden = isinstance(exc, RoundFailedError) and self.pipeline.backend.mode != "plaintext"
-            if released and not hidden:
+            if released and not self.revealed_nothing(exc):
                 self._charge_unfinished(t, planned, folder=self.checkpoint_dir, error=f"{type(exc).__name__}: {exc}")
             elif released and self.checkpoint_dir is not None:
                 clear_begun_round(self.checkpoint_dir)
@@ -1129,6 +1125,20 @@ class Federation:
         if begun is not None and begun.round_index > ckpt.round_index:  # the server died in that round
             events = [dp.event_from_dict(e) for e in begun.events]
             self._charge_unfinished(begun.round_index, events, folder=folder, error="the server stopped in this round")
+
+    def revealed_nothing(self, exc: BaseException) -> bool:
+        """Whether a round that failed with ``exc`` after its first update left showed the server nothing.
+
+        Only masking or encryption with too few survivors (``secagg.DropoutError``): the server cannot
+        rebuild the sum from fewer inputs than the threshold. Anything else after the first update left
+        (a plaintext or revealed update, a refused message once enough unmasking answers may be in, a
+        failure after the sum, an interruption) may have shown something.
+        """
+        return (
+            self.pipeline.backend.mode != "plaintext"
+            and isinstance(exc, RoundFailedError)
+            and isinstance(exc.__cause__, DropoutError)
+        )
 
     def _write_ahead(self, t: int, planned: Sequence[Any]) -> None:
         """Before round ``t``'s first update leaves a client: its planned events beside the checkpoint.

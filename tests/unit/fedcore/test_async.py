@@ -253,6 +253,22 @@ def test_clients_refusing_past_their_own_budget_end_an_asynchronous_run_cleanly(
     assert 0 < max(spent.values()) <= limit and runner.version < 100
 
 
+def test_an_update_that_fails_after_its_buffer_was_released_is_charged_and_uses_its_number():
+    privacy = dp.SampleLevelDP(noise_multiplier=1.0, max_grad_norm=1.0)
+    fed = _federation(sample_privacy=privacy, ledger=dp.Ledger())
+    runner = AsyncFederation(fed, schedule=FedBuff(buffer_size=2, concurrency=2), clock=VirtualClock())
+    runner.run(1)
+    before, apply = fed.global_vector.copy(), fed.strategy.apply
+    fed.strategy.apply = lambda vector, aggregate: (_ for _ in ()).throw(RuntimeError("the server's step broke"))
+    with pytest.raises(RuntimeError, match="the server's step broke"):
+        runner.step()  # the buffer's plaintext updates had reached the server
+    fed.strategy.apply = apply
+    assert runner.version == 2 and runner.history[-1]["interrupted"] and np.array_equal(fed.global_vector, before)
+    assert sorted({e.round_index for e in fed.ledger.events}) == [1, 2]
+    runner.run(3)
+    assert sorted({e.round_index for e in fed.ledger.events}) == [1, 2, 3]
+
+
 # ---------------------------------------------------------------- FedAsync
 def test_fedasync_mixes_each_result_as_specified():
     fed = _federation(executor=SpyExecutor(ToyTask()))

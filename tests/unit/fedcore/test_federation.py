@@ -526,3 +526,16 @@ def test_a_server_restarted_on_the_clients_disk_without_restoring_gets_no_more_u
     assert all(len(again.client_side.spent[c].events) == len(first.client_side.spent[c].events) > 0 for c in again.clients)
     with pytest.raises(RoundFailedError, match="refused by the client"):
         again.run_round()
+
+
+def test_two_federations_on_one_disk_never_shorten_a_clients_ledger_file(tmp_path):
+    """A notebook cell run twice: two live client-party objects write the same clients' files."""
+    from fedcore.rounds.checkpoint import load_client_ledgers
+
+    privacy = dp.SampleLevelDP(noise_multiplier=1.0, max_grad_norm=1.0)
+    first = _federation(sample_privacy=privacy, ledger=dp.Ledger(), checkpoint_dir=tmp_path / "ck")
+    second = _federation(sample_privacy=privacy, ledger=dp.Ledger(), checkpoint_dir=tmp_path / "ck")
+    first.run(2)
+    second.run(1)
+    files = load_client_ledgers(tmp_path / "ck-clients")
+    assert {cid: len(dp.Ledger.from_json(text).events) for cid, text in files.items()} == {c: 3 for c in first.clients}
