@@ -474,10 +474,10 @@ class Federation:
         REVEAL) is charged at its planned worst case and its number is used up (the model is
         unchanged), unless it showed the server nothing (:meth:`revealed_nothing`: masking or
         encryption with too few survivors); one that fails before (every client failed in training)
-        changes nothing. With
-        ``checkpoint_dir`` the planned events are written beside the checkpoint at that point
-        (:func:`~fedcore.rounds.checkpoint.save_begun_round`), so a run resumed after a crash in the
-        round charges them too (see :meth:`restore`).
+        changes nothing. With ``checkpoint_dir`` the planned events are written beside the checkpoint
+        at that point (:func:`~fedcore.rounds.checkpoint.save_begun_round`), so a run resumed after a
+        crash in the round charges them too (see :meth:`restore`); a first round saves the starting
+        state as a checkpoint before it runs, so a crash in it can be resumed (and charged) too.
 
         Raises:
             RoundFailedError: the protected sum failed (too few survivors, a bad message); charged as above.
@@ -491,6 +491,8 @@ class Federation:
         rate = self.sampler.rate(len(self.client_ids))
         planned = self._planned_events(t, participants, rate)
         released = False  # from the first PROTECT or REVEAL on, updates may have left the clients
+        if self.checkpoint_dir is not None and not (self.checkpoint_dir / "state.json").exists():
+            self.save(self.checkpoint_dir)  # the starting state, for a resume after a crash in this round
 
         def body() -> tuple[np.ndarray, list[Any], dict[str, Any]]:
             nonlocal released
@@ -1141,16 +1143,9 @@ class Federation:
         )
 
     def _write_ahead(self, t: int, planned: Sequence[Any]) -> None:
-        """Before round ``t``'s first update leaves a client: its planned events beside the checkpoint.
-
-        A first round gets a checkpoint of the starting state first, so a crash in it can be resumed
-        (and charged) like any other.
-        """
-        if self.checkpoint_dir is None:
-            return
-        if not (self.checkpoint_dir / "state.json").exists():
-            self.save(self.checkpoint_dir)
-        save_begun_round(self.checkpoint_dir, BegunRound(t, [dp.event_to_dict(e) for e in planned]))
+        """Before round ``t``'s first update leaves a client: its planned events beside the checkpoint."""
+        if self.checkpoint_dir is not None:
+            save_begun_round(self.checkpoint_dir, BegunRound(t, [dp.event_to_dict(e) for e in planned]))
 
     def _charge_unfinished(self, t: int, events: Sequence[Any], *, folder: str | Path | None, error: str) -> None:
         """Round ``t`` did not finish after its updates may have left the clients: charge ``events``, use up ``t``.
