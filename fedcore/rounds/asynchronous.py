@@ -477,7 +477,7 @@ class AsyncFederation:
             limit = self.schedule.max_staleness
             if (limit is not None and tau > limit) or not job.report["ok"]:
                 self.discarded += 1
-                if str(job.report.get("error") or "").startswith("refused by the client"):
+                if job.report.get("budget_refused"):
                     self._refused.add(job.client_id)
             else:
                 self._buffer.append((job, tau))

@@ -20,7 +20,8 @@ Kinds, direction and header fields:
 * ``FINISH`` server -> client (simulation only): ``round``; the job ended in virtual time.
 * ``TRAIN_REPORT`` client -> server: ``round``, ``client``, ``ok``, ``error``, ``train_seconds``,
   ``steps``, ``metrics`` (training-side metrics, a non-private release), ``privacy_event`` (the
-  sample-level ledger event's JSON, public parameters only); no payload: the update stays with
+  sample-level ledger event's JSON, public parameters only), and ``budget_refused`` (true when
+  the client refused to train past its own privacy budget); no payload: the update stays with
   the client.
 * ``PROTECT`` server -> client: ``round``, ``participants`` (the protection round's clients),
   ``staleness_weight``, ``clip_bound`` (the bound to clip to: adaptive clipping moves it); the

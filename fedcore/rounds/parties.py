@@ -332,7 +332,7 @@ class ClientSide:
                 replies[cid] = msg.encode(
                     msg.Kind.TRAIN_REPORT,
                     {"round": t, "client": cid, "ok": False, "error": why, "train_seconds": 0.0, "steps": 0, "metrics": {},
-                     "privacy_event": None},
+                     "privacy_event": None, "budget_refused": True},
                 )  # fmt: skip
             ids = [cid for cid in asked if cid not in refused]
             if not ids:

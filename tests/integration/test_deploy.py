@@ -199,3 +199,23 @@ def test_killed_clients_are_dropouts_a_restarted_server_resumes_and_a_replayed_m
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(timeout=30)
+
+
+def test_a_deployed_client_reads_its_own_ledger_back_from_its_kit_when_it_starts(tmp_path):
+    """A client process restarted on its kit keeps its account of the updates it released."""
+    from fedcore.deploy.processes import client_party
+    from fedcore.deploy.provision import ClientKit
+    from fedcore.experiments.config import load_config
+    from fedcore.rounds.checkpoint import save_client_ledger
+
+    config = load_config(_config(tmp_path, rounds=1, noise="central", threshold=3))
+    kits = provision(tmp_path / "kits", client_ids=IDS)
+    kit = ClientKit.load(kits / "clients" / IDS[0])
+    side = client_party(config, kit)
+    assert side.state_folder == kits / "clients" / IDS[0] / "state" and not side.spent[IDS[0]].events
+    released = dp.Ledger()
+    released.record(
+        dp.SampleLevelEvent(client_id=IDS[0], round_index=1, noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.1, steps=3)
+    )
+    save_client_ledger(side.state_folder, IDS[0], released.to_json())
+    assert client_party(config, kit).spent[IDS[0]].events == released.events  # the restarted process reads it

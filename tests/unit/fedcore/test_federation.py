@@ -453,6 +453,9 @@ def _lying_server_spend(client_budgets: bool) -> tuple[dict[str, float], float, 
         except RoundFailedError as exc:
             errors.append(str(exc))
     spent = dp.sample_level_epsilons(honest + list(fed.ledger.events), delta=1e-5)
+    if client_budgets:  # a refusal comes before training: no update, no metrics of a fresh run
+        report = fed.train_clients(fed.round_index + 1, ["client-0"], version=fed.round_index)["client-0"]
+        assert (report["ok"], report["budget_refused"], report["metrics"], report["steps"]) == (False, True, {}, 0)
     return spent, limit, errors
 
 
